@@ -1,0 +1,57 @@
+"""Plain-PyTorch reference for low-rank critical-key selection (the definition of correct).
+
+For query group g of head h the proxy is the mean of the group's low-rank queries; the score of
+key unit j is ``proxy . k_unit_j`` where ``k_unit_j`` is the mean of the low-rank keys in unit j
+(a single key when ``kv_block == 1``). Mean pooling is exact for a linear score: the unit's score
+is the mean of its tokens' scores against the proxy. The top ``K_h`` units per group are kept.
+Scores are computed in chunks of groups, so memory is ``chunk x S`` per head, never ``S x S``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dsv.ops.sparse_index import PAD, SparseIndex
+
+# Budget for one chunk of fp32 scores, in elements (64 Mi elements = 256 MiB).
+_CHUNK_ELEMS = 1 << 26
+
+
+def group_proxies(q_lr: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean low-rank query per group: ``[B, H, S, r] -> [B, H, S/G, r]`` in fp32."""
+    b, h, s, r = q_lr.shape
+    return q_lr.float().view(b, h, s // group_size, group_size, r).mean(dim=3)
+
+
+def pool_keys(k_lr: torch.Tensor, kv_block: int) -> torch.Tensor:
+    """Mean low-rank key per key unit: ``[B, H, S, r] -> [B, H, S/kv_block, r]`` in fp32."""
+    b, h, s, r = k_lr.shape
+    return k_lr.float().view(b, h, s // kv_block, kv_block, r).mean(dim=3)
+
+
+def select_topk_reference(
+    q_lr: torch.Tensor,
+    k_lr: torch.Tensor,
+    group_size: int,
+    kv_count: torch.Tensor,
+    kv_block: int = 1,
+) -> SparseIndex:
+    """Top-``kv_count[b, h]`` key units per query group; see :func:`select_topk` for shapes."""
+    b, h, s_q, _ = q_lr.shape
+    s_kv = k_lr.shape[2]
+    proxy = group_proxies(q_lr, group_size)
+    units = pool_keys(k_lr, kv_block)
+    n_units = units.shape[2]
+    k_max = int(kv_count.max())
+    gq = proxy.shape[2]
+    chunk = max(1, _CHUNK_ELEMS // max(1, b * h * n_units))
+    kv_idx = torch.empty(b, h, gq, k_max, dtype=torch.int32, device=q_lr.device)
+    pos = torch.arange(k_max, device=q_lr.device)
+    past = pos.view(1, 1, 1, -1) >= kv_count.to(q_lr.device).long().view(b, h, 1, 1)
+    for g0 in range(0, gq, chunk):
+        scores = torch.einsum("bhgr,bhnr->bhgn", proxy[:, :, g0 : g0 + chunk], units)
+        top = torch.topk(scores, k_max, dim=-1, sorted=True).indices
+        # Keep each head's best K_h, then list them in memory order with padding last.
+        top = top.masked_fill(past, n_units).sort(dim=-1).values
+        kv_idx[:, :, g0 : g0 + chunk] = top.masked_fill(top == n_units, PAD).to(torch.int32)
+    return SparseIndex(kv_idx, kv_count.to(q_lr.device, torch.int32), group_size, kv_block, s_q, s_kv)

@@ -1,0 +1,72 @@
+"""Softmax attention over the critical keys of each query group (forward and backward)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from megatron_dsv.ops._utils import check_floating, check_head_dim, resolve_backend
+from megatron_dsv.ops.sparse_attention.naive import masked_dense_attention, sparse_attention_reference
+from megatron_dsv.ops.sparse_index import SparseIndex
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SparseIndex,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query group over its selected keys.
+
+    Args:
+        q: ``[B, H, S_q, D]`` queries in cube-major order.
+        k, v: ``[B, H_kv, S_kv, D]``; ``H % H_kv == 0`` (grouped-query attention).
+        index: :class:`SparseIndex` with ``[B, H, S_q/G, Kmax]`` key units.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"triton"``
+            (CPU tensors run under ``TRITON_INTERPRET=1``) or ``"reference"``.
+
+    Returns:
+        ``out [B, H, S_q, D]`` in q's dtype and ``lse [B, H, S_q]`` in fp32 (natural log).
+        Differentiable with respect to q, k and v.
+    """
+    _validate(q, k, v, index)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
+        from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton
+
+        return sparse_attention_triton(q, k, v, index, scale)
+    return sparse_attention_reference(q, k, v, index, scale)
+
+
+def _validate(q, k, v, index: SparseIndex) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    check_floating("sparse_attention", q, k, v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device == index.kv_idx.device):
+        raise ValueError("q, k, v and the SparseIndex must be on the same device.")
+    b, h, s_q, d = q.shape
+    check_head_dim(d)
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, H_kv, S_kv, {d}] with B={b}.")
+    if h % k.shape[1] != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]}).")
+    if (index.batch_size, index.num_heads) != (b, h):
+        raise ValueError(f"SparseIndex is for B={index.batch_size}, H={index.num_heads}; q has B={b}, H={h}.")
+    if index.seq_len_q != s_q or index.seq_len_kv != k.shape[2]:
+        raise ValueError(
+            f"SparseIndex covers S_q={index.seq_len_q}, S_kv={index.seq_len_kv}; "
+            f"got S_q={s_q}, S_kv={k.shape[2]}."
+        )
+
+
+
+__all__ = ["sparse_attention", "sparse_attention_reference", "masked_dense_attention"]
