@@ -31,9 +31,10 @@ def check_head_dim(d: int) -> None:
 
 def check_floating(name: str, *tensors) -> None:
     for t in tensors:
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(
-                f"{name} needs fp32, fp16 or bf16 tensors, got {t.dtype}; cast the inputs."
+                f"{name} needs fp32, fp16 or bf16 tensors (fp64 on the reference backend), "
+                f"got {t.dtype}; cast the inputs."
             )
 
 

@@ -3,7 +3,7 @@
 Every query of group g attends, with softmax, to the keys of the units listed for g:
 ``out_i = sum_j softmax_j(scale * q_i . k_j) v_j`` over ``j`` in the group's key set, and
 ``lse_i = log sum_j exp(scale * q_i . k_j)`` (natural log), which lets context parallelism merge
-partial results. Computed in fp32 by gathering each group's keys; memory is ``S x K x D``, never
+partial results. Computed in fp32 (fp64 for fp64 inputs, for gradient checks) by gathering each group's keys; memory is ``S x K x D``, never
 ``S x S``. Autograd provides the backward.
 """
 
@@ -41,13 +41,14 @@ def sparse_attention_reference(
     gq, kt = tok.shape[2], tok.shape[3]
     bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
     hi = torch.arange(h, device=q.device).view(1, h, 1, 1)
-    qg = q.float().view(b, h, gq, g, d)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(acc).view(b, h, gq, g, d)
     chunk = max(1, _CHUNK_ELEMS // max(1, b * h * kt * d))
     outs, lses = [], []
     for g0 in range(0, gq, chunk):
         t = tok[:, :, g0 : g0 + chunk]
-        k_sel = k[bi, hi, t].float()  # [B, H, c, Kt, D]
-        v_sel = v[bi, hi, t].float()
+        k_sel = k[bi, hi, t].to(acc)  # [B, H, c, Kt, D]
+        v_sel = v[bi, hi, t].to(acc)
         scores = torch.einsum("bhgqd,bhgkd->bhgqk", qg[:, :, g0 : g0 + chunk], k_sel) * scale
         scores = scores.masked_fill(~valid[:, :, g0 : g0 + chunk].unsqueeze(3), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
@@ -55,7 +56,7 @@ def sparse_attention_reference(
         outs.append(torch.einsum("bhgqk,bhgkd->bhgqd", p, v_sel))
         lses.append(lse)
     out = torch.cat(outs, dim=2).reshape(b, h, s, d).to(q.dtype)
-    return out, torch.cat(lses, dim=2).reshape(b, h, s)
+    return out, torch.cat(lses, dim=2).reshape(b, h, s).float()
 
 
 def masked_dense_attention(
@@ -65,8 +66,9 @@ def masked_dense_attention(
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse.unsqueeze(-1)), v.to(acc))
     return out.to(q.dtype), lse

@@ -1,0 +1,1 @@
+"""Megatron-facing modules: core attention, predictor, profiler."""

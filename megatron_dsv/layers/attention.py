@@ -1,0 +1,374 @@
+"""DSVCoreAttention: Megatron's core-attention contract with dense and DSV sparse paths.
+
+Megatron's ``SelfAttention`` computes q ``[s, b, np, hn]`` and k/v ``[s, b, ng, hn]`` (RoPE
+applied) and calls ``core_attention(q, k, v, mask, attn_mask_type=, attention_bias=,
+packed_seq_params=)``, expecting ``[s, b, np*hn]`` back. This module answers that call with
+
+* the dense path: ``scaled_dot_product_attention`` (cuDNN first on GPU), or Transformer Engine's
+  attention when it is importable and chosen; used for stage 1, dense layers, cross-attention and
+  ``--dsv-mode dense``;
+* the sparse path: low-rank predictor -> per-head top-K selection per query group -> sparse
+  attention over the selected keys (``megatron_dsv.ops``).
+
+While the predictor trains, its loss on sampled query rows (against exact, detached scores) is
+attached to the output with :class:`PredictorLossAutoScaler`, Megatron's auxiliary-loss pattern:
+the forward returns the output unchanged, the backward injects the loss's gradient, which reaches
+only predictor parameters. DDP, the optimizer, checkpointing and activation recompute therefore
+treat the predictor like any other parameter; under recompute the loss is built only in the pass
+that has autograd on, so an iteration updates the predictor once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+from megatron_dsv.config import DSVConfig
+from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
+from megatron_dsv.layers.profiler import sample_rows, sampled_attention_stats
+from megatron_dsv.ops._utils import check_head_dim, log_once
+from megatron_dsv.ops.selection import select_topk
+from megatron_dsv.ops.sparse_attention import sparse_attention
+from megatron_dsv.ops.sparse_index import k_from_sparsity, num_groups
+
+logger = logging.getLogger("megatron_dsv")
+
+try:
+    from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAttention
+except ImportError:  # pragma: no cover - TE is optional
+    HAVE_TE, TEDotProductAttention = False, None
+
+
+class PredictorLossAutoScaler(torch.autograd.Function):
+    """Attach the predictor loss to an activation: identity forward, loss gradient in backward.
+
+    Megatron's schedules call :meth:`set_loss_scale` with the main loss's scale (loss scaler and
+    ``1/num_microbatches``) through ``config.experimental_attention_variant_loss_scale_func``.
+    """
+
+    main_loss_backward_scale: Optional[Tensor] = None
+
+    @staticmethod
+    def forward(ctx, output: Tensor, loss: Tensor) -> Tensor:
+        ctx.save_for_backward(loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (loss,) = ctx.saved_tensors
+        scale = PredictorLossAutoScaler.main_loss_backward_scale
+        scale = 1.0 if scale is None else scale.to(loss.device)
+        return grad_output, torch.ones_like(loss) * scale
+
+    @staticmethod
+    def set_loss_scale(scale: Tensor) -> None:
+        PredictorLossAutoScaler.main_loss_backward_scale = scale.detach().clone()
+
+
+def resolve_dsv_config(config: TransformerConfig, dsv_config: Optional[DSVConfig]) -> DSVConfig:
+    """The DSV config of a layer: an explicit one, else the ``dsv_*`` fields of ``config``."""
+    if dsv_config is not None:
+        return dsv_config
+    if not any(name.startswith("dsv_") for name in vars(config)):
+        log_once(
+            logging.WARNING,
+            "DSVCoreAttention got a TransformerConfig without dsv_* fields; using DSVConfig() "
+            "defaults. Build the config with DSVTransformerConfig (or "
+            "core_transformer_config_from_args(args, config_class=DSVTransformerConfig)).",
+        )
+    return DSVConfig.from_namespace(config)
+
+
+class DSVCoreAttention(MegatronModule):
+    """Core attention with DSV's dense and sparse paths; drop-in for Megatron's core attention.
+
+    Per-layer state that the stage controller sets and checkpoints carry: ``sparse`` (run the
+    sparse path), ``kv_units_per_head`` (K per local head, in key units; None = from
+    ``dsv_fixed_sparsity``), ``train_predictor`` and ``collect_stats``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        cp_comm_type: Optional[str] = None,
+        softmax_scale: Optional[float] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        attention_dropout: Optional[float] = None,
+        dsv_config: Optional[DSVConfig] = None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        self.dsv = resolve_dsv_config(config, dsv_config)
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        if config.context_parallel_size > 1:
+            raise NotImplementedError(
+                "DSV attention does not support context parallelism yet (sparsity-aware CP is "
+                "issue 6); run with --context-parallel-size 1."
+            )
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        tp = pg_collection.tp.size()
+        self.head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
+        self.num_heads = divide(config.num_attention_heads, tp)
+        self.num_kv_heads = max(1, config.num_query_groups // tp) if config.num_query_groups else self.num_heads
+        self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if softmax_scale is None else softmax_scale
+        if config.apply_query_key_layer_scaling:
+            self.softmax_scale /= self.layer_number
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"DSV attention supports softmax_type='vanilla' only, got {config.softmax_type!r}.")
+
+        self.is_self_attention = attention_type == "self"
+        self.predictor = None
+        if self.dsv.enabled and self.is_self_attention:
+            check_head_dim(self.head_dim)
+            if self.dropout_p > 0:
+                raise ValueError(
+                    f"DSV sparse attention has no attention dropout; set --attention-dropout 0 "
+                    f"(got {self.dropout_p}) or --dsv-mode dense."
+                )
+            device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+            hidden = config.hidden_size if self.dsv.dsv_predictor_input == "hidden" else None
+            self.predictor = LowRankPredictor(
+                self.num_heads, self.head_dim, self.dsv.dsv_predictor_rank,
+                num_kv_heads=self.num_kv_heads, input_dim=hidden, device=device,
+            )
+            self.predictor.tp_group = pg_collection.tp
+            if getattr(config, "experimental_attention_variant_loss_scale_func", None) is None:
+                config.experimental_attention_variant_loss_scale_func = PredictorLossAutoScaler.set_loss_scale
+        self.sparse = self.dsv.dsv_mode == "sparse" and self.predictor is not None
+        self.kv_units_per_head: Optional[Tensor] = None
+        self.train_predictor = self.predictor is not None
+        self.collect_stats = self.predictor is not None
+        self.iteration = 0
+        self.last_stats: Dict[str, Tensor] = {}
+        self.stats_ema: Dict[str, Tensor] = {}
+        self._layer_input: Optional[Tensor] = None
+
+        self.dense_backend = self._resolve_dense_backend()
+        self.te_attention = None
+        if self.dense_backend == "te":
+            self.te_attention = TEDotProductAttention(
+                config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                attention_type=attention_type, softmax_scale=softmax_scale,
+                cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+            )
+
+    # ---------------------------------------------------------------- state the controller sets
+    def set_sparse(self, sparse: bool, kv_units_per_head: Optional[Tensor] = None) -> None:
+        """Switch this layer's path; ``kv_units_per_head`` int ``[H_local]`` key units per head."""
+        if sparse and self.predictor is None:
+            raise RuntimeError(
+                f"layer {self.layer_number} has no predictor (dsv_mode=dense or cross-attention) "
+                "and cannot run sparse."
+            )
+        if kv_units_per_head is not None:
+            kv = torch.as_tensor(kv_units_per_head, dtype=torch.int32).flatten().cpu()
+            if kv.numel() != self.num_heads:
+                raise ValueError(f"need K for {self.num_heads} local heads, got {kv.numel()}.")
+            self.kv_units_per_head = kv
+        self.sparse = bool(sparse)
+
+    def set_iteration(self, iteration: int) -> None:
+        """Rotates the sampled query rows; the same iteration samples the same rows (recompute)."""
+        self.iteration = int(iteration)
+
+    def set_layer_input(self, hidden_states: Optional[Tensor]) -> None:
+        """Layer input ``[s, b, h]`` for the ``hidden`` predictor variant (set by DSVSelfAttention)."""
+        self._layer_input = hidden_states
+
+    def kv_count(self, seq_len_kv: int, for_recall: bool = False) -> Tensor:
+        """K per local head in key units, int32 ``[H]``.
+
+        Set explicitly by :meth:`set_sparse`, else from ``dsv_fixed_sparsity``. For measuring
+        recall in stage 1 it is what the head would get when switched: K from its measured
+        sparsity (EMA), so recall answers "would the predictor's top-K hold the mass?".
+        """
+        units = seq_len_kv // self.dsv.dsv_kv_block
+        floor = min(self.dsv.dsv_min_keys, units)
+        if self.kv_units_per_head is not None:
+            return self.kv_units_per_head.clamp(min=floor, max=units)
+        if for_recall and not self.sparse and "sparsity" in self.stats_ema:
+            sparsity = self.stats_ema["sparsity"].cpu()
+        else:
+            sparsity = torch.full((self.num_heads,), self.dsv.dsv_fixed_sparsity)
+        return k_from_sparsity(sparsity, units, floor=floor)
+
+    def describe(self) -> str:
+        """One line naming the backend this layer uses and why."""
+        if self.predictor is None:
+            why = "cross-attention is always dense" if not self.is_self_attention else "dsv_mode=dense"
+            return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
+        if self.sparse:
+            k = self.kv_units_per_head
+            ks = "fixed sparsity %.2f" % self.dsv.dsv_fixed_sparsity if k is None else f"K/head={k.tolist()}"
+            return f"layer {self.layer_number}: DSV sparse ({self.dsv.dsv_backend} kernels, {ks})"
+        return f"layer {self.layer_number}: dense ({self.dense_backend}) - DSV stage 1, predictor training"
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+        **kwargs,
+    ) -> Tensor:
+        """q ``[sq, b, np, hn]``, k/v ``[skv, b, ng, hn]`` -> ``[sq, b, np*hn]``."""
+        if packed_seq_params is not None:
+            raise NotImplementedError("DSV attention does not support packed (THD) sequences; pass [s, b, h, d].")
+        if attention_bias is not None:
+            raise NotImplementedError("DSV attention does not support attention_bias.")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        trains = self._trains_now()
+        if self.sparse or trains:
+            self._check_bidirectional(mask_type, attention_mask)
+        sq, b, np_, hn = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        if self.sparse:
+            out = self._sparse_forward(q, k, v).permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        elif self.te_attention is not None:
+            out = self.te_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
+        else:
+            out = self._dense_forward(q, k, v, attention_mask, mask_type)
+            out = out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        if trains:
+            out = PredictorLossAutoScaler.apply(out, self._predictor_step(q, k))
+        return out
+
+    def _trains_now(self) -> bool:
+        return (
+            self.predictor is not None
+            and self.train_predictor
+            and self.training
+            and torch.is_grad_enabled()
+        )
+
+    def _check_bidirectional(self, mask_type, attention_mask) -> None:
+        if mask_type not in (AttnMaskType.no_mask,) or attention_mask is not None:
+            raise ValueError(
+                f"DSV sparse attention is bidirectional without a mask (got attn_mask_type="
+                f"{mask_type.name}, mask {'given' if attention_mask is not None else 'None'}); use "
+                "the DSV specs (attn_mask_type=no_mask) for video DiTs, or --dsv-mode dense."
+            )
+
+    def _dense_forward(self, q, k, v, attention_mask, mask_type) -> Tensor:
+        mask, causal = None, False
+        if mask_type == AttnMaskType.causal:
+            causal = True
+        elif attention_mask is not None and mask_type != AttnMaskType.no_mask:
+            mask = ~attention_mask  # Megatron: True = masked out; SDPA: True = attend
+        with _sdpa_backends(q):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
+
+    def _project(self, q, k):
+        if self.dsv.dsv_predictor_input == "hidden":
+            if self._layer_input is None:
+                raise RuntimeError(
+                    "dsv_predictor_input='hidden' needs the layer input: use DSVSelfAttention "
+                    "(the DSV specs do) or call set_layer_input()."
+                )
+            return self.predictor.project_hidden(self._layer_input.transpose(0, 1))
+        return self.predictor.project(q, k)
+
+    def _sparse_forward(self, q, k, v) -> Tensor:
+        with torch.no_grad():
+            q_lr, k_lr = self._project(q, k)
+            index = select_topk(
+                q_lr, k_lr, self.dsv.group_size, self.kv_count(k.shape[2]).to(q.device),
+                kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
+            )
+        out, _ = sparse_attention(q, k, v, index, self.softmax_scale, backend=self.dsv.dsv_backend)
+        return out
+
+    def _predictor_step(self, q, k) -> Tensor:
+        """Predictor loss on sampled rows (grad to the predictor only); stats if asked."""
+        s = q.shape[2]
+        rows = sample_rows(s, self.dsv.dsv_profile_stride, self.iteration + 7 * self.layer_number, q.device)
+        rep = q.shape[1] // k.shape[1]
+        k_full = (k.repeat_interleave(rep, dim=1) if rep > 1 else k).detach()
+        with torch.enable_grad():
+            q_lr, k_lr = self._project(q, k)
+            loss = predictor_loss(
+                q_lr[:, :, rows], k_lr, q[:, :, rows].detach(), k_full, self.softmax_scale,
+                self.dsv.dsv_predictor_cosine_weight,
+            )
+        stats = {"loss": loss.detach()}
+        if self.collect_stats:
+            stats.update(self._row_stats(q, k_full, q_lr.detach(), k_lr.detach(), rows))
+        self.last_stats = stats
+        # Runs once per iteration: with activation recompute the first forward has autograd
+        # off (no _predictor_step) and only the recompute reaches here.
+        decay = self.dsv.dsv_stats_ema
+        for name, val in stats.items():
+            prev = self.stats_ema.get(name)
+            self.stats_ema[name] = val if prev is None else decay * prev + (1 - decay) * val
+        return loss * self.dsv.dsv_predictor_loss_coeff
+
+    @torch.no_grad()
+    def _row_stats(self, q, k_full, q_lr, k_lr, rows) -> Dict[str, Tensor]:
+        g = self.dsv.group_size
+        gq = num_groups(q.shape[2], g)
+        groups, row_group = torch.unique(rows // g, return_inverse=True)
+        b, h, _, r = q_lr.shape
+        q_lr_groups = q_lr.view(b, h, gq, g, r)[:, :, groups].flatten(2, 3)
+        index = select_topk(
+            q_lr_groups, k_lr, g, self.kv_count(k_full.shape[2], for_recall=True).to(q.device),
+            kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
+        )
+        stats = sampled_attention_stats(
+            q[:, :, rows], k_full, self.softmax_scale, self.dsv.dsv_critical_mass,
+            row_groups=row_group, index=index,
+        )
+        return {name: val.mean(0) for name, val in stats.items()}  # per local head
+
+    def _resolve_dense_backend(self) -> str:
+        choice = self.dsv.dsv_dense_backend
+        if choice == "te" and not HAVE_TE:
+            raise ImportError(
+                "--dsv-dense-backend te needs Transformer Engine, which is not importable; "
+                "install it or use --dsv-dense-backend sdpa."
+            )
+        if choice == "auto":
+            choice = "te" if HAVE_TE else "sdpa"
+        return choice
+
+
+def _sdpa_backends(x: Tensor):
+    """SDPA with cuDNN first on GPU (fastest on H100: 629 vs 360 TF/s for flash at D=128,
+    TARGETS.md), then flash, efficient and math; the math kernel on CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not x.is_cuda:
+        return sdpa_kernel([SDPBackend.MATH])
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def dsv_attention_layers(model: torch.nn.Module):
+    """All DSVCoreAttention modules of ``model``, in layer order."""
+    return [m for m in model.modules() if isinstance(m, DSVCoreAttention)]

@@ -1,0 +1,435 @@
+"""Triton sparse attention over a SparseIndex: forward (out + LSE) and backward (dq, dk, dv).
+
+Layout: q ``[B, H, S_q, D]``, k/v ``[B, H_kv, S_kv, D]`` (GQA when ``H_kv < H``). Query group g of
+head h owns rows ``[g*G, (g+1)*G)`` and attends to the ``kv_count[b, h] * kv_block`` key tokens
+listed (as key units) in ``kv_idx[b, h, g]``. Position p of a group's flattened token list maps to
+token ``kv_idx[p // kv_block] * kv_block + p % kv_block``, so one loop serves token and block
+granularity; for ``kv_block >= BLOCK_N`` every tile is one contiguous run of keys.
+
+Forward: one program per (b, h, query tile of a group), FlashAttention-style online softmax in
+base 2 over tiles of BLOCK_N gathered keys.
+
+Backward:
+- ``delta = rowsum(dO * O)`` (PyTorch, one pass over O).
+- dq: query-major, the forward's loop again (recompute P from the saved LSE).
+- dk/dv, block granularity (``kv_block`` a multiple of 16): key-major. The index is transposed
+  once per backward into per-key-unit lists of (query head, query group) entries (a stable sort
+  of the ``[B, H_kv, H/H_kv * Gq * Kmax]`` unit ids), and one program per (b, h_kv, key tile)
+  accumulates dk/dv in registers over its list: no atomics, deterministic.
+- dk/dv, token granularity (and small blocks): a key tile holds keys of unrelated groups, so no
+  common query set exists to make a dense key-major tile; the dq program instead scatters its
+  ``P^T dO`` and ``dS^T Q`` partial tiles with fp32 atomics into fp32 buffers (cast at the end).
+  The same atomic path can be forced for blocks (``_FORCE_ATOMIC_DKDV``) to compare the two.
+"""
+
+
+import math
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_dsv.ops.sparse_index import SparseIndex
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# Benchmarks flip this to time atomic dk/dv against the key-major path at block granularity.
+_FORCE_ATOMIC_DKDV = False
+
+# Under the CPU interpreter (numpy >= 2) a loaded scalar cannot bound a ``range`` loop, so loops
+# whose trip count is read from memory run as ``while`` loops there; compiled code keeps ``for``
+# loops, which Triton software-pipelines.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tests set this to fill fresh outputs with NaN, so an unwritten element fails.
+_POISON_OUTPUTS = False
+
+
+def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return t.fill_(float("nan")) if _POISON_OUTPUTS else t
+
+
+@triton.jit
+def _gather_tokens(p_idx_row, start, n_tok, KVB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Token ids (int64) and validity of list positions ``[start, start + BLOCK_N)``."""
+    o_p = start + tl.arange(0, BLOCK_N)
+    m_p = o_p < n_tok
+    if KVB == 1:
+        o_tok = tl.load(p_idx_row + o_p, mask=m_p, other=0).to(tl.int64)
+    else:
+        b_unit = tl.load(p_idx_row + o_p // KVB, mask=m_p, other=0).to(tl.int64)
+        o_tok = b_unit * KVB + (o_p % KVB)
+    return o_tok, m_p
+
+
+@triton.jit
+def _fwd_tile(
+    k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
+    KVB: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One online-softmax step over list positions ``[start, start + BLOCK_N)``."""
+    o_tok, m_p = _gather_tokens(p_idx_row, start, n_tok, KVB, BLOCK_N)
+    o_kv = (kv_base + o_tok[:, None]) * D + o_d[None, :]
+    m_kv = m_p[:, None] & m_d[None, :]
+    b_k = tl.load(k + o_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_kv, other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    b_s = tl.where(m_p[None, :], b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_alpha = tl.exp2(b_m - b_m_new)
+    b_p = tl.exp2(b_s - b_m_new[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _fwd_kernel(
+    q, k, v, o, lse, kv_idx, kv_count,
+    scale_log2,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
+    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_gm = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hkv = i_h // (H // HKV)
+    n_mt: tl.constexpr = G // BLOCK_M
+    i_g = i_gm // n_mt
+    i_mt = i_gm % n_mt
+
+    o_m = i_g * G + i_mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    p_q = q + (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_d[None, :], other=0.0)
+
+    n_tok = tl.load(kv_count + i_bh).to(tl.int64) * KVB
+    p_idx_row = kv_idx + (i_bh * NUM_GROUPS + i_g) * K_MAX
+    kv_base = (i_b * HKV + i_hkv) * S_KV
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if INTERPRET:
+        start = 0
+        while start < n_tok:
+            b_m, b_l, b_acc = _fwd_tile(
+                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
+                KVB, BLOCK_N,
+            )
+            start += BLOCK_N
+    else:
+        for start in range(0, n_tok, BLOCK_N):
+            b_m, b_l, b_acc = _fwd_tile(
+                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
+                KVB, BLOCK_N,
+            )
+    b_acc = b_acc / b_l[:, None]
+    p_o = o + (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
+    tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_d[None, :])
+    tl.store(lse + i_bh * S_Q + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453)
+
+
+@triton.jit
+def _bwd_dq_tile(
+    k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
+    o_d, m_d, D, scale, scale_log2,
+    KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq over list positions ``[start, start + BLOCK_N)``; optionally scatter dk/dv partials."""
+    o_tok, m_p = _gather_tokens(p_idx_row, start, n_tok, KVB, BLOCK_N)
+    o_kv = (kv_base + o_tok[:, None]) * D + o_d[None, :]
+    m_kv = m_p[:, None] & m_d[None, :]
+    b_k = tl.load(k + o_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_kv, other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    b_p = tl.exp2(b_s - b_lse2[:, None])
+    b_p = tl.where(m_p[None, :], b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    if ATOMIC_KV:
+        b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+        b_dk = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q) * scale
+        tl.atomic_add(dv32 + o_kv, b_dv, mask=m_kv, sem="relaxed")
+        tl.atomic_add(dk32 + o_kv, b_dk, mask=m_kv, sem="relaxed")
+    return b_dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count,
+    scale, scale_log2,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
+    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_gm = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hkv = i_h // (H // HKV)
+    n_mt: tl.constexpr = G // BLOCK_M
+    i_g = i_gm // n_mt
+    i_mt = i_gm % n_mt
+
+    o_m = i_g * G + i_mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_qd = (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
+    b_q = tl.load(q + o_qd, mask=m_d[None, :], other=0.0)
+    b_do = tl.load(do + o_qd, mask=m_d[None, :], other=0.0)
+    b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * 1.4426950408889634
+    b_delta = tl.load(delta + i_bh * S_Q + o_m)
+
+    n_tok = tl.load(kv_count + i_bh).to(tl.int64) * KVB
+    p_idx_row = kv_idx + (i_bh * NUM_GROUPS + i_g) * K_MAX
+    kv_base = (i_b * HKV + i_hkv) * S_KV
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if INTERPRET:
+        start = 0
+        while start < n_tok:
+            b_dq = _bwd_dq_tile(
+                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
+                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, BLOCK_N,
+            )
+            start += BLOCK_N
+    else:
+        for start in range(0, n_tok, BLOCK_N):
+            b_dq = _bwd_dq_tile(
+                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
+                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, BLOCK_N,
+            )
+    tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_d[None, :])
+
+
+@triton.jit
+def _bwd_dkdv_entry(
+    q, do, lse, delta, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
+    NUM_GROUPS, o_d, m_d, D, scale_log2,
+    G: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Accumulate one (query head, query group) entry of a key tile's list into dk/dv."""
+    rep = H // HKV
+    entry = tl.load(p_entry + e).to(tl.int64)
+    i_h = i_hkv * rep + entry // NUM_GROUPS
+    i_g = entry % NUM_GROUPS
+    i_bh = i_b * H + i_h
+    for mt in range(0, G, BLOCK_M):
+        o_m = i_g * G + mt + tl.arange(0, BLOCK_M)
+        o_qd = (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
+        b_q = tl.load(q + o_qd, mask=m_d[None, :], other=0.0)
+        b_do = tl.load(do + o_qd, mask=m_d[None, :], other=0.0)
+        b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * 1.4426950408889634
+        b_delta = tl.load(delta + i_bh * S_Q + o_m)
+        b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
+        b_pt = tl.exp2(b_st - b_lse2[None, :])
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+        b_dpt = tl.dot(b_v, tl.trans(b_do))
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, dk, dv, kt_off, kt_entry,
+    scale, scale_log2,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D,
+    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_un = tl.program_id(0).to(tl.int64)
+    i_bhkv = tl.program_id(1).to(tl.int64)
+    i_b = i_bhkv // HKV
+    i_hkv = i_bhkv % HKV
+    n_sub: tl.constexpr = KVB // BLOCK_N
+    i_u = i_un // n_sub
+    i_sub = i_un % n_sub
+
+    o_n = i_u * KVB + i_sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_kv = (i_bhkv * S_KV + o_n[:, None]) * D + o_d[None, :]
+    b_k = tl.load(k + o_kv, mask=m_d[None, :], other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_d[None, :], other=0.0)
+
+    p_off = kt_off + i_bhkv * (NUM_UNITS + 1) + i_u
+    e_start = tl.load(p_off).to(tl.int64)
+    e_end = tl.load(p_off + 1).to(tl.int64)
+    p_entry = kt_entry + i_bhkv * N_ENTRY
+
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if INTERPRET:
+        e = e_start
+        while e < e_end:
+            b_dk, b_dv = _bwd_dkdv_entry(
+                q, do, lse, delta, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale_log2, G, BLOCK_M,
+            )
+            e += 1
+    else:
+        for e in range(e_start, e_end):
+            b_dk, b_dv = _bwd_dkdv_entry(
+                q, do, lse, delta, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale_log2, G, BLOCK_M,
+            )
+    tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
+    tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
+
+
+def _pow2_tile(n: int, cap: int) -> int:
+    """Largest power of two <= cap that divides n (n a multiple of 16 gives >= 16)."""
+    t = cap
+    while t > 1 and n % t:
+        t //= 2
+    return t
+
+
+def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int):
+    block_m = _pow2_tile(g, 128 if d <= 64 else 64)
+    block_n = 64 if d <= 128 else 32
+    if dtype == torch.float32:
+        block_n = 32
+    num_warps = 4 if block_m <= 64 else 8
+    return block_m, block_n, num_warps, 3
+
+
+def _kv_major_ok(index: SparseIndex) -> bool:
+    return index.kv_block % 16 == 0 and not _FORCE_ATOMIC_DKDV
+
+
+def transpose_index(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Key-major lists: for each (b, h_kv, key unit) the (query head, query group) entries.
+
+    Returns ``offsets int32 [B, H_kv, N_units + 1]`` and ``entries int32 [B, H_kv, E]`` with
+    ``E = (H / H_kv) * Gq * Kmax``; entry ``e`` encodes ``h_rep * Gq + g``, and the entries of unit
+    u are ``entries[..., offsets[u]:offsets[u + 1]]`` in ascending (head, group) order.
+    """
+    b, h, gq, kmax = index.kv_idx.shape
+    rep = h // num_kv_heads
+    n_units = index.num_kv_units
+    units = index.kv_idx.view(b, num_kv_heads, rep * gq * kmax)
+    key = torch.where(units >= 0, units, torch.full_like(units, n_units))
+    sorted_key, perm = torch.sort(key, dim=-1, stable=True)
+    entries = (perm // kmax).to(torch.int32)
+    bounds = torch.arange(n_units + 1, device=units.device, dtype=sorted_key.dtype)
+    bounds = bounds.view(1, 1, -1).expand(b, num_kv_heads, -1).contiguous()
+    offsets = torch.searchsorted(sorted_key.contiguous(), bounds).to(torch.int32)
+    return offsets.contiguous(), entries.contiguous()
+
+
+def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale):
+    b, h, s_q, d = q.shape
+    hkv, s_kv = k.shape[1], k.shape[2]
+    gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
+    out = _new(q.shape, q)
+    lse = _new((b, h, s_q), q, torch.float32)
+    block_m, block_n, num_warps, num_stages = _fwd_config(g, d, q.dtype, kvb)
+    grid = (gq * (g // block_m), b * h)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E,
+        h, hkv, s_q, s_kv, gq, kmax, d,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
+    b, h, s_q, d = q.shape
+    hkv, s_kv = k.shape[1], k.shape[2]
+    kv_idx, kv_count = index.kv_idx, index.kv_count
+    g, kvb = index.group_size, index.kv_block
+    gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
+    block_d = triton.next_power_of_2(d)
+    # d lse_i / d s_ij = p_ij, so an LSE gradient (context-parallel merges) only shifts delta.
+    delta = (out.float() * do.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    dq = _new(q.shape, q)
+    kv_major = _kv_major_ok(index)
+    if kv_major:
+        dk32 = dv32 = dq  # unused placeholders
+    else:
+        dk32 = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv32 = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    block_m = _pow2_tile(g, 64)
+    block_n = 64 if d <= 64 else 32
+    if q.dtype == torch.float32:
+        block_n = 32
+    grid = (gq * (g // block_m), b * h)
+    _bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E,
+        h, hkv, s_q, s_kv, gq, kmax, d,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
+    )
+    if not kv_major:
+        return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    offsets, entries = transpose_index(index, hkv)
+    dk = _new(k.shape, k)
+    dv = _new(v.shape, v)
+    block_n_kv = _pow2_tile(kvb, 64 if d <= 64 else 64)
+    block_m_kv = _pow2_tile(g, 64)
+    n_units = index.num_kv_units
+    grid = (n_units * (kvb // block_n_kv), b * hkv)
+    _bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, offsets, entries, scale, scale * _LOG2E,
+        h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, BLOCK_M=block_m_kv, BLOCK_N=block_n_kv, BLOCK_D=block_d,
+        num_warps=4 if block_n_kv <= 64 else 8, num_stages=2,
+    )
+    return dq, dk, dv
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, index: SparseIndex, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
+        out, lse = _forward(q, k, v, kv_idx, kv_count, index.group_size, index.kv_block, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.index = index
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse, do.contiguous(), dlse, ctx.index, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def sparse_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton sparse attention; shapes as :func:`megatron_dsv.ops.sparse_attention.sparse_attention`.
+
+    ``q [B, H, S_q, D]``, ``k, v [B, H_kv, S_kv, D]`` -> ``out [B, H, S_q, D]`` (q's dtype),
+    ``lse [B, H, S_q]`` fp32. Gradients flow from ``out`` and ``lse`` (context-parallel merges
+    use it) to q, k and v.
+    """
+    if index.group_size % 16 != 0:
+        raise ValueError(
+            f"the Triton sparse attention needs a query group size that is a multiple of 16, got "
+            f"{index.group_size}; use --dsv-query-group with 16, 32, 64, ... queries or the reference backend."
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return _SparseAttention.apply(q, k, v, index, float(scale))
+
+
+__all__ = ["sparse_attention_triton", "transpose_index"]

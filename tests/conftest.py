@@ -1,0 +1,33 @@
+"""Shared test setup. The Triton interpreter must be chosen before any kernel is defined, so
+CPU runs set TRITON_INTERPRET=1 here, before test modules import megatron_dsv.ops."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def megatron_cpu():
+    """Single-process Megatron state (gloo, TP=1) for tests that build megatron-core blocks."""
+    from tests.megatron_shim import init_megatron_cpu
+
+    init_megatron_cpu()
+    yield
