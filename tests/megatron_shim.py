@@ -4,6 +4,8 @@ Megatron assumes CUDA in a few places our tests would otherwise touch:
 * ``model_parallel_cuda_manual_seed`` and the RNG tracker's ``fork()`` use CUDA RNG states;
   we seed with ``torch.manual_seed`` and replace ``fork`` by a no-op context (the tests run
   without dropout in tensor-parallel regions, so no RNG state needs tracking);
+* activation recompute (``tensor_parallel.checkpoint``) saves and restores CPU + CUDA RNG
+  states; without CUDA we save and restore the CPU state only;
 * ``DotProductAttention`` takes its score buffer from the global memory buffer on the current
   CUDA device; the tests never build it (DSV attention replaces it);
 * the default causal mask and RoPE build CUDA tensors; the tests use no mask and no RoPE.
@@ -39,7 +41,10 @@ def init_megatron_cpu(tp: int = 1, seed: int = 1234) -> None:
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     tracker = mrandom.get_cuda_rng_tracker()
-    tracker.fork = lambda *a, **k: contextlib.nullcontext()
+    if not torch.cuda.is_available():
+        tracker.fork = lambda *a, **k: contextlib.nullcontext()
+        mrandom._get_all_rng_states = lambda: (torch.get_rng_state(), None, {})
+        mrandom._set_all_rng_states = lambda cpu, cuda, tracked: torch.set_rng_state(cpu)
     torch.manual_seed(seed)
 
 

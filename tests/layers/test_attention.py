@@ -1,0 +1,172 @@
+"""DSVCoreAttention inside megatron-core TransformerBlocks (CPU, gloo, use_cpu_initialization)."""
+
+import copy
+
+import pytest
+import torch
+
+from megatron_dsv.layers.attention import DSVCoreAttention, PredictorLossAutoScaler, dsv_attention_layers
+from tests.megatron_shim import tiny_config
+
+S, B, HID = 64, 2, 128
+
+
+def build(**cfg):
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+
+    torch.manual_seed(0)
+    return TransformerBlock(tiny_config(**cfg), dsv_gpt_layer_spec)
+
+
+def run(block, x):
+    x = x.clone().requires_grad_(True)
+    y = block(x, attention_mask=None)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("mode", ["dense", "auto", "sparse"])
+def test_block_forward_backward(megatron_cpu, mode):
+    block = build(dsv_mode=mode)
+    y, dx, grads = run(block, torch.randn(S, B, HID))
+    assert y.shape == (S, B, HID) and torch.isfinite(y).all() and torch.isfinite(dx).all()
+    layers = dsv_attention_layers(block)
+    assert len(layers) == 2
+    pred = {n for n in grads if "predictor" in n}
+    if mode == "dense":
+        assert not pred and all(a.predictor is None for a in layers)
+    else:
+        assert len(pred) == 4 and all(grads[n].abs().sum() > 0 for n in pred)
+        assert all(a.sparse == (mode == "sparse") for a in layers)
+        assert set(layers[0].last_stats) == {"loss", "sparsity", "recall"}
+
+
+def test_predictor_loss_reaches_only_predictor(megatron_cpu):
+    block = build(dsv_mode="auto")
+    x = torch.randn(S, B, HID)
+    _, dx_train, g_train = run(block, x)
+    for a in dsv_attention_layers(block):
+        a.train_predictor = False
+    block.zero_grad(set_to_none=True)
+    _, dx_off, g_off = run(block, x)
+    assert torch.equal(dx_train, dx_off)
+    assert not any("predictor" in n for n in g_off)
+    for n, g in g_off.items():
+        assert torch.equal(g, g_train[n]), n
+    # and the dense baseline (no predictor at all) computes the same model gradients
+    dense = build(dsv_mode="dense")
+    dense.load_state_dict({k: v for k, v in block.state_dict().items() if "predictor" not in k}, strict=False)
+    _, dx_dense, g_dense = run(dense, x)
+    torch.testing.assert_close(dx_dense, dx_off)
+
+
+def test_sparse_with_all_keys_equals_dense(megatron_cpu):
+    block = build(dsv_mode="auto")
+    x = torch.randn(S, B, HID)
+    y_dense, dx_dense, g_dense = run(block, x)
+    for a in dsv_attention_layers(block):
+        a.set_sparse(True, torch.full((a.num_heads,), S))
+    block.zero_grad(set_to_none=True)
+    y_sparse, dx_sparse, g_sparse = run(block, x)
+    torch.testing.assert_close(y_sparse, y_dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx_sparse, dx_dense, rtol=1e-4, atol=1e-5)
+    for n in g_dense:
+        torch.testing.assert_close(g_sparse[n], g_dense[n], rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_differs_from_dense_when_sparse(megatron_cpu):
+    block = build(dsv_mode="sparse", dsv_fixed_sparsity=0.75)
+    x = torch.randn(S, B, HID)
+    with torch.no_grad():
+        y_sparse = block(x, attention_mask=None)
+        for a in dsv_attention_layers(block):
+            assert a.kv_count(S).tolist() == [16] * 4
+            a.sparse = False
+        y_dense = block(x, attention_mask=None)
+    assert (y_sparse - y_dense).abs().max() > 1e-3
+
+
+def test_full_recompute_gives_same_predictor_update(megatron_cpu):
+    x = torch.randn(S, B, HID)
+    base = build(dsv_mode="auto")
+    _, _, g0 = run(base, x)
+    rec = build(dsv_mode="auto", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    rec.load_state_dict(base.state_dict())
+    _, _, g1 = run(rec, x)
+    assert set(g0) == set(g1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+    for a0, a1 in zip(dsv_attention_layers(base), dsv_attention_layers(rec)):
+        torch.testing.assert_close(a0.stats_ema["loss"], a1.stats_ema["loss"])  # counted once
+
+
+def test_aux_loss_follows_main_loss_scale(megatron_cpu):
+    block = build(dsv_mode="auto")
+    x = torch.randn(S, B, HID)
+    _, _, g1 = run(block, x)
+    assert block.config.experimental_attention_variant_loss_scale_func == PredictorLossAutoScaler.set_loss_scale
+    try:
+        PredictorLossAutoScaler.set_loss_scale(torch.tensor(0.25))
+        block.zero_grad(set_to_none=True)
+        _, _, g2 = run(block, x)
+    finally:
+        PredictorLossAutoScaler.main_loss_backward_scale = None
+    for n in g1:
+        if "predictor" in n:
+            torch.testing.assert_close(g2[n], 0.25 * g1[n])
+
+
+def test_hidden_predictor_variant(megatron_cpu):
+    block = build(dsv_mode="sparse", dsv_predictor_input="hidden")
+    _, _, grads = run(block, torch.randn(S, B, HID))
+    assert dsv_attention_layers(block)[0].predictor.weight_q.shape == (4, HID, 16)
+    assert grads["layers.0.self_attention.core_attention.predictor.weight_q"].abs().sum() > 0
+
+
+def make_core(**cfg):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    return DSVCoreAttention(
+        config=tiny_config(**cfg), layer_number=1, attn_mask_type=AttnMaskType.no_mask,
+        attention_type="self",
+    )
+
+
+def test_gqa_and_cross_attention(megatron_cpu):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    core = make_core(num_query_groups=2, dsv_mode="sparse")
+    q, k, v = torch.randn(S, B, 4, 32), torch.randn(S, B, 2, 32), torch.randn(S, B, 2, 32)
+    out = core(q, k, v, None)
+    assert out.shape == (S, B, 128)
+    cross = DSVCoreAttention(
+        config=tiny_config(), layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="cross"
+    )
+    assert cross.predictor is None and "always dense" in cross.describe()
+    with pytest.raises(RuntimeError, match="cannot run sparse"):
+        cross.set_sparse(True)
+
+
+def test_bad_inputs_raise(megatron_cpu):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    with pytest.raises(ValueError, match="head dim 24"):
+        make_core(hidden_size=96, num_attention_heads=4)
+    with pytest.raises(ValueError, match="--attention-dropout 0"):
+        make_core(attention_dropout=0.1)
+    core = make_core(dsv_mode="sparse")
+    q = torch.randn(S, B, 4, 32)
+    with pytest.raises(ValueError, match="bidirectional"):
+        core(q, q, q, None, attn_mask_type=AttnMaskType.causal)
+    with pytest.raises(ValueError, match="not a multiple of the query group size"):
+        core(q[:60], q[:60], q[:60], None)
+    with pytest.raises(NotImplementedError, match="packed"):
+        core(q, q, q, None, packed_seq_params=object())
+    cfg = tiny_config()
+    cfg2 = copy.copy(cfg)
+    cfg2.context_parallel_size = 2
+    with pytest.raises(NotImplementedError, match="context parallelism"):
+        DSVCoreAttention(config=cfg2, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")

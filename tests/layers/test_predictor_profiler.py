@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+import megatron_dsv.layers.predictor as predictor_mod
+import megatron_dsv.layers.profiler as profiler_mod
+from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
+from megatron_dsv.layers.profiler import sample_rows, sampled_attention_stats
+from megatron_dsv.ops.selection import select_topk
+
+
+def brute_force_sparsity(q, k, scale, mass):
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1)
+    out = torch.empty(p.shape[:-1])
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in p.shape[:-1]]):
+        row = p[tuple(idx)].sort(descending=True).values
+        acc, n = 0.0, 0
+        while acc < mass:  # smallest set of keys holding `mass`
+            acc += float(row[n])
+            n += 1
+        out[tuple(idx)] = 1 - n / p.shape[-1]
+    return out.mean(-1)
+
+
+@pytest.mark.parametrize("mass", [0.5, 0.9])
+def test_sparsity_equals_brute_force(mass, monkeypatch):
+    monkeypatch.setattr(profiler_mod, "_CHUNK_ELEMS", 200)  # several row chunks
+    b, h, s, d = 2, 3, 48, 16
+    q, k = torch.randn(b, h, s, d) * 2, torch.randn(b, h, s, d)
+    rows = sample_rows(s, 4, 1)
+    assert rows.tolist() == list(range(1, s, 4))
+    stats = sampled_attention_stats(q[:, :, rows], k, 0.25, mass)
+    torch.testing.assert_close(stats["sparsity"], brute_force_sparsity(q[:, :, rows], k, 0.25, mass).float())
+
+
+def test_recall_equals_selected_mass():
+    b, h, s, d, g = 1, 2, 32, 16, 8
+    q, k = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    index = select_topk(torch.randn(b, h, s, 4), torch.randn(b, h, s, 4), g, [4, 32])
+    rows = sample_rows(s, 3, 0)
+    stats = sampled_attention_stats(q[:, :, rows], k, 0.25, 0.9, row_groups=rows // g, index=index)
+    p = torch.softmax(q[:, :, rows] @ k.transpose(-1, -2) * 0.25, -1)
+    mask = index.to_dense_mask()[:, :, rows]
+    torch.testing.assert_close(stats["recall"], (p * mask).sum(-1).mean(-1))
+    assert torch.allclose(stats["recall"][0, 1], torch.tensor(1.0))  # K = all keys
+
+
+def test_sketch_init_approximates_scores():
+    pred = LowRankPredictor(num_heads=2, head_dim=64, rank=64)
+    q, k = torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64)
+    q_lr, k_lr = pred.project(q, k)
+    exact, approx = q @ k.transpose(-1, -2), q_lr @ k_lr.transpose(-1, -2)
+    corr = torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1]
+    assert corr > 0.6  # JL sketch: unbiased, correlation grows with rank
+
+
+def test_predictor_learns_low_rank_scores(monkeypatch):
+    monkeypatch.setattr(predictor_mod, "_LOSS_CHUNK_ELEMS", 512)  # several checkpointed chunks
+    torch.manual_seed(0)
+    b, h, s, d, r = 1, 2, 64, 32, 4
+    basis = torch.randn(h, r, d)  # q and k live in a rank-4 subspace: learnable exactly
+    q = torch.randn(b, h, s, r) @ basis
+    k = torch.randn(b, h, s, r) @ basis
+    pred = LowRankPredictor(h, d, r)
+    opt = torch.optim.Adam(pred.parameters(), lr=3e-2)
+    rows = sample_rows(s, 4, 0)
+    losses = []
+    for _ in range(150):
+        q_lr, k_lr = pred.project(q, k)
+        loss = predictor_loss(q_lr[:, :, rows], k_lr, q[:, :, rows], k, 1 / math.sqrt(d))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.01 < losses[0]
+
+
+def test_predictor_gqa_shapes_and_grad_isolation():
+    pred = LowRankPredictor(num_heads=4, head_dim=16, rank=8, num_kv_heads=2)
+    q = torch.randn(2, 4, 32, 16, requires_grad=True)
+    k = torch.randn(2, 2, 32, 16, requires_grad=True)
+    q_lr, k_lr = pred.project(q, k)
+    assert q_lr.shape == k_lr.shape == (2, 4, 32, 8)
+    loss = predictor_loss(q_lr, k_lr, q, k.repeat_interleave(2, 1), 0.25)
+    loss.backward()
+    assert q.grad is None and k.grad is None
+    assert pred.weight_q.grad.abs().sum() > 0 and pred.weight_k.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="not a multiple"):
+        LowRankPredictor(num_heads=3, head_dim=16, rank=8, num_kv_heads=2)
