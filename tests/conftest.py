@@ -25,9 +25,9 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def megatron_cpu():
+def megatron_state():
     """Single-process Megatron state (gloo, TP=1) for tests that build megatron-core blocks."""
-    from tests.megatron_shim import init_megatron_cpu
+    from tests.megatron_shim import init_megatron_state
 
-    init_megatron_cpu()
+    init_megatron_state()
     yield

@@ -28,8 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_megatron_cpu(tp: int = 1, seed: int = 1234) -> None:
-    """One-process (or per-rank) gloo init + Megatron model-parallel state, idempotent."""
+def init_megatron_state(tp: int = 1, seed: int = 1234) -> None:
+    """One-process gloo (NCCL with a GPU) init + Megatron model-parallel state, idempotent."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
@@ -37,11 +37,14 @@ def init_megatron_cpu(tp: int = 1, seed: int = 1234) -> None:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     tracker = mrandom.get_cuda_rng_tracker()
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        if "model-parallel-rng" not in tracker.get_states():
+            mrandom.model_parallel_cuda_manual_seed(seed)
+    else:
         tracker.fork = lambda *a, **k: contextlib.nullcontext()
         mrandom._get_all_rng_states = lambda: (torch.get_rng_state(), None, {})
         mrandom._set_all_rng_states = lambda cpu, cuda, tracked: torch.set_rng_state(cpu)

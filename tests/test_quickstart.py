@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_quickstart_switches_to_sparse(megatron_cpu, monkeypatch, capsys):
+def test_quickstart_switches_to_sparse(megatron_state, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "examples", "quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)

@@ -29,7 +29,7 @@ def run(block, x):
 
 
 @pytest.mark.parametrize("mode", ["dense", "auto", "sparse"])
-def test_block_forward_backward(megatron_cpu, mode):
+def test_block_forward_backward(megatron_state, mode):
     block = build(dsv_mode=mode)
     y, dx, grads = run(block, torch.randn(S, B, HID))
     assert y.shape == (S, B, HID) and torch.isfinite(y).all() and torch.isfinite(dx).all()
@@ -44,7 +44,7 @@ def test_block_forward_backward(megatron_cpu, mode):
         assert set(layers[0].last_stats) == {"loss", "sparsity", "recall"}
 
 
-def test_predictor_loss_reaches_only_predictor(megatron_cpu):
+def test_predictor_loss_reaches_only_predictor(megatron_state):
     block = build(dsv_mode="auto")
     x = torch.randn(S, B, HID)
     _, dx_train, g_train = run(block, x)
@@ -63,7 +63,7 @@ def test_predictor_loss_reaches_only_predictor(megatron_cpu):
     torch.testing.assert_close(dx_dense, dx_off)
 
 
-def test_sparse_with_all_keys_equals_dense(megatron_cpu):
+def test_sparse_with_all_keys_equals_dense(megatron_state):
     block = build(dsv_mode="auto")
     x = torch.randn(S, B, HID)
     y_dense, dx_dense, g_dense = run(block, x)
@@ -77,7 +77,7 @@ def test_sparse_with_all_keys_equals_dense(megatron_cpu):
         torch.testing.assert_close(g_sparse[n], g_dense[n], rtol=1e-4, atol=1e-5)
 
 
-def test_sparse_differs_from_dense_when_sparse(megatron_cpu):
+def test_sparse_differs_from_dense_when_sparse(megatron_state):
     block = build(dsv_mode="sparse", dsv_fixed_sparsity=0.75)
     x = torch.randn(S, B, HID)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_sparse_differs_from_dense_when_sparse(megatron_cpu):
     assert (y_sparse - y_dense).abs().max() > 1e-3
 
 
-def test_full_recompute_gives_same_predictor_update(megatron_cpu):
+def test_full_recompute_gives_same_predictor_update(megatron_state):
     x = torch.randn(S, B, HID)
     base = build(dsv_mode="auto")
     _, _, g0 = run(base, x)
@@ -103,7 +103,7 @@ def test_full_recompute_gives_same_predictor_update(megatron_cpu):
         torch.testing.assert_close(a0.stats_ema["loss"], a1.stats_ema["loss"])  # counted once
 
 
-def test_aux_loss_follows_main_loss_scale(megatron_cpu):
+def test_aux_loss_follows_main_loss_scale(megatron_state):
     block = build(dsv_mode="auto")
     x = torch.randn(S, B, HID)
     _, _, g1 = run(block, x)
@@ -119,7 +119,7 @@ def test_aux_loss_follows_main_loss_scale(megatron_cpu):
             torch.testing.assert_close(g2[n], 0.25 * g1[n])
 
 
-def test_hidden_predictor_variant(megatron_cpu):
+def test_hidden_predictor_variant(megatron_state):
     block = build(dsv_mode="sparse", dsv_predictor_input="hidden")
     _, _, grads = run(block, torch.randn(S, B, HID))
     assert dsv_attention_layers(block)[0].predictor.weight_q.shape == (4, HID, 16)
@@ -135,7 +135,7 @@ def make_core(**cfg):
     )
 
 
-def test_gqa_and_cross_attention(megatron_cpu):
+def test_gqa_and_cross_attention(megatron_state):
     from megatron.core.transformer.enums import AttnMaskType
 
     core = make_core(num_query_groups=2, dsv_mode="sparse")
@@ -150,7 +150,7 @@ def test_gqa_and_cross_attention(megatron_cpu):
         cross.set_sparse(True)
 
 
-def test_bad_inputs_raise(megatron_cpu):
+def test_bad_inputs_raise(megatron_state):
     from megatron.core.transformer.enums import AttnMaskType
 
     with pytest.raises(ValueError, match="head dim 24"):

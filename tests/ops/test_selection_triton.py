@@ -11,7 +11,6 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from megatron_dsv.ops.selection import pool_keys, group_proxies, select_topk  # noqa: E402
-from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CPU_OK = pytest.mark.skipif(
@@ -19,10 +18,6 @@ CPU_OK = pytest.mark.skipif(
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(sel_triton, "_POISON_OUTPUTS", True)
 
 
 @CPU_OK

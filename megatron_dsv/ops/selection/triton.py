@@ -1,22 +1,24 @@
 """Triton top-K selection of critical key units from low-rank projections.
 
 Scores ``s[g, j] = proxy_g . unit_j`` (proxy: mean low-rank query of group g; unit: mean low-rank
-key of key unit j, see ``naive.py``) are never written to memory. One program owns BLOCK_G query
-groups of one (b, h) and streams over the key units several times, recomputing each score tile
-(r = 16: 32 FLOPs per score, cheaper than storing it):
+key of key unit j, see ``naive.py``) are never written to memory: every pass recomputes its score
+tiles (r = 16: 32 FLOPs per score on tensor cores, cheaper than storing and re-reading 4 bytes).
+The key units are split into chunks so that (group tile, chunk, b*h) programs fill the GPU; each
+pass writes only small per-chunk counts, reduced and acted on in PyTorch:
 
-1. min/max pass: the bracket ``lo = min_j s``, ``hi > max_j s``, so ``#{s >= lo} >= K > #{s >= hi}``.
+1. bracket pass: ``lo = min_j s``, ``hi > max_j s``, so ``#{s >= lo} >= K > #{s >= hi}``.
 2. search passes: count ``#{s >= t}`` for T thresholds spread over ``(lo, hi)`` at once and shrink
    the bracket to the neighbouring thresholds that keep the invariant. A group is done when
-   ``#{s >= lo} == K`` (the K-th largest score is then the only one left in the bracket); on
-   tie-free inputs this takes about ``log_{T+1}(N)`` passes, and MAX_PASSES bounds it for ties.
-3. select pass: keep every unit with ``s >= hi`` and, in memory order, the first
-   ``K - #{s >= hi}`` units with ``lo <= s < hi`` (ties and a bracket that could not shrink are
-   broken by position), writing positions with a running prefix sum: ascending indices, no sort.
+   ``#{s >= lo} == K`` (the K-th largest score is the only one left in the bracket); on tie-free
+   inputs this takes about ``log_{T+1}(N)`` passes; ``max_passes`` bounds it for ties.
+3. select: count, per chunk, the units with ``s >= hi`` and with ``lo <= s < hi``; prefix sums over
+   chunks give every chunk its output offset, and a last pass keeps every unit with ``s >= hi`` and,
+   in memory order, the first ``K - #{s >= hi}`` units with ``lo <= s < hi`` (ties and a bracket
+   that could not shrink are broken by position). Indices come out ascending with no sort.
 
-The result equals the reference (``torch.topk`` on the same fp32 scores) up to ties.
+The result equals the reference (``torch.topk`` on fp32 scores) up to ties; on the GPU the scores
+use 3xTF32 dots (fp32-level accuracy), so only near-ties at the K-th score can differ.
 """
-
 
 import os
 
@@ -27,34 +29,19 @@ import triton.language as tl
 from megatron_dsv.ops.selection.naive import group_proxies, pool_keys
 from megatron_dsv.ops.sparse_index import SparseIndex
 
-# Under the CPU interpreter (numpy >= 2) a runtime scalar cannot bound a ``range`` loop, so loop
-# bounds there come from a constexpr copy (N_STATIC) written inline in the ``range`` call; compiled
-# code keeps the runtime N so one binary serves every sequence length.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tests set this to fill fresh outputs with a sentinel, so an unwritten element fails.
-_POISON_OUTPUTS = False
-
 
 @triton.jit
-def _score_tile(p_units, b_p, start, N, R, o_r, m_r, BLOCK_N: tl.constexpr):
-    """fp32 scores ``[BLOCK_G, BLOCK_N]`` of units ``[start, start + BLOCK_N)``; -inf past N."""
-    o_n = start + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    b_u = tl.load(p_units + o_n[:, None] * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
-    b_s = tl.dot(b_p, tl.trans(b_u), input_precision="ieee")
-    return tl.where(m_n[None, :], b_s, float("-inf")), o_n
-
-
-@triton.jit
-def _select_kernel(
-    proxy, units, kv_count, kv_idx,
-    NUM_GROUPS, N, R, K_MAX,
-    N_STATIC: tl.constexpr, INTERPRET: tl.constexpr, T: tl.constexpr, MAX_PASSES: tl.constexpr,
+def _score_tile(
+    proxy, units, i_bh, i_gt, i_c, start, NUM_GROUPS, N, R,
+    PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    i_gt = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
+    """fp32 scores ``[BLOCK_G, BLOCK_N]`` of a group tile vs units ``i_c*CHUNK + start + [0, BLOCK_N)``.
+
+    Every kernel calls this with the same tiles, so a score is bitwise the same in every pass.
+    """
     o_g = i_gt * BLOCK_G + tl.arange(0, BLOCK_G)
     m_g = o_g < NUM_GROUPS
     o_r = tl.arange(0, BLOCK_R)
@@ -63,81 +50,103 @@ def _select_kernel(
         proxy + (i_bh * NUM_GROUPS + o_g[:, None]) * R + o_r[None, :],
         mask=m_g[:, None] & m_r[None, :], other=0.0,
     )
-    p_units = units + i_bh * N * R
-    k_sel = tl.load(kv_count + i_bh)
+    o_n = i_c * CHUNK + start + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_u = tl.load(units + (i_bh * N + o_n[:, None]) * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+    b_s = tl.dot(b_p, tl.trans(b_u), input_precision=PRECISION)
+    return tl.where(m_n[None, :], b_s, float("-inf")), o_g, m_g, o_n
 
-    # 1. bracket
+
+@triton.jit
+def _minmax_kernel(
+    proxy, units, part_min, part_max, NUM_GROUPS, N, R, N_SPLIT,
+    PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    i_gt = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
     b_min = tl.full([BLOCK_G], float("inf"), dtype=tl.float32)
     b_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    for start in range(0, N_STATIC if INTERPRET else N, BLOCK_N):
-        b_s, o_n = _score_tile(p_units, b_p, start, N, R, o_r, m_r, BLOCK_N)
+    for start in range(0, CHUNK, BLOCK_N):
+        b_s, o_g, m_g, o_n = _score_tile(
+            proxy, units, i_bh, i_gt, i_c, start, NUM_GROUPS, N, R, PRECISION, CHUNK, BLOCK_G, BLOCK_N, BLOCK_R
+        )
         b_max = tl.maximum(b_max, tl.max(b_s, axis=1))
         b_min = tl.minimum(b_min, tl.min(tl.where(b_s == float("-inf"), float("inf"), b_s), axis=1))
-    b_lo = b_min
-    b_hi = b_max + (b_max - b_min) * 1e-3 + tl.abs(b_max) * 1e-6 + 1e-30
-    c_lo = tl.zeros([BLOCK_G], dtype=tl.int32) + N
-    c_hi = tl.zeros([BLOCK_G], dtype=tl.int32)
+    o_out = (i_bh * N_SPLIT + i_c) * NUM_GROUPS + o_g
+    tl.store(part_min + o_out, b_min, mask=m_g)
+    tl.store(part_max + o_out, b_max, mask=m_g)
 
-    # 2. search
+
+@triton.jit
+def _count_kernel(
+    proxy, units, thr, part_cnt, NUM_GROUPS, N, R, N_SPLIT,
+    T: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``part_cnt[bh, chunk, g, t] = #{j in chunk: s[g, j] >= thr[bh, g, t]}``."""
+    i_gt = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    o_g = i_gt * BLOCK_G + tl.arange(0, BLOCK_G)
+    m_g = o_g < NUM_GROUPS
     o_t = tl.arange(0, T)
-    frac = (o_t + 1).to(tl.float32) / (T + 1)
-    n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
-    i_pass = tl.full([], 0, dtype=tl.int32)
-    while (n_todo > 0) & (i_pass < MAX_PASSES):
-        b_thr = b_lo[:, None] + (b_hi - b_lo)[:, None] * frac[None, :]
-        b_cnt = tl.zeros([BLOCK_G, T], dtype=tl.int32)
-        for start in range(0, N_STATIC if INTERPRET else N, BLOCK_N):
-            b_s, o_n = _score_tile(p_units, b_p, start, N, R, o_r, m_r, BLOCK_N)
-            b_cnt += tl.sum((b_s[:, None, :] >= b_thr[:, :, None]).to(tl.int32), axis=2)
-        m_in = b_cnt >= k_sel
-        todo = c_lo != k_sel
-        new_lo = tl.max(tl.where(m_in, b_thr, float("-inf")), axis=1)
-        new_c_lo = tl.min(tl.where(m_in, b_cnt, N + 1), axis=1)
-        upd_lo = todo & (new_lo > b_lo)
-        b_lo = tl.where(upd_lo, new_lo, b_lo)
-        c_lo = tl.where(upd_lo, new_c_lo, c_lo)
-        new_hi = tl.min(tl.where(m_in, float("inf"), b_thr), axis=1)
-        new_c_hi = tl.max(tl.where(m_in, -1, b_cnt), axis=1)
-        upd_hi = todo & (new_hi < b_hi)
-        b_hi = tl.where(upd_hi, new_hi, b_hi)
-        c_hi = tl.where(upd_hi, new_c_hi, c_hi)
-        n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
-        i_pass += 1
+    o_thr = (i_bh * NUM_GROUPS + o_g[:, None]) * T + o_t[None, :]
+    b_thr = tl.load(thr + o_thr, mask=m_g[:, None], other=float("inf"))
+    b_cnt = tl.zeros([BLOCK_G, T], dtype=tl.int32)
+    for start in range(0, CHUNK, BLOCK_N):
+        b_s, o_g, m_g, o_n = _score_tile(
+            proxy, units, i_bh, i_gt, i_c, start, NUM_GROUPS, N, R, PRECISION, CHUNK, BLOCK_G, BLOCK_N, BLOCK_R
+        )
+        b_cnt += tl.sum((b_s[:, None, :] >= b_thr[:, :, None]).to(tl.int32), axis=2)
+    o_out = ((i_bh * N_SPLIT + i_c) * NUM_GROUPS + o_g[:, None]) * T + o_t[None, :]
+    tl.store(part_cnt + o_out, b_cnt, mask=m_g[:, None])
 
-    # 3. select, in memory order
-    need = k_sel - c_hi
-    n_sel = tl.zeros([BLOCK_G], dtype=tl.int32)
-    n_mid = tl.zeros([BLOCK_G], dtype=tl.int32)
-    p_out = kv_idx + (i_bh * NUM_GROUPS + o_g) * K_MAX
-    for start in range(0, N_STATIC if INTERPRET else N, BLOCK_N):
-        b_s, o_n = _score_tile(p_units, b_p, start, N, R, o_r, m_r, BLOCK_N)
+
+@triton.jit
+def _write_kernel(
+    proxy, units, lo, hi, need, sel_off, mid_off, kv_idx, NUM_GROUPS, N, R, N_SPLIT, K_MAX,
+    PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Write the chunk's selected unit ids at their global, ascending output positions."""
+    i_gt = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    o_g = i_gt * BLOCK_G + tl.arange(0, BLOCK_G)
+    m_g = o_g < NUM_GROUPS
+    o_bg = i_bh * NUM_GROUPS + o_g
+    b_lo = tl.load(lo + o_bg, mask=m_g, other=float("inf"))
+    b_hi = tl.load(hi + o_bg, mask=m_g, other=float("inf"))
+    b_need = tl.load(need + o_bg, mask=m_g, other=0)
+    o_part = (i_bh * N_SPLIT + i_c) * NUM_GROUPS + o_g
+    n_sel = tl.load(sel_off + o_part, mask=m_g, other=0)
+    n_mid = tl.load(mid_off + o_part, mask=m_g, other=0)
+    p_out = kv_idx + o_bg * K_MAX
+    for start in range(0, CHUNK, BLOCK_N):
+        b_s, o_g, m_g, o_n = _score_tile(
+            proxy, units, i_bh, i_gt, i_c, start, NUM_GROUPS, N, R, PRECISION, CHUNK, BLOCK_G, BLOCK_N, BLOCK_R
+        )
         m_hi = b_s >= b_hi[:, None]
         m_mid = (b_s >= b_lo[:, None]) & (b_s < b_hi[:, None])
         mid_rank = n_mid[:, None] + tl.cumsum(m_mid.to(tl.int32), axis=1) - 1
-        m_sel = m_hi | (m_mid & (mid_rank < need[:, None]))
+        m_sel = m_hi | (m_mid & (mid_rank < b_need[:, None]))
         pos = n_sel[:, None] + tl.cumsum(m_sel.to(tl.int32), axis=1) - 1
         tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
         n_sel += tl.sum(m_sel.to(tl.int32), axis=1)
         n_mid += tl.sum(m_mid.to(tl.int32), axis=1)
-    if INTERPRET:
-        start = k_sel
-        while start < K_MAX:
-            o_k = start + tl.arange(0, BLOCK_N)
-            tl.store(p_out[:, None] + o_k[None, :], -1, mask=m_g[:, None] & (o_k < K_MAX)[None, :])
-            start += BLOCK_N
-    else:
-        for start in range(k_sel, K_MAX, BLOCK_N):
-            o_k = start + tl.arange(0, BLOCK_N)
-            tl.store(p_out[:, None] + o_k[None, :], -1, mask=m_g[:, None] & (o_k < K_MAX)[None, :])
 
 
-def _select_config(num_groups: int, interpret: bool):
-    if interpret:
-        return 16, 16, 4, 4
-    # BLOCK_G groups share each loaded unit tile; T thresholds per pass: T=4 needs ~log5(N)
-    # passes at 2T ops per score and pass, fewer ops in total than T=16.
-    block_g = 64 if num_groups >= 64 else 16
-    return block_g, 32, 4, 8
+def _config(num_units: int):
+    """Group tile, unit tile, chunk of units per program, thresholds per pass, warps."""
+    if _INTERPRET:
+        return 16, 16, 64, 4, 4
+    # T=4 thresholds per pass: ~log5(N) passes at 2T compare/adds per score and pass, fewer
+    # operations in total than T=16 with its fewer passes.
+    block_n = 64
+    chunk = max(block_n, min(1024, triton.next_power_of_2(num_units)))
+    return 32, block_n, chunk, 4, 4
 
 
 def select_topk_triton(
@@ -155,28 +164,76 @@ def select_topk_triton(
         group_size: queries per group G (``S_q % G == 0``).
         kv_count: int32 ``[B, H]`` units to keep per head, in ``[1, S_kv / kv_block]``.
         kv_block: tokens per key unit.
-        max_passes: bound on search passes (only reached with many tied scores).
+        max_passes: bound on search passes (reached only with many tied scores).
 
     Returns:
         :class:`SparseIndex` with ``kv_idx int32 [B, H, S_q/G, max K]`` ascending, ``-1`` padded.
     """
     b, h, s_q, r = q_lr.shape
     s_kv = k_lr.shape[2]
+    dev = q_lr.device
     proxy = group_proxies(q_lr, group_size).contiguous()
     units = pool_keys(k_lr, kv_block).contiguous()
-    gq, n_units = proxy.shape[2], units.shape[2]
-    kv_count = kv_count.to(device=q_lr.device, dtype=torch.int32).contiguous()
+    gq, n = proxy.shape[2], units.shape[2]
+    bh = b * h
+    kv_count = kv_count.to(device=dev, dtype=torch.int32).contiguous()
     k_max = int(kv_count.max())
-    kv_idx = torch.empty(b, h, gq, k_max, device=q_lr.device, dtype=torch.int32)
-    if _POISON_OUTPUTS:
-        kv_idx.fill_(-7)
-    block_g, block_n, t, num_warps = _select_config(gq, _INTERPRET)
-    grid = (triton.cdiv(gq, block_g), b * h)
-    _select_kernel[grid](
-        proxy, units, kv_count, kv_idx, gq, n_units, r, k_max,
-        N_STATIC=n_units if _INTERPRET else 0, INTERPRET=_INTERPRET, T=t, MAX_PASSES=max_passes,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(r)),
-        num_warps=num_warps,
+    k_sel = kv_count.view(bh, 1).long()
+    block_g, block_n, chunk, t, num_warps = _config(n)
+    n_split = triton.cdiv(n, chunk)
+    grid = (triton.cdiv(gq, block_g), n_split, bh)
+    common = dict(
+        PRECISION="ieee" if _INTERPRET else "tf32x3", CHUNK=chunk,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=num_warps,
+    )
+
+    def count(thr):
+        nt = thr.shape[-1]
+        part = torch.empty(bh, n_split, gq, nt, device=dev, dtype=torch.int32)
+        _count_kernel[grid](proxy, units, thr.contiguous(), part, gq, n, r, n_split, T=nt, **common)
+        return part
+
+    # 1. bracket
+    part_min = torch.empty(bh, n_split, gq, device=dev, dtype=torch.float32)
+    part_max = torch.empty_like(part_min)
+    _minmax_kernel[grid](proxy, units, part_min, part_max, gq, n, r, n_split, **common)
+    lo = part_min.amin(1)
+    s_max = part_max.amax(1)
+    hi = s_max + (s_max - lo) * 1e-3 + s_max.abs() * 1e-6 + 1e-30
+    c_lo = torch.full((bh, gq), n, device=dev, dtype=torch.long)
+    c_hi = torch.zeros((bh, gq), device=dev, dtype=torch.long)
+
+    # 2. search
+    frac = torch.arange(1, t + 1, device=dev, dtype=torch.float32) / (t + 1)
+    for _ in range(max_passes):
+        todo = c_lo != k_sel
+        if not bool(todo.any()):
+            break
+        thr = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * frac
+        cnt = count(thr).sum(1, dtype=torch.long)
+        m_in = cnt >= k_sel.unsqueeze(-1)
+        new_lo = torch.where(m_in, thr, float("-inf")).amax(-1)
+        new_c_lo = torch.where(m_in, cnt, n + 1).amin(-1)
+        upd = todo & (new_lo > lo)
+        lo, c_lo = torch.where(upd, new_lo, lo), torch.where(upd, new_c_lo, c_lo)
+        new_hi = torch.where(m_in, float("inf"), thr).amin(-1)
+        new_c_hi = torch.where(m_in, -1, cnt).amax(-1)
+        upd = todo & (new_hi < hi)
+        hi, c_hi = torch.where(upd, new_hi, hi), torch.where(upd, new_c_hi, c_hi)
+
+    # 3. select
+    part = count(torch.stack([hi, lo], dim=-1)).long()
+    n_hi, n_mid = part[..., 0], part[..., 1] - part[..., 0]  # [BH, chunks, Gq]
+    need = k_sel - n_hi.sum(1)
+    mid_off = n_mid.cumsum(1) - n_mid
+    take_mid = torch.minimum(torch.clamp(need.unsqueeze(1) - mid_off, min=0), n_mid)
+    n_take = n_hi + take_mid
+    sel_off = n_take.cumsum(1) - n_take
+    kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
+    _write_kernel[grid](
+        proxy, units, lo.contiguous(), hi.contiguous(), need.to(torch.int32).contiguous(),
+        sel_off.to(torch.int32).contiguous(), mid_off.to(torch.int32).contiguous(), kv_idx,
+        gq, n, r, n_split, k_max, **common,
     )
     return SparseIndex(kv_idx, kv_count, group_size, kv_block, s_q, s_kv)
 

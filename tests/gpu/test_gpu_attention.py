@@ -1,0 +1,89 @@
+"""GPU (bf16) tests of the DSV attention layer; run on the lent device: pytest -m gpu tests/gpu."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_dsv.ops.selection import select_topk
+from megatron_dsv.ops.sparse_attention import masked_dense_attention, sparse_attention
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_sparse_attention_bf16_matches_fp32_reference():
+    torch.manual_seed(0)
+    b, h, s, d, g = 1, 4, 2048, 128, 32
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    index = select_topk(torch.randn(b, h, s, 16, device="cuda"), torch.randn(b, h, s, 16, device="cuda"), g, [64, 205, 512, 2048])
+    out, lse = sparse_attention(q, k, v, index)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref, ref_lse = masked_dense_attention(q32, k32, v32, index.to_dense_mask(), d**-0.5)
+    # same-precision baseline: the fp32 result rounded to bf16
+    base = rel_err(ref.to(torch.bfloat16), ref)
+    assert rel_err(out, ref) <= 2 * base + 1e-3
+    assert rel_err(lse, ref_lse) < 1e-3
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * do.float()).sum(), (q32, k32, v32))
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= 2 * rel_err(want.to(torch.bfloat16), want) + 1e-2
+
+
+def build_block(mode, **kw):
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+    from tests.megatron_shim import tiny_config
+
+    cfg = tiny_config(
+        dsv_mode=mode, use_cpu_initialization=False, bf16=True, params_dtype=torch.bfloat16,
+        num_attention_heads=8, hidden_size=1024, ffn_hidden_size=2048,
+        dsv_query_group=(2, 4, 4), dsv_min_keys=64, dsv_profile_stride=32, **kw,
+    )
+    torch.manual_seed(0)
+    return TransformerBlock(cfg, dsv_gpt_layer_spec).cuda()
+
+
+@pytest.mark.parametrize("mode", ["dense", "auto", "sparse"])
+def test_block_bf16(megatron_state, mode):
+    from megatron_dsv.layers.attention import dsv_attention_layers
+
+    block = build_block(mode)
+    x = torch.randn(4096, 2, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = block(x, attention_mask=None)
+    y.float().square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    for a in dsv_attention_layers(block):
+        if mode != "dense":
+            assert a.predictor.weight_q.grad.abs().sum() > 0
+            assert float(a.last_stats["loss"]) > 0
+
+
+def test_block_bf16_sparse_all_keys_close_to_dense(megatron_state):
+    from megatron_dsv.layers.attention import dsv_attention_layers
+
+    block = build_block("auto")
+    x = torch.randn(2048, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_dense = block(x, attention_mask=None)
+        for a in dsv_attention_layers(block):
+            a.set_sparse(True, torch.full((a.num_heads,), 2048))
+        y_sparse = block(x, attention_mask=None)
+    assert rel_err(y_sparse, y_dense) < 2e-2
+
+
+def test_dense_path_is_cudnn_sdpa(megatron_state):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_dsv.layers.attention import _sdpa_backends
+
+    q, k, v = (torch.randn(1, 16, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with _sdpa_backends(q):
+        ours = F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        cudnn = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(ours, cudnn)
