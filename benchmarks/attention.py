@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16, help="low-rank predictor dimension r")
     p.add_argument("--flex", action="store_true", help="also time FlexAttention block-sparse")
     p.add_argument("--atomic-compare", action="store_true", help="also time atomic dk/dv at block granularity")
+    p.add_argument("--sweep", action="store_true",
+                   help="time tile variants of each kernel at the first sparsity and exit")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
@@ -188,7 +190,75 @@ def check_correctness(q, k, v, do, index: SparseIndex, heads=2):
     return res
 
 
+SWEEP = {
+    "fwd": [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=4, num_stages=3),
+            dict(BLOCK_N=128, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3),
+            dict(BLOCK_N=64, num_warps=4, num_stages=4), dict(BLOCK_N=128, num_warps=8, num_stages=2),
+            dict(BLOCK_N=32, num_warps=4, num_stages=3)],
+    "dq": [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=2),
+           dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
+           dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3),
+           dict(BLOCK_N=128, num_warps=8, num_stages=2)],
+    "dkdv": [dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=3),
+             dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2)],
+}
+
+
+def sweep():
+    """Time each kernel's tile variants (others at their defaults) on the first sparsity."""
+    info = env_info()
+    print(f"# sweep on {info['gpu']}", flush=True)
+    res = []
+    b, h, r = ARGS.batch, ARGS.heads, ARGS.rank
+    for s in ARGS.seqlens:
+        for d in ARGS.head_dims:
+            q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            q_lr, k_lr = (torch.randn(b, h, s, r, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            sp = ARGS.sparsities[0]
+            for kvb in ARGS.kv_blocks:
+                for g in ARGS.group_sizes:
+                    kh = int(k_from_sparsity(torch.tensor(sp), s // kvb))
+                    index = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
+                    t_sel = bench(lambda: select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"))
+                    print(f"S={s} D={d} kvb={kvb} G={g} sp={sp}: selection {t_sel:.2f} ms", flush=True)
+                    res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="select", ms=t_sel))
+
+                    def attn(q_, k_, v_, _ix=index):
+                        return sparse_attention(q_, k_, v_, _ix, backend="triton")[0]
+
+                    for kind, variants in SWEEP.items():
+                        if kind == "dkdv" and kvb % 16:
+                            continue
+                        for cfg in variants:
+                            sa_triton._TUNE.clear()
+                            sa_triton._TUNE[kind] = cfg
+                            try:
+                                fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(attn, q, k, v, do)
+                                if kind == "fwd":
+                                    t = bench(fwd)
+                                else:
+                                    setup_bwd()
+                                    t = bench(bwd)
+                            except Exception as err:
+                                t = float("nan")
+                                print(f"    {kind} {cfg}: failed {type(err).__name__}: {str(err)[:200]}", flush=True)
+                            print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms", flush=True)
+                            res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t))
+                    sa_triton._TUNE.clear()
+                    del index
+                    torch.cuda.empty_cache()
+            del q, k, v, do
+            torch.cuda.empty_cache()
+    out = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"attention_sweep_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    with open(out, "w") as f:
+        json.dump({"env": info, "args": vars(ARGS), "rows": res}, f, indent=1)
+    print(f"wrote {out}")
+
+
 def main():
+    if ARGS.sweep:
+        return sweep()
     info = env_info()
     print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']} | commit {info['git_commit'][:12]}", flush=True)
     dev = "cuda"
@@ -236,9 +306,9 @@ def main():
                             return sparse_attention(q_, k_, v_, _ix, backend="triton")[0]
 
                         row.update(time_attention(attn, q, k, v, do))
+                        fb = _fwd_bwd_fns(attn, q, k, v, do)[3]
                         row["peak_mem_gib"] = peak_mem(lambda: (
-                            _fwd_bwd_fns(attn, q, k, v, do)[3](),
-                            select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"),
+                            select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"), fb(),
                         )) / 2**30
                         flops = 4.0 * index.computed_pairs() * d
                         total = t_sel + row["fwd_bwd_ms"]

@@ -41,13 +41,13 @@ def main():
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_dsv.layers.attention import DSVCoreAttention
-    from tests.megatron_shim import init_megatron, tiny_config
+    from tests.megatron_shim import init_megatron_state, tiny_config
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--shapes", default="16x32768x128,16x65536x128,16x32768x64")
     args = p.parse_args()
-    init_megatron()
+    init_megatron_state()
     rows = []
     for shape in args.shapes.split(","):
         h, s, d = (int(x) for x in shape.split("x"))

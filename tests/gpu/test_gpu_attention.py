@@ -45,7 +45,8 @@ def build_block(mode, **kw):
         dsv_query_group=(2, 4, 4), dsv_min_keys=64, dsv_profile_stride=32, **kw,
     )
     torch.manual_seed(0)
-    return TransformerBlock(cfg, dsv_gpt_layer_spec).cuda()
+    # Megatron's Float16Module casts every parameter (norms and predictor included) to bf16.
+    return TransformerBlock(cfg, dsv_gpt_layer_spec).cuda().bfloat16()
 
 
 @pytest.mark.parametrize("mode", ["dense", "auto", "sparse"])

@@ -1,4 +1,8 @@
-"""Triton top-K selection vs the reference ``select_topk`` (exact on tie-free random inputs)."""
+"""Triton top-K selection vs the reference ``select_topk`` (exact on tie-free random inputs).
+
+The kernel fills its output with -1 before writing, so an unwritten slot below K fails
+``SparseIndex.validate`` (padding allowed only past ``kv_count``).
+"""
 
 import os
 

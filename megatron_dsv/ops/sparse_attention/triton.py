@@ -38,6 +38,9 @@ _LN2 = 0.6931471805599453
 
 # Benchmarks flip this to time atomic dk/dv against the key-major path at block granularity.
 _FORCE_ATOMIC_DKDV = False
+# Block granularity: one key-major kernel that also scatters dq with fp32 atomics (FA2-style: 5
+# matmuls per tile instead of 7 for separate dq and dk/dv kernels). Benchmarks compare both.
+_FUSED_DQ_ATOMIC = False
 
 # Under the CPU interpreter (numpy >= 2) a loaded scalar cannot bound a ``range`` loop, so loops
 # whose trip count is read from memory run as ``while`` loops there; compiled code keeps ``for``
@@ -214,9 +217,9 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_entry(
-    q, do, lse, delta, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
-    NUM_GROUPS, o_d, m_d, D, scale_log2,
-    G: tl.constexpr, BLOCK_M: tl.constexpr,
+    q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
+    NUM_GROUPS, o_d, m_d, D, scale, scale_log2,
+    G: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate one (query head, query group) entry of a key tile's list into dk/dv."""
     rep = H // HKV
@@ -237,15 +240,18 @@ def _bwd_dkdv_entry(
         b_dpt = tl.dot(b_v, tl.trans(b_do))
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+        if DQ_ATOMIC:
+            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k) * scale
+            tl.atomic_add(dq32 + o_qd, b_dq, mask=m_d[None, :], sem="relaxed")
     return b_dk, b_dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv, kt_off, kt_entry,
+    q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry,
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D,
-    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr,
+    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_un = tl.program_id(0).to(tl.int64)
@@ -274,15 +280,15 @@ def _bwd_dkdv_kernel(
         e = e_start
         while e < e_end:
             b_dk, b_dv = _bwd_dkdv_entry(
-                q, do, lse, delta, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale_log2, G, BLOCK_M,
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, BLOCK_M,
             )
             e += 1
     else:
         for e in range(e_start, e_end):
             b_dk, b_dv = _bwd_dkdv_entry(
-                q, do, lse, delta, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale_log2, G, BLOCK_M,
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, BLOCK_M,
             )
     tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
     tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
@@ -296,13 +302,22 @@ def _pow2_tile(n: int, cap: int) -> int:
     return t
 
 
-def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int):
+# Tile overrides for tuning sweeps (benchmarks/attention.py --sweep): {"fwd"|"dq"|"dkdv": dict}.
+_TUNE = {}
+
+
+def _tuned(kind: str, cfg: dict) -> dict:
+    cfg.update(_TUNE.get(kind, {}))
+    return cfg
+
+
+def _fwd_config(g: int, d: int, dtype: torch.dtype):
     block_m = _pow2_tile(g, 128 if d <= 64 else 64)
     block_n = 64 if d <= 128 else 32
     if dtype == torch.float32:
         block_n = 32
     num_warps = 4 if block_m <= 64 else 8
-    return block_m, block_n, num_warps, 3
+    return _tuned("fwd", dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=3))
 
 
 def _kv_major_ok(index: SparseIndex) -> bool:
@@ -335,13 +350,12 @@ def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale):
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
     out = _new(q.shape, q)
     lse = _new((b, h, s_q), q, torch.float32)
-    block_m, block_n, num_warps, num_stages = _fwd_config(g, d, q.dtype, kvb)
-    grid = (gq * (g // block_m), b * h)
+    cfg = _fwd_config(g, d, q.dtype)
+    grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _fwd_kernel[grid](
         q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E,
         h, hkv, s_q, s_kv, gq, kmax, d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
-        num_warps=num_warps, num_stages=num_stages,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return out, lse
 
@@ -357,39 +371,52 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
     delta = (out.float() * do.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
-    dq = _new(q.shape, q)
     kv_major = _kv_major_ok(index)
+    fused_dq = kv_major and _FUSED_DQ_ATOMIC
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else _new(q.shape, q)
     if kv_major:
         dk32 = dv32 = dq  # unused placeholders
     else:
         dk32 = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv32 = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    block_m = _pow2_tile(g, 64)
     block_n = 64 if d <= 64 else 32
     if q.dtype == torch.float32:
         block_n = 32
-    grid = (gq * (g // block_m), b * h)
+    if fused_dq:
+        return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale)
+    cfg = _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2))
+    grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E,
         h, hkv, s_q, s_kv, gq, kmax, d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, BLOCK_D=block_d, **cfg,
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale)
+
+
+def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale):
+    """dk/dv key-major; with an fp32 ``dq`` it also accumulates dq there with atomics."""
+    b, h, s_q, d = q.shape
+    hkv, s_kv = k.shape[1], k.shape[2]
+    g, kvb, gq = index.group_size, index.kv_block, index.num_groups
+    dq_atomic = dq.dtype == torch.float32 and q.dtype != torch.float32 or (
+        dq.dtype == torch.float32 and _FUSED_DQ_ATOMIC
+    )
     offsets, entries = transpose_index(index, hkv)
     dk = _new(k.shape, k)
     dv = _new(v.shape, v)
-    block_n_kv = _pow2_tile(kvb, 64 if d <= 64 else 64)
-    block_m_kv = _pow2_tile(g, 64)
+    cfg = _tuned("dkdv", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=_pow2_tile(kvb, 64), num_warps=4, num_stages=2))
     n_units = index.num_kv_units
-    grid = (n_units * (kvb // block_n_kv), b * hkv)
+    grid = (n_units * (kvb // cfg["BLOCK_N"]), b * hkv)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, offsets, entries, scale, scale * _LOG2E,
+        q, k, v, do, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E,
         h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, BLOCK_M=block_m_kv, BLOCK_N=block_n_kv, BLOCK_D=block_d,
-        num_warps=4 if block_n_kv <= 64 else 8, num_stages=2,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
+    if dq_atomic:
+        dq = dq.to(q.dtype)
     return dq, dk, dv
 
 
