@@ -201,6 +201,9 @@ SWEEP = {
            dict(BLOCK_N=128, num_warps=8, num_stages=2)],
     "dkdv": [dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=3),
              dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2)],
+    # key-major dk/dv with dq by fp32 atomics in the same kernel (no separate dq kernel)
+    "fused": [dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=3),
+              dict(num_warps=8, num_stages=3)],
 }
 
 
@@ -227,11 +230,12 @@ def sweep():
                         return sparse_attention(q_, k_, v_, _ix, backend="triton")[0]
 
                     for kind, variants in SWEEP.items():
-                        if kind == "dkdv" and kvb % 16:
+                        if kind in ("dkdv", "fused") and kvb % 16:
                             continue
                         for cfg in variants:
                             sa_triton._TUNE.clear()
-                            sa_triton._TUNE[kind] = cfg
+                            sa_triton._TUNE["dkdv" if kind == "fused" else kind] = cfg
+                            sa_triton._FUSED_DQ_ATOMIC = kind == "fused"
                             try:
                                 fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(attn, q, k, v, do)
                                 if kind == "fwd":
@@ -245,6 +249,7 @@ def sweep():
                             print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms", flush=True)
                             res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t))
                     sa_triton._TUNE.clear()
+                    sa_triton._FUSED_DQ_ATOMIC = False
                     del index
                     torch.cuda.empty_cache()
             del q, k, v, do

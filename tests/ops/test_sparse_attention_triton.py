@@ -99,7 +99,7 @@ def test_dense_equivalence_k_all():
 
 
 @CPU_OK
-def test_atomic_and_key_major_dkdv_agree(monkeypatch):
+def test_atomic_fused_and_key_major_backward_agree(monkeypatch):
     torch.manual_seed(2)
     b, h, s, d = 1, 2, 64, 64
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(3))
@@ -108,8 +108,12 @@ def test_atomic_and_key_major_dkdv_agree(monkeypatch):
     key_major = _run(q, k, v, index, "triton", do, dlse)
     monkeypatch.setattr(sa_triton, "_FORCE_ATOMIC_DKDV", True)
     atomic = _run(q, k, v, index, "triton", do, dlse)
-    for a, r in zip(atomic[3:], key_major[3:]):
+    monkeypatch.setattr(sa_triton, "_FORCE_ATOMIC_DKDV", False)
+    monkeypatch.setattr(sa_triton, "_FUSED_DQ_ATOMIC", True)
+    fused = _run(q, k, v, index, "triton", do, dlse)
+    for a, f, r in zip(atomic[2:], fused[2:], key_major[2:]):
         assert _rel(a, r) < (2e-5 if INTERPRET else 5e-3)
+        assert _rel(f, r) < (2e-5 if INTERPRET else 5e-3)
 
 
 def test_transpose_index_lists_every_pair():

@@ -361,19 +361,21 @@ def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale):
 
 
 def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
-    b, h, s_q, d = q.shape
-    hkv, s_kv = k.shape[1], k.shape[2]
-    kv_idx, kv_count = index.kv_idx, index.kv_count
-    g, kvb = index.group_size, index.kv_block
-    gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
-    block_d = triton.next_power_of_2(d)
     # d lse_i / d s_ij = p_ij, so an LSE gradient (context-parallel merges) only shifts delta.
     delta = (out.float() * do.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
     kv_major = _kv_major_ok(index)
-    fused_dq = kv_major and _FUSED_DQ_ATOMIC
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else _new(q.shape, q)
+    if kv_major and _FUSED_DQ_ATOMIC:
+        dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dq32, dk, dv = _backward_kv_major(q, k, v, do, lse, delta, dq32, index, scale, dq_atomic=True)
+        return dq32.to(q.dtype), dk, dv
+    b, h, s_q, d = q.shape
+    hkv, s_kv = k.shape[1], k.shape[2]
+    kv_idx, kv_count = index.kv_idx, index.kv_count
+    g, kvb = index.group_size, index.kv_block
+    gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
+    dq = _new(q.shape, q)
     if kv_major:
         dk32 = dv32 = dq  # unused placeholders
     else:
@@ -382,28 +384,23 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
     block_n = 64 if d <= 64 else 32
     if q.dtype == torch.float32:
         block_n = 32
-    if fused_dq:
-        return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale)
     cfg = _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2))
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E,
         h, hkv, s_q, s_kv, gq, kmax, d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, BLOCK_D=block_d, **cfg,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
-    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale)
+    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale, dq_atomic=False)
 
 
-def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale):
-    """dk/dv key-major; with an fp32 ``dq`` it also accumulates dq there with atomics."""
+def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, dq_atomic: bool):
+    """dk/dv key-major; with ``dq_atomic`` also adds dq into the fp32 ``dq`` with atomics."""
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
     g, kvb, gq = index.group_size, index.kv_block, index.num_groups
-    dq_atomic = dq.dtype == torch.float32 and q.dtype != torch.float32 or (
-        dq.dtype == torch.float32 and _FUSED_DQ_ATOMIC
-    )
     offsets, entries = transpose_index(index, hkv)
     dk = _new(k.shape, k)
     dv = _new(v.shape, v)
@@ -415,8 +412,6 @@ def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale):
         h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
-    if dq_atomic:
-        dq = dq.to(q.dtype)
     return dq, dk, dv
 
 
