@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16, help="low-rank predictor dimension r")
     p.add_argument("--flex", action="store_true", help="also time FlexAttention block-sparse")
     p.add_argument("--atomic-compare", action="store_true", help="also time atomic dk/dv at block granularity")
+    p.add_argument("--tune", action="store_true",
+                   help="per (D, kv_block), at the first S and sparsity, pick the fastest tile/backward variant")
+    p.add_argument("--flex-head-dims", type=_ints, default=None, help="head dims to time flex at (default all)")
     p.add_argument("--sweep", action="store_true",
                    help="time tile variants of each kernel at the first sparsity and exit")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
@@ -71,8 +74,8 @@ def env_info():
     try:
         commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
         dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip())
-    except Exception:
-        commit, dirty = "unknown", None
+    except Exception:  # no git on the device machine: the caller passes the commit
+        commit, dirty = os.environ.get("DSV_GIT_COMMIT", "unknown"), None
     return {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -261,6 +264,45 @@ def sweep():
     print(f"wrote {out}")
 
 
+TUNE_FWD = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
+            dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=128, num_warps=4, num_stages=3)]
+TUNE_BWD_BLOCK = [(False, dict(num_warps=4, num_stages=2)), (False, dict(num_warps=8, num_stages=2)),
+                  (True, dict(num_warps=4, num_stages=2)), (True, dict(num_warps=8, num_stages=2))]
+TUNE_BWD_TOKEN = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=2),
+                  dict(BLOCK_N=64, num_warps=8, num_stages=2)]
+
+
+def tune(attn, q, k, v, do, kvb):
+    """Fastest forward tiles and backward variant for this (D, kv_block); returns the choice."""
+    fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(attn, q, k, v, do)
+    best_f = min(TUNE_FWD, key=lambda c: (sa_triton._TUNE.update(fwd=c), bench(fwd))[1])
+    sa_triton._TUNE["fwd"] = best_f
+    setup_bwd()
+    if kvb % 16 == 0:
+        def t_bwd(v_):
+            sa_triton._FUSED_DQ_ATOMIC, sa_triton._TUNE["dkdv"] = v_[0], v_[1]
+            return bench(bwd)
+        times = [t_bwd(v_) for v_ in TUNE_BWD_BLOCK]
+        fused, cfg = TUNE_BWD_BLOCK[times.index(min(times))]
+        choice = {"fwd": best_f, "dkdv": cfg, "fused_dq_atomic": fused, "bwd_variants_ms": times}
+    else:
+        def t_bwd(c):
+            sa_triton._TUNE["dq"] = c
+            return bench(bwd)
+        times = [t_bwd(c) for c in TUNE_BWD_TOKEN]
+        choice = {"fwd": best_f, "dq": TUNE_BWD_TOKEN[times.index(min(times))], "bwd_variants_ms": times}
+    apply_tune(choice)
+    return choice
+
+
+def apply_tune(choice):
+    sa_triton._TUNE.clear()
+    sa_triton._FUSED_DQ_ATOMIC = bool(choice.get("fused_dq_atomic", False))
+    for kind in ("fwd", "dq", "dkdv"):
+        if kind in choice:
+            sa_triton._TUNE[kind] = dict(choice[kind])
+
+
 def main():
     if ARGS.sweep:
         return sweep()
@@ -269,6 +311,18 @@ def main():
     dev = "cuda"
     b, h, r = ARGS.batch, ARGS.heads, ARGS.rank
     rows = []
+    tuned = {}
+    out = ARGS.out
+    if out is None:
+        gpu = info["gpu"].replace(" ", "_").replace("/", "_")
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                           f"attention_{gpu}_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save():
+        with open(out, "w") as f:
+            json.dump({"env": info, "args": vars(ARGS), "rows": rows}, f, indent=1)
+
     for s in ARGS.seqlens:
         for d in ARGS.head_dims:
             torch.manual_seed(0)
@@ -282,7 +336,7 @@ def main():
             rows.append(dense)
             print(f"S={s} D={d} cudnn dense: fwd {dense['fwd_ms']:.2f} ms, fwd+bwd {dense['fwd_bwd_ms']:.2f} ms", flush=True)
             for sp in ARGS.sparsities:
-                if ARGS.flex:
+                if ARGS.flex and (ARGS.flex_head_dims is None or d in ARGS.flex_head_dims):
                     try:
                         fattn, dens = flex_block_sparse(b, h, s, 1.0 - sp, dev)
                         t = time_attention(fattn, q, k, v, do)
@@ -303,13 +357,20 @@ def main():
                         t_sel = bench(lambda: select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"))
                         row = {"kind": f"dsv_kvb{kvb}", "S": s, "D": d, "G": g, "kv_block": kvb,
                                "sparsity": 1.0 - kh / n_units, "K_units": kh, "select_ms": t_sel}
-                        if not ARGS.no_check and sp == ARGS.sparsities[0]:
-                            row["check"] = check_correctness(q, k, v, do, index)
-                            print(f"  check kvb={kvb} G={g}: {row['check']}", flush=True)
 
                         def attn(q_, k_, v_, _ix=index):
                             return sparse_attention(q_, k_, v_, _ix, backend="triton")[0]
 
+                        if ARGS.tune:
+                            key = (d, kvb, g)
+                            if key not in tuned:
+                                tuned[key] = tune(attn, q, k, v, do, kvb)
+                                print(f"  tuned D={d} kvb={kvb} G={g}: {tuned[key]}", flush=True)
+                            apply_tune(tuned[key])
+                            row["tune"] = tuned[key]
+                        if not ARGS.no_check and sp == ARGS.sparsities[0]:
+                            row["check"] = check_correctness(q, k, v, do, index)
+                            print(f"  check kvb={kvb} G={g}: {row['check']}", flush=True)
                         row.update(time_attention(attn, q, k, v, do))
                         fb = _fwd_bwd_fns(attn, q, k, v, do)[3]
                         row["peak_mem_gib"] = peak_mem(lambda: (
@@ -334,6 +395,7 @@ def main():
                             finally:
                                 sa_triton._FORCE_ATOMIC_DKDV = False
                         rows.append(row)
+                        save()
                         print(
                             f"  dsv kvb={kvb} G={g} sp={row['sparsity']:.3f}: sel {t_sel:.2f} fwd {row['fwd_ms']:.2f} "
                             f"bwd {row['bwd_ms']:.2f} fwd+bwd {row['fwd_bwd_ms']:.2f} ms -> x{row['speedup_fwd_bwd']:.2f} "
@@ -345,15 +407,7 @@ def main():
                         torch.cuda.empty_cache()
             del q, k, v, do, q_lr, k_lr
             torch.cuda.empty_cache()
-    result = {"env": info, "args": vars(ARGS), "rows": rows}
-    out = ARGS.out
-    if out is None:
-        gpu = info["gpu"].replace(" ", "_").replace("/", "_")
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"attention_{gpu}_{time.strftime('%Y%m%d_%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    save()
     print(f"\nwrote {out}\n")
     print(markdown_table(rows, info))
 
@@ -361,7 +415,7 @@ def main():
 def markdown_table(rows, info):
     lines = [
         f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['git_commit'][:12]}, "
-        "B=1, H=16, bf16; speedup = cuDNN dense fwd+bwd / (selection + sparse fwd+bwd)",
+        f"B={ARGS.batch}, H={ARGS.heads}, bf16; speedup = cuDNN dense fwd+bwd / (selection + sparse fwd+bwd)",
         "",
         "| S | D | kind | G | sparsity | select ms | fwd ms | bwd ms | fwd+bwd ms | speedup | fwd TF/s | fwd+bwd TF/s | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -1,23 +1,26 @@
 """Quickstart: a megatron-core TransformerBlock with DSV attention, trained on CPU or GPU.
 
-The task has the structure of video attention: a T x H x W token grid holds a few "objects"
-(each a set of 2x2x2 cubes scattered over the video), and every token must output the mean
-feature of all tokens of its object. A layer solves it by attending to the object's tokens
+The task has the structure of video attention (``megatron_dsv.data.objects``): a T x H x W token
+grid holds "objects", each a set of 2x2x2 cubes scattered over the video, and every token must
+output the mean feature of its object. A layer solves it by attending to its object's tokens
 wherever they are: sparse and non-local, like a trained video DiT.
 
-1. Stage 1: train densely while each layer's low-rank predictor learns (its loss reaches only
-   predictor parameters) and the profiler measures per-head sparsity and predictor recall.
-2. Switch: every layer goes sparse with K per head from its measured sparsity.
-3. Print per-layer sparsity, recall and the sparse-vs-dense output difference; train on sparse.
+The DSV controller runs the two-stage schedule:
+1. stage 1: dense attention while each layer's low-rank predictor learns (its loss reaches only
+   predictor parameters) and the profiler measures per-head sparsity and predictor recall;
+2. switch when the predictor loss and recall reach their thresholds: layers sparse enough go
+   sparse with K per head from their measured sparsity, the others stay dense;
+3. stage 2: train on, predictors keep learning at a lower rate on profiling iterations.
+It prints per-layer sparsity, recall, decisions and the sparse-vs-dense output difference.
 
-    python examples/quickstart.py            # ~1-2 min on 2 CPU cores
-    python examples/quickstart.py --help
+    python examples/quickstart.py            # ~20 s on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -26,9 +29,6 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megatron_dsv.ops.layout import cube_major_positions  # noqa: E402
-from megatron_dsv.ops.sparse_index import k_from_sparsity  # noqa: E402
 
 
 def parse():
@@ -39,11 +39,10 @@ def parse():
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--dense-steps", type=int, default=60)
-    p.add_argument("--sparse-steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--critical-mass", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats-log", default="", help="write per-layer/per-head stats (JSON lines) here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
 
@@ -65,40 +64,10 @@ def init_single_process(device: str):
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
     if device == "cuda":
-        mrandom.model_parallel_cuda_manual_seed(1234)
+        if "model-parallel-rng" not in mrandom.get_cuda_rng_tracker().get_states():
+            mrandom.model_parallel_cuda_manual_seed(1234)
     else:
         mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-
-
-class ObjectTask:
-    """Batches of (tokens [S, B, hidden], targets [S, B, hidden]) in cube-major order."""
-
-    def __init__(self, thw, objects, hidden, device, seed):
-        self.thw, self.objects, self.hidden, self.device = thw, objects, hidden, device
-        self.gen = torch.Generator().manual_seed(seed)
-        # Each object has a fixed code in the upper half of the features; the values to be
-        # averaged live in the lower half. Attention must match codes: q.k large within an object.
-        half = hidden // 2
-        self.codes = torch.nn.functional.pad(torch.randn(objects, half, generator=self.gen) * 2.0, (half, 0))
-        pos = cube_major_positions(thw, (2, 2, 2)).float()
-        t, h, w = thw
-        freqs = torch.arange(1, hidden // 6 + 1).float()
-        ang = torch.cat([pos[:, i : i + 1] / n * freqs * 3.14159 for i, n in enumerate((t, h, w))], -1)
-        self.pos = torch.cat([ang.sin(), ang.cos()], -1)[:, :hidden]
-        self.pos = torch.nn.functional.pad(self.pos, (0, hidden - self.pos.shape[1])) * 0.5
-
-    def batch(self, b):
-        s = self.pos.shape[0]
-        ncubes = s // 8
-        cube_obj = torch.randint(0, self.objects, (b, ncubes), generator=self.gen)
-        obj = cube_obj.repeat_interleave(8, dim=1)  # [B, S]: each 2x2x2 cube belongs to one object
-        half = self.hidden // 2
-        value = torch.nn.functional.pad(torch.randn(b, s, half, generator=self.gen), (0, half))
-        x = self.codes[obj] + value + self.pos
-        onehot = torch.nn.functional.one_hot(obj, self.objects).float()  # [B, S, O]
-        mean = (onehot.transpose(1, 2) @ value) / onehot.sum(1).clamp(min=1).unsqueeze(-1)
-        y = onehot @ mean
-        return x.transpose(0, 1).to(self.device), y.transpose(0, 1).to(self.device)
 
 
 def main():
@@ -107,7 +76,9 @@ def main():
     init_single_process(args.device)
     from megatron.core.transformer.transformer_block import TransformerBlock
 
+    from megatron_dsv.data.objects import ObjectRetrievalTask
     from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.controller import DSVController, is_predictor_param
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
     from megatron_dsv.specs import dsv_gpt_layer_spec
 
@@ -117,55 +88,50 @@ def main():
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False,
         dsv_mode="auto", dsv_query_group=(2, 2, 2), dsv_profile_stride=4, dsv_min_keys=8,
-        dsv_critical_mass=args.critical_mass,
+        dsv_k_multiple=1, dsv_switch_min_iters=20, dsv_switch_max_iters=args.steps // 2,
+        dsv_switch_recall_target=0.85, dsv_profile_interval_stage2=5, dsv_stats_log=args.stats_log,
+        dsv_log_interval=10,
     )
-    block = TransformerBlock(cfg, dsv_gpt_layer_spec)
     model = torch.nn.ModuleDict(
-        {"block": block, "head": torch.nn.Linear(args.hidden, args.hidden)}
+        {"block": TransformerBlock(cfg, dsv_gpt_layer_spec), "head": torch.nn.Linear(args.hidden, args.hidden)}
     ).to(args.device)
+    named = list(model.named_parameters())
+    opt = torch.optim.Adam([
+        {"params": [p for n, p in named if not is_predictor_param(n, p)]},
+        {"params": [p for n, p in named if is_predictor_param(n, p)]},
+    ], lr=args.lr)
+    lines = []
+    controller = DSVController(model, optimizer=opt, log=lambda s: (lines.append(s), print("  " + s)))
     attn = dsv_attention_layers(model)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    task = ObjectTask(thw, args.objects, args.hidden, args.device, args.seed)
+    task = ObjectRetrievalTask(thw, args.objects, args.hidden, seed=args.seed, device=args.device)
     print(f"megatron-core TransformerBlock: {args.layers} layers, {args.heads} heads, "
-          f"{thw[0] * thw[1] * thw[2]} tokens {args.video}, device {args.device}")
+          f"{task.seq_len} tokens ({args.video}), device {args.device}")
     for a in attn:
         print("  " + a.describe())
 
     def forward(x):
         return model["head"](model["block"](x, attention_mask=None))
 
-    def step(it):
-        for a in attn:
-            a.set_iteration(it)
+    t0 = time.time()
+    print(f"\ntraining {args.steps} steps (status every 10 iterations and at every decision)")
+    for it in range(args.steps):
+        controller.on_iteration_start(it)
         x, y = task.batch(args.batch)
         loss = torch.nn.functional.mse_loss(forward(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return loss.item()
+        summary = controller.on_iteration_end(it)
+        if it % 10 == 0:
+            print(f"  step {it:4d}  task loss {loss.item():.4f}")
 
-    t0 = time.time()
-    print(f"\nstage 1: dense attention, predictors learning ({args.dense_steps} steps)")
-    for it in range(args.dense_steps):
-        loss = step(it)
-        if it % 10 == 0 or it == args.dense_steps - 1:
-            pl = sum(float(a.stats_ema["loss"]) for a in attn) / len(attn)
-            rc = sum(float(a.stats_ema["recall"].mean()) for a in attn) / len(attn)
-            print(f"  step {it:4d}  task loss {loss:.4f}  predictor loss {pl:.4f}  recall {rc:.3f}")
-
-    print("\nswitch to sparse; per layer (mean over heads, measured on sampled queries):")
-    s_kv = thw[0] * thw[1] * thw[2]
+    print("\nper layer (EMA over profiling iterations, mean over heads):")
     for a in attn:
         e = a.stats_ema
-        k = k_from_sparsity(e["sparsity"], s_kv, floor=a.dsv.dsv_min_keys)
-        sparse = float(e["sparsity"].mean()) >= a.dsv.dsv_min_sparsity
         print(f"  layer {a.layer_number}: sparsity {e['sparsity'].mean():.3f} "
               f"(per head {[round(float(s), 3) for s in e['sparsity']]}), predictor recall "
-              f"{e['recall'].mean():.3f} -> "
-              + (f"sparse, K/head {k.tolist()} of {s_kv}" if sparse else
-                 f"stays dense (sparsity < --dsv-min-sparsity {a.dsv.dsv_min_sparsity})"))
-        if sparse:
-            a.set_sparse(True, k)
+              f"{e['recall'].mean():.3f}, predictor loss {float(e['loss']):.4f}")
+        print("    " + a.describe())
 
     model.eval()
     with torch.no_grad():
@@ -181,19 +147,10 @@ def main():
     print(f"\nsparse vs dense output on a held-out batch: relative difference {rel:.4f}; task loss "
           f"dense {torch.nn.functional.mse_loss(out_dense, y).item():.4f}, "
           f"sparse {torch.nn.functional.mse_loss(out_sparse, y).item():.4f}")
-    model.train()
-    for a in attn:
-        print("  " + a.describe())
-
-    print(f"\nstage 2: sparse attention ({args.sparse_steps} steps)")
-    for it in range(args.dense_steps, args.dense_steps + args.sparse_steps):
-        loss = step(it)
-        if it % 10 == 0 or it == args.dense_steps + args.sparse_steps - 1:
-            rc = sum(float(a.last_stats["recall"].mean()) for a in attn) / len(attn)
-            print(f"  step {it:4d}  task loss {loss:.4f}  predictor recall {rc:.3f}")
-    print(f"\ndone in {time.time() - t0:.1f} s")
-    return {"relative_difference": rel, "stats": [a.stats_ema for a in attn]}
+    print(f"done in {time.time() - t0:.1f} s")
+    return {"relative_difference": rel, "summary": summary, "log": lines, "layers": attn}
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
     main()

@@ -73,6 +73,9 @@ class DSVConfig:
     dsv_min_keys: int = 64
     """Floor on K per head, in key units, however sparse the head is."""
 
+    dsv_k_multiple: int = 16
+    """K per head is rounded up to a multiple of this (the kernel's key tile), in key units."""
+
     dsv_predictor_loss_coeff: float = 1.0
     """Scale of the predictor loss gradient (it reaches only predictor parameters)."""
 
@@ -117,7 +120,15 @@ class DSVConfig:
     """Dense attention: ``auto`` (TE when importable, else SDPA), ``sdpa`` or ``te``."""
 
     dsv_log_interval: int = 0
-    """Log a compact DSV status line every n iterations (0 = with Megatron's log interval)."""
+    """Log a compact DSV status line every n iterations (0 = at every profiling iteration)."""
+
+    dsv_speed_table: str = ""
+    """JSON written by benchmarks/attention.py; a layer goes sparse only where it says sparse is
+    faster at that length and density. Empty: sparse when density <= 0.5 (logged)."""
+
+    dsv_stats_log: str = ""
+    """Append per-layer, per-head statistics as JSON lines to this file (rank 0), for
+    ``python -m megatron_dsv.tools.plot_stats``."""
 
     def __post_init__(self):
         self.dsv_query_group = parse_cube(self.dsv_query_group)
@@ -128,6 +139,7 @@ class DSVConfig:
         _int_range("dsv_predictor_rank", self.dsv_predictor_rank, 1, 256)
         _int_range("dsv_kv_block", self.dsv_kv_block, 1, 1024)
         _int_range("dsv_min_keys", self.dsv_min_keys, 1, None)
+        _int_range("dsv_k_multiple", self.dsv_k_multiple, 1, None)
         _int_range("dsv_profile_stride", self.dsv_profile_stride, 1, None)
         _int_range("dsv_profile_interval_stage1", self.dsv_profile_interval_stage1, 1, None)
         _int_range("dsv_profile_interval_stage2", self.dsv_profile_interval_stage2, 1, None)
@@ -171,11 +183,19 @@ class DSVConfig:
         return cls(**kw)
 
     def result_fields(self) -> dict:
-        """The fields that change results (checked when a checkpoint is resumed)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _SPEED_ONLY}
+        """Fields a resumed run must share with its checkpoint (what the learned state depends on)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RETUNABLE_ON_RESUME}
 
 
-_SPEED_ONLY = {"dsv_backend", "dsv_dense_backend", "dsv_log_interval"}
+# Speed-only fields, and schedule knobs a user may retune when resuming (the layers restore their
+# decisions; the schedule only steers what happens next).
+_RETUNABLE_ON_RESUME = {
+    "dsv_backend", "dsv_dense_backend", "dsv_log_interval", "dsv_speed_table", "dsv_stats_log",
+    # the schedule may be retuned when resuming; the layers' decisions are what is restored
+    "dsv_profile_interval_stage1", "dsv_profile_interval_stage2", "dsv_switch_max_iters",
+    "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_loss_threshold", "dsv_switch_recall_target",
+    "dsv_recall_floor", "dsv_stage2_predictor_lr_scale", "dsv_min_sparsity",
+}
 
 
 def _flag(name: str) -> str:

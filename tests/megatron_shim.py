@@ -28,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_megatron_state(tp: int = 1, seed: int = 1234) -> None:
-    """One-process gloo (NCCL with a GPU) init + Megatron model-parallel state, idempotent."""
+def init_megatron_state(tp: int = 1, seed: int = 1234, rank: int = 0, world_size: int = 1) -> None:
+    """gloo (NCCL with a GPU) init + Megatron model-parallel state, idempotent. Spawned test
+    processes pass their rank and world size (MASTER_PORT set by the parent)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
@@ -37,7 +38,8 @@ def init_megatron_state(tp: int = 1, seed: int = 1234) -> None:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     tracker = mrandom.get_cuda_rng_tracker()

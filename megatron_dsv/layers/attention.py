@@ -127,6 +127,7 @@ class DSVCoreAttention(MegatronModule):
         tp = pg_collection.tp.size()
         self.head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
         self.num_heads = divide(config.num_attention_heads, tp)
+        self.num_heads_global = self.num_heads * tp
         self.num_kv_heads = max(1, config.num_query_groups // tp) if config.num_query_groups else self.num_heads
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if softmax_scale is None else softmax_scale
         if config.apply_query_key_layer_scaling:
@@ -155,11 +156,16 @@ class DSVCoreAttention(MegatronModule):
                 config.experimental_attention_variant_loss_scale_func = PredictorLossAutoScaler.set_loss_scale
         self.sparse = self.dsv.dsv_mode == "sparse" and self.predictor is not None
         self.kv_units_per_head: Optional[Tensor] = None
+        self.kv_units_global: Optional[Tensor] = None
+        self.schedule_state: Dict = {}  # the controller's stage, replicated into every layer
+        self.last_seq_len: Optional[int] = None
+        self.decision = ""  # the controller's last reason for this layer's path
         self.train_predictor = self.predictor is not None
         self.collect_stats = self.predictor is not None
         self.iteration = 0
         self.last_stats: Dict[str, Tensor] = {}
-        self.stats_ema: Dict[str, Tensor] = {}
+        self.pending_stats: list = []  # one dict per microbatch, consumed by the controller
+        self.stats_ema: Dict[str, Tensor] = {}  # written by the controller (synced over ranks)
         self._layer_input: Optional[Tensor] = None
 
         self.dense_backend = self._resolve_dense_backend()
@@ -173,7 +179,11 @@ class DSVCoreAttention(MegatronModule):
 
     # ---------------------------------------------------------------- state the controller sets
     def set_sparse(self, sparse: bool, kv_units_per_head: Optional[Tensor] = None) -> None:
-        """Switch this layer's path; ``kv_units_per_head`` int ``[H_local]`` key units per head."""
+        """Switch this layer's path.
+
+        ``kv_units_per_head``: int ``[H]`` key units per head for all the layer's heads (across
+        tensor-parallel ranks; each rank keeps its slice), or ``[H_local]`` when TP is 1.
+        """
         if sparse and self.predictor is None:
             raise RuntimeError(
                 f"layer {self.layer_number} has no predictor (dsv_mode=dense or cross-attention) "
@@ -181,10 +191,16 @@ class DSVCoreAttention(MegatronModule):
             )
         if kv_units_per_head is not None:
             kv = torch.as_tensor(kv_units_per_head, dtype=torch.int32).flatten().cpu()
-            if kv.numel() != self.num_heads:
-                raise ValueError(f"need K for {self.num_heads} local heads, got {kv.numel()}.")
-            self.kv_units_per_head = kv
+            if kv.numel() != self.num_heads_global:
+                raise ValueError(f"need K for the layer's {self.num_heads_global} heads, got {kv.numel()}.")
+            self.kv_units_global = kv
+            self.kv_units_per_head = kv[self.head_slice()].clone()
         self.sparse = bool(sparse)
+
+    def head_slice(self) -> slice:
+        """This rank's heads within the layer's global heads (tensor parallelism splits heads)."""
+        rank = self.pg_collection.tp.rank()
+        return slice(rank * self.num_heads, (rank + 1) * self.num_heads)
 
     def set_iteration(self, iteration: int) -> None:
         """Rotates the sampled query rows; the same iteration samples the same rows (recompute)."""
@@ -206,7 +222,7 @@ class DSVCoreAttention(MegatronModule):
         if self.kv_units_per_head is not None:
             return self.kv_units_per_head.clamp(min=floor, max=units)
         if for_recall and not self.sparse and "sparsity" in self.stats_ema:
-            sparsity = self.stats_ema["sparsity"].cpu()
+            sparsity = self.stats_ema["sparsity"].cpu()[self.head_slice()]
         else:
             sparsity = torch.full((self.num_heads,), self.dsv.dsv_fixed_sparsity)
         return k_from_sparsity(sparsity, units, floor=floor)
@@ -220,7 +236,46 @@ class DSVCoreAttention(MegatronModule):
             k = self.kv_units_per_head
             ks = "fixed sparsity %.2f" % self.dsv.dsv_fixed_sparsity if k is None else f"K/head={k.tolist()}"
             return f"layer {self.layer_number}: DSV sparse ({self.dsv.dsv_backend} kernels, {ks})"
-        return f"layer {self.layer_number}: dense ({self.dense_backend}) - DSV stage 1, predictor training"
+        why = self.decision or "DSV stage 1, predictor training"
+        return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
+
+    # ---------------------------------------------------------------- checkpoint
+    def get_extra_state(self):
+        """Decisions, statistics and schedule state, for all heads (identical on every rank, so
+        Megatron's replicated ShardedObject handling of ``_extra_state`` is exact)."""
+        return {
+            "version": 1,
+            "config": self.dsv.result_fields(),
+            "sparse": self.sparse,
+            "kv_units": None if self.kv_units_global is None else self.kv_units_global.tolist(),
+            "stats_ema": {k: v.float().cpu().tolist() for k, v in self.stats_ema.items()},
+            "schedule": dict(self.schedule_state),
+            "decision": self.decision,
+        }
+
+    def set_extra_state(self, state) -> None:
+        if state is None or (isinstance(state, Tensor) and state.numel() == 0):
+            return
+        if isinstance(state, Tensor):  # Megatron stores some extra states as byte tensors
+            import io
+
+            state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), weights_only=False)
+        saved, now = state["config"], self.dsv.result_fields()
+        diff = {k: (saved.get(k), v) for k, v in now.items() if _canon(saved.get(k)) != _canon(v)}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"layer {self.layer_number}: this checkpoint was trained with another DSV config "
+                f"({lines}). Resume with the checkpoint's --dsv-* values, or start the DSV "
+                "schedule afresh by loading without this layer's _extra_state."
+            )
+        self.stats_ema = {k: torch.tensor(v) for k, v in state["stats_ema"].items()}
+        self.schedule_state = dict(state["schedule"])
+        self.decision = state.get("decision", "")
+        kv = state["kv_units"]
+        if kv is None:
+            self.kv_units_global = self.kv_units_per_head = None
+        self.set_sparse(state["sparse"] and self.predictor is not None, kv)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -244,6 +299,7 @@ class DSVCoreAttention(MegatronModule):
         if self.sparse or trains:
             self._check_bidirectional(mask_type, attention_mask)
         sq, b, np_, hn = query.shape
+        self.last_seq_len = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         if self.sparse:
             out = self._sparse_forward(q, k, v).permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
@@ -321,12 +377,10 @@ class DSVCoreAttention(MegatronModule):
         if self.collect_stats:
             stats.update(self._row_stats(q, k_full, q_lr.detach(), k_lr.detach(), rows))
         self.last_stats = stats
-        # Runs once per iteration: with activation recompute the first forward has autograd
-        # off (no _predictor_step) and only the recompute reaches here.
-        decay = self.dsv.dsv_stats_ema
-        for name, val in stats.items():
-            prev = self.stats_ema.get(name)
-            self.stats_ema[name] = val if prev is None else decay * prev + (1 - decay) * val
+        # Once per microbatch: with activation recompute the first forward has autograd off
+        # (no _predictor_step) and only the recompute reaches here.
+        if self.collect_stats:
+            self.pending_stats.append(stats)
         return loss * self.dsv.dsv_predictor_loss_coeff
 
     @torch.no_grad()
@@ -356,6 +410,10 @@ class DSVCoreAttention(MegatronModule):
         if choice == "auto":
             choice = "te" if HAVE_TE else "sdpa"
         return choice
+
+
+def _canon(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 def _sdpa_backends(x: Tensor):

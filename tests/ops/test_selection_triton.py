@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from megatron_dsv.ops.selection import pool_keys, group_proxies, select_topk  # noqa: E402
+from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CPU_OK = pytest.mark.skipif(
@@ -35,7 +36,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (1, 2, 1024, 64, 1, [100, 513]),  # more units than one search tile
     ],
 )
-def test_selection_matches_reference(b, h, s, g, kvb, kh):
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_selection_matches_reference(b, h, s, g, kvb, kh, path, monkeypatch):
+    if path == "split":
+        monkeypatch.setattr(sel_triton, "_FUSED_MAX_UNITS", 0)
     torch.manual_seed(0)
     q = torch.randn(b, h, s, 16, device=DEVICE)
     k = torch.randn(b, h, s, 16, device=DEVICE)
@@ -47,8 +51,11 @@ def test_selection_matches_reference(b, h, s, g, kvb, kh):
 
 
 @CPU_OK
-def test_selection_ties_pick_exactly_k():
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_selection_ties_pick_exactly_k(path, monkeypatch):
     """All scores equal: any K units are right; count, order and padding must still hold."""
+    if path == "split":
+        monkeypatch.setattr(sel_triton, "_FUSED_MAX_UNITS", 0)
     q = torch.randn(1, 2, 64, 16, device=DEVICE)
     k = torch.ones(1, 2, 64, 16, device=DEVICE)
     got = select_topk(q, k, 16, [10, 3], backend="triton").validate()

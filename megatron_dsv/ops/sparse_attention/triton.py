@@ -10,7 +10,7 @@ Forward: one program per (b, h, query tile of a group), FlashAttention-style onl
 base 2 over tiles of BLOCK_N gathered keys.
 
 Backward:
-- ``delta = rowsum(dO * O)`` (PyTorch, one pass over O).
+- ``delta = rowsum(dO * O) - dLSE`` (a small kernel, one pass over O and dO).
 - dq: query-major, the forward's loop again (recompute P from the saved LSE).
 - dk/dv, block granularity (``kv_block`` a multiple of 16): key-major. The index is transposed
   once per backward into per-key-unit lists of (query head, query group) entries (a stable sort
@@ -34,12 +34,14 @@ import triton.language as tl
 from megatron_dsv.ops.sparse_index import SparseIndex
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
-# Benchmarks flip this to time atomic dk/dv against the key-major path at block granularity.
+# Block granularity, atomic dk/dv instead of key-major lists. Measured on H100 (H=16, S=64k, D=128,
+# bf16, kv_block=64, G=64, 90% sparse): backward 71.8 ms with atomics vs 27.2 ms key-major, so
+# key-major is the default; benchmarks flip this to re-measure.
 _FORCE_ATOMIC_DKDV = False
 # Block granularity: one key-major kernel that also scatters dq with fp32 atomics (FA2-style: 5
-# matmuls per tile instead of 7 for separate dq and dk/dv kernels). Benchmarks compare both.
+# matmuls per tile instead of 7). Same setting as above: 65.4 ms (4 warps) vs 27.3 ms for separate
+# dq and dk/dv kernels, so it is off; kept for re-measuring on other GPUs.
 _FUSED_DQ_ATOMIC = False
 
 # Under the CPU interpreter (numpy >= 2) a loaded scalar cannot bound a ``range`` loop, so loops
@@ -139,6 +141,26 @@ def _fwd_kernel(
     p_o = o + (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_d[None, :])
     tl.store(lse + i_bh * S_Q + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    o, do, dlse, delta, N_ROWS, D,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``delta = rowsum(O * dO) - dLSE`` in fp32 without fp32 copies of O and dO."""
+    i_m = tl.program_id(0).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N_ROWS
+    o_d = tl.arange(0, BLOCK_D)
+    m = m_m[:, None] & (o_d < D)[None, :]
+    o_md = o_m[:, None] * D + o_d[None, :]
+    b_o = tl.load(o + o_md, mask=m, other=0.0).to(tl.float32)
+    b_do = tl.load(do + o_md, mask=m, other=0.0).to(tl.float32)
+    b_delta = tl.sum(b_o * b_do, axis=1)
+    if HAS_DLSE:
+        b_delta -= tl.load(dlse + o_m, mask=m_m, other=0.0).to(tl.float32)
+    tl.store(delta + o_m, b_delta, mask=m_m)
 
 
 @triton.jit
@@ -334,7 +356,7 @@ def transpose_index(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.Tensor
     b, h, gq, kmax = index.kv_idx.shape
     rep = h // num_kv_heads
     n_units = index.num_kv_units
-    units = index.kv_idx.view(b, num_kv_heads, rep * gq * kmax)
+    units = index.kv_idx.reshape(b, num_kv_heads, rep * gq * kmax)
     key = torch.where(units >= 0, units, torch.full_like(units, n_units))
     sorted_key, perm = torch.sort(key, dim=-1, stable=True)
     entries = (perm // kmax).to(torch.int32)
@@ -362,9 +384,13 @@ def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale):
 
 def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
     # d lse_i / d s_ij = p_ij, so an LSE gradient (context-parallel merges) only shifts delta.
-    delta = (out.float() * do.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
+    n_rows = out.numel() // out.shape[-1]
+    delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
+    block_m = 64
+    _bwd_delta_kernel[(triton.cdiv(n_rows, block_m),)](
+        out, do, dlse.contiguous() if dlse is not None else delta, delta, n_rows, out.shape[-1],
+        HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(out.shape[-1]),
+    )
     kv_major = _kv_major_ok(index)
     if kv_major and _FUSED_DQ_ATOMIC:
         dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
@@ -372,7 +398,7 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
         return dq32.to(q.dtype), dk, dv
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
-    kv_idx, kv_count = index.kv_idx, index.kv_count
+    kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
     g, kvb = index.group_size, index.kv_block
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
     dq = _new(q.shape, q)

@@ -1,0 +1,1 @@
+"""Datasets: synthetic tasks and videos, on-disk latents."""

@@ -1,0 +1,171 @@
+"""The stage machine on a megatron-core TransformerBlock trained on a task with sparse attention."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from megatron_dsv.layers.attention import dsv_attention_layers
+from megatron_dsv.layers.controller import DSVController, SpeedTable, is_predictor_param
+from tests.megatron_shim import free_port, init_megatron_state, tiny_config
+
+THW = (4, 4, 8)
+HID = 64
+
+
+def build(seed=0, **cfg):
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+
+    kw = dict(
+        hidden_size=HID, num_attention_heads=4, ffn_hidden_size=128, dsv_mode="auto", dsv_min_keys=4,
+        dsv_k_multiple=1, dsv_profile_stride=4, dsv_switch_min_iters=10, dsv_switch_max_iters=50,
+        dsv_switch_recall_target=0.8, dsv_profile_interval_stage2=4, dsv_min_sparsity=0.5,
+        dsv_switch_loss_threshold=0.03, dsv_stats_ema=0.8,
+    )
+    kw.update(cfg)
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict({"block": TransformerBlock(tiny_config(**kw), dsv_gpt_layer_spec), "head": torch.nn.Linear(HID, HID)})
+    named = list(model.named_parameters())
+    opt = torch.optim.Adam([
+        {"params": [p for n, p in named if not is_predictor_param(n, p)]},
+        {"params": [p for n, p in named if is_predictor_param(n, p)]},
+    ], lr=3e-3)
+    return model, opt
+
+
+def train(model, opt, controller, task, start, stop, batch=2):
+    summaries = []
+    for it in range(start, stop):
+        controller.on_iteration_start(it)
+        x, y = task.batch(batch)
+        loss = torch.nn.functional.mse_loss(model["head"](model["block"](x, attention_mask=None)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        s = controller.on_iteration_end(it)
+        s.pop("events")
+        summaries.append(s)
+    return summaries
+
+
+def make_task(seed=0):
+    from megatron_dsv.data.objects import ObjectRetrievalTask
+
+    return ObjectRetrievalTask(THW, objects=8, hidden=HID, seed=seed)
+
+
+@pytest.mark.slow
+def test_switch_decisions_and_resume(megatron_state, tmp_path):
+    logs = []
+    model, opt = build(dsv_stats_log=str(tmp_path / "stats.jsonl"))
+    ctl = DSVController(model, optimizer=opt, log=logs.append)
+    full = train(model, opt, ctl, make_task(), 0, 60)
+    # stage 1 until the predictor converged, then sparse layers with per-head K
+    stages = [s["stage"] for s in full]
+    sw = stages.index(2)
+    assert 10 <= sw < 50 and set(stages[:sw]) == {1} and set(stages[sw:]) == {2}
+    first, last = full[0]["layers"], full[-1]["layers"]
+    assert all(l["loss"] < f["loss"] for f, l in zip(first, last))  # predictor loss falls
+    assert sum(sum(l["recall"]) for l in last) > sum(sum(f["recall"]) for f in first)  # recall rises
+    sparse_layers = [l for l in last if l["sparse"]]
+    assert sparse_layers and all(len(l["k"]) == 4 for l in sparse_layers)
+    assert any(len(set(l["k"])) > 1 for l in sparse_layers)  # per-head K
+    assert any("stage switch" in line for line in logs)
+    # stage-2 predictor learning rate
+    assert opt.param_groups[1]["lr"] == pytest.approx(3e-3 * 0.1) and opt.param_groups[0]["lr"] == 3e-3
+    # the stats log has every profiling iteration
+    lines = [json.loads(x) for x in open(tmp_path / "stats.jsonl")]
+    assert [l["iteration"] for l in lines][:3] == [0, 1, 2] and lines[-1]["stage"] == 2
+
+    # resume before and after the switch: same statistics and decisions as the uninterrupted run
+    for cut in (sw - 5, sw + 6):
+        model, opt = build()
+        ctl = DSVController(model, optimizer=opt, log=lambda s: None)
+        task = make_task()
+        train(model, opt, ctl, task, 0, cut)
+        ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "task": task.state_dict(), "rng": torch.get_rng_state()}
+        torch.save(ckpt, tmp_path / "ckpt.pt")
+        del model, opt, ctl
+        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+        model, opt = build(seed=123)  # different init: everything must come from the checkpoint
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        task = make_task()  # same task (its codes come from the seed); the stream position from the checkpoint
+        task.load_state_dict(ckpt["task"])
+        torch.set_rng_state(ckpt["rng"])
+        ctl = DSVController(model, optimizer=opt, log=lambda s: None)
+        assert ctl.stage == full[cut - 1]["stage"]
+        resumed = train(model, opt, ctl, task, cut, 60)
+        assert resumed == full[cut:], f"resume at {cut} diverged"
+        assert opt.param_groups[1]["lr"] == pytest.approx(3e-3 * 0.1)
+
+
+def test_checkpoint_from_another_config_is_rejected(megatron_state):
+    model, _ = build()
+    state = model.state_dict()
+    other, _ = build(dsv_query_group=(1, 2, 4))
+    with pytest.raises(ValueError, match="another DSV config.*dsv_query_group"):
+        other.load_state_dict(state)
+    retuned, _ = build(dsv_switch_max_iters=500, dsv_backend="reference")
+    retuned.load_state_dict(state)  # schedule and speed knobs may change on resume
+
+
+def test_mixed_optimizer_groups_rejected(megatron_state):
+    model, _ = build()
+    with pytest.raises(ValueError, match="own group"):
+        DSVController(model, optimizer=torch.optim.Adam(model.parameters()))
+
+
+def test_speed_table(tmp_path):
+    path = tmp_path / "speed.json"
+    rows = [{"S": 16384, "D": 128, "sparsity": s, "speedup_fwdbwd": v} for s, v in ((0.5, 0.8), (0.8, 2.0), (0.9, 4.0))]
+    rows += [{"S": 65536, "D": 128, "sparsity": 0.5, "speedup_fwdbwd": 1.5}]
+    path.write_text(json.dumps({"env": {}, "results": rows}))
+    table = SpeedTable.from_json(str(path))
+    assert table.sparse_faster(16384, 128, 0.1) and table.sparse_faster(20000, 128, 0.2)
+    assert not table.sparse_faster(16384, 128, 0.5)  # 0.8x at density 0.5
+    assert table.sparse_faster(16384, 128, 0.4)  # interpolated 1.2x
+    assert table.sparse_faster(60000, 128, 0.5)  # the 64k row
+    assert not table.sparse_faster(16384, 128, 0.9)  # beyond the measured densities
+    assert SpeedTable().sparse_faster(1024, 64, 0.4) and not SpeedTable().sparse_faster(1024, 64, 0.6)
+
+
+def _ranks_agree(rank, world, port, ref_path, out_path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    from megatron.core import parallel_state as ps
+
+    results = {}
+    # data parallel: every rank sees other data, yet all take the same decisions
+    init_megatron_state(tp=1, rank=rank, world_size=world)
+    model, opt = build()
+    ctl = DSVController(model, optimizer=opt, stats_group=ps.get_data_parallel_group(with_context_parallel=True), log=lambda s: None)
+    results["dp"] = train(model, opt, ctl, make_task(seed=rank), 0, 45)
+    # tensor parallel: heads split over ranks; gathered statistics equal the TP=1 run's
+    ps.destroy_model_parallel()
+    init_megatron_state(tp=world, rank=rank, world_size=world)
+    model, opt = build()
+    ctl = DSVController(model, optimizer=opt, log=lambda s: None)
+    assert [len(a.predictor.weight_q) for a in dsv_attention_layers(model)] == [4 // world] * 2
+    results["tp"] = train(model, opt, ctl, make_task(seed=0), 0, 3)
+    torch.save(results, out_path.format(rank=rank))
+
+
+@pytest.mark.slow
+def test_all_ranks_take_the_same_decisions(megatron_state, tmp_path):
+    model, opt = build()
+    ref = train(model, opt, DSVController(model, optimizer=opt, log=lambda s: None), make_task(seed=0), 0, 3)
+    out = str(tmp_path / "rank{rank}.pt")
+    mp.start_processes(_ranks_agree, args=(2, free_port(), None, out), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(out.format(rank=r), weights_only=False) for r in (0, 1))
+    assert r0["dp"] == r1["dp"] and r0["dp"][-1]["stage"] == 2
+    assert r0["tp"] == r1["tp"]
+    for got, want in zip(r0["tp"], ref):
+        for lg, lw in zip(got["layers"], want["layers"]):
+            # sparsity counts keys per row: TP's other rounding may move one key of one row (1.2e-4)
+            assert lg["sparsity"] == pytest.approx(lw["sparsity"], abs=5e-4)
+            assert lg["recall"] == pytest.approx(lw["recall"], abs=1e-4)
+            assert lg["loss"] == pytest.approx(lw["loss"], rel=1e-3)
