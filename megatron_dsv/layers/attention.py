@@ -150,6 +150,7 @@ class DSVCoreAttention(MegatronModule):
             self.predictor = LowRankPredictor(
                 self.num_heads, self.head_dim, self.dsv.dsv_predictor_rank,
                 num_kv_heads=self.num_kv_heads, input_dim=hidden, device=device,
+                head_offset=self.head_slice().start, num_heads_total=self.num_heads_global,
             )
             self.predictor.tp_group = pg_collection.tp
             if getattr(config, "experimental_attention_variant_loss_scale_func", None) is None:

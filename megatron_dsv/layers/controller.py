@@ -249,13 +249,7 @@ class DSVController:
         if tp is not None and tp.size() > 1:
             parts = [torch.empty_like(local) for _ in range(tp.size())]
             dist.all_gather(parts, local.contiguous(), group=tp)
-            h = (local.shape[1] - 1) // 2
-            local = torch.cat(
-                [torch.stack([p[:, 0] for p in parts]).mean(0, keepdim=True).T]
-                + [p[:, 1 : 1 + h] for p in parts]
-                + [p[:, 1 + h :] for p in parts],
-                dim=1,
-            )
+            local = merge_tp_rows(parts)
         if self.stats_group is not None and dist.get_world_size(self.stats_group) > 1:
             dist.all_reduce(local, group=self.stats_group)
             local = local / dist.get_world_size(self.stats_group)
@@ -362,9 +356,17 @@ class DSVController:
                 f.write(json.dumps(summary) + "\n")
 
 
+def merge_tp_rows(parts: List[torch.Tensor]) -> torch.Tensor:
+    """Per-rank ``[L, 1 + 2h]`` rows (loss, h sparsities, h recalls of the rank's heads, in
+    tensor-parallel rank order) -> ``[L, 1 + 2 h tp]`` for all heads; loss averaged."""
+    h = (parts[0].shape[1] - 1) // 2
+    loss = torch.stack([p[:, 0] for p in parts]).mean(0, keepdim=True).T
+    return torch.cat([loss] + [p[:, 1 : 1 + h] for p in parts] + [p[:, 1 + h :] for p in parts], dim=1)
+
+
 def is_predictor_param(name: str, param: torch.nn.Parameter) -> bool:
     """``scale_lr_cond`` for Megatron's optimizer: True for DSV predictor parameters."""
     return ".predictor.weight_" in name or name.startswith("predictor.weight_")
 
 
-__all__ = ["DSVController", "SpeedTable", "is_predictor_param"]
+__all__ = ["DSVController", "SpeedTable", "is_predictor_param", "merge_tp_rows"]

@@ -33,6 +33,8 @@ class LowRankPredictor(nn.Module):
         num_kv_heads: key heads (GQA); ``H % num_kv_heads == 0``. Each query head has its own key
             projection applied to its key head.
         input_dim: for the ``hidden`` variant, the layer's hidden size; None for ``qk``.
+        head_offset, num_heads_total: this rank's first head and the layer's head count under
+            tensor parallelism.
     """
 
     def __init__(
@@ -44,6 +46,8 @@ class LowRankPredictor(nn.Module):
         input_dim: Optional[int] = None,
         device=None,
         dtype=torch.float32,
+        head_offset: int = 0,
+        num_heads_total: Optional[int] = None,
     ):
         super().__init__()
         self.num_heads, self.head_dim, self.rank = num_heads, head_dim, rank
@@ -52,7 +56,11 @@ class LowRankPredictor(nn.Module):
             raise ValueError(f"{num_heads} query heads are not a multiple of {self.num_kv_heads} key heads.")
         self.input_dim = input_dim
         in_dim = head_dim if input_dim is None else input_dim
-        sketch = torch.randn(num_heads, in_dim, rank, device=device, dtype=torch.float32) / math.sqrt(rank)
+        # Drawn for all heads of the layer on the CPU and sliced to this rank's heads, so the
+        # initial predictor is the same for every tensor-parallel size (as Megatron's CPU init).
+        total = num_heads_total or num_heads
+        sketch = torch.randn(total, in_dim, rank, dtype=torch.float32) / math.sqrt(rank)
+        sketch = sketch[head_offset : head_offset + num_heads].to(device)
         self.weight_q = nn.Parameter(sketch.clone().to(dtype))
         self.weight_k = nn.Parameter(sketch.to(dtype))
         # Heads are split over tensor-parallel ranks, so each rank owns its heads' projections:
