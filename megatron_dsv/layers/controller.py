@@ -61,20 +61,30 @@ class SpeedTable:
     default_max_density: float = 0.5
 
     @classmethod
-    def from_json(cls, path: str) -> "SpeedTable":
-        """Read ``benchmarks/attention.py`` output: a list under ``results`` of dicts with
-        ``S``, ``D``, ``sparsity`` or ``density``, and ``speedup_fwdbwd`` or ``speedup``."""
+    def from_json(cls, path: str, kv_block: Optional[int] = None) -> "SpeedTable":
+        """Read ``benchmarks/attention.py`` output: rows (under ``rows``) with ``kind`` starting
+        with ``dsv``, ``S``, ``D``, ``sparsity`` (or ``density``), ``speedup_fwd_bwd`` (vs cuDNN
+        dense, selection included) and ``kv_block``; only rows of ``kv_block`` when given."""
         with open(path) as f:
             data = json.load(f)
+        raw = data.get("rows", data.get("results", [])) if isinstance(data, dict) else data
         rows = []
-        for r in data.get("results", data if isinstance(data, list) else []):
-            speed = r.get("speedup_fwdbwd", r.get("speedup"))
+        for r in raw:
+            if not str(r.get("kind", "dsv")).startswith("dsv"):
+                continue
+            if kv_block is not None and r.get("kv_block", kv_block) != kv_block:
+                continue
+            speed = r.get("speedup_fwd_bwd", r.get("speedup"))
             dens = r.get("density", None if r.get("sparsity") is None else 1 - r["sparsity"])
             if speed is None or dens is None or "S" not in r or "D" not in r:
                 continue
             rows.append({"S": int(r["S"]), "D": int(r["D"]), "density": float(dens), "speedup": float(speed)})
         if not rows:
-            raise ValueError(f"{path} holds no rows with S, D, sparsity/density and speedup.")
+            raise ValueError(
+                f"{path} holds no DSV rows with S, D, sparsity and speedup_fwd_bwd"
+                + (f" for kv_block={kv_block}" if kv_block is not None else "")
+                + "; write one with benchmarks/attention.py."
+            )
         return cls(rows)
 
     def sparse_faster(self, seq_len: int, head_dim: int, density: float) -> bool:
@@ -130,7 +140,10 @@ class DSVController:
         self.cfg: DSVConfig = self.layers[0].dsv if self.layers else DSVConfig(dsv_mode="dense")
         self.stats_group = stats_group
         if speed_table is None:
-            speed_table = SpeedTable.from_json(self.cfg.dsv_speed_table) if self.cfg.dsv_speed_table else SpeedTable()
+            speed_table = (
+                SpeedTable.from_json(self.cfg.dsv_speed_table, kv_block=self.cfg.dsv_kv_block)
+                if self.cfg.dsv_speed_table else SpeedTable()
+            )
         self.speed_table = speed_table
         self.tb_writer, self.wandb_writer = tb_writer, wandb_writer
         self.log = log or logger.info

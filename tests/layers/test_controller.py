@@ -133,12 +133,27 @@ def test_merge_tp_rows_orders_heads_by_rank():
     assert merged[1, 1:].tolist() == [110, 111, 112, 113, 120, 121, 122, 123]
 
 
+def test_speed_table_reads_the_recorded_benchmark():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import glob
+
+    path = sorted(glob.glob(os.path.join(root, "benchmarks", "results", "attention_*.json")))[-1]
+    table = SpeedTable.from_json(path, kv_block=64)
+    assert table.sparse_faster(65536, 128, 0.05) and not table.sparse_faster(65536, 128, 0.9)
+
+
 def test_speed_table(tmp_path):
     path = tmp_path / "speed.json"
-    rows = [{"S": 16384, "D": 128, "sparsity": s, "speedup_fwdbwd": v} for s, v in ((0.5, 0.8), (0.8, 2.0), (0.9, 4.0))]
-    rows += [{"S": 65536, "D": 128, "sparsity": 0.5, "speedup_fwdbwd": 1.5}]
-    path.write_text(json.dumps({"env": {}, "results": rows}))
-    table = SpeedTable.from_json(str(path))
+    rows = [{"kind": "dsv_kvb64", "kv_block": 64, "S": 16384, "D": 128, "sparsity": s, "speedup_fwd_bwd": v}
+            for s, v in ((0.5, 0.8), (0.8, 2.0), (0.9, 4.0))]
+    rows += [{"kind": "dsv_kvb64", "kv_block": 64, "S": 65536, "D": 128, "sparsity": 0.5, "speedup_fwd_bwd": 1.5}]
+    rows += [{"kind": "dsv_kvb1", "kv_block": 1, "S": 16384, "D": 128, "sparsity": 0.9, "speedup_fwd_bwd": 0.5}]
+    rows += [{"kind": "cudnn_dense", "S": 16384, "D": 128, "sparsity": 0.0, "fwd_ms": 1.0}]
+    path.write_text(json.dumps({"env": {}, "rows": rows}))
+    assert not SpeedTable.from_json(str(path), kv_block=1).sparse_faster(16384, 128, 0.1)
+    with pytest.raises(ValueError, match="kv_block=16"):
+        SpeedTable.from_json(str(path), kv_block=16)
+    table = SpeedTable.from_json(str(path), kv_block=64)
     assert table.sparse_faster(16384, 128, 0.1) and table.sparse_faster(20000, 128, 0.2)
     assert not table.sparse_faster(16384, 128, 0.5)  # 0.8x at density 0.5
     assert table.sparse_faster(16384, 128, 0.4)  # interpolated 1.2x

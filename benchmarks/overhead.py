@@ -1,0 +1,115 @@
+"""DSV training-step costs on a megatron-core layer stack (GPU, bf16): dense vs sparse, and the
+overhead of the predictor and the profiler.
+
+    python benchmarks/overhead.py --seqlens 16384,32768,65536 --out benchmarks/results/overhead.json
+
+For each sequence length, on the same input, one forward+backward of a TransformerBlock
+(hidden 2048, 16 heads of 128, ffn 8192, ``--layers`` layers, B=1) is timed with do_bench (median):
+
+* ``dense``: ``--dsv-mode dense`` (cuDNN SDPA), the baseline;
+* ``stage1``: dense attention + predictor loss on sampled rows (every stage-1 iteration);
+* ``stage1_profile``: the same + profiler statistics (every ``--dsv-profile-interval-stage1``);
+* ``sparse``: stage-2 sparse attention at ``--sparsity`` with no predictor work;
+* ``sparse_profile``: the same + predictor loss + profiler (every ``--dsv-profile-interval-stage2``).
+
+The stage-2 overhead per step is ``(sparse_profile - sparse) / interval2``, reported against the
+dense step (target < 5%). No optimizer step is timed (its cost is the same in every variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main():
+    from triton.testing import do_bench
+
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from benchmarks.dense_path import env_info
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.transformer_config import DSVTransformerConfig
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+    from tests.megatron_shim import init_megatron_state
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--seqlens", default="16384,32768,65536")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--kv-block", type=int, default=64)
+    p.add_argument("--interval1", type=int, default=10)
+    p.add_argument("--interval2", type=int, default=50)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    init_megatron_state()
+    rows = []
+    for s in (int(x) for x in args.seqlens.split(",")):
+        res = {"S": s, "layers": args.layers, "sparsity": args.sparsity, "kv_block": args.kv_block}
+        blocks = {}
+        for mode in ("dense", "auto"):
+            cfg = DSVTransformerConfig(
+                num_layers=args.layers, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=8192,
+                hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
+                gradient_accumulation_fusion=False, bf16=True, params_dtype=torch.bfloat16,
+                dsv_mode=mode, dsv_query_group=(4, 4, 4), dsv_kv_block=args.kv_block,
+                dsv_fixed_sparsity=args.sparsity, dsv_profile_stride=32,
+            )
+            torch.manual_seed(0)
+            blocks[mode] = TransformerBlock(cfg, dsv_gpt_layer_spec).cuda().bfloat16()
+        blocks["auto"].load_state_dict(blocks["dense"].state_dict(), strict=False)
+        x = torch.randn(s, 1, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn_like(x)
+        attn = dsv_attention_layers(blocks["auto"])
+
+        def setup(sparse, train, stats):
+            for a in attn:
+                a.sparse, a.train_predictor, a.collect_stats = sparse, train, stats
+                a.pending_stats = []
+
+        def step(block):
+            return lambda: block(x, attention_mask=None).backward(gy)
+
+        variants = {
+            "dense": (blocks["dense"], None),
+            "stage1": (blocks["auto"], (False, True, False)),
+            "stage1_profile": (blocks["auto"], (False, True, True)),
+            "sparse": (blocks["auto"], (True, False, False)),
+            "sparse_profile": (blocks["auto"], (True, True, True)),
+        }
+        params = [x] + [q for b in blocks.values() for q in b.parameters()]
+        for name, (block, flags) in variants.items():
+            if flags is not None:
+                setup(*flags)
+            torch.cuda.reset_peak_memory_stats()
+            res[f"{name}_ms"] = do_bench(step(block), warmup=100, rep=500, return_mode="median", grad_to_none=params)
+            res[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        d = res["dense_ms"]
+        res["stage1_overhead_per_step"] = (res["stage1_ms"] - d + (res["stage1_profile_ms"] - res["stage1_ms"]) / args.interval1) / d
+        res["stage2_overhead_per_step_vs_dense"] = (res["sparse_profile_ms"] - res["sparse_ms"]) / args.interval2 / d
+        res["stage2_overhead_per_step_vs_sparse"] = (res["sparse_profile_ms"] - res["sparse_ms"]) / args.interval2 / res["sparse_ms"]
+        res["sparse_step_speedup"] = d / res["sparse_ms"]
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+        del blocks, x, gy
+        torch.cuda.empty_cache()
+    out = {"env": env_info(), "args": vars(args), "rows": rows}
+    print("\n| S | dense ms | stage-1 step ms (+profile) | sparse ms (+profile) | stage-1 overhead | stage-2 overhead vs dense | sparse step speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['S']} | {r['dense_ms']:.1f} | {r['stage1_ms']:.1f} ({r['stage1_profile_ms']:.1f}) | "
+              f"{r['sparse_ms']:.1f} ({r['sparse_profile_ms']:.1f}) | {100 * r['stage1_overhead_per_step']:.1f}% | "
+              f"{100 * r['stage2_overhead_per_step_vs_dense']:.2f}% | x{r['sparse_step_speedup']:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
