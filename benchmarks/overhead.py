@@ -63,7 +63,8 @@ def main():
             )
             torch.manual_seed(0)
             blocks[mode] = TransformerBlock(cfg, dsv_gpt_layer_spec).cuda().bfloat16()
-        blocks["auto"].load_state_dict(blocks["dense"].state_dict(), strict=False)
+        weights = {k: v for k, v in blocks["dense"].state_dict().items() if not k.endswith("_extra_state")}
+        blocks["auto"].load_state_dict(weights, strict=False)
         x = torch.randn(s, 1, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn_like(x)
         attn = dsv_attention_layers(blocks["auto"])

@@ -1,7 +1,7 @@
 """Quickstart: a megatron-core TransformerBlock with DSV attention, trained on CPU or GPU.
 
 The task has the structure of video attention (``megatron_dsv.data.objects``): a T x H x W token
-grid holds "objects", each a set of 2x2x2 cubes scattered over the video, and every token must
+grid holds "objects", each a set of 2x2x4 cubes scattered over the video, and every token must
 output the mean feature of its object. A layer solves it by attending to its object's tokens
 wherever they are: sparse and non-local, like a trained video DiT.
 
@@ -87,7 +87,7 @@ def main():
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False,
-        dsv_mode="auto", dsv_query_group=(2, 2, 2), dsv_profile_stride=4, dsv_min_keys=8,
+        dsv_mode="auto", dsv_query_group=(2, 2, 4), dsv_profile_stride=4, dsv_min_keys=8,
         dsv_k_multiple=1, dsv_switch_min_iters=20, dsv_switch_max_iters=args.steps // 2,
         dsv_switch_recall_target=0.85, dsv_profile_interval_stage2=5, dsv_stats_log=args.stats_log,
         dsv_log_interval=10,
@@ -103,7 +103,7 @@ def main():
     lines = []
     controller = DSVController(model, optimizer=opt, log=lambda s: (lines.append(s), print("  " + s)))
     attn = dsv_attention_layers(model)
-    task = ObjectRetrievalTask(thw, args.objects, args.hidden, seed=args.seed, device=args.device)
+    task = ObjectRetrievalTask(thw, args.objects, args.hidden, seed=args.seed, device=args.device, cube=cfg.dsv_query_group)
     print(f"megatron-core TransformerBlock: {args.layers} layers, {args.heads} heads, "
           f"{task.seq_len} tokens ({args.video}), device {args.device}")
     for a in attn:

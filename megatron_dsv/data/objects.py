@@ -1,7 +1,7 @@
 """Object-retrieval task: a small stand-in for the attention structure of video DiTs.
 
-A T x H x W token grid holds ``objects`` objects; every 2x2x2 cube of the grid belongs to one
-object, drawn at random per sample, so an object's tokens are scattered over the video. Each token
+A T x H x W token grid holds ``objects`` objects; every cube of the grid (``cube``, by default
+2x2x4, one query group of the Triton kernels) belongs to one object, drawn at random per sample, so an object's tokens are scattered over the video. Each token
 carries its object's fixed code (upper half of the features), a random value (lower half) and a
 sinusoidal 3D position; its target is the mean value over all tokens of its object. A layer solves
 it by attending to its object's tokens wherever they are: sparse (about 1 - 1/objects) and
@@ -15,34 +15,35 @@ from typing import Sequence, Tuple
 
 import torch
 
-from megatron_dsv.ops.layout import cube_major_positions
+from megatron_dsv.ops.layout import check_divisible, cube_major_positions, group_size_of
 
-CUBE = (2, 2, 2)
 
 
 class ObjectRetrievalTask:
     """Batches ``(x, y)``, each ``[S, B, hidden]`` in cube-major order (Megatron's layout)."""
 
-    def __init__(self, thw: Sequence[int], objects: int, hidden: int, seed: int = 0, device=None):
+    def __init__(self, thw: Sequence[int], objects: int, hidden: int, seed: int = 0, device=None,
+                 cube: Sequence[int] = (2, 2, 4)):
         if hidden % 2 or hidden < 12:
             raise ValueError(f"hidden must be even and >= 12, got {hidden}.")
         self.thw, self.objects, self.hidden, self.device = tuple(thw), objects, hidden, device
+        check_divisible(thw, cube)
+        self.cube_tokens = group_size_of(cube)
         self.gen = torch.Generator().manual_seed(seed)
         half = hidden // 2
         self.codes = torch.nn.functional.pad(torch.randn(objects, half, generator=self.gen) * 2.0, (half, 0))
-        pos = cube_major_positions(self.thw, CUBE).float()
+        pos = cube_major_positions(self.thw, cube).float()
         freqs = torch.arange(1, hidden // 6 + 1).float()
         ang = torch.cat([pos[:, i : i + 1] / n * freqs * math.pi for i, n in enumerate(self.thw)], -1)
         enc = torch.cat([ang.sin(), ang.cos()], -1)[:, :hidden]
         self.pos = torch.nn.functional.pad(enc, (0, hidden - enc.shape[1])) * 0.5
         self.seq_len = self.pos.shape[0]
-        if self.seq_len % 8:
-            raise ValueError(f"video {self.thw} must split into whole 2x2x2 cubes.")
 
     def batch(self, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
         s, half = self.seq_len, self.hidden // 2
-        cube_obj = torch.randint(0, self.objects, (b, s // 8), generator=self.gen)
-        obj = cube_obj.repeat_interleave(8, dim=1)  # [B, S]
+        c = self.cube_tokens
+        cube_obj = torch.randint(0, self.objects, (b, s // c), generator=self.gen)
+        obj = cube_obj.repeat_interleave(c, dim=1)  # [B, S]
         value = torch.nn.functional.pad(torch.randn(b, s, half, generator=self.gen), (0, half))
         x = self.codes[obj] + value + self.pos
         onehot = torch.nn.functional.one_hot(obj, self.objects).float()  # [B, S, O]

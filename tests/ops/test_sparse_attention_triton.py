@@ -58,6 +58,9 @@ CASES = [
     pytest.param(1, 4, 2, 128, 96, 32, 4, [3, 32, 1, 7], id="block4-gqa-d96"),
     pytest.param(2, 2, 1, 128, 64, 16, 16, [1, 8], id="block16-keymajor-gqa"),
     pytest.param(1, 2, 2, 96, 128, 48, 16, [6, 2], id="block16-g48-d128"),
+    # kv_block a multiple of the key tile (32 in fp32): contiguous, mask-free tile loads
+    pytest.param(2, 2, 2, 128, 64, 32, 32, [1, 4], id="block32-contig-K1..all"),
+    pytest.param(1, 2, 1, 128, 96, 64, 64, [2, 1], id="block64-contig-gqa-d96"),
 ]
 
 

@@ -218,6 +218,64 @@ def _fused_select_kernel(
         n_mid += tl.sum(m_mid.to(tl.int32), axis=1)
 
 
+@triton.jit
+def _resident_select_kernel(
+    proxy, units, kv_count, kv_idx, NUM_GROUPS, N, R, K_MAX, MAX_PASSES,
+    T: tl.constexpr, BLOCK_G: tl.constexpr, N_POW2: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Bracket, search and select with all ``N`` scores of a group tile held in registers.
+
+    The scores are computed once (one ``[BLOCK_G, r] x [r, N]`` dot) instead of once per pass as
+    in the streaming kernel, so a search pass is only T compares and row sums over registers.
+    """
+    i_gt = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    k_sel = tl.load(kv_count + i_bh)
+    b_s, o_g, m_g, o_n = _score_tile(
+        proxy, units, i_bh, i_gt, 0, 0, NUM_GROUPS, N, R, "ieee", 0, BLOCK_G, N_POW2, BLOCK_R
+    )
+    b_max = tl.max(b_s, axis=1)
+    b_lo = tl.min(tl.where(b_s == float("-inf"), float("inf"), b_s), axis=1)
+    b_hi = b_max + (b_max - b_lo) * 1e-3 + tl.abs(b_max) * 1e-6 + 1e-30
+    c_lo = tl.zeros([BLOCK_G], dtype=tl.int32) + N
+    c_hi = tl.zeros([BLOCK_G], dtype=tl.int32)
+    n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
+    i_pass = tl.full([], 0, dtype=tl.int32)
+    while (n_todo > 0) & (i_pass < MAX_PASSES):
+        todo = c_lo != k_sel
+        lo0 = b_lo
+        width = b_hi - b_lo
+        # thresholds ascend with t, so counts descend: the last threshold with count >= K is the
+        # new lo and the first with count < K the new hi
+        for t in tl.static_range(T):
+            thr = lo0 + width * ((t + 1) / (T + 1))
+            cnt = tl.sum((b_s >= thr[:, None]).to(tl.int32), axis=1)
+            m_in = cnt >= k_sel
+            upd_lo = todo & m_in & (thr > b_lo)
+            b_lo = tl.where(upd_lo, thr, b_lo)
+            c_lo = tl.where(upd_lo, cnt, c_lo)
+            upd_hi = todo & (~m_in) & (thr < b_hi)
+            b_hi = tl.where(upd_hi, thr, b_hi)
+            c_hi = tl.where(upd_hi, cnt, c_hi)
+        n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
+        i_pass += 1
+    need = k_sel - c_hi
+    m_hi = b_s >= b_hi[:, None]
+    m_mid = (b_s >= b_lo[:, None]) & (b_s < b_hi[:, None])
+    mid_rank = tl.cumsum(m_mid.to(tl.int32), axis=1) - 1
+    m_sel = m_hi | (m_mid & (mid_rank < need[:, None]))
+    pos = tl.cumsum(m_sel.to(tl.int32), axis=1) - 1
+    p_out = kv_idx + (i_bh * NUM_GROUPS + o_g) * K_MAX
+    tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
+
+
+# Largest ``BLOCK_G * next_pow2(N)`` scores one program keeps in registers (16 warps: 64 fp32
+# registers per thread at 16 x 2048); above it the streaming kernel recomputes scores per pass.
+_RESIDENT_MAX_SCORES = 16 * 2048
+# Selection kernel for N <= _FUSED_MAX_UNITS: "resident" or "stream" (benchmarks compare them).
+_FUSED_KIND = "resident"
+
+
 # Key units up to which one program per group tile streams all units (no host round trips).
 # H100, H=16, S=64k, G=64: fused 1.6 ms at N=1024 (blocks of 64) vs 8.7 ms for the split path,
 # whose ~10 passes each cost launches, PyTorch glue and a host sync.
@@ -266,6 +324,16 @@ def select_topk_triton(
     k_max = int(kv_count.max())
     k_sel = kv_count.view(bh, 1).long()
     precision = "ieee" if _INTERPRET else "tf32x3"
+    n_pow2 = max(16, triton.next_power_of_2(n))
+    if n <= _FUSED_MAX_UNITS and _FUSED_KIND == "resident" and 16 * n_pow2 <= _RESIDENT_MAX_SCORES:
+        kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
+        block_g = max(16, min(64, _RESIDENT_MAX_SCORES // 2 // n_pow2, triton.next_power_of_2(gq)))
+        _resident_select_kernel[(triton.cdiv(gq, block_g), bh)](
+            proxy, units, kv_count, kv_idx, gq, n, r, k_max, max_passes,
+            T=3, BLOCK_G=block_g, N_POW2=n_pow2, BLOCK_R=max(16, triton.next_power_of_2(r)),
+            num_warps=4 if _INTERPRET else (16 if block_g * n_pow2 > 8192 else 8),
+        )
+        return SparseIndex(kv_idx, kv_count, group_size, kv_block, s_q, s_kv)
     if n <= _FUSED_MAX_UNITS:
         kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
         block_g = 16 if _INTERPRET else 64

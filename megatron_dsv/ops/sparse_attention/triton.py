@@ -72,18 +72,45 @@ def _gather_tokens(p_idx_row, start, n_tok, KVB: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
+def _kv_rows(p_idx_row, start, n_tok, KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr):
+    """Token ids (int64) of list positions ``[start, start + BLOCK_N)`` and their validity.
+
+    CONTIG (``KVB % BLOCK_N == 0``): the tile lies inside one key unit, so one scalar index load
+    gives ``BLOCK_N`` consecutive rows the compiler knows are contiguous, and ``n_tok`` is a
+    multiple of BLOCK_N, so every tile is full (callers skip the masks).
+    """
+    if CONTIG:
+        b_unit = tl.load(p_idx_row + start // KVB).to(tl.int64)
+        o_tok = b_unit * KVB + start % KVB + tl.arange(0, BLOCK_N)
+        m_p = o_tok >= 0
+    else:
+        o_tok, m_p = _gather_tokens(p_idx_row, start, n_tok, KVB, BLOCK_N)
+    return o_tok, m_p
+
+
+@triton.jit
+def _load_rows(x, o_rows, m_rows, o_d, m_d, D, FULL: tl.constexpr):
+    """``x[o_rows, :D]`` as a ``[rows, BLOCK_D]`` tile; FULL: every row valid and BLOCK_D == D."""
+    p = x + o_rows[:, None] * D + o_d[None, :]
+    if FULL:
+        b = tl.load(p)
+    else:
+        b = tl.load(p, mask=m_rows[:, None] & m_d[None, :], other=0.0)
+    return b
+
+
+@triton.jit
 def _fwd_tile(
     k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
-    KVB: tl.constexpr, BLOCK_N: tl.constexpr,
+    KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """One online-softmax step over list positions ``[start, start + BLOCK_N)``."""
-    o_tok, m_p = _gather_tokens(p_idx_row, start, n_tok, KVB, BLOCK_N)
-    o_kv = (kv_base + o_tok[:, None]) * D + o_d[None, :]
-    m_kv = m_p[:, None] & m_d[None, :]
-    b_k = tl.load(k + o_kv, mask=m_kv, other=0.0)
-    b_v = tl.load(v + o_kv, mask=m_kv, other=0.0)
+    o_tok, m_p = _kv_rows(p_idx_row, start, n_tok, KVB, BLOCK_N, CONTIG)
+    b_k = _load_rows(k, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
+    b_v = _load_rows(v, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-    b_s = tl.where(m_p[None, :], b_s, float("-inf"))
+    if not CONTIG:
+        b_s = tl.where(m_p[None, :], b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     b_alpha = tl.exp2(b_m - b_m_new)
     b_p = tl.exp2(b_s - b_m_new[:, None])
@@ -98,7 +125,7 @@ def _fwd_kernel(
     q, k, v, o, lse, kv_idx, kv_count,
     scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
-    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr,
+    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_gm = tl.program_id(0).to(tl.int64)
@@ -128,14 +155,14 @@ def _fwd_kernel(
         while start < n_tok:
             b_m, b_l, b_acc = _fwd_tile(
                 k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
-                KVB, BLOCK_N,
+                KVB, BLOCK_N, CONTIG, EVEN_D,
             )
             start += BLOCK_N
     else:
         for start in range(0, n_tok, BLOCK_N):
             b_m, b_l, b_acc = _fwd_tile(
                 k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
-                KVB, BLOCK_N,
+                KVB, BLOCK_N, CONTIG, EVEN_D,
             )
     b_acc = b_acc / b_l[:, None]
     p_o = o + (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
@@ -167,21 +194,23 @@ def _bwd_delta_kernel(
 def _bwd_dq_tile(
     k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
     o_d, m_d, D, scale, scale_log2,
-    KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+    KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dq over list positions ``[start, start + BLOCK_N)``; optionally scatter dk/dv partials."""
-    o_tok, m_p = _gather_tokens(p_idx_row, start, n_tok, KVB, BLOCK_N)
-    o_kv = (kv_base + o_tok[:, None]) * D + o_d[None, :]
-    m_kv = m_p[:, None] & m_d[None, :]
-    b_k = tl.load(k + o_kv, mask=m_kv, other=0.0)
-    b_v = tl.load(v + o_kv, mask=m_kv, other=0.0)
+    o_tok, m_p = _kv_rows(p_idx_row, start, n_tok, KVB, BLOCK_N, CONTIG)
+    b_k = _load_rows(k, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
+    b_v = _load_rows(v, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
     b_p = tl.exp2(b_s - b_lse2[:, None])
-    b_p = tl.where(m_p[None, :], b_p, 0.0)
+    if not CONTIG:
+        b_p = tl.where(m_p[None, :], b_p, 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
     b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     if ATOMIC_KV:
+        o_kv = (kv_base + o_tok[:, None]) * D + o_d[None, :]
+        m_kv = m_p[:, None] & m_d[None, :]
         b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
         b_dk = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q) * scale
         tl.atomic_add(dv32 + o_kv, b_dv, mask=m_kv, sem="relaxed")
@@ -195,7 +224,7 @@ def _bwd_dq_kernel(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_gm = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -225,46 +254,53 @@ def _bwd_dq_kernel(
         while start < n_tok:
             b_dq = _bwd_dq_tile(
                 k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, BLOCK_N,
+                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N,
             )
             start += BLOCK_N
     else:
         for start in range(0, n_tok, BLOCK_N):
             b_dq = _bwd_dq_tile(
                 k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, BLOCK_N,
+                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N,
             )
     tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_d[None, :])
 
 
 @triton.jit
-def _bwd_dkdv_entry(
-    q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
+def _bwd_dkdv_step(
+    q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
     NUM_GROUPS, o_d, m_d, D, scale, scale_log2,
-    G: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    G: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Accumulate one (query head, query group) entry of a key tile's list into dk/dv."""
+    """Accumulate query tile ``it % (G / BLOCK_M)`` of list entry ``it // (G / BLOCK_M)`` into dk/dv.
+
+    An entry is one (query head, query group) that selected this key tile.
+    """
+    n_mt: tl.constexpr = G // BLOCK_M
     rep = H // HKV
-    entry = tl.load(p_entry + e).to(tl.int64)
+    entry = tl.load(p_entry + it // n_mt).to(tl.int64)
     i_h = i_hkv * rep + entry // NUM_GROUPS
     i_g = entry % NUM_GROUPS
     i_bh = i_b * H + i_h
-    for mt in range(0, G, BLOCK_M):
-        o_m = i_g * G + mt + tl.arange(0, BLOCK_M)
-        o_qd = (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
+    o_m = i_g * G + (it % n_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_qd = (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
+    if EVEN_D:
+        b_q = tl.load(q + o_qd)
+        b_do = tl.load(do + o_qd)
+    else:
         b_q = tl.load(q + o_qd, mask=m_d[None, :], other=0.0)
         b_do = tl.load(do + o_qd, mask=m_d[None, :], other=0.0)
-        b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * 1.4426950408889634
-        b_delta = tl.load(delta + i_bh * S_Q + o_m)
-        b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
-        b_pt = tl.exp2(b_st - b_lse2[None, :])
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-        b_dpt = tl.dot(b_v, tl.trans(b_do))
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
-        if DQ_ATOMIC:
-            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k) * scale
-            tl.atomic_add(dq32 + o_qd, b_dq, mask=m_d[None, :], sem="relaxed")
+    b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * 1.4426950408889634
+    b_delta = tl.load(delta + i_bh * S_Q + o_m)
+    b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
+    b_pt = tl.exp2(b_st - b_lse2[None, :])
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+    b_dpt = tl.dot(b_v, tl.trans(b_do))
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+    if DQ_ATOMIC:
+        b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k) * scale
+        tl.atomic_add(dq32 + o_qd, b_dq, mask=m_d[None, :], sem="relaxed")
     return b_dk, b_dv
 
 
@@ -274,13 +310,14 @@ def _bwd_dkdv_kernel(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_un = tl.program_id(0).to(tl.int64)
     i_bhkv = tl.program_id(1).to(tl.int64)
     i_b = i_bhkv // HKV
     i_hkv = i_bhkv % HKV
     n_sub: tl.constexpr = KVB // BLOCK_N
+    n_mt: tl.constexpr = G // BLOCK_M
     i_u = i_un // n_sub
     i_sub = i_un % n_sub
 
@@ -298,19 +335,22 @@ def _bwd_dkdv_kernel(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # One flat loop over (entry, query tile): Triton software-pipelines only innermost loops, and
+    # with BLOCK_M == G a nested per-entry loop has one trip, so the q/dO loads of the next entry
+    # would not overlap this entry's matmuls.
     if INTERPRET:
-        e = e_start
-        while e < e_end:
-            b_dk, b_dv = _bwd_dkdv_entry(
-                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, BLOCK_M,
+        it = e_start * n_mt
+        while it < e_end * n_mt:
+            b_dk, b_dv = _bwd_dkdv_step(
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, EVEN_D, BLOCK_M,
             )
-            e += 1
+            it += 1
     else:
-        for e in range(e_start, e_end):
-            b_dk, b_dv = _bwd_dkdv_entry(
-                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, BLOCK_M,
+        for it in range(e_start * n_mt, e_end * n_mt):
+            b_dk, b_dv = _bwd_dkdv_step(
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, EVEN_D, BLOCK_M,
             )
     tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
     tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
@@ -340,6 +380,15 @@ def _fwd_config(g: int, d: int, dtype: torch.dtype):
         block_n = 32
     num_warps = 4 if block_m <= 64 else 8
     return _tuned("fwd", dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=3))
+
+
+# Contiguous key-block tiles (scalar index load, no masks) when a tile fits in a key unit;
+# ``False`` forces the per-token gather for comparison (benchmarks/attention.py --sweep).
+_CONTIG_LOADS = True
+
+
+def _contig(kvb: int, block_n: int) -> bool:
+    return _CONTIG_LOADS and kvb % block_n == 0
 
 
 def _kv_major_ok(index: SparseIndex) -> bool:
@@ -377,7 +426,8 @@ def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale):
     _fwd_kernel[grid](
         q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E,
         h, hkv, s_q, s_kv, gq, kmax, d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"]),
+        EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return out, lse
 
@@ -415,7 +465,8 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E,
         h, hkv, s_q, s_kv, gq, kmax, d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=_contig(kvb, cfg["BLOCK_N"]),
+        EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
@@ -436,7 +487,8 @@ def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, d
     _bwd_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E,
         h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, EVEN_D=triton.next_power_of_2(d) == d,
+        BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return dq, dk, dv
 
