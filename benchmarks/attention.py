@@ -32,6 +32,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from megatron_dsv.ops.selection import select_topk  # noqa: E402
+from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention import triton as sa_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention.naive import sparse_attention_reference  # noqa: E402
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--flex-head-dims", type=_ints, default=None, help="head dims to time flex at (default all)")
     p.add_argument("--sweep", action="store_true",
                    help="time tile variants of each kernel at the first sparsity and exit")
+    p.add_argument("--profile-once", action="store_true",
+                   help="run selection + fwd + bwd once at the first shape (for ncu) and exit")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
@@ -194,19 +197,21 @@ def check_correctness(q, k, v, do, index: SparseIndex, heads=2):
 
 
 SWEEP = {
-    "fwd": [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=4, num_stages=3),
-            dict(BLOCK_N=128, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3),
-            dict(BLOCK_N=64, num_warps=4, num_stages=4), dict(BLOCK_N=128, num_warps=8, num_stages=2),
-            dict(BLOCK_N=32, num_warps=4, num_stages=3)],
-    "dq": [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    # "contig": False forces the per-token gather (sa_triton._CONTIG_LOADS) to measure what the
+    # contiguous key-block tiles gain.
+    "fwd": [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, contig=False),
+            dict(BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=4),
+            dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=32, num_warps=4, num_stages=3),
+            dict(BLOCK_N=128, num_warps=8, num_stages=3)],
+    "dq": [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=2, contig=False),
+           dict(BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=3),
            dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
-           dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3),
-           dict(BLOCK_N=128, num_warps=8, num_stages=2)],
+           dict(BLOCK_N=64, num_warps=8, num_stages=3)],
     "dkdv": [dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=3),
-             dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2)],
+             dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2),
+             dict(BLOCK_M=32, num_warps=4, num_stages=3)],
     # key-major dk/dv with dq by fp32 atomics in the same kernel (no separate dq kernel)
-    "fused": [dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=3),
-              dict(num_warps=8, num_stages=3)],
+    "fused": [dict(num_warps=4, num_stages=2)],
 }
 
 
@@ -224,10 +229,27 @@ def sweep():
             for kvb in ARGS.kv_blocks:
                 for g in ARGS.group_sizes:
                     kh = int(k_from_sparsity(torch.tensor(sp), s // kvb))
+                    for sp_sel in ARGS.sparsities:
+                        kh_sel = int(k_from_sparsity(torch.tensor(sp_sel), s // kvb))
+                        for kind in ("resident", "stream"):
+                            sel_triton._FUSED_KIND = kind
+                            t_sel = bench(lambda: select_topk(q_lr, k_lr, g, kh_sel, kv_block=kvb, backend="triton"))
+                            print(f"S={s} D={d} kvb={kvb} G={g} sp={sp_sel}: selection {kind} {t_sel:.2f} ms", flush=True)
+                            res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp_sel, kernel="select_" + kind, ms=t_sel))
+                        sel_triton._FUSED_KIND = "resident"
                     index = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
-                    t_sel = bench(lambda: select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"))
-                    print(f"S={s} D={d} kvb={kvb} G={g} sp={sp}: selection {t_sel:.2f} ms", flush=True)
-                    res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="select", ms=t_sel))
+                    if not ARGS.no_check:
+                        ref_ix = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="reference")
+                        same = (index.kv_idx == ref_ix.kv_idx).float().mean().item()
+                        chk = check_correctness(q, k, v, do, index)
+                        chk["select_same_as_reference"] = same
+                        print(f"  check: {chk}", flush=True)
+                        res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check", **chk))
+                        del ref_ix
+                    if kvb % 16 == 0:
+                        t_tr = bench(lambda: sa_triton.transpose_index(index, h))
+                        print(f"  transpose_index {t_tr:.2f} ms", flush=True)
+                        res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="transpose_index", ms=t_tr))
 
                     def attn(q_, k_, v_, _ix=index):
                         return sparse_attention(q_, k_, v_, _ix, backend="triton")[0]
@@ -237,6 +259,8 @@ def sweep():
                             continue
                         for cfg in variants:
                             sa_triton._TUNE.clear()
+                            cfg = dict(cfg)
+                            sa_triton._CONTIG_LOADS = cfg.pop("contig", True)
                             sa_triton._TUNE["dkdv" if kind == "fused" else kind] = cfg
                             sa_triton._FUSED_DQ_ATOMIC = kind == "fused"
                             try:
@@ -253,6 +277,7 @@ def sweep():
                             res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t))
                     sa_triton._TUNE.clear()
                     sa_triton._FUSED_DQ_ATOMIC = False
+                    sa_triton._CONTIG_LOADS = True
                     del index
                     torch.cuda.empty_cache()
             del q, k, v, do
@@ -303,7 +328,24 @@ def apply_tune(choice):
             sa_triton._TUNE[kind] = dict(choice[kind])
 
 
+def profile_once():
+    """One selection + forward + backward at the first (S, D, sparsity, kv_block, G), for ncu."""
+    b, h, r, s, d = ARGS.batch, ARGS.heads, ARGS.rank, ARGS.seqlens[0], ARGS.head_dims[0]
+    kvb, g, sp = ARGS.kv_blocks[0], ARGS.group_sizes[0], ARGS.sparsities[0]
+    q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q_lr, k_lr = (torch.randn(b, h, s, r, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kh = int(k_from_sparsity(torch.tensor(sp), s // kvb))
+    index = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = sparse_attention(qg, kg, vg, index, backend="triton")[0]
+    torch.autograd.grad(out, (qg, kg, vg), do)
+    torch.cuda.synchronize()
+    print(f"profiled S={s} D={d} kvb={kvb} G={g} sp={sp} pairs={index.computed_pairs()}")
+
+
 def main():
+    if ARGS.profile_once:
+        return profile_once()
     if ARGS.sweep:
         return sweep()
     info = env_info()

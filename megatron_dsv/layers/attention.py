@@ -366,17 +366,24 @@ class DSVCoreAttention(MegatronModule):
         """Predictor loss on sampled rows (grad to the predictor only); stats if asked."""
         s = q.shape[2]
         rows = sample_rows(s, self.dsv.dsv_profile_stride, self.iteration + 7 * self.layer_number, q.device)
-        rep = q.shape[1] // k.shape[1]
-        k_full = (k.repeat_interleave(rep, dim=1) if rep > 1 else k).detach()
+        hidden = self.dsv.dsv_predictor_input == "hidden"
+        x = self._layer_input.transpose(0, 1) if hidden else None
         with torch.enable_grad():
-            q_lr, k_lr = self._project(q, k)
+            if hidden:
+                u_rows = torch.einsum("bsi,hir->bhsr", x[:, rows].detach().float(), self.predictor.weight_q.float())
+            else:
+                u_rows = torch.einsum("bhsd,hdr->bhsr", q[:, :, rows].detach().float(), self.predictor.weight_q.float())
             loss = predictor_loss(
-                q_lr[:, :, rows], k_lr, q[:, :, rows].detach(), k_full, self.softmax_scale,
-                self.dsv.dsv_predictor_cosine_weight,
+                self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
+                self.dsv.dsv_predictor_cosine_weight, x=None if x is None else x.detach(),
             )
         stats = {"loss": loss.detach()}
         if self.collect_stats:
-            stats.update(self._row_stats(q, k_full, q_lr.detach(), k_lr.detach(), rows))
+            with torch.no_grad():
+                q_lr, k_lr = self._project(q, k)
+            rep = q.shape[1] // k.shape[1]
+            k_full = (k.repeat_interleave(rep, dim=1) if rep > 1 else k).detach()
+            stats.update(self._row_stats(q, k_full, q_lr, k_lr, rows))
         self.last_stats = stats
         # Once per microbatch: with activation recompute the first forward has autograd off
         # (no _predictor_step) and only the recompute reaches here.

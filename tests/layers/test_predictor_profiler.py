@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 import megatron_dsv.layers.predictor as predictor_mod
 import megatron_dsv.layers.profiler as profiler_mod
-from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
+from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss, predictor_loss_reference
 from megatron_dsv.layers.profiler import sample_rows, sampled_attention_stats
 from megatron_dsv.ops.selection import select_topk
 
@@ -55,8 +56,38 @@ def test_sketch_init_approximates_scores():
     assert corr > 0.6  # JL sketch: unbiased, correlation grows with rank
 
 
-def test_predictor_learns_low_rank_scores(monkeypatch):
+@pytest.mark.parametrize("variant", ["qk", "qk_gqa", "hidden"])
+def test_gram_loss_equals_direct_loss(variant, monkeypatch):
     monkeypatch.setattr(predictor_mod, "_LOSS_CHUNK_ELEMS", 512)  # several checkpointed chunks
+    b, h, s, d, r, hid = 2, 4, 96, 16, 4, 24
+    hkv = 2 if variant == "qk_gqa" else h
+    q = torch.randn(b, h, s, d, dtype=torch.float64) + 0.3
+    k = torch.randn(b, hkv, s, d, dtype=torch.float64) - 0.5  # non-zero mean: centring matters
+    x = torch.randn(b, s, hid, dtype=torch.float64) if variant == "hidden" else None
+    pred = LowRankPredictor(h, d, r, num_kv_heads=hkv, input_dim=hid if x is not None else None, dtype=torch.float64)
+    rows = sample_rows(s, 5, 2)
+    q_lr, k_lr = pred.project_hidden(x) if x is not None else pred.project(q, k)
+    k_full = k.repeat_interleave(h // hkv, dim=1)
+    ref = predictor_loss_reference(q_lr[:, :, rows], k_lr, q[:, :, rows], k_full, 0.25)
+    g_ref = torch.autograd.grad(ref, (pred.weight_q, pred.weight_k), retain_graph=True)
+    monkeypatch.setattr(predictor_mod, "centered_gram", functools.partial(predictor_mod.centered_gram, chunk=16))
+    got = predictor_loss(pred, q[:, :, rows], q_lr[:, :, rows], k, 0.25, x=x)
+    g_got = torch.autograd.grad(got, (pred.weight_q, pred.weight_k))
+    torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    for a, c in zip(g_got, g_ref):
+        torch.testing.assert_close(a.double(), c.double(), rtol=1e-4, atol=1e-6)
+    assert 0.05 < float(ref) < 2  # a real, non-trivial loss value
+
+
+def test_centered_gram_chunks_in_fp32():
+    from megatron_dsv.layers.predictor import centered_gram
+
+    a, b = torch.randn(2, 3, 100, 8) + 5, torch.randn(2, 3, 100, 4) - 2
+    want = (a - a.mean(2, keepdim=True)).transpose(-1, -2) @ (b - b.mean(2, keepdim=True))
+    torch.testing.assert_close(centered_gram(a, b, chunk=7), want, rtol=1e-4, atol=1e-4)
+
+
+def test_predictor_learns_low_rank_scores():
     torch.manual_seed(0)
     b, h, s, d, r = 1, 2, 64, 32, 4
     basis = torch.randn(h, r, d)  # q and k live in a rank-4 subspace: learnable exactly
@@ -68,7 +99,7 @@ def test_predictor_learns_low_rank_scores(monkeypatch):
     losses = []
     for _ in range(150):
         q_lr, k_lr = pred.project(q, k)
-        loss = predictor_loss(q_lr[:, :, rows], k_lr, q[:, :, rows], k, 1 / math.sqrt(d))
+        loss = predictor_loss(pred, q[:, :, rows], q_lr[:, :, rows], k, 1 / math.sqrt(d))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -82,7 +113,7 @@ def test_predictor_gqa_shapes_and_grad_isolation():
     k = torch.randn(2, 2, 32, 16, requires_grad=True)
     q_lr, k_lr = pred.project(q, k)
     assert q_lr.shape == k_lr.shape == (2, 4, 32, 8)
-    loss = predictor_loss(q_lr, k_lr, q, k.repeat_interleave(2, 1), 0.25)
+    loss = predictor_loss(pred, q, q_lr, k, 0.25)
     loss.backward()
     assert q.grad is None and k.grad is None
     assert pred.weight_q.grad.abs().sum() > 0 and pred.weight_k.grad.abs().sum() > 0

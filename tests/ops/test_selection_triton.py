@@ -36,8 +36,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (1, 2, 1024, 64, 1, [100, 513]),  # more units than one search tile
     ],
 )
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "stream", "split"])
 def test_selection_matches_reference(b, h, s, g, kvb, kh, path, monkeypatch):
+    if path == "stream":
+        monkeypatch.setattr(sel_triton, "_FUSED_KIND", "stream")
     if path == "split":
         monkeypatch.setattr(sel_triton, "_FUSED_MAX_UNITS", 0)
     torch.manual_seed(0)
@@ -51,9 +53,11 @@ def test_selection_matches_reference(b, h, s, g, kvb, kh, path, monkeypatch):
 
 
 @CPU_OK
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "stream", "split"])
 def test_selection_ties_pick_exactly_k(path, monkeypatch):
     """All scores equal: any K units are right; count, order and padding must still hold."""
+    if path == "stream":
+        monkeypatch.setattr(sel_triton, "_FUSED_KIND", "stream")
     if path == "split":
         monkeypatch.setattr(sel_triton, "_FUSED_MAX_UNITS", 0)
     q = torch.randn(1, 2, 64, 16, device=DEVICE)

@@ -16,9 +16,11 @@ pass writes only small per-chunk counts, reduced and acted on in PyTorch:
    in memory order, the first ``K - #{s >= hi}`` units with ``lo <= s < hi`` (ties and a bracket
    that could not shrink are broken by position). Indices come out ascending with no sort.
 
-Two drivers run these steps: for N <= ``_FUSED_MAX_UNITS`` (key blocks) one program per group tile
-streams all N units in every pass with the bracket in registers (no host round trips); for larger N
-(token granularity) the split path above fills the GPU at the cost of a launch and a host sync per pass.
+Three drivers run these steps. For N <= ``_FUSED_MAX_UNITS`` (key blocks) one program per group
+tile does every pass with the bracket in registers (no host round trips): if its ``BLOCK_G x N``
+scores fit in registers they are computed once and every pass only compares (``resident``),
+otherwise each pass recomputes them while streaming the units (``stream``). For larger N (token
+granularity) the split path above fills the GPU at the cost of a launch and a host sync per pass.
 
 The result equals the reference (``torch.topk`` on fp32 scores) up to ties; the fused path scores in
 IEEE fp32, the split path with 3xTF32 dots (fp32-level accuracy), so only near-ties at the K-th
