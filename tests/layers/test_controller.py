@@ -52,6 +52,19 @@ def train(model, opt, controller, task, start, stop, batch=2):
     return summaries
 
 
+class Recorder:
+    """Stands in for Megatron's TensorBoard (add_scalar) and W&B (log) writers."""
+
+    def __init__(self):
+        self.scalars, self.logged = [], []
+
+    def add_scalar(self, key, value, iteration):
+        self.scalars.append((key, value, iteration))
+
+    def log(self, values, iteration):
+        self.logged.append((dict(values), iteration))
+
+
 def make_task(seed=0):
     from megatron_dsv.data.objects import ObjectRetrievalTask
 
@@ -60,9 +73,9 @@ def make_task(seed=0):
 
 @pytest.mark.slow
 def test_switch_decisions_and_resume(megatron_state, tmp_path):
-    logs = []
+    logs, tb, wb = [], Recorder(), Recorder()
     model, opt = build(dsv_stats_log=str(tmp_path / "stats.jsonl"))
-    ctl = DSVController(model, optimizer=opt, log=logs.append)
+    ctl = DSVController(model, optimizer=opt, log=logs.append, tb_writer=tb, wandb_writer=wb)
     full = train(model, opt, ctl, make_task(), 0, 60)
     # stage 1 until the predictor converged, then sparse layers with per-head K
     stages = [s["stage"] for s in full]
@@ -80,6 +93,16 @@ def test_switch_decisions_and_resume(megatron_state, tmp_path):
     # the stats log has every profiling iteration
     lines = [json.loads(x) for x in open(tmp_path / "stats.jsonl")]
     assert [l["iteration"] for l in lines][:3] == [0, 1, 2] and lines[-1]["stage"] == 2
+    # TensorBoard / W&B get per-layer and per-head values at every profiling iteration
+    assert ("dsv/sparsity_heads/layer1/head3", 0) in {(k, it) for k, _, it in tb.scalars}
+    assert {"dsv/stage", "dsv/sparse_layers", "dsv/recall/layer2", "dsv/predictor_loss/layer1"} <= set(wb.logged[-1][0])
+    # the plotting command renders the heatmap and curves
+    from megatron_dsv.tools.plot_stats import main as plot_main
+
+    plot_main([str(tmp_path / "stats.jsonl"), "--out", str(tmp_path / "plots")])
+    for name in ("sparsity_heatmap.png", "curves.png"):
+        with open(tmp_path / "plots" / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
     # resume before and after the switch: same statistics and decisions as the uninterrupted run
     for cut in (sw - 5, sw + 6):
