@@ -88,3 +88,27 @@ def test_dense_path_is_cudnn_sdpa(megatron_state):
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         cudnn = F.scaled_dot_product_attention(q, k, v)
     assert torch.equal(ours, cudnn)
+
+
+def test_dist_checkpoint_round_trip(megatron_state, tmp_path):
+    """Megatron's distributed checkpointing (files on disk) carries the predictor and DSV state."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_dsv.layers.attention import dsv_attention_layers
+
+    block = build_block("auto")
+    x = torch.randn(1024, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    block(x, attention_mask=None).float().square().mean().backward()
+    for i, a in enumerate(dsv_attention_layers(block)):
+        a.stats_ema = {"loss": torch.tensor(0.01 * (i + 1)), "sparsity": torch.rand(8), "recall": torch.rand(8)}
+        a.schedule_state = {"stage": 2, "switch_iteration": 17}
+        a.set_sparse(i == 0, torch.arange(8) + 64)
+    dist_checkpointing.save(block.sharded_state_dict(prefix="decoder."), str(tmp_path))
+    other = build_block("auto")
+    loaded = dist_checkpointing.load(other.sharded_state_dict(prefix="decoder."), str(tmp_path))
+    other.load_state_dict({k[len("decoder."):]: v for k, v in loaded.items()}, strict=True)
+    for a, b in zip(dsv_attention_layers(block), dsv_attention_layers(other)):
+        assert torch.equal(a.predictor.weight_q, b.predictor.weight_q)
+        assert (a.sparse, a.schedule_state) == (b.sparse, b.schedule_state)
+        assert a.kv_units_per_head.tolist() == b.kv_units_per_head.tolist()
+        torch.testing.assert_close(a.stats_ema["recall"], b.stats_ema["recall"])

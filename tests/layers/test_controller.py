@@ -221,3 +221,35 @@ def test_all_ranks_take_the_same_decisions(megatron_state, tmp_path):
             # recall: a near-tie in selection may swap one key of one group under TP rounding
             assert lg["recall"] == pytest.approx(lw["recall"], abs=5e-3)
             assert lg["loss"] == pytest.approx(lw["loss"], rel=1e-3)
+
+
+def roundtrip_sharded(src, dst, prefix="decoder."):
+    """What Megatron's dist checkpointing does, minus the files: the data of src's sharded state
+    dict, matched by key (ShardedTensor / ShardedObject) to dst's, loaded into dst."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    saved = src.sharded_state_dict(prefix=prefix)
+    want = dst.sharded_state_dict(prefix=prefix)
+    assert set(saved) == set(want)
+    by_key = {}
+    for v in saved.values():
+        assert isinstance(v, (ShardedTensor, ShardedObject))
+        by_key[(v.key, v.global_offset)] = v.data
+    loaded = {k[len(prefix):]: by_key[(v.key, v.global_offset)] for k, v in want.items()}
+    dst.load_state_dict(loaded, strict=True)
+
+
+@pytest.mark.slow
+def test_megatron_sharded_checkpoint_carries_dsv_state(megatron_state):
+    model, opt = build()
+    ctl = DSVController(model, optimizer=opt, log=lambda s: None)
+    train(model, opt, ctl, make_task(), 0, 30)
+    other, _ = build(seed=7)
+    roundtrip_sharded(model["block"], other["block"])
+    for a, b in zip(dsv_attention_layers(model), dsv_attention_layers(other)):
+        assert torch.equal(a.predictor.weight_q, b.predictor.weight_q)
+        assert (a.sparse, a.schedule_state, a.decision) == (b.sparse, b.schedule_state, b.decision)
+        assert a.schedule_state["stage"] == 2
+        for name in ("loss", "sparsity", "recall"):
+            torch.testing.assert_close(a.stats_ema[name], b.stats_ema[name])
+    assert DSVController(other, log=lambda s: None).stage == 2
