@@ -1,0 +1,1 @@
+"""Video DiT built from megatron-core blocks."""
