@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from megatron_dsv.ops.selection import select_topk  # noqa: E402
+from megatron_dsv.ops.selection import group_proxies, pool_keys, select_topk  # noqa: E402
 from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention import triton as sa_triton  # noqa: E402
@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--flex-head-dims", type=_ints, default=None, help="head dims to time flex at (default all)")
     p.add_argument("--sweep", action="store_true",
                    help="time tile variants of each kernel at the first sparsity and exit")
+    p.add_argument("--profile-trace", action="store_true",
+                   help="torch.profiler at the first shape: kernel time vs timed time of selection, fwd, bwd; exit")
     p.add_argument("--profile-once", action="store_true",
                    help="run selection + fwd + bwd once at the first shape (for ncu) and exit")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
@@ -346,9 +348,73 @@ def profile_once():
     print(f"profiled S={s} D={d} kvb={kvb} G={g} sp={sp} pairs={index.computed_pairs()}")
 
 
+def _kernel_table(fn, iters=5):
+    """Per-call device time of each kernel ``fn`` launches and the host sync calls it makes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels, syncs = {}, {}
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", None)
+        if dev_us is None:
+            dev_us = e.cuda_time_total
+        if e.name.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")):
+            syncs[e.name] = e.count / iters
+        elif dev_us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name[:90]] = (dev_us / iters / 1e3, e.count / iters)
+    return kernels, syncs
+
+
+def profile_trace():
+    """Selection, forward and backward at the first shape: the timed (do_bench) time next to the
+    sum of their kernels' device times, so launch gaps, host syncs and small glue ops show up."""
+    info = env_info()
+    b, h, r, s, d = ARGS.batch, ARGS.heads, ARGS.rank, ARGS.seqlens[0], ARGS.head_dims[0]
+    kvb, g, sp = ARGS.kv_blocks[0], ARGS.group_sizes[0], ARGS.sparsities[0]
+    print(f"# profile on {info['gpu']} S={s} D={d} kvb={kvb} G={g} sp={sp}", flush=True)
+    q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q_lr, k_lr = (torch.randn(b, h, s, r, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kh = int(k_from_sparsity(torch.tensor(sp), s // kvb))
+    index = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
+
+    def attn(q_, k_, v_):
+        return sparse_attention(q_, k_, v_, index, backend="triton")[0]
+
+    fwd, setup_bwd, bwd, fwd_bwd = _fwd_bwd_fns(attn, q, k, v, do)
+    setup_bwd()
+    phases = {
+        "select": lambda: select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"),
+        "fwd": fwd, "bwd": bwd, "fwd_bwd": fwd_bwd,
+        "transpose_index": lambda: sa_triton.transpose_index(index, h),
+        "transpose_index_sort": lambda: sa_triton._transpose_index_sort(index, h),
+        "pool_triton": lambda: (sel_triton._pool(q_lr, g), sel_triton._pool(k_lr, kvb)),
+        "pool_torch": lambda: (group_proxies(q_lr, g).contiguous(), pool_keys(k_lr, kvb).contiguous()),
+    }
+    rows = []
+    for name, fn in phases.items():
+        t = bench(fn)
+        kernels, syncs = _kernel_table(fn)
+        k_sum = sum(ms * 1.0 for ms, _ in kernels.values())
+        print(f"{name}: timed {t:.3f} ms, kernels {k_sum:.3f} ms, gap {t - k_sum:.3f} ms, syncs {syncs}", flush=True)
+        for kn, (ms, cnt) in sorted(kernels.items(), key=lambda x: -x[1][0]):
+            print(f"    {ms:8.3f} ms x{cnt:.0f}  {kn}", flush=True)
+        rows.append(dict(kind="profile", phase=name, S=s, D=d, kv_block=kvb, G=g, sparsity=sp, timed_ms=t,
+                         kernel_ms=k_sum, syncs=syncs, kernels={kn: ms for kn, (ms, _) in kernels.items()}))
+    if ARGS.out:
+        with open(ARGS.out, "w") as f:
+            json.dump({"env": info, "args": vars(ARGS), "rows": rows}, f, indent=1)
+
+
 def main():
     if ARGS.profile_once:
         return profile_once()
+    if ARGS.profile_trace:
+        return profile_trace()
     if ARGS.sweep:
         return sweep()
     info = env_info()

@@ -71,10 +71,12 @@ class DSVConfig:
     profiler has not measured yet): each head keeps ``1 - dsv_fixed_sparsity`` of its keys."""
 
     dsv_min_keys: int = 64
-    """Floor on K per head, in key units, however sparse the head is."""
+    """Floor on the keys each query group keeps per head, however sparse the head is (in keys;
+    with key blocks, rounded up to whole blocks)."""
 
-    dsv_k_multiple: int = 16
-    """K per head is rounded up to a multiple of this (the kernel's key tile), in key units."""
+    dsv_k_multiple: int = 64
+    """Keys per head are rounded up to a multiple of this (the kernels' key tile), in keys; with
+    key blocks, to whole blocks."""
 
     dsv_predictor_loss_coeff: float = 1.0
     """Scale of the predictor loss gradient (it reaches only predictor parameters)."""
@@ -170,6 +172,14 @@ class DSVConfig:
         """Queries per group: the product of the cube sides."""
         t, h, w = self.dsv_query_group
         return t * h * w
+
+    def min_units(self, num_units: int) -> int:
+        """``dsv_min_keys`` in key units (blocks of ``dsv_kv_block``), at most ``num_units``."""
+        return min(num_units, -(-self.dsv_min_keys // self.dsv_kv_block))
+
+    def multiple_units(self) -> int:
+        """``dsv_k_multiple`` in key units."""
+        return max(1, -(-self.dsv_k_multiple // self.dsv_kv_block))
 
     @property
     def enabled(self) -> bool:

@@ -61,7 +61,7 @@ def tiny_config(**overrides):
         num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False,
-        dsv_query_group=(2, 2, 2), dsv_min_keys=1, dsv_profile_stride=4,
+        dsv_query_group=(2, 2, 2), dsv_min_keys=1, dsv_k_multiple=1, dsv_profile_stride=4,
     )
     kw.update(overrides)
     return DSVTransformerConfig(**kw)

@@ -219,14 +219,14 @@ class DSVCoreAttention(MegatronModule):
         sparsity (EMA), so recall answers "would the predictor's top-K hold the mass?".
         """
         units = seq_len_kv // self.dsv.dsv_kv_block
-        floor = min(self.dsv.dsv_min_keys, units)
+        floor = self.dsv.min_units(units)
         if self.kv_units_per_head is not None:
             return self.kv_units_per_head.clamp(min=floor, max=units)
         if for_recall and not self.sparse and "sparsity" in self.stats_ema:
             sparsity = self.stats_ema["sparsity"].cpu()[self.head_slice()]
         else:
             sparsity = torch.full((self.num_heads,), self.dsv.dsv_fixed_sparsity)
-        return k_from_sparsity(sparsity, units, floor=floor)
+        return k_from_sparsity(sparsity, units, multiple=self.dsv.multiple_units(), floor=floor)
 
     def describe(self) -> str:
         """One line naming the backend this layer uses and why."""

@@ -234,7 +234,7 @@ class DSVController:
         if s_len is None:
             return False, None, "no forward seen yet"
         units = s_len // cfg.dsv_kv_block
-        k = k_from_sparsity(ema["sparsity"], units, multiple=cfg.dsv_k_multiple, floor=min(cfg.dsv_min_keys, units))
+        k = k_from_sparsity(ema["sparsity"], units, multiple=cfg.multiple_units(), floor=cfg.min_units(units))
         sparsity, recall = float(ema["sparsity"].mean()), float(ema["recall"].mean())
         density = float(k.float().mean()) / units
         if sparsity < cfg.dsv_min_sparsity:
@@ -284,20 +284,24 @@ class DSVController:
 
     # ------------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer) -> None:
-        """Remember the optimizer's predictor-only parameter groups for the stage-2 LR scale.
+        """Remember the optimizer's predictor parameter groups for the stage-2 LR scale.
 
-        With Megatron, build the optimizer with ``scale_lr_cond=is_predictor_param`` (and
-        ``lr_mult=1.0``) so predictors get their own groups; with a torch optimizer, put them in
-        a group of their own. Mixed groups are rejected, as scaling them would slow the model.
+        Megatron: groups carrying ``dsv_predictor: True`` (``predictor_param_overrides`` puts the
+        predictors in their own groups; the optimizer's groups hold fp32 main copies, so they are
+        found by that key). A torch optimizer: groups holding only predictor parameters; mixed
+        groups are rejected, as scaling them would slow the model.
         """
         pred = {id(p) for l in self.layers for p in l.predictor.parameters()}
         groups = []
         for g in optimizer.param_groups:
+            if g.get("dsv_predictor"):
+                groups.append(g)
+                continue
             ids = {id(p) for p in g["params"]}
             if ids & pred and not ids <= pred:
                 raise ValueError(
                     "an optimizer parameter group mixes predictor and model parameters; give the "
-                    "predictors their own group (Megatron: scale_lr_cond=is_predictor_param)."
+                    "predictors their own group (Megatron: megatron_dsv.megatron_runtime)."
                 )
             if ids and ids <= pred:
                 groups.append(g)
@@ -313,8 +317,9 @@ class DSVController:
             if g.get("dsv_stage2_scaled"):
                 continue
             g["lr"] *= scale
-            if "lr_mult" in g:  # Megatron's scheduler sets lr = lr_t * lr_mult every step
-                g["lr_mult"] *= scale
+            for key in ("max_lr", "min_lr"):  # Megatron's scheduler sets lr from these per group
+                if key in g:
+                    g[key] *= scale
             g["dsv_stage2_scaled"] = True
 
     # ------------------------------------------------------------------ state and output

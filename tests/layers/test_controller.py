@@ -160,8 +160,14 @@ def test_speed_table_reads_the_recorded_benchmark():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import glob
 
-    path = sorted(glob.glob(os.path.join(root, "benchmarks", "results", "attention_*.json")))[-1]
-    table = SpeedTable.from_json(path, kv_block=64)
+    tables = []
+    for path in sorted(glob.glob(os.path.join(root, "benchmarks", "results", "attention_*.json"))):
+        try:
+            tables.append(SpeedTable.from_json(path, kv_block=64))
+        except ValueError:  # sweeps and token-only runs have no kv_block=64 rows
+            pass
+    assert tables
+    table = tables[-1]
     assert table.sparse_faster(65536, 128, 0.05) and not table.sparse_faster(65536, 128, 0.9)
 
 

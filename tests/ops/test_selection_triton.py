@@ -66,6 +66,19 @@ def test_selection_ties_pick_exactly_k(path, monkeypatch):
     assert (got.kv_idx[0, 0] >= 0).all() and (got.kv_idx[0, 1, :, 3:] == -1).all()
 
 
+@CPU_OK
+@pytest.mark.parametrize("p", [1, 4, 48, 64])
+def test_pool_matches_naive(p):
+    """The pooling kernel (group proxies, key-unit means) equals the fp32 PyTorch means."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4 * 48 * 16, 16, device=DEVICE)
+    got = sel_triton._pool(x, p)
+    ref = pool_keys(x, p)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(sel_triton._pool(x, 16), group_proxies(x, 16), rtol=1e-6, atol=1e-7)
+
+
 def _captured(index, proxy, units):
     idx = index.kv_idx.long()
     s = torch.einsum("bhgr,bhnr->bhgn", proxy, units)

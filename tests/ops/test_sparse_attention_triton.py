@@ -137,6 +137,19 @@ def test_transpose_index_lists_every_pair():
                 assert got == want
 
 
+@pytest.mark.parametrize("hkv", [1, 3])
+def test_transpose_index_mark_equals_sort(hkv, monkeypatch):
+    """The byte-map transpose gives the sort path's offsets and lists (same order)."""
+    index = _index(2, 3, 256, 32, 16, [5, 16, 1], "cpu", seed=2)
+    off_m, ent_m = sa_triton.transpose_index(index, num_kv_heads=hkv)
+    monkeypatch.setattr(sa_triton, "_KT_MARK_MAX_BYTES", 0)
+    off_s, ent_s = sa_triton.transpose_index(index, num_kv_heads=hkv)
+    assert torch.equal(off_m, off_s)
+    n = off_s[..., -1:]
+    valid = torch.arange(ent_s.shape[-1]).view(1, 1, -1) < n
+    assert torch.equal(ent_m[valid], ent_s[valid])
+
+
 def _lowp_reference(q, k, v, index, do):
     """Same-precision PyTorch attention: bf16 matmuls, fp32 softmax (FlashAttention's rule)."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))

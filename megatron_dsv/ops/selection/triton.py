@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_dsv.ops.selection.naive import group_proxies, pool_keys
 from megatron_dsv.ops.sparse_index import SparseIndex
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -271,6 +270,47 @@ def _resident_select_kernel(
     tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
 
 
+@triton.jit
+def _pool_kernel(
+    x, out, N_OUT, P, R,
+    BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``out[bh, u] = mean(x[bh, u*P:(u+1)*P])`` in fp32: ``[BH, N_OUT*P, R] -> [BH, N_OUT, R]``."""
+    i_u = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_u = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    o_p = tl.arange(0, BLOCK_P)
+    o_r = tl.arange(0, BLOCK_R)
+    m_u = o_u < N_OUT
+    m_r = o_r < R
+    m = m_u[:, None, None] & (o_p < P)[None, :, None] & m_r[None, None, :]
+    o_x = ((i_bh * N_OUT + o_u[:, None, None]) * P + o_p[None, :, None]) * R + o_r[None, None, :]
+    b_x = tl.load(x + o_x, mask=m, other=0.0).to(tl.float32)
+    b_mean = tl.sum(b_x, axis=1) / P
+    o_out = (i_bh * N_OUT + o_u[:, None]) * R + o_r[None, :]
+    tl.store(out + o_out, b_mean, mask=m_u[:, None] & m_r[None, :])
+
+
+def _pool(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Mean of every ``p`` consecutive rows in fp32, ``[B, H, S, r] -> [B, H, S/p, r]``.
+
+    One pass over the bf16 input replaces ``x.float().view(..).mean()`` (an fp32 copy written and
+    read again, two launches): ``group_proxies`` and ``pool_keys`` of ``naive.py`` in one kernel each.
+    """
+    b, h, s, r = x.shape
+    if p == 1:
+        return x.float().contiguous()
+    x = x.contiguous()
+    n_out = s // p
+    out = torch.empty((b, h, n_out, r), device=x.device, dtype=torch.float32)
+    block_p, block_r = triton.next_power_of_2(p), triton.next_power_of_2(r)
+    block_u = max(1, min(triton.next_power_of_2(n_out), 8192 // (block_p * block_r)))
+    _pool_kernel[(triton.cdiv(n_out, block_u), b * h)](
+        x, out, n_out, p, r, BLOCK_U=block_u, BLOCK_P=block_p, BLOCK_R=block_r,
+    )
+    return out
+
+
 # Largest ``BLOCK_G * next_pow2(N)`` scores one program keeps in registers (16 warps: 64 fp32
 # registers per thread at 16 x 2048); above it the streaming kernel recomputes scores per pass.
 _RESIDENT_MAX_SCORES = 16 * 2048
@@ -318,8 +358,8 @@ def select_topk_triton(
     b, h, s_q, r = q_lr.shape
     s_kv = k_lr.shape[2]
     dev = q_lr.device
-    proxy = group_proxies(q_lr, group_size).contiguous()
-    units = pool_keys(k_lr, kv_block).contiguous()
+    proxy = _pool(q_lr, group_size)
+    units = _pool(k_lr, kv_block)
     gq, n = proxy.shape[2], units.shape[2]
     bh = b * h
     kv_count = kv_count.to(device=dev, dtype=torch.int32).contiguous()
