@@ -29,6 +29,7 @@ assert (args.num_layers, args.hidden_size, args.seq_length, args.transformer_imp
 assert args.dsv_predictor_rank == 8 and args.dit_patch == (1, 2, 2)
 args.curr_iteration = 0
 model = p.model_provider()
+model.set_input_tensor([None])  # what Megatron's schedule calls on a single-stage model
 from megatron_dsv.layers.attention import dsv_attention_layers
 layers = dsv_attention_layers(model)
 assert len(layers) == 2 and layers[0].predictor.rank == 8 and layers[0].dsv.group_size == 16

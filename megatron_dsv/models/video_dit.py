@@ -129,6 +129,12 @@ class VideoDiT(MegatronModule):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron's pipeline hook; the DiT runs as a single pipeline stage (checked by the
+        example's model provider), so there is never a tensor from a previous stage."""
+        if input_tensor is not None and any(t is not None for t in (input_tensor if isinstance(input_tensor, list) else [input_tensor])):
+            raise NotImplementedError("VideoDiT does not support pipeline parallelism yet.")
+
     # -- token layout ---------------------------------------------------------------------------
     def grid(self, video_shape: Sequence[int]) -> Tuple[int, int, int]:
         t, hh, ww = video_shape
