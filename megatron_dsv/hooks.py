@@ -156,7 +156,7 @@ def layer_attention_work(layer, default_seq_len: Optional[int]) -> Optional[_flo
         return _flops.AttentionWork.dense(seq_len, heads, head_dim)
     block = layer.dsv.dsv_kv_block
     units = seq_len // block
-    floor = min(layer.dsv.dsv_min_keys, units)
+    floor = layer.dsv.min_units(units)
     if layer.kv_units_global is not None:
         kv = [min(max(int(k), floor), units) for k in layer.kv_units_global.tolist()]
     else:  # fixed sparsity: the same K on every head

@@ -1,48 +1,40 @@
 """Runtime hooks into ``megatron.training`` installed by our entry scripts (no file patches).
 
-:func:`install` wraps three functions of ``megatron.training.training`` that ``pretrain()`` looks
-up at call time:
+:func:`install` wraps, at run time, the same three points that ``patches/`` changes in a
+Megatron-LM clone, and drives the same :mod:`megatron_dsv.hooks` logic:
 
-* ``get_megatron_optimizer_config``: adds a parameter-group override so DSV predictor parameters
-  get optimizer groups of their own (``dsv_predictor: True``, no weight decay), which the stage
-  controller scales in stage 2;
-* ``setup_model_and_optimizer``: after the model and optimizer exist, builds the
-  :class:`DSVController` (statistics averaged over the data+context-parallel group, Megatron's
-  TensorBoard / W&B writers) and prints which attention backend each layer got and why;
-* ``train_step``: calls ``on_iteration_start`` before and ``on_iteration_end`` after each step.
+* ``get_megatron_optimizer_config``: predictor parameters get optimizer groups of their own
+  (:func:`megatron_dsv.hooks.predictor_param_overrides`), whose learning rate follows the stage;
+* ``setup_model_and_optimizer``: once the model and optimizer exist,
+  :func:`megatron_dsv.hooks.install_dsv_hooks` builds the stage controller (statistics over the
+  data+context-parallel group, TensorBoard / W&B), and each layer's attention backend is printed;
+* ``train_step``: fires ``ITERATION_START`` before and ``ITERATION_END`` after each step.
+
+On a patched Megatron-LM (``training.dsv_hooks`` present) it wraps nothing, so the controller never
+runs twice. The throughput report's sparse-FLOPs correction needs the patch (05).
 
 :func:`skip_dataset_helper_compile` makes ``megatron.core.datasets.utils.compile_helpers`` a no-op:
 the megatron-core wheel ships the prebuilt ``helpers_cpp`` extension but not the Makefile that
 ``pretrain()`` runs, so it would exit with "Failed to compile the C++ dataset helper functions";
-our datasets do not use the helpers anyway.
+our datasets do not use the helpers.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
 
+from megatron_dsv import hooks
 from megatron_dsv.layers.attention import dsv_attention_layers
-from megatron_dsv.layers.controller import DSVController
 
 logger = logging.getLogger("megatron_dsv")
 
-_state = {"controller": None, "installed": False}
+_state = {"installed": False, "hooks": None}
 
 
-def controller() -> Optional[DSVController]:
-    """The controller built for this run (None before the model exists)."""
-    return _state["controller"]
-
-
-def predictor_param_overrides(config_overrides):
-    """Megatron optimizer overrides with DSV predictor parameters in groups of their own."""
-    from megatron.core.optimizer.optimizer_config import ParamKey
-
-    overrides = dict(config_overrides or {})
-    overrides[ParamKey(attr="is_dsv_predictor")] = {"dsv_predictor": True, "wd_mult": 0.0}
-    return overrides
+def installed_hooks():
+    """The :class:`megatron_dsv.hooks.DSVHooks` of this run (None before the model exists)."""
+    return _state["hooks"]
 
 
 def describe_layers(model) -> str:
@@ -58,34 +50,32 @@ def skip_dataset_helper_compile() -> None:
 
 
 def install() -> None:
-    """Install the three wrappers (idempotent). Call before ``pretrain()``."""
+    """Install the wrappers (idempotent; nothing but the compile no-op on a patched Megatron)."""
     if _state["installed"]:
         return
     import megatron.training.training as tr
-    from megatron.core import parallel_state as mpu
-    from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+    from megatron.training.global_vars import get_args
     from megatron.training.utils import print_rank_0
+
+    skip_dataset_helper_compile()
+    _state["installed"] = True
+    if getattr(tr, "dsv_hooks", None) is not None:
+        print_rank_0("megatron_dsv: Megatron-LM is patched; its own DSV hooks drive the run.")
+        return
 
     orig_cfg = tr.get_megatron_optimizer_config
 
     @functools.wraps(orig_cfg)
     def get_megatron_optimizer_config(args):
         config, overrides = orig_cfg(args)
-        return config, predictor_param_overrides(overrides)
+        return config, {**(overrides or {}), **hooks.predictor_param_overrides(config)}
 
     orig_setup = tr.setup_model_and_optimizer
 
     @functools.wraps(orig_setup)
     def setup_model_and_optimizer(*args, **kwargs):
         model, optimizer, scheduler = orig_setup(*args, **kwargs)
-        _state["controller"] = DSVController(
-            model,
-            stats_group=mpu.get_data_parallel_group(with_context_parallel=True),
-            optimizer=optimizer,
-            tb_writer=get_tensorboard_writer(),
-            wandb_writer=get_wandb_writer(),
-            log=print_rank_0,
-        )
+        _state["hooks"] = hooks.install_dsv_hooks(model, optimizer, get_args())
         print_rank_0(describe_layers(model))
         return model, optimizer, scheduler
 
@@ -93,18 +83,12 @@ def install() -> None:
 
     @functools.wraps(orig_step)
     def train_step(*args, **kwargs):
-        from megatron.training.global_vars import get_args
-
-        ctl, it = _state["controller"], get_args().curr_iteration
-        if ctl is not None:
-            ctl.on_iteration_start(it)
+        it = get_args().curr_iteration
+        hooks.fire(hooks.ITERATION_START, it)
         out = orig_step(*args, **kwargs)
-        if ctl is not None:
-            ctl.on_iteration_end(it)
+        hooks.fire(hooks.ITERATION_END, it)
         return out
 
     tr.get_megatron_optimizer_config = get_megatron_optimizer_config
     tr.setup_model_and_optimizer = setup_model_and_optimizer
     tr.train_step = train_step
-    skip_dataset_helper_compile()
-    _state["installed"] = True

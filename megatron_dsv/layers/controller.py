@@ -284,24 +284,21 @@ class DSVController:
 
     # ------------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer) -> None:
-        """Remember the optimizer's predictor parameter groups for the stage-2 LR scale.
+        """Remember a torch optimizer's predictor parameter groups for the stage-2 LR scale.
 
-        Megatron: groups carrying ``dsv_predictor: True`` (``predictor_param_overrides`` puts the
-        predictors in their own groups; the optimizer's groups hold fp32 main copies, so they are
-        found by that key). A torch optimizer: groups holding only predictor parameters; mixed
-        groups are rejected, as scaling them would slow the model.
+        Put the predictors in a group of their own (mixed groups are rejected: scaling them
+        would slow the model). Megatron runs do not pass an optimizer here: Megatron's scheduler
+        recomputes each group's lr from ``max_lr``/``min_lr`` every step, so
+        :class:`megatron_dsv.hooks.DSVHooks` sets those from the stage instead.
         """
         pred = {id(p) for l in self.layers for p in l.predictor.parameters()}
         groups = []
         for g in optimizer.param_groups:
-            if g.get("dsv_predictor"):
-                groups.append(g)
-                continue
             ids = {id(p) for p in g["params"]}
             if ids & pred and not ids <= pred:
                 raise ValueError(
                     "an optimizer parameter group mixes predictor and model parameters; give the "
-                    "predictors their own group (Megatron: megatron_dsv.megatron_runtime)."
+                    "predictors their own group (see is_predictor_param)."
                 )
             if ids and ids <= pred:
                 groups.append(g)
@@ -314,12 +311,9 @@ class DSVController:
             return
         scale = self.cfg.dsv_stage2_predictor_lr_scale
         for g in self._pred_groups:
-            if g.get("dsv_stage2_scaled"):
+            if g.get("dsv_stage2_scaled"):  # restored with the optimizer's state on resume
                 continue
             g["lr"] *= scale
-            for key in ("max_lr", "min_lr"):  # Megatron's scheduler sets lr from these per group
-                if key in g:
-                    g[key] *= scale
             g["dsv_stage2_scaled"] = True
 
     # ------------------------------------------------------------------ state and output
@@ -383,7 +377,7 @@ def merge_tp_rows(parts: List[torch.Tensor]) -> torch.Tensor:
 
 
 def is_predictor_param(name: str, param: torch.nn.Parameter) -> bool:
-    """``scale_lr_cond`` for Megatron's optimizer: True for DSV predictor parameters."""
+    """True for DSV predictor parameters (for optimizer parameter groups)."""
     return ".predictor.weight_" in name or name.startswith("predictor.weight_")
 
 

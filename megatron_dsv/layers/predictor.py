@@ -68,7 +68,6 @@ class LowRankPredictor(nn.Module):
         self.tp_group = None
         for p in (self.weight_q, self.weight_k):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
-            p.is_dsv_predictor = True  # Megatron optimizer groups key on it (ParamKey(attr=...))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Megatron distributed checkpointing: weights sharded over TP ranks along heads."""
