@@ -295,9 +295,17 @@ TUNE_FWD = [dict(BLOCK_N=64, num_warps=4, num_stages=4), dict(BLOCK_N=64, num_wa
             dict(BLOCK_N=128, num_warps=8, num_stages=3), dict(BLOCK_N=128, num_warps=4, num_stages=3)]
 # Fused dq-by-atomics (63.5 ms vs 24.6 ms key-major at S=64k, D=128, 90%) and 8-warp dk/dv (39.9 ms)
 # are left out: they lost by far in the sweep of 2026-11 (--sweep still times them).
-TUNE_BWD_BLOCK = [dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=2)),
-                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3)),
-                  dict(dq=dict(BLOCK_N=32, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3))]
+# "bwd": {"mixed": True} runs dq and dk/dv interleaved in one launch (sa_triton._bwd_mixed_kernel).
+TUNE_BWD_BLOCK = [dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=2),
+                       bwd=dict(mixed=False)),
+                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3),
+                       bwd=dict(mixed=False)),
+                  dict(dq=dict(BLOCK_N=32, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3),
+                       bwd=dict(mixed=False)),
+                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=2),
+                       bwd=dict(mixed=True)),
+                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=3), dkdv=dict(num_warps=4, num_stages=3),
+                       bwd=dict(mixed=True))]
 TUNE_BWD_TOKEN = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=2),
                   dict(BLOCK_N=64, num_warps=8, num_stages=2)]
 
@@ -314,7 +322,7 @@ def tune(attn, q, k, v, do, kvb):
             return bench(bwd)
         times = [t_bwd(v_) for v_ in TUNE_BWD_BLOCK]
         best = TUNE_BWD_BLOCK[times.index(min(times))]
-        choice = {"fwd": best_f, "dq": best["dq"], "dkdv": best["dkdv"], "bwd_variants_ms": times}
+        choice = {"fwd": best_f, "dq": best["dq"], "dkdv": best["dkdv"], "bwd": best["bwd"], "bwd_variants_ms": times}
     else:
         def t_bwd(c):
             sa_triton._TUNE["dq"] = c
@@ -328,7 +336,7 @@ def tune(attn, q, k, v, do, kvb):
 def apply_tune(choice):
     sa_triton._TUNE.clear()
     sa_triton._FUSED_DQ_ATOMIC = bool(choice.get("fused_dq_atomic", False))
-    for kind in ("fwd", "dq", "dkdv"):
+    for kind in ("fwd", "dq", "dkdv", "bwd"):
         if kind in choice:
             sa_triton._TUNE[kind] = dict(choice[kind])
 
@@ -363,10 +371,10 @@ def _kernel_table(fn, iters=5):
         dev_us = getattr(e, "device_time_total", None)
         if dev_us is None:
             dev_us = e.cuda_time_total
-        if e.name.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")):
-            syncs[e.name] = e.count / iters
+        if e.key.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")):
+            syncs[e.key] = e.count / iters
         elif dev_us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name[:90]] = (dev_us / iters / 1e3, e.count / iters)
+            kernels[e.key[:90]] = (dev_us / iters / 1e3, e.count / iters)
     return kernels, syncs
 
 
@@ -387,9 +395,17 @@ def profile_trace():
 
     fwd, setup_bwd, bwd, fwd_bwd = _fwd_bwd_fns(attn, q, k, v, do)
     setup_bwd()
+
+    def bwd_mixed():
+        sa_triton._MIXED_BWD = True
+        try:
+            bwd()
+        finally:
+            sa_triton._MIXED_BWD = False
+
     phases = {
         "select": lambda: select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"),
-        "fwd": fwd, "bwd": bwd, "fwd_bwd": fwd_bwd,
+        "fwd": fwd, "bwd": bwd, "bwd_mixed": bwd_mixed, "fwd_bwd": fwd_bwd,
         "transpose_index": lambda: sa_triton.transpose_index(index, h),
         "transpose_index_sort": lambda: sa_triton._transpose_index_sort(index, h),
         "pool_triton": lambda: (sel_triton._pool(q_lr, g), sel_triton._pool(k_lr, kvb)),
@@ -397,8 +413,12 @@ def profile_trace():
     }
     rows = []
     for name, fn in phases.items():
-        t = bench(fn)
-        kernels, syncs = _kernel_table(fn)
+        try:
+            t = bench(fn)
+            kernels, syncs = _kernel_table(fn)
+        except Exception as err:  # report and go on: one broken phase should not hide the others
+            print(f"{name}: failed {type(err).__name__}: {str(err)[:300]}", flush=True)
+            continue
         k_sum = sum(ms * 1.0 for ms, _ in kernels.values())
         print(f"{name}: timed {t:.3f} ms, kernels {k_sum:.3f} ms, gap {t - k_sum:.3f} ms, syncs {syncs}", flush=True)
         for kn, (ms, cnt) in sorted(kernels.items(), key=lambda x: -x[1][0]):

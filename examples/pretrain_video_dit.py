@@ -121,8 +121,9 @@ datasets_provider.is_distributed = True  # every rank builds its own (procedural
 
 def loss_func(per_sample, output_tensor):
     loss_sum = output_tensor.sum()
-    count = torch.tensor(output_tensor.numel(), device=output_tensor.device, dtype=torch.float)
-    return loss_sum, count, {"flow loss": torch.cat([loss_sum.detach().view(1), count.view(1)])}
+    # Megatron sums the token counts of microbatches into an int tensor
+    count = torch.tensor(output_tensor.numel(), device=output_tensor.device, dtype=torch.int)
+    return loss_sum, count, {"flow loss": torch.cat([loss_sum.detach().view(1), count.view(1).float()])}
 
 
 def forward_step(data_iterator, model):

@@ -38,7 +38,7 @@ assert len(train) >= 10 and len(valid) == 2
 batch = torch.utils.data.default_collate([train[0], train[1]])
 out, loss_func = p.forward_step(iter([batch]), model)
 loss, count, report = loss_func(out)
-assert out.shape == (2, 4, 4, 8, 16) and count.item() == out.numel()
+assert out.shape == (2, 4, 4, 8, 16) and count.item() == out.numel() and count.dtype == torch.int
 loss.backward()
 assert layers[0].predictor.weight_q.grad is not None
 print("OK", float(loss / count))
