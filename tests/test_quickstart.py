@@ -23,7 +23,7 @@ def test_quickstart_switches_to_sparse(megatron_state, monkeypatch, capsys):
     assert len(switch) == 1 and "max-iters" not in switch[0]
     assert result["summary"]["stage"] == 2
     # layer 1 learned sparse heads and went sparse with per-head K; layer 2 is not sparse enough
-    assert float(layers[0].stats_ema["sparsity"].mean()) > 0.8
+    assert float(layers[0].stats_ema["sparsity"].mean()) > 0.78
     assert float(layers[0].stats_ema["recall"].mean()) > 0.85
     assert layers[0].sparse and len(set(layers[0].kv_units_global.tolist())) > 1
     assert not layers[1].sparse and "min-sparsity" in layers[1].decision

@@ -151,6 +151,7 @@ class DSVCoreAttention(MegatronModule):
                 self.num_heads, self.head_dim, self.dsv.dsv_predictor_rank,
                 num_kv_heads=self.num_kv_heads, input_dim=hidden, device=device,
                 head_offset=self.head_slice().start, num_heads_total=self.num_heads_global,
+                seed=(torch.initial_seed() * 1_000_003 + self.layer_number) % (2**63),
             )
             self.predictor.tp_group = pg_collection.tp
             if getattr(config, "experimental_attention_variant_loss_scale_func", None) is None:

@@ -35,6 +35,7 @@ class LowRankPredictor(nn.Module):
         input_dim: for the ``hidden`` variant, the layer's hidden size; None for ``qk``.
         head_offset, num_heads_total: this rank's first head and the layer's head count under
             tensor parallelism.
+        seed: of the sketch's private generator (default: ``torch.initial_seed()``).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class LowRankPredictor(nn.Module):
         dtype=torch.float32,
         head_offset: int = 0,
         num_heads_total: Optional[int] = None,
+        seed: Optional[int] = None,
     ):
         super().__init__()
         self.num_heads, self.head_dim, self.rank = num_heads, head_dim, rank
@@ -57,9 +59,12 @@ class LowRankPredictor(nn.Module):
         self.input_dim = input_dim
         in_dim = head_dim if input_dim is None else input_dim
         # Drawn for all heads of the layer on the CPU and sliced to this rank's heads, so the
-        # initial predictor is the same for every tensor-parallel size (as Megatron's CPU init).
+        # initial predictor is the same for every tensor-parallel size (as Megatron's CPU init),
+        # from its own generator, so adding DSV does not shift the model's initialisation: a
+        # dense baseline and a DSV run from one seed start from the same weights.
         total = num_heads_total or num_heads
-        sketch = torch.randn(total, in_dim, rank, dtype=torch.float32) / math.sqrt(rank)
+        gen = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+        sketch = torch.randn(total, in_dim, rank, dtype=torch.float32, generator=gen) / math.sqrt(rank)
         sketch = sketch[head_offset : head_offset + num_heads].to(device)
         self.weight_q = nn.Parameter(sketch.clone().to(dtype))
         self.weight_k = nn.Parameter(sketch.to(dtype))

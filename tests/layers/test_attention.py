@@ -185,3 +185,13 @@ def test_predictor_in_megatron_sharded_state_dict(megatron_state):
     # layers are stacked (axis 0), heads are the tensor-parallel axis (global shape [L, H, D, r])
     assert st.global_shape == (2, 4, 32, 16)
     torch.testing.assert_close(st.data, block.layers[0].self_attention.core_attention.predictor.weight_q)
+
+
+def test_dsv_does_not_shift_the_model_initialisation(megatron_state):
+    dense, auto = build(dsv_mode="dense"), build(dsv_mode="auto")
+    d, a = dense.state_dict(), auto.state_dict()
+    for k, v in d.items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, a[k]), k
+    p1, p2 = (dsv_attention_layers(auto)[i].predictor.weight_q for i in (0, 1))
+    assert not torch.equal(p1, p2)  # each layer its own sketch

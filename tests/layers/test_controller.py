@@ -23,7 +23,7 @@ def build(seed=0, **cfg):
     kw = dict(
         hidden_size=HID, num_attention_heads=4, ffn_hidden_size=128, dsv_mode="auto", dsv_min_keys=4,
         dsv_k_multiple=1, dsv_profile_stride=4, dsv_switch_min_iters=10, dsv_switch_max_iters=50,
-        dsv_switch_recall_target=0.8, dsv_profile_interval_stage1=1, dsv_profile_interval_stage2=4, dsv_min_sparsity=0.5,
+        dsv_switch_recall_target=0.8, dsv_profile_interval_stage1=1, dsv_profile_interval_stage2=4, dsv_min_sparsity=0.4,
         dsv_switch_loss_threshold=0.03, dsv_stats_ema=0.8,
     )
     kw.update(cfg)
@@ -76,7 +76,7 @@ def test_switch_decisions_and_resume(megatron_state, tmp_path):
     logs, tb, wb = [], Recorder(), Recorder()
     model, opt = build(dsv_stats_log=str(tmp_path / "stats.jsonl"))
     ctl = DSVController(model, optimizer=opt, log=logs.append, tb_writer=tb, wandb_writer=wb)
-    full = train(model, opt, ctl, make_task(), 0, 60)
+    full = train(model, opt, ctl, make_task(), 0, 72)
     # stage 1 until the predictor converged, then sparse layers with per-head K
     stages = [s["stage"] for s in full]
     sw = stages.index(2)
@@ -122,7 +122,7 @@ def test_switch_decisions_and_resume(megatron_state, tmp_path):
         torch.set_rng_state(ckpt["rng"])
         ctl = DSVController(model, optimizer=opt, log=lambda s: None)
         assert ctl.stage == full[cut - 1]["stage"]
-        resumed = train(model, opt, ctl, task, cut, 60)
+        resumed = train(model, opt, ctl, task, cut, 72)
         assert resumed == full[cut:], f"resume at {cut} diverged"
         assert opt.param_groups[1]["lr"] == pytest.approx(3e-3 * 0.1)
 
