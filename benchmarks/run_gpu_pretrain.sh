@@ -11,9 +11,9 @@ COMMON="--dit-config small --latent-shape 4x16x64x64 --dsv-query-group 2x4x4 --d
   --eval-interval 100 --eval-iters 8 --log-interval 50 --seed 1234 --num-workers 2
   --dsv-switch-min-iters 200 --dsv-switch-max-iters 600 --dsv-profile-interval-stage1 10
   --dsv-profile-interval-stage2 50"
-for mode in dense auto; do
+for mode in ${MODES:-dense auto}; do
   timeout ${RUN_TIMEOUT:-250} torchrun --nproc-per-node 1 --master-port 29517 examples/pretrain_video_dit.py $COMMON \
-      --dsv-mode $mode --dsv-stats-log $OUT/dsv_stats_$mode.jsonl > $OUT/pretrain_$mode.log 2>&1
+      --dsv-mode $mode --dsv-stats-log $OUT/dsv_stats_$mode.jsonl ${EXTRA:-} > $OUT/pretrain_$mode.log 2>&1
   echo "mode $mode rc=$?"
   grep -E "validation loss at iteration|DSV (stage|layer|it [0-9]+ stage)|elapsed time per iteration" $OUT/pretrain_$mode.log | tail -8
   grep -E "Error|error" $OUT/pretrain_$mode.log | grep -v -i warn | head -5

@@ -115,6 +115,10 @@ class DSVConfig:
     dsv_stage2_predictor_lr_scale: float = 0.1
     """Predictor learning-rate multiplier in stage 2."""
 
+    dsv_predictor_lr: float = 0.0
+    """Peak learning rate of the predictor's own optimizer groups in Megatron runs (0: the model's
+    --lr); its minimum keeps --min-lr's ratio to --lr."""
+
     # ---- what changes speed only ---------------------------------------------------------
     dsv_backend: str = "auto"
     """Sparse kernels: ``auto`` (Triton on GPU, reference on CPU), ``triton`` or ``reference``."""
@@ -164,6 +168,8 @@ class DSVConfig:
             raise ValueError("--dsv-switch-loss-threshold must be > 0 (the paper uses 0.01).")
         if self.dsv_predictor_loss_coeff < 0:
             raise ValueError("--dsv-predictor-loss-coeff must be >= 0.")
+        if self.dsv_predictor_lr < 0:
+            raise ValueError("--dsv-predictor-lr must be >= 0 (0 uses the model's --lr).")
         if not 0 < self.dsv_stage2_predictor_lr_scale <= 1:
             raise ValueError("--dsv-stage2-predictor-lr-scale must be in (0, 1] (paper: lower LR).")
 
@@ -205,7 +211,7 @@ _RETUNABLE_ON_RESUME = {
     # the schedule may be retuned when resuming; the layers' decisions are what is restored
     "dsv_profile_interval_stage1", "dsv_profile_interval_stage2", "dsv_switch_max_iters",
     "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_loss_threshold", "dsv_switch_recall_target",
-    "dsv_recall_floor", "dsv_stage2_predictor_lr_scale", "dsv_min_sparsity",
+    "dsv_recall_floor", "dsv_stage2_predictor_lr_scale", "dsv_min_sparsity", "dsv_predictor_lr",
 }
 
 

@@ -111,11 +111,32 @@ def predictor_param_overrides(config) -> Dict:
         )
     )
     override = {PREDICTOR_GROUP_KEY: True}
-    if getattr(config, "lr", None) is not None:
-        override["max_lr"] = config.lr
-    if getattr(config, "min_lr", None) is not None:
-        override["min_lr"] = config.min_lr
+    max_lr, min_lr = predictor_base_lr(config, _megatron_args())
+    if max_lr is not None:
+        override["max_lr"] = max_lr
+    if min_lr is not None:
+        override["min_lr"] = min_lr
     return {key: override}
+
+
+def _megatron_args():
+    try:
+        from megatron.training.global_vars import get_args
+
+        return get_args()
+    except (ImportError, AssertionError):
+        return None
+
+
+def predictor_base_lr(config, args=None):
+    """``(max_lr, min_lr)`` of the predictor groups: ``--dsv-predictor-lr`` when set (the minimum
+    keeps ``--min-lr``'s ratio to ``--lr``), else the model's ``--lr`` / ``--min-lr``."""
+    lr = getattr(config, "lr", None)
+    min_lr = getattr(config, "min_lr", None)
+    own = getattr(args, "dsv_predictor_lr", 0.0) or 0.0
+    if own and lr:
+        return own, (min_lr or 0.0) * own / lr
+    return lr, min_lr
 
 
 def set_predictor_lr(optimizer, base_max_lr: float, base_min_lr: float, scale: float) -> int:
@@ -275,7 +296,8 @@ def install_dsv_hooks(model, optimizer, args, *, stats_group=None, tb_writer=Non
     )
     base_lr = None
     if optimizer is not None and getattr(args, "lr", None) is not None:
-        base_lr = (args.lr, args.min_lr if getattr(args, "min_lr", None) is not None else 0.0)
+        max_lr, min_lr = predictor_base_lr(args, args)
+        base_lr = (max_lr, min_lr if min_lr is not None else 0.0)
     hooks = DSVHooks(controller, layers, optimizer, base_lr, controller.cfg.dsv_stage2_predictor_lr_scale)
     hooks._add(CORE_ATTENTION_WORK, hooks.attention_work)
     if controller.layers:

@@ -308,3 +308,15 @@ def test_install_dsv_hooks_drives_the_controller(megatron_state):
     finally:
         h.remove()
     assert not hooks.registered(hooks.ITERATION_START) and not hooks.registered(hooks.CORE_ATTENTION_WORK)
+
+
+def test_predictor_lr_flag_sets_the_predictor_groups_base():
+    from types import SimpleNamespace
+
+    from megatron_dsv.hooks import predictor_base_lr
+
+    cfg = SimpleNamespace(lr=3e-4, min_lr=3e-5)
+    assert predictor_base_lr(cfg, SimpleNamespace(dsv_predictor_lr=0.0)) == (3e-4, 3e-5)
+    assert predictor_base_lr(cfg, None) == (3e-4, 3e-5)
+    max_lr, min_lr = predictor_base_lr(cfg, SimpleNamespace(dsv_predictor_lr=3e-3))
+    assert max_lr == 3e-3 and abs(min_lr - 3e-4) < 1e-12
