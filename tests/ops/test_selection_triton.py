@@ -4,24 +4,17 @@ The kernel fills its output with -1 before writing, so an unwritten slot below K
 ``SparseIndex.validate`` (padding allowed only past ``kv_count``).
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets TRITON_INTERPRET first)
 
 triton = pytest.importorskip("triton")
 
 from megatron_dsv.ops.selection import pool_keys, group_proxies, select_topk  # noqa: E402
 from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CPU_OK = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
-)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 

@@ -4,13 +4,10 @@ CPU: the kernels run under the Triton interpreter (fp32, tiny shapes). GPU (``-m
 realistic shapes, error vs an fp32 reference at most 2x that of a bf16 PyTorch implementation.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets TRITON_INTERPRET first)
 
 triton = pytest.importorskip("triton")
 
@@ -20,11 +17,6 @@ from megatron_dsv.ops.sparse_attention import triton as sa_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention.naive import masked_dense_attention  # noqa: E402
 from megatron_dsv.ops.sparse_index import PAD, SparseIndex  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CPU_OK = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
-)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
