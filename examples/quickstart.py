@@ -19,10 +19,8 @@ It prints per-layer sparsity, recall, decisions and the sparse-vs-dense output d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import socket
 import sys
 import time
 
@@ -47,32 +45,11 @@ def parse():
     return p.parse_args()
 
 
-def init_single_process(device: str):
-    """Megatron model-parallel state for one process. On CPU Megatron's CUDA RNG tracker cannot
-    fork, and nothing here needs it (no dropout in tensor-parallel regions): make fork a no-op."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import random as mrandom
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-    if device == "cuda":
-        if "model-parallel-rng" not in mrandom.get_cuda_rng_tracker().get_states():
-            mrandom.model_parallel_cuda_manual_seed(1234)
-    else:
-        mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-
-
 def main():
     args = parse()
     torch.manual_seed(args.seed)
+    from megatron_dsv.megatron_runtime import init_single_process
+
     init_single_process(args.device)
     from megatron.core.transformer.transformer_block import TransformerBlock
 

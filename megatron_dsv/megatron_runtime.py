@@ -92,3 +92,34 @@ def install() -> None:
     tr.get_megatron_optimizer_config = get_megatron_optimizer_config
     tr.setup_model_and_optimizer = setup_model_and_optimizer
     tr.train_step = train_step
+
+
+def init_single_process(device: str, seed: int = 1234) -> None:
+    """Megatron's process groups for one process (examples and quickstarts without torchrun).
+
+    On the CPU, Megatron's CUDA RNG tracker cannot fork; nothing in a single-process run needs it
+    (no dropout in tensor-parallel regions), so its ``fork`` becomes a no-op there.
+    """
+    import contextlib
+    import os
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+    if device == "cuda":
+        if "model-parallel-rng" not in mrandom.get_cuda_rng_tracker().get_states():
+            mrandom.model_parallel_cuda_manual_seed(seed)
+    else:
+        mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
