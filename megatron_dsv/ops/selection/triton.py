@@ -64,6 +64,22 @@ def _score_tile(
 
 
 @triton.jit
+def _write_selected(b_s, o_n, b_lo, b_hi, need, n_sel, n_mid, p_out, m_g):
+    """Write one tile's selected unit ids in ascending order and return the updated counts.
+
+    Selected: every score >= hi, and the first ``need`` scores in [lo, hi) in unit order (``n_mid``
+    of them seen in earlier tiles); ``n_sel`` ids are already written for the group.
+    """
+    m_hi = b_s >= b_hi[:, None]
+    m_mid = (b_s >= b_lo[:, None]) & (b_s < b_hi[:, None])
+    mid_rank = n_mid[:, None] + tl.cumsum(m_mid.to(tl.int32), axis=1) - 1
+    m_sel = m_hi | (m_mid & (mid_rank < need[:, None]))
+    pos = n_sel[:, None] + tl.cumsum(m_sel.to(tl.int32), axis=1) - 1
+    tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
+    return n_sel + tl.sum(m_sel.to(tl.int32), axis=1), n_mid + tl.sum(m_mid.to(tl.int32), axis=1)
+
+
+@triton.jit
 def _minmax_kernel(
     proxy, units, part_min, part_max, NUM_GROUPS, N, R, N_SPLIT,
     PRECISION: tl.constexpr, CHUNK: tl.constexpr,
@@ -136,14 +152,7 @@ def _write_kernel(
         b_s, _og, _mg, o_n = _score_tile(
             proxy, units, i_bh, i_gt, i_c, start, NUM_GROUPS, N, R, PRECISION, CHUNK, BLOCK_G, BLOCK_N, BLOCK_R
         )
-        m_hi = b_s >= b_hi[:, None]
-        m_mid = (b_s >= b_lo[:, None]) & (b_s < b_hi[:, None])
-        mid_rank = n_mid[:, None] + tl.cumsum(m_mid.to(tl.int32), axis=1) - 1
-        m_sel = m_hi | (m_mid & (mid_rank < b_need[:, None]))
-        pos = n_sel[:, None] + tl.cumsum(m_sel.to(tl.int32), axis=1) - 1
-        tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
-        n_sel += tl.sum(m_sel.to(tl.int32), axis=1)
-        n_mid += tl.sum(m_mid.to(tl.int32), axis=1)
+        n_sel, n_mid = _write_selected(b_s, o_n, b_lo, b_hi, b_need, n_sel, n_mid, p_out, m_g)
 
 
 @triton.jit
@@ -209,14 +218,7 @@ def _fused_select_kernel(
         b_s, _og, _mg, o_n = _score_tile(
             proxy, units, i_bh, i_gt, 0, start, NUM_GROUPS, N, R, PRECISION, 0, BLOCK_G, BLOCK_N, BLOCK_R
         )
-        m_hi = b_s >= b_hi[:, None]
-        m_mid = (b_s >= b_lo[:, None]) & (b_s < b_hi[:, None])
-        mid_rank = n_mid[:, None] + tl.cumsum(m_mid.to(tl.int32), axis=1) - 1
-        m_sel = m_hi | (m_mid & (mid_rank < need[:, None]))
-        pos = n_sel[:, None] + tl.cumsum(m_sel.to(tl.int32), axis=1) - 1
-        tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
-        n_sel += tl.sum(m_sel.to(tl.int32), axis=1)
-        n_mid += tl.sum(m_mid.to(tl.int32), axis=1)
+        n_sel, n_mid = _write_selected(b_s, o_n, b_lo, b_hi, need, n_sel, n_mid, p_out, m_g)
 
 
 @triton.jit
@@ -261,13 +263,9 @@ def _resident_select_kernel(
         n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
         i_pass += 1
     need = k_sel - c_hi
-    m_hi = b_s >= b_hi[:, None]
-    m_mid = (b_s >= b_lo[:, None]) & (b_s < b_hi[:, None])
-    mid_rank = tl.cumsum(m_mid.to(tl.int32), axis=1) - 1
-    m_sel = m_hi | (m_mid & (mid_rank < need[:, None]))
-    pos = tl.cumsum(m_sel.to(tl.int32), axis=1) - 1
     p_out = kv_idx + (i_bh * NUM_GROUPS + o_g) * K_MAX
-    tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
+    zero = tl.zeros([BLOCK_G], dtype=tl.int32)
+    _write_selected(b_s, o_n, b_lo, b_hi, need, zero, zero, p_out, m_g)
 
 
 @triton.jit
