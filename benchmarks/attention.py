@@ -295,17 +295,10 @@ TUNE_FWD = [dict(BLOCK_N=64, num_warps=4, num_stages=4), dict(BLOCK_N=64, num_wa
             dict(BLOCK_N=128, num_warps=8, num_stages=3), dict(BLOCK_N=128, num_warps=4, num_stages=3)]
 # Fused dq-by-atomics (63.5 ms vs 24.6 ms key-major at S=64k, D=128, 90%) and 8-warp dk/dv (39.9 ms)
 # are left out: they lost by far in the sweep of 2026-11 (--sweep still times them).
-# "bwd": {"mixed": True} runs dq and dk/dv interleaved in one launch (sa_triton._bwd_mixed_kernel).
-TUNE_BWD_BLOCK = [dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=2),
-                       bwd=dict(mixed=False)),
-                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3),
-                       bwd=dict(mixed=False)),
-                  dict(dq=dict(BLOCK_N=32, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3),
-                       bwd=dict(mixed=False)),
-                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=2),
-                       bwd=dict(mixed=True)),
-                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=3), dkdv=dict(num_warps=4, num_stages=3),
-                       bwd=dict(mixed=True))]
+# dq and dk/dv interleaved in one launch lost too (28.5 vs 24.5 ms, pass 4) and was removed.
+TUNE_BWD_BLOCK = [dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=2)),
+                  dict(dq=dict(BLOCK_N=64, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3)),
+                  dict(dq=dict(BLOCK_N=32, num_warps=4, num_stages=2), dkdv=dict(num_warps=4, num_stages=3))]
 TUNE_BWD_TOKEN = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=2),
                   dict(BLOCK_N=64, num_warps=8, num_stages=2)]
 
@@ -322,7 +315,7 @@ def tune(attn, q, k, v, do, kvb):
             return bench(bwd)
         times = [t_bwd(v_) for v_ in TUNE_BWD_BLOCK]
         best = TUNE_BWD_BLOCK[times.index(min(times))]
-        choice = {"fwd": best_f, "dq": best["dq"], "dkdv": best["dkdv"], "bwd": best["bwd"], "bwd_variants_ms": times}
+        choice = {"fwd": best_f, "dq": best["dq"], "dkdv": best["dkdv"], "bwd_variants_ms": times}
     else:
         def t_bwd(c):
             sa_triton._TUNE["dq"] = c
@@ -336,7 +329,7 @@ def tune(attn, q, k, v, do, kvb):
 def apply_tune(choice):
     sa_triton._TUNE.clear()
     sa_triton._FUSED_DQ_ATOMIC = bool(choice.get("fused_dq_atomic", False))
-    for kind in ("fwd", "dq", "dkdv", "bwd"):
+    for kind in ("fwd", "dq", "dkdv"):
         if kind in choice:
             sa_triton._TUNE[kind] = dict(choice[kind])
 
@@ -396,16 +389,9 @@ def profile_trace():
     fwd, setup_bwd, bwd, fwd_bwd = _fwd_bwd_fns(attn, q, k, v, do)
     setup_bwd()
 
-    def bwd_mixed():
-        sa_triton._MIXED_BWD = True
-        try:
-            bwd()
-        finally:
-            sa_triton._MIXED_BWD = False
-
     phases = {
         "select": lambda: select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"),
-        "fwd": fwd, "bwd": bwd, "bwd_mixed": bwd_mixed, "fwd_bwd": fwd_bwd,
+        "fwd": fwd, "bwd": bwd, "fwd_bwd": fwd_bwd,
         "transpose_index": lambda: sa_triton.transpose_index(index, h),
         "transpose_index_sort": lambda: sa_triton._transpose_index_sort(index, h),
         "pool_triton": lambda: (sel_triton._pool(q_lr, g), sel_triton._pool(k_lr, kvb)),

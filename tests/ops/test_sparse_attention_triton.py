@@ -111,20 +111,6 @@ def test_atomic_fused_and_key_major_backward_agree(monkeypatch):
         assert _rel(f, r) < (2e-5 if INTERPRET else 5e-3)
 
 
-def test_mixed_backward_equals_separate(monkeypatch):
-    """dq and dk/dv interleaved in one launch give the two-launch gradients exactly."""
-    torch.manual_seed(5)
-    b, h, hkv, s, d = 2, 2, 1, 128, 64
-    index = _index(b, h, s, 16, 16, [1, 8], DEVICE)
-    q, k, v = torch.randn(b, h, s, d, device=DEVICE), torch.randn(b, hkv, s, d, device=DEVICE), torch.randn(b, hkv, s, d, device=DEVICE)
-    do, dlse = torch.randn(b, h, s, d, device=DEVICE), torch.zeros(b, h, s, device=DEVICE)
-    sep = _run(q, k, v, index, "triton", do, dlse)
-    monkeypatch.setattr(sa_triton, "_MIXED_BWD", True)
-    mixed = _run(q, k, v, index, "triton", do, dlse)
-    for a, r in zip(mixed[2:], sep[2:]):
-        assert torch.equal(a, r)
-
-
 def test_transpose_index_lists_every_pair():
     """Key-major lists hold exactly the (head, group) pairs that selected each unit."""
     index = _index(2, 4, 128, 16, 4, [3, 32, 1, 7], "cpu")

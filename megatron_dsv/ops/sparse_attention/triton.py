@@ -46,9 +46,8 @@ _FORCE_ATOMIC_DKDV = False
 # matmuls per tile instead of 7). Same setting as above: 65.4 ms (4 warps) vs 27.3 ms for separate
 # dq and dk/dv kernels, so it is off; kept for re-measuring on other GPUs.
 _FUSED_DQ_ATOMIC = False
-# Block granularity: dq and dk/dv programs interleaved in one launch (``_bwd_mixed_kernel``)
-# instead of two launches; benchmarks/attention.py --tune times both (``_TUNE["bwd"]``).
-_MIXED_BWD = False
+# Block granularity: dq and dk/dv programs interleaved in one launch were tried and removed:
+# 28.5 ms vs 24.5 ms for the two launches (H100, S=64k, D=128, 90%; 15.9 vs 13.3 ms at D=64).
 
 # Under the CPU interpreter (numpy >= 2) a loaded scalar cannot bound a ``range`` loop, so loops
 # whose trip count is read from memory run as ``while`` loops there; compiled code keeps ``for``
@@ -343,41 +342,6 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_mixed_kernel(
-    q, k, v, do, lse, delta, dq, dk, dv, kv_idx, kv_count, kt_off, kt_entry,
-    scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, NUM_UNITS, N_ENTRY, D,
-    N_DQ_X, N_KV_X, N_KV, N_ALL,
-    G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dq and key-major dk/dv programs of one backward in one launch, interleaved evenly.
-
-    dq reloads 32 KB of K/V per 3 matmuls and is bound by L2 bandwidth; dk/dv reloads 32 KB of
-    q/dO per 4 matmuls and waits more on its tensor-core chain. Run one after the other, each
-    leaves the other's resource idle; interleaved, the SMs hold both kinds at once.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    a_lo = pid * N_KV // N_ALL
-    a_hi = (pid + 1) * N_KV // N_ALL
-    if a_hi > a_lo:
-        _bwd_dkdv_program(
-            a_lo % N_KV_X, a_lo // N_KV_X,
-            q, k, v, do, lse, delta, dq, dk, dv, kt_off, kt_entry, scale, scale_log2,
-            H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D,
-            G, INTERPRET, KVB, False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
-        )
-    else:
-        j = pid - a_lo
-        _bwd_dq_program(
-            j % N_DQ_X, j // N_DQ_X,
-            q, k, v, do, lse, delta, dq, dk, dv, kv_idx, kv_count, scale, scale_log2,
-            H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
-            G, INTERPRET, KVB, False, CONTIG, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
-        )
-
-
-@triton.jit
 def _bwd_dkdv_program(
     i_un, i_bhkv,
     q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry,
@@ -611,10 +575,6 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
     if q.dtype == torch.float32:
         block_n = 32
     cfg = _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2))
-    if kv_major and _TUNE.get("bwd", {}).get("mixed", _MIXED_BWD):
-        cfg_kv = _dkdv_config(g, kvb)
-        if cfg_kv["BLOCK_M"] == cfg["BLOCK_M"] and cfg_kv["BLOCK_N"] == cfg["BLOCK_N"]:
-            return _backward_mixed(q, k, v, do, lse, delta, dq, index, scale, cfg_kv)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E,
@@ -649,30 +609,6 @@ def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, d
 
 def _dkdv_config(g: int, kvb: int) -> dict:
     return _tuned("dkdv", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=_pow2_tile(kvb, 64), num_warps=4, num_stages=2))
-
-
-def _backward_mixed(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, cfg):
-    """dq and key-major dk/dv in one launch (``_bwd_mixed_kernel``); same sums, same order."""
-    b, h, s_q, d = q.shape
-    hkv, s_kv = k.shape[1], k.shape[2]
-    kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
-    g, kvb, gq, kmax = index.group_size, index.kv_block, index.num_groups, kv_idx.shape[3]
-    offsets, entries = transpose_index(index, hkv)
-    dk = _new(k.shape, k)
-    dv = _new(v.shape, v)
-    n_units = index.num_kv_units
-    n_dq_x = gq * (g // cfg["BLOCK_M"])
-    n_kv_x = n_units * (kvb // cfg["BLOCK_N"])
-    n_kv = n_kv_x * b * hkv
-    n_all = n_kv + n_dq_x * b * h
-    _bwd_mixed_kernel[(n_all,)](
-        q, k, v, do, lse, delta, dq, dk, dv, kv_idx, kv_count, offsets, entries, scale, scale * _LOG2E,
-        h, hkv, s_q, s_kv, gq, kmax, n_units, entries.shape[-1], d,
-        n_dq_x, n_kv_x, n_kv, n_all,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"]),
-        EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
-    )
-    return dq, dk, dv
 
 
 class _SparseAttention(torch.autograd.Function):
