@@ -175,14 +175,8 @@ def layer_attention_work(layer, default_seq_len: Optional[int]) -> Optional[_flo
     heads, head_dim = layer.num_heads_global, layer.head_dim
     if not layer.sparse:
         return _flops.AttentionWork.dense(seq_len, heads, head_dim)
-    block = layer.dsv.dsv_kv_block
-    units = seq_len // block
-    floor = layer.dsv.min_units(units)
-    if layer.kv_units_global is not None:
-        kv = [min(max(int(k), floor), units) for k in layer.kv_units_global.tolist()]
-    else:  # fixed sparsity: the same K on every head
-        kv = [int(layer.kv_count(seq_len)[0])] * heads
-    return _flops.AttentionWork.sparse(seq_len, head_dim, kv, block)
+    kv = layer.kv_count_global(seq_len).tolist()
+    return _flops.AttentionWork.sparse(seq_len, head_dim, kv, layer.dsv.dsv_kv_block)
 
 
 def core_attention_flops(megatron_core_flops, num_attention_layers, num_sequences, args=None):

@@ -94,8 +94,8 @@ class DSVCoreAttention(MegatronModule):
     """Core attention with DSV's dense and sparse paths; drop-in for Megatron's core attention.
 
     Per-layer state that the stage controller sets and checkpoints carry: ``sparse`` (run the
-    sparse path), ``kv_units_per_head`` (K per local head, in key units; None = from
-    ``dsv_fixed_sparsity``), ``train_predictor`` and ``collect_stats``.
+    sparse path), ``kv_units_global`` (K per head of the layer, all TP ranks, in key units; None =
+    from ``dsv_fixed_sparsity``), ``train_predictor`` and ``collect_stats``.
     """
 
     def __init__(
@@ -157,7 +157,6 @@ class DSVCoreAttention(MegatronModule):
             if getattr(config, "experimental_attention_variant_loss_scale_func", None) is None:
                 config.experimental_attention_variant_loss_scale_func = PredictorLossAutoScaler.set_loss_scale
         self.sparse = self.dsv.dsv_mode == "sparse" and self.predictor is not None
-        self.kv_units_per_head: Optional[Tensor] = None
         self.kv_units_global: Optional[Tensor] = None
         self.schedule_state: Dict = {}  # the controller's stage, replicated into every layer
         self.last_seq_len: Optional[int] = None
@@ -196,7 +195,6 @@ class DSVCoreAttention(MegatronModule):
             if kv.numel() != self.num_heads_global:
                 raise ValueError(f"need K for the layer's {self.num_heads_global} heads, got {kv.numel()}.")
             self.kv_units_global = kv
-            self.kv_units_per_head = kv[self.head_slice()].clone()
         self.sparse = bool(sparse)
 
     def head_slice(self) -> slice:
@@ -212,22 +210,31 @@ class DSVCoreAttention(MegatronModule):
         """Layer input ``[s, b, h]`` for the ``hidden`` predictor variant (set by DSVSelfAttention)."""
         self._layer_input = hidden_states
 
-    def kv_count(self, seq_len_kv: int, for_recall: bool = False) -> Tensor:
-        """K per local head in key units, int32 ``[H]``.
+    def k_for_sparsity(self, sparsity: Tensor, seq_len_kv: int) -> Tensor:
+        """Key units per head for per-head ``sparsity``: ``ceil((1 - s) * units)`` rounded up to
+        ``--dsv-k-multiple``, at least ``--dsv-min-keys``, at most all units (int32)."""
+        units = seq_len_kv // self.dsv.dsv_kv_block
+        return k_from_sparsity(sparsity, units, multiple=self.dsv.multiple_units(), floor=self.dsv.min_units(units))
+
+    def kv_count_global(self, seq_len_kv: int, for_recall: bool = False) -> Tensor:
+        """K per head of the layer (all TP ranks) in key units, int32 ``[H]``.
 
         Set explicitly by :meth:`set_sparse`, else from ``dsv_fixed_sparsity``. For measuring
         recall in stage 1 it is what the head would get when switched: K from its measured
         sparsity (EMA), so recall answers "would the predictor's top-K hold the mass?".
         """
-        units = seq_len_kv // self.dsv.dsv_kv_block
-        floor = self.dsv.min_units(units)
-        if self.kv_units_per_head is not None:
-            return self.kv_units_per_head.clamp(min=floor, max=units)
+        if self.kv_units_global is not None:
+            units = seq_len_kv // self.dsv.dsv_kv_block
+            return self.kv_units_global.clamp(min=self.dsv.min_units(units), max=units)
         if for_recall and not self.sparse and "sparsity" in self.stats_ema:
-            sparsity = self.stats_ema["sparsity"].cpu()[self.head_slice()]
+            sparsity = self.stats_ema["sparsity"].cpu()
         else:
-            sparsity = torch.full((self.num_heads,), self.dsv.dsv_fixed_sparsity)
-        return k_from_sparsity(sparsity, units, multiple=self.dsv.multiple_units(), floor=floor)
+            sparsity = torch.full((self.num_heads_global,), self.dsv.dsv_fixed_sparsity)
+        return self.k_for_sparsity(sparsity, seq_len_kv)
+
+    def kv_count(self, seq_len_kv: int, for_recall: bool = False) -> Tensor:
+        """K per local head in key units, int32 ``[H_local]`` (see :meth:`kv_count_global`)."""
+        return self.kv_count_global(seq_len_kv, for_recall)[self.head_slice()]
 
     def describe(self) -> str:
         """One line naming the backend this layer uses and why."""
@@ -235,7 +242,7 @@ class DSVCoreAttention(MegatronModule):
             why = "cross-attention is always dense" if not self.is_self_attention else "dsv_mode=dense"
             return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
         if self.sparse:
-            k = self.kv_units_per_head
+            k = self.kv_units_global
             ks = "fixed sparsity %.2f" % self.dsv.dsv_fixed_sparsity if k is None else f"K/head={k.tolist()}"
             return f"layer {self.layer_number}: DSV sparse ({self.dsv.dsv_backend} kernels, {ks})"
         why = self.decision or "DSV stage 1, predictor training"
@@ -274,10 +281,8 @@ class DSVCoreAttention(MegatronModule):
         self.stats_ema = {k: torch.tensor(v) for k, v in state["stats_ema"].items()}
         self.schedule_state = dict(state["schedule"])
         self.decision = state.get("decision", "")
-        kv = state["kv_units"]
-        if kv is None:
-            self.kv_units_global = self.kv_units_per_head = None
-        self.set_sparse(state["sparse"] and self.predictor is not None, kv)
+        self.kv_units_global = None
+        self.set_sparse(state["sparse"] and self.predictor is not None, state["kv_units"])
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -343,14 +348,18 @@ class DSVCoreAttention(MegatronModule):
                 enable_gqa=k.shape[1] != q.shape[1],
             )
 
+    def _layer_input_bsh(self) -> Tensor:
+        """The layer input ``[b, s, h]`` for the ``hidden`` predictor variant."""
+        if self._layer_input is None:
+            raise RuntimeError(
+                "dsv_predictor_input='hidden' needs the layer input: use DSVSelfAttention "
+                "(the DSV specs do) or call set_layer_input()."
+            )
+        return self._layer_input.transpose(0, 1)
+
     def _project(self, q, k):
         if self.dsv.dsv_predictor_input == "hidden":
-            if self._layer_input is None:
-                raise RuntimeError(
-                    "dsv_predictor_input='hidden' needs the layer input: use DSVSelfAttention "
-                    "(the DSV specs do) or call set_layer_input()."
-                )
-            return self.predictor.project_hidden(self._layer_input.transpose(0, 1))
+            return self.predictor.project_hidden(self._layer_input_bsh())
         return self.predictor.project(q, k)
 
     def _sparse_forward(self, q, k, v) -> Tensor:
@@ -367,13 +376,9 @@ class DSVCoreAttention(MegatronModule):
         """Predictor loss on sampled rows (grad to the predictor only); stats if asked."""
         s = q.shape[2]
         rows = sample_rows(s, self.dsv.dsv_profile_stride, self.iteration + 7 * self.layer_number, q.device)
-        hidden = self.dsv.dsv_predictor_input == "hidden"
-        x = self._layer_input.transpose(0, 1) if hidden else None
+        x = self._layer_input_bsh() if self.dsv.dsv_predictor_input == "hidden" else None
         with torch.enable_grad():
-            if hidden:
-                u_rows = torch.einsum("bsi,hir->bhsr", x[:, rows].detach().float(), self.predictor.weight_q.float())
-            else:
-                u_rows = torch.einsum("bhsd,hdr->bhsr", q[:, :, rows].detach().float(), self.predictor.weight_q.float())
+            u_rows = self.predictor.project_queries(q[:, :, rows] if x is None else x[:, rows], torch.float32)
             loss = predictor_loss(
                 self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
                 self.dsv.dsv_predictor_cosine_weight, x=None if x is None else x.detach(),

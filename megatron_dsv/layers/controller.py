@@ -41,7 +41,6 @@ import torch.distributed as dist
 from megatron_dsv.config import DSVConfig
 from megatron_dsv.layers.attention import DSVCoreAttention, dsv_attention_layers
 from megatron_dsv.ops._utils import log_once
-from megatron_dsv.ops.sparse_index import k_from_sparsity
 
 logger = logging.getLogger("megatron_dsv")
 
@@ -234,7 +233,7 @@ class DSVController:
         if s_len is None:
             return False, None, "no forward seen yet"
         units = s_len // cfg.dsv_kv_block
-        k = k_from_sparsity(ema["sparsity"], units, multiple=cfg.multiple_units(), floor=cfg.min_units(units))
+        k = layer.k_for_sparsity(ema["sparsity"], s_len)
         sparsity, recall = float(ema["sparsity"].mean()), float(ema["recall"].mean())
         density = float(k.float().mean()) / units
         if sparsity < cfg.dsv_min_sparsity:

@@ -85,21 +85,24 @@ class LowRankPredictor(nn.Module):
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
 
+    def project_queries(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Low-rank queries ``[B, H, S, r]`` from q ``[B, H, S, D]`` (``qk`` input) or the layer
+        input ``[B, S, input_dim]`` (``hidden``), detached, computed in ``dtype`` (default x's)."""
+        dtype = dtype or x.dtype
+        eq = "bhsd,hdr->bhsr" if self.input_dim is None else "bsi,hir->bhsr"
+        return torch.einsum(eq, x.detach().to(dtype), self.weight_q.to(dtype))
+
     def project(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``q [B, H, S, D]``, ``k [B, Hkv, S, D]`` -> ``q_lr, k_lr [B, H, S, r]`` (detached inputs)."""
-        wq, wk = self.weight_q.to(q.dtype), self.weight_k.to(k.dtype)
-        q_lr = torch.einsum("bhsd,hdr->bhsr", q.detach(), wq)
         rep = self.num_heads // self.num_kv_heads
-        wk = wk.view(self.num_kv_heads, rep, -1, self.rank)
+        wk = self.weight_k.to(k.dtype).view(self.num_kv_heads, rep, -1, self.rank)
         k_lr = torch.einsum("bgsd,gjdr->bgjsr", k.detach(), wk).flatten(1, 2)
-        return q_lr, k_lr
+        return self.project_queries(q), k_lr
 
     def project_hidden(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``x [B, S, input_dim]`` -> ``q_lr, k_lr [B, H, S, r]`` (the ``hidden`` variant)."""
-        x = x.detach()
-        q_lr = torch.einsum("bsi,hir->bhsr", x, self.weight_q.to(x.dtype))
-        k_lr = torch.einsum("bsi,hir->bhsr", x, self.weight_k.to(x.dtype))
-        return q_lr, k_lr
+        k_lr = torch.einsum("bsi,hir->bhsr", x.detach(), self.weight_k.to(x.dtype))
+        return self.project_queries(x), k_lr
 
 
 def centered_gram(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:

@@ -110,5 +110,5 @@ def test_dist_checkpoint_round_trip(megatron_state, tmp_path):
     for a, b in zip(dsv_attention_layers(block), dsv_attention_layers(other)):
         assert torch.equal(a.predictor.weight_q, b.predictor.weight_q)
         assert (a.sparse, a.schedule_state) == (b.sparse, b.schedule_state)
-        assert a.kv_units_per_head.tolist() == b.kv_units_per_head.tolist()
+        assert a.kv_units_global.tolist() == b.kv_units_global.tolist()
         torch.testing.assert_close(a.stats_ema["recall"], b.stats_ema["recall"])
