@@ -8,7 +8,11 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_dsv.ops._utils import check_floating, check_head_dim, resolve_backend
-from megatron_dsv.ops.sparse_attention.naive import masked_dense_attention, sparse_attention_reference
+from megatron_dsv.ops.sparse_attention.naive import (
+    masked_dense_attention,
+    sparse_attention_backward_reference,
+    sparse_attention_reference,
+)
 from megatron_dsv.ops.sparse_index import SparseIndex
 
 
@@ -31,7 +35,8 @@ def sparse_attention(
             (CPU tensors run under ``TRITON_INTERPRET=1``) or ``"reference"``.
 
     Returns:
-        ``out [B, H, S_q, D]`` in q's dtype and ``lse [B, H, S_q]`` in fp32 (natural log).
+        ``out [B, H, S_q, D]`` in q's dtype and ``lse [B, H, S_q]`` in fp32 (fp64 for fp64 inputs;
+        natural log).
         Differentiable with respect to q, k and v.
     """
     _validate(q, k, v, index)
@@ -41,6 +46,42 @@ def sparse_attention(
 
         return sparse_attention_triton(q, k, v, index, scale)
     return sparse_attention_reference(q, k, v, index, scale)
+
+
+@torch.no_grad()
+def sparse_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward only, no autograd graph: ``out [B, H, S_q, D]`` (q's dtype) and fp32 ``lse [B, H, S_q]``.
+
+    With :func:`sparse_attention_bwd`, the building block of attention split over several key sets
+    whose partial results are merged by log-sum-exp (the context-parallel ring).
+    """
+    _validate(q, k, v, index)
+    if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
+        from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton_fwd
+
+        return sparse_attention_triton_fwd(q, k, v, index, scale)
+    return sparse_attention_reference(q, k, v, index, scale)
+
+
+@torch.no_grad()
+def sparse_attention_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the pairs in ``index`` given the *final* ``out``/``lse`` of the queries.
+
+    When ``out``/``lse`` merge several key sets, the sum over key sets of ``dq`` and each set's
+    ``dk``/``dv`` is the exact gradient (``p = exp(s - lse)`` uses the global normaliser).
+    Returns fp32 ``dq`` and ``dk``, ``dv`` (fp32 from the reference, k's dtype from Triton).
+    """
+    _validate(q, k, v, index)
+    if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
+        from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton_bwd
+
+        return sparse_attention_triton_bwd(q, k, v, out, lse, do, index, scale)
+    return sparse_attention_backward_reference(q, k, v, out, lse, do, index, scale)
 
 
 def _validate(q, k, v, index: SparseIndex) -> None:
@@ -69,4 +110,7 @@ def _validate(q, k, v, index: SparseIndex) -> None:
 
 
 
-__all__ = ["sparse_attention", "sparse_attention_reference", "masked_dense_attention"]
+__all__ = [
+    "sparse_attention", "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_reference",
+    "sparse_attention_backward_reference", "masked_dense_attention",
+]

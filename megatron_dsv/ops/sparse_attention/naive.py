@@ -56,7 +56,7 @@ def sparse_attention_reference(
         outs.append(torch.einsum("bhgqk,bhgkd->bhgqd", p, v_sel))
         lses.append(lse)
     out = torch.cat(outs, dim=2).reshape(b, h, s, d).to(q.dtype)
-    return out, torch.cat(lses, dim=2).reshape(b, h, s).float()
+    return out, torch.cat(lses, dim=2).reshape(b, h, s)  # fp32 (fp64 for fp64 inputs)
 
 
 def masked_dense_attention(
@@ -72,3 +72,53 @@ def masked_dense_attention(
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse.unsqueeze(-1)), v.to(acc))
     return out.to(q.dtype), lse
+
+
+def sparse_attention_backward_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor, index: SparseIndex, scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one key set's share of an attention whose final ``out``/``lse`` are given.
+
+    With ``p_ij = exp(scale q_i.k_j - lse_i)`` and ``delta_i = do_i . out_i``:
+    ``dv_j = sum_i p_ij do_i``, ``ds_ij = p_ij (do_i . v_j - delta_i)``, ``dq_i = scale sum_j ds_ij k_j``,
+    ``dk_j = scale sum_i ds_ij q_i``. When ``out``/``lse`` are the merged result over several key
+    sets (context parallelism), calling this per key set and summing gives the exact gradient.
+    Returns fp32 ``dq [B, H, S_q, D]``, ``dk, dv [B, H_kv, S_kv, D]``.
+    """
+    b, h, s, d = q.shape
+    h_kv, s_kv = k.shape[1], k.shape[2]
+    rep = h // h_kv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k_full = (k.repeat_interleave(rep, dim=1) if rep > 1 else k).to(acc)
+    v_full = (v.repeat_interleave(rep, dim=1) if rep > 1 else v).to(acc)
+    g = index.group_size
+    tok, valid = gather_token_index(index)
+    gq, kt = tok.shape[2], tok.shape[3]
+    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+    hi = torch.arange(h, device=q.device).view(1, h, 1, 1)
+    qg = q.to(acc).view(b, h, gq, g, d)
+    dog = do.to(acc).view(b, h, gq, g, d)
+    lseg = lse.to(acc).view(b, h, gq, g)
+    delta = (do.to(acc) * out.to(acc)).sum(-1).view(b, h, gq, g)
+    dq = torch.empty(b, h, gq, g, d, dtype=acc, device=q.device)
+    dk = torch.zeros(b, h, s_kv, d, dtype=acc, device=q.device)
+    dv = torch.zeros(b, h, s_kv, d, dtype=acc, device=q.device)
+    chunk = max(1, _CHUNK_ELEMS // max(1, b * h * kt * d))
+    for g0 in range(0, gq, chunk):
+        sl = slice(g0, g0 + chunk)
+        t = tok[:, :, sl]
+        k_sel, v_sel = k_full[bi, hi, t], v_full[bi, hi, t]  # [B, H, c, Kt, D]
+        scores = torch.einsum("bhgqd,bhgkd->bhgqk", qg[:, :, sl], k_sel) * scale
+        p = torch.exp(scores - lseg[:, :, sl].unsqueeze(-1)).masked_fill(~valid[:, :, sl].unsqueeze(3), 0.0)
+        dp = torch.einsum("bhgqd,bhgkd->bhgqk", dog[:, :, sl], v_sel)
+        ds = p * (dp - delta[:, :, sl].unsqueeze(-1))
+        dq[:, :, sl] = torch.einsum("bhgqk,bhgkd->bhgqd", ds, k_sel) * scale
+        dk_sel = torch.einsum("bhgqk,bhgqd->bhgkd", ds, qg[:, :, sl]) * scale
+        dv_sel = torch.einsum("bhgqk,bhgqd->bhgkd", p, dog[:, :, sl])
+        flat = t.flatten(2).unsqueeze(-1).expand(-1, -1, -1, d)
+        dk.scatter_add_(2, flat, dk_sel.flatten(2, 3))
+        dv.scatter_add_(2, flat, dv_sel.flatten(2, 3))
+    if rep > 1:
+        dk, dv = dk.view(b, h_kv, rep, s_kv, d).sum(2), dv.view(b, h_kv, rep, s_kv, d).sum(2)
+    return dq.view(b, h, s, d), dk, dv

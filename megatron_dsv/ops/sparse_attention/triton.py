@@ -643,14 +643,33 @@ def sparse_attention_triton(
     ``lse [B, H, S_q]`` fp32. Gradients flow from ``out`` and ``lse`` (context-parallel merges
     use it) to q, k and v.
     """
-    if index.group_size % 16 != 0:
-        raise ValueError(
-            f"the Triton sparse attention needs a query group size that is a multiple of 16, got "
-            f"{index.group_size}; use --dsv-query-group with 16, 32, 64, ... queries or the reference backend."
-        )
+    _check_group(index)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _SparseAttention.apply(q, k, v, index, float(scale))
 
 
-__all__ = ["sparse_attention_triton", "transpose_index"]
+def _check_group(index: SparseIndex) -> None:
+    if index.group_size % 16 != 0:
+        raise ValueError(
+            f"the Triton sparse attention needs a query group size that is a multiple of 16, got "
+            f"{index.group_size}; use --dsv-query-group with 16, 32, 64, ... queries or the reference backend."
+        )
+
+
+def sparse_attention_triton_fwd(q, k, v, index: SparseIndex, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward without autograd: ``out`` (q's dtype), fp32 ``lse``."""
+    _check_group(index)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _forward(q, k, v, index.kv_idx.contiguous(), index.kv_count.contiguous(), index.group_size, index.kv_block, float(scale))
+
+
+def sparse_attention_triton_bwd(q, k, v, out, lse, do, index: SparseIndex, scale: float):
+    """dq (fp32), dk, dv (k's dtype) of the pairs in ``index`` given the final ``out``/``lse``."""
+    _check_group(index)
+    q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
+    dq, dk, dv = _backward(q, k, v, out, lse.contiguous(), do, None, index, float(scale))
+    return dq.float(), dk, dv
+
+
+__all__ = ["sparse_attention_triton", "sparse_attention_triton_fwd", "sparse_attention_triton_bwd", "transpose_index"]

@@ -1,0 +1,1 @@
+"""Sparsity-aware context parallelism: head all-to-all, selective key/value exchange, planner."""

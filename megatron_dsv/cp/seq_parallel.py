@@ -1,0 +1,331 @@
+"""Sequence-parallel attention across the ranks of a sequence group.
+
+Each of the ``g`` ranks holds the queries, keys and values of one contiguous token chunk
+(``[B, H, s, D]``, chunk ``i`` = tokens ``i*s .. (i+1)*s``) and keeps its queries.
+
+* Dense (stage 1, dense layers): :func:`ring_attention` passes key/value chunks around the ring
+  (``g - 1`` hops, each overlapped with the attention of the chunk in hand) and merges the partial
+  outputs with their log-sum-exp; the backward passes key/value chunks again with their dK/dV
+  accumulators, which arrive home after ``g`` hops. No rank ever holds more than two chunks.
+* Sparse: :func:`selective_sparse_attention`: the low-rank keys (``r`` values per token and head)
+  are all-gathered, each query group selects its critical key blocks over the whole sequence,
+  and every rank fetches from each owner only the union of the remote blocks its groups selected
+  (per key/value head), computes sparse attention over its compact key set and, in the backward,
+  returns dK/dV for the fetched blocks to their owners.
+
+Every function is exact: equal to single-process attention on the gathered sequence up to
+floating-point summation order (tests/cp/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_dsv.ops.sparse_attention import sparse_attention, sparse_attention_bwd, sparse_attention_fwd
+from megatron_dsv.ops.sparse_index import PAD, SparseIndex
+
+
+def full_index(b: int, h: int, s_q: int, s_kv: int, group_size: int, kv_block: int, device) -> SparseIndex:
+    """A SparseIndex selecting every key block: dense attention through the sparse kernels."""
+    units = s_kv // kv_block
+    idx = torch.arange(units, dtype=torch.int32, device=device).expand(b, h, s_q // group_size, units)
+    cnt = torch.full((b, h), units, dtype=torch.int32, device=device)
+    return SparseIndex(idx.contiguous(), cnt, group_size, kv_block, s_q, s_kv)
+
+
+def dense_block(s_kv: int, kv_block: int) -> int:
+    """Key block for a dense ring step: the DSV key block when it divides the chunk, else 1."""
+    return kv_block if s_kv % kv_block == 0 else 1
+
+
+def _ring_pass(tensors: List[Tensor], group) -> List[Tensor]:
+    """Send each tensor to the next rank of ``group`` and receive the previous rank's (async)."""
+    g, me = dist.get_world_size(group), dist.get_rank(group)
+    nxt = dist.get_global_rank(group, (me + 1) % g)
+    prv = dist.get_global_rank(group, (me - 1) % g)
+    recv = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, prv, group) for r in recv]
+    return dist.batch_isend_irecv(ops), recv
+
+
+def _merge(out: Optional[Tensor], lse: Optional[Tensor], o: Tensor, l: Tensor):
+    acc = torch.promote_types(o.dtype, torch.float32)
+    o, l = o.to(acc), l.to(acc)
+    if out is None:
+        return o, l
+    new = torch.logaddexp(lse, l)
+    out = out * torch.exp(lse - new).unsqueeze(-1) + o * torch.exp(l - new).unsqueeze(-1)
+    return out, new
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group, group_size, kv_block, backend):
+        g = dist.get_world_size(group)
+        b, h, s, _ = q.shape
+        kvb = dense_block(k.shape[2], kv_block)
+        index = full_index(b, h, s, k.shape[2], group_size, kvb, q.device)
+        k_cur, v_cur = k.contiguous(), v.contiguous()
+        out = lse = None
+        for step in range(g):
+            reqs, nxt = _ring_pass([k_cur, v_cur], group) if step < g - 1 else ([], None)
+            o, l = sparse_attention_fwd(q, k_cur, v_cur, index, scale, backend)
+            out, lse = _merge(out, lse, o, l)
+            for r in reqs:
+                r.wait()
+            if nxt is not None:
+                k_cur, v_cur = nxt
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cfg = (scale, group, index, backend)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if dlse is not None:
+            raise RuntimeError("ring_attention: gradients through the log-sum-exp are not supported.")
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, group, index, backend = ctx.cfg
+        if dout is None:
+            dout = torch.zeros_like(out)
+        g = dist.get_world_size(group)
+        dout = dout.contiguous()
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        k_cur, v_cur = k.contiguous(), v.contiguous()
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros_like(dk)
+        for step in range(g):
+            dq_i, dk_i, dv_i = sparse_attention_bwd(q, k_cur, v_cur, out, lse, dout, index, scale, backend)
+            dq += dq_i
+            dk += dk_i
+            dv += dv_i
+            # dK/dV travel with the chunk they belong to and reach its owner after g hops.
+            send = [dk, dv] + ([k_cur, v_cur] if step < g - 1 else [])
+            reqs, recv = _ring_pass(send, group)
+            for r in reqs:
+                r.wait()
+            dk, dv = recv[0], recv[1]
+            if step < g - 1:
+                k_cur, v_cur = recv[2], recv[3]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group, group_size: int, kv_block: int = 1,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Dense attention of local queries over the keys of every rank of ``group``.
+
+    Args:
+        q: ``[B, H, s, D]`` this rank's queries; k, v: ``[B, H_kv, s, D]`` its keys/values (every
+            rank holds ``s`` tokens).
+        group_size: query-group size for the kernels (``s % group_size == 0``).
+        kv_block: key block of the kernels' dense steps (used when it divides ``s``).
+
+    Returns:
+        ``out [B, H, s, D]`` (q's dtype) and fp32 ``lse [B, H, s]``; differentiable w.r.t. q, k, v
+        through ``out``.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        kvb = dense_block(k.shape[2], kv_block)
+        index = full_index(q.shape[0], q.shape[1], q.shape[2], k.shape[2], group_size, kvb, q.device)
+        return sparse_attention(q, k, v, index, scale, backend=backend)
+    return _RingAttention.apply(q, k, v, scale, group, group_size, kv_block, backend)
+
+
+# ----------------------------------------------------------------------------- selective exchange
+@dataclass
+class ExchangeStats:
+    """What one selective exchange moved, counted in bytes (forward; the backward mirrors it)."""
+
+    fetched_bytes: int = 0
+    allgather_bytes: int = 0  # what an all-gather of the remote keys/values would have received
+    union_density: List[float] = field(default_factory=list)  # per key/value head, of all blocks
+
+    @property
+    def ratio(self) -> float:
+        return self.fetched_bytes / max(1, self.allgather_bytes)
+
+
+def gather_sequence(x: Tensor, group) -> Tensor:
+    """All-gather ``[B, H, s, r]`` chunks along the sequence -> ``[B, H, g*s, r]`` (no autograd)."""
+    g = dist.get_world_size(group)
+    buf = x.new_empty((g * x.shape[0],) + tuple(x.shape[1:]))
+    dist.all_gather_into_tensor(buf, x.contiguous(), group=group)
+    return buf.view((g,) + tuple(x.shape)).permute(1, 2, 0, 3, 4).reshape(x.shape[0], x.shape[1], g * x.shape[2], x.shape[3])
+
+
+class _KVPlan:
+    """Who needs which key blocks: built from a SparseIndex over the whole sequence's blocks."""
+
+    def __init__(self, index: SparseIndex, num_kv_heads: int, s_local: int, group):
+        self.g, self.me = dist.get_world_size(group), dist.get_rank(group)
+        self.group = group
+        b, h = index.batch_size, index.num_heads
+        self.kvb = index.kv_block
+        n_total = index.num_kv_units
+        self.n_loc = s_local // self.kvb
+        rep = h // num_kv_heads
+        dev = index.kv_idx.device
+        idx = index.kv_idx.long()
+        spare = idx.masked_fill(idx < 0, n_total).flatten(2)  # padding -> spare column
+        used = torch.zeros(b, h, n_total + 1, dtype=torch.bool, device=dev)
+        used.scatter_(2, spare, True)
+        union = used[..., :n_total].view(b, num_kv_heads, rep, n_total).any(2)  # [B, Hkv, N]
+        self.union = union
+        self.pos = union.long().cumsum(-1) - 1  # compact block position of each used block
+        counts = union.sum(-1)
+        self.units_max = max(1, int(counts.max()))
+        owner = torch.arange(n_total, device=dev) // self.n_loc
+        # (b, kv head, block) triples, grouped by owner in rank order
+        trip = union.nonzero()
+        own = owner[trip[:, 2]]
+        order = torch.argsort(own * (b * num_kv_heads * n_total) + (trip[:, 0] * num_kv_heads + trip[:, 1]) * n_total + trip[:, 2])
+        trip, own = trip[order], own[order]
+        self.req = [trip[own == p] for p in range(self.g)]  # what I need from each owner
+        self.req_count = [int(t.shape[0]) for t in self.req]
+        cnt = torch.tensor(self.req_count, dtype=torch.long, device=dev)
+        got = torch.empty_like(cnt)
+        dist.all_to_all_single(got, cnt, group=group)
+        self.serve_count = got.tolist()  # what each peer needs from me
+        send = torch.cat([t.flatten() for t in self.req]) if trip.numel() else cnt.new_empty(0)
+        recv = cnt.new_empty(3 * sum(self.serve_count))
+        dist.all_to_all_single(recv, send, [3 * c for c in self.serve_count], [3 * c for c in self.req_count], group=group)
+        serve = recv.view(-1, 3)
+        serve[:, 2] -= self.me * self.n_loc  # owner-local block
+        self.serve = serve
+        # compact index: global block -> compact position (monotone, so order is kept)
+        kv_of_head = torch.arange(h, device=dev) // rep
+        pos_q = self.pos[:, kv_of_head]  # [B, H, N]
+        flat = idx.clamp(min=0).flatten(2)
+        cidx = torch.gather(pos_q, 2, flat).view_as(idx).masked_fill(idx < 0, PAD)
+        self.index = SparseIndex(
+            cidx.to(torch.int32).contiguous(), index.kv_count, index.group_size, self.kvb,
+            index.seq_len_q, self.units_max * self.kvb,
+        )
+        self.union_density = (counts.float().mean(0) / n_total).tolist()
+
+    def _rows(self, x: Tensor, trip: Tensor) -> Tensor:
+        """Blocks ``trip`` (b, head, owner-local block) of ``x [B, Hkv, s, D]`` -> ``[n, kvb, D]``."""
+        b, hkv, s, d = x.shape
+        return x.view(b, hkv, s // self.kvb, self.kvb, d)[trip[:, 0], trip[:, 1], trip[:, 2]]
+
+    def _place(self, dst: Tensor, trip: Tensor, rows: Tensor) -> None:
+        """Write rows of global blocks ``trip`` into the compact ``dst [B, Hkv, U*kvb, D]``."""
+        b, hkv, _, d = dst.shape
+        p = self.pos[trip[:, 0], trip[:, 1], trip[:, 2]]
+        dst.view(b, hkv, self.units_max, self.kvb, d)[trip[:, 0], trip[:, 1], p] = rows
+
+    def forward(self, kv: Tensor) -> Tensor:
+        """``kv [B, Hkv, s, 2D]`` (keys and values side by side) -> compact ``[B, Hkv, U*kvb, 2D]``."""
+        b, hkv, s, d2 = kv.shape
+        out = kv.new_zeros(b, hkv, self.units_max * self.kvb, d2)
+        me = self.me
+        local = self.req[me].clone()
+        local_rows = self._rows(kv, _local(local, me, self.n_loc))
+        serve = [self._rows(kv, t) for t in self.serve.split(self.serve_count)]
+        serve[me] = serve[me][:0]
+        recv_counts = [0 if p == me else c for p, c in enumerate(self.req_count)]
+        got = _exchange_rows(serve, recv_counts, (self.kvb, d2), self.group, kv)
+        for p, rows in enumerate(got):
+            if p != me and rows.shape[0]:
+                self._place(out, self.req[p], rows)
+        self._place(out, local, local_rows)
+        return out
+
+    def backward(self, dkv_c: Tensor, shape) -> Tensor:
+        """Compact gradient -> gradient of this rank's ``kv`` (blocks fetched by peers come back)."""
+        b, hkv, s, d2 = shape
+        me = self.me
+        dkv = torch.zeros(shape, dtype=dkv_c.dtype, device=dkv_c.device)
+        view_c = dkv_c.view(b, hkv, self.units_max, self.kvb, d2)
+
+        def compact_rows(trip):
+            p = self.pos[trip[:, 0], trip[:, 1], trip[:, 2]]
+            return view_c[trip[:, 0], trip[:, 1], p]
+
+        send = [compact_rows(t) if p != me else dkv_c.new_empty(0, self.kvb, d2) for p, t in enumerate(self.req)]
+        recv_counts = [0 if p == me else c for p, c in enumerate(self.serve_count)]
+        got = _exchange_rows(send, recv_counts, (self.kvb, d2), self.group, dkv_c)
+        blocks = dkv.view(b, hkv, s // self.kvb, self.kvb, d2)
+        local = _local(self.req[me], me, self.n_loc)
+        blocks.index_put_((local[:, 0], local[:, 1], local[:, 2]), compact_rows(self.req[me]), accumulate=True)
+        for t, rows in zip(self.serve.split(self.serve_count), got):
+            if rows.shape[0]:
+                blocks.index_put_((t[:, 0], t[:, 1], t[:, 2]), rows, accumulate=True)
+        return dkv
+
+    def stats(self, k: Tensor) -> ExchangeStats:
+        elem = 2 * k.element_size() * self.kvb * k.shape[-1]  # one block of K and of V
+        fetched = sum(c for p, c in enumerate(self.req_count) if p != self.me) * elem
+        b, hkv, s, _ = k.shape
+        allgather = (self.g - 1) * b * hkv * (s // self.kvb) * elem
+        return ExchangeStats(fetched, allgather, self.union_density)
+
+
+def _local(trip: Tensor, me: int, n_loc: int) -> Tensor:
+    t = trip.clone()
+    t[:, 2] -= me * n_loc
+    return t
+
+
+def _exchange_rows(send: List[Tensor], recv_counts: List[int], row_shape, group, like: Tensor) -> List[Tensor]:
+    row = int(torch.Size(row_shape).numel())
+    flat = torch.cat([t.reshape(-1) for t in send]) if send else like.new_empty(0)
+    recv = like.new_empty(sum(recv_counts) * row)
+    dist.all_to_all_single(recv, flat.contiguous(), [c * row for c in recv_counts], [t.numel() for t in send], group=group)
+    return [t.view(-1, *row_shape) for t in recv.split([c * row for c in recv_counts])]
+
+
+class _SelectiveKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kv, plan: _KVPlan):
+        ctx.plan, ctx.shape = plan, kv.shape
+        return plan.forward(kv.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.plan.backward(grad.contiguous(), ctx.shape), None
+
+
+def selective_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, scale: float, group, backend: str = "auto",
+) -> Tuple[Tensor, Tensor, ExchangeStats]:
+    """Sparse attention of local queries over key blocks selected on the whole sequence.
+
+    Args:
+        q: ``[B, H, s, D]`` this rank's queries (token chunk ``rank`` of ``group``).
+        k, v: ``[B, H_kv, s, D]`` this rank's keys/values.
+        index: selection for the local query groups over the *global* key blocks
+            (``seq_len_kv = g * s``), e.g. from ``select_topk(q_lr, gather_sequence(k_lr))``.
+
+    Returns:
+        ``out [B, H, s, D]``, fp32 ``lse [B, H, s]`` (differentiable w.r.t. q, k, v; dK/dV of
+        fetched blocks go back to their owners) and the bytes the exchange moved.
+    """
+    g = dist.get_world_size(group)
+    if index.seq_len_kv != g * k.shape[2]:
+        raise ValueError(
+            f"the selection covers {index.seq_len_kv} keys but the sequence group holds "
+            f"{g} x {k.shape[2]}; select over the gathered low-rank keys."
+        )
+    with torch.no_grad():
+        plan = _KVPlan(index, k.shape[1], k.shape[2], group)
+    d = k.shape[-1]
+    kv_c = _SelectiveKV.apply(torch.cat([k, v], dim=-1), plan)
+    k_c, v_c = kv_c[..., :d], kv_c[..., d:]
+    out, lse = sparse_attention(q, k_c, v_c, plan.index, scale, backend=backend)
+    return out, lse, plan.stats(k)
+
+
+__all__ = [
+    "ring_attention", "selective_sparse_attention", "gather_sequence", "full_index", "ExchangeStats",
+]
