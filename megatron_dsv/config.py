@@ -37,6 +37,22 @@ def parse_cube(value: Any) -> Tuple[int, int, int]:
     return cube
 
 
+def parse_cp_split(value: str):
+    """``auto`` | ``head`` | ``seq`` | ``HxS`` -> the string, or ``(H, S)`` for a fixed split."""
+    if value in ("auto", "head", "seq"):
+        return value
+    try:
+        h, s = (int(p) for p in str(value).lower().split("x"))
+    except ValueError:
+        h = s = 0
+    if h < 1 or s < 1:
+        raise ValueError(
+            f"--dsv-cp-split must be auto, head, seq or HxS such as 4x2 (head-parallel x "
+            f"sequence-parallel ranks); got {value!r}."
+        )
+    return h, s
+
+
 @dataclass
 class DSVConfig:
     """Configuration of DSV sparse attention. Defaults follow the paper (arXiv 2502.07590)."""
@@ -133,6 +149,29 @@ class DSVConfig:
     """JSON written by benchmarks/attention.py; a layer goes sparse only where it says sparse is
     faster at that length and density. Empty: sparse when density <= 0.5 (logged)."""
 
+    dsv_cp_split: str = "auto"
+    """Context parallelism (``--context-parallel-size`` > 1): how each layer splits the CP group
+    into head-parallel x sequence-parallel ranks. ``auto``: the planner's choice per layer from
+    the measured sparsity (re-planned as it moves); ``head``: as many head-parallel ranks as the
+    heads allow; ``seq``: sequence-parallel only; ``HxS`` (e.g. ``4x2``): fixed for all layers.
+    Exact in every case; only speed differs."""
+
+    dsv_cp_replan_interval: int = 200
+    """With ``--dsv-cp-split auto``: at least this many iterations between two re-plans of a layer."""
+
+    dsv_cp_replan_threshold: float = 0.02
+    """With ``--dsv-cp-split auto``: re-plan a layer when a head's density moved more than this."""
+
+    dsv_cp_gpus_per_node: int = 8
+    """GPUs per node, for the planner's choice of intra-node (all-to-all) vs inter-node links."""
+
+    dsv_cp_intra_node_gbps: float = 150.0
+    """Planner: per-GPU all-to-all bandwidth inside a node, GB/s (NVLink; an assumption until
+    measured on the cluster)."""
+
+    dsv_cp_inter_node_gbps: float = 40.0
+    """Planner: per-GPU point-to-point bandwidth across nodes, GB/s (400 Gb/s InfiniBand)."""
+
     dsv_stats_log: str = ""
     """Append per-layer, per-head statistics as JSON lines to this file (rank 0), for
     ``python -m megatron_dsv.tools.plot_stats``."""
@@ -152,6 +191,12 @@ class DSVConfig:
         _int_range("dsv_profile_interval_stage2", self.dsv_profile_interval_stage2, 1, None)
         _int_range("dsv_switch_min_iters", self.dsv_switch_min_iters, 0, None)
         _int_range("dsv_log_interval", self.dsv_log_interval, 0, None)
+        _int_range("dsv_cp_replan_interval", self.dsv_cp_replan_interval, 1, None)
+        _int_range("dsv_cp_gpus_per_node", self.dsv_cp_gpus_per_node, 1, None)
+        parse_cp_split(self.dsv_cp_split)
+        if self.dsv_cp_intra_node_gbps <= 0 or self.dsv_cp_inter_node_gbps <= 0:
+            raise ValueError("--dsv-cp-intra-node-gbps and --dsv-cp-inter-node-gbps must be > 0.")
+        _unit("dsv_cp_replan_threshold", self.dsv_cp_replan_threshold)
         if self.dsv_switch_max_iters < self.dsv_switch_min_iters:
             raise ValueError(
                 f"--dsv-switch-max-iters ({self.dsv_switch_max_iters}) must be >= "
@@ -208,6 +253,8 @@ class DSVConfig:
 # decisions; the schedule only steers what happens next).
 _RETUNABLE_ON_RESUME = {
     "dsv_backend", "dsv_dense_backend", "dsv_log_interval", "dsv_speed_table", "dsv_stats_log",
+    "dsv_cp_split", "dsv_cp_replan_interval", "dsv_cp_replan_threshold", "dsv_cp_gpus_per_node",
+    "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps",
     # the schedule may be retuned when resuming; the layers' decisions are what is restored
     "dsv_profile_interval_stage1", "dsv_profile_interval_stage2", "dsv_switch_max_iters",
     "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_loss_threshold", "dsv_switch_recall_target",

@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_megatron_state(tp: int = 1, seed: int = 1234, rank: int = 0, world_size: int = 1) -> None:
+def init_megatron_state(tp: int = 1, seed: int = 1234, rank: int = 0, world_size: int = 1, cp: int = 1) -> None:
     """gloo (NCCL with a GPU) init + Megatron model-parallel state, idempotent. Spawned test
     processes pass their rank and world size (MASTER_PORT set by the parent)."""
     import torch.distributed as dist
@@ -41,7 +41,7 @@ def init_megatron_state(tp: int = 1, seed: int = 1234, rank: int = 0, world_size
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     tracker = mrandom.get_cuda_rng_tracker()
     if torch.cuda.is_available():
         if "model-parallel-rng" not in tracker.get_states():

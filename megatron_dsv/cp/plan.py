@@ -12,7 +12,7 @@ head_size seq_size`` (level 0 = consecutive ranks, level 1 = stride ``head_size`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import math
 
@@ -100,4 +100,38 @@ def even_slots(num_heads: int, num_slots: int, unit: int = 1) -> Tuple[Tuple[int
     return balance_heads([1.0] * num_heads, num_slots, unit)
 
 
-__all__ = ["LayerPlan", "balance_heads", "even_slots"]
+def head_unit(num_heads: int, num_kv_heads: int, head_size: int) -> int:
+    """Heads moved together: a key/value head's query heads when there are enough key/value
+    heads to give every head slot one (keys sent once), else single query heads."""
+    rep = num_heads // num_kv_heads
+    return rep if num_kv_heads >= head_size else 1
+
+
+def fixed_plan(
+    split, cp_size: int, num_heads: int, num_kv_heads: int, work: Optional[Sequence[float]] = None
+) -> LayerPlan:
+    """The plan for ``--dsv-cp-split head | seq | (H, S)`` with an LPT head assignment on
+    ``work`` (per-head density; default equal). ``head`` takes the largest head-parallel size
+    that divides the CP size and does not exceed the heads."""
+    if split == "seq":
+        head_size = 1
+    elif split in ("head", "auto"):
+        head_size = max(d for d in range(1, cp_size + 1) if cp_size % d == 0 and d <= num_heads)
+    else:
+        head_size, seq_size = split
+        if head_size * seq_size != cp_size:
+            raise ValueError(
+                f"--dsv-cp-split {head_size}x{seq_size} needs --context-parallel-size "
+                f"{head_size * seq_size}, got {cp_size}."
+            )
+        if head_size > num_heads:
+            raise ValueError(
+                f"--dsv-cp-split {head_size}x{seq_size}: {head_size} head-parallel ranks but only "
+                f"{num_heads} heads per tensor-parallel rank; use at most {num_heads}."
+            )
+    work = [1.0] * num_heads if work is None else list(work)
+    slots = balance_heads(work, head_size, head_unit(num_heads, num_kv_heads, head_size))
+    return LayerPlan(head_size, cp_size // head_size, slots)
+
+
+__all__ = ["LayerPlan", "balance_heads", "even_slots", "fixed_plan", "head_unit"]

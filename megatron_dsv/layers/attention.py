@@ -34,7 +34,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_dsv.config import DSVConfig
+from megatron_dsv.config import DSVConfig, parse_cp_split
+from megatron_dsv.cp.context import CPAttention
+from megatron_dsv.cp.groups import get_cp_groups
+from megatron_dsv.cp.plan import LayerPlan, fixed_plan
 from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
 from megatron_dsv.layers.profiler import sample_rows, sampled_attention_stats
 from megatron_dsv.ops._utils import check_head_dim, log_once
@@ -116,13 +119,9 @@ class DSVCoreAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "DSV attention does not support context parallelism yet (sparsity-aware CP is "
-                "issue 6); run with --context-parallel-size 1."
-            )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            required = ["tp", "cp"] if config.context_parallel_size > 1 else ["tp"]
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
         self.pg_collection = pg_collection
         tp = pg_collection.tp.size()
         self.head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
@@ -169,14 +168,40 @@ class DSVCoreAttention(MegatronModule):
         self.stats_ema: Dict[str, Tensor] = {}  # written by the controller (synced over ranks)
         self._layer_input: Optional[Tensor] = None
 
+        self.cp_groups = None
+        self.cp_plan: Optional[LayerPlan] = None  # set by the controller's planner, else fixed
+        self.cp_exchange = None  # bytes moved by the last selective exchange
+        cp = getattr(pg_collection, "cp", None)
+        if cp is not None and cp.size() > 1:
+            self._init_context_parallel(config, cp, cp_comm_type)
+
         self.dense_backend = self._resolve_dense_backend()
         self.te_attention = None
-        if self.dense_backend == "te":
+        if self.dense_backend == "te" and self.cp_groups is None:
             self.te_attention = TEDotProductAttention(
                 config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                 attention_type=attention_type, softmax_scale=softmax_scale,
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection,
             )
+
+    def _init_context_parallel(self, config, cp, cp_comm_type) -> None:
+        """Sparsity-aware CP (``megatron_dsv/cp``): groups for every head x sequence split."""
+        if self.dsv.dsv_predictor_input == "hidden":
+            raise NotImplementedError(
+                "--dsv-predictor-input hidden is not supported with context parallelism (the layer "
+                "input is split by tokens, the predictor by heads); use --dsv-predictor-input qk."
+            )
+        hcp = None
+        if cp_comm_type == "a2a+p2p" and len(getattr(config, "hierarchical_context_parallel_sizes", None) or []) == 2:
+            hcp = getattr(self.pg_collection, "hcp", None)
+        self.cp_groups = get_cp_groups(cp, hcp)
+        self.cp_plan = fixed_plan(
+            parse_cp_split(self.dsv.dsv_cp_split), cp.size(), self.num_heads, self.num_kv_heads
+        )
+
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.cp_groups is None else self.cp_groups.size
 
     # ---------------------------------------------------------------- state the controller sets
     def set_sparse(self, sparse: bool, kv_units_per_head: Optional[Tensor] = None) -> None:
@@ -306,6 +331,8 @@ class DSVCoreAttention(MegatronModule):
         if self.sparse or trains:
             self._check_bidirectional(mask_type, attention_mask)
         sq, b, np_, hn = query.shape
+        if self.cp_groups is not None:
+            return self._cp_forward(query, key, value, mask_type, trains)
         self.last_seq_len = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         if self.sparse:
@@ -318,6 +345,98 @@ class DSVCoreAttention(MegatronModule):
         if trains:
             out = PredictorLossAutoScaler.apply(out, self._predictor_step(q, k))
         return out
+
+    def _cp_forward(self, query, key, value, mask_type, trains) -> Tensor:
+        """Context-parallel attention on this rank's token shard ``[s/N, b, ...]`` (whole cubes)."""
+        if mask_type != AttnMaskType.no_mask:
+            raise ValueError(
+                "DSV context parallelism is for bidirectional attention without a mask (video DiTs); "
+                f"got attn_mask_type={mask_type.name}."
+            )
+        s_local, b, np_, hn = query.shape
+        cp = CPAttention(self.cp_plan, self.cp_groups, self.num_heads, self.num_kv_heads)
+        s_total = s_local * self.cp_size
+        self._check_cp_shard(s_local)
+        self.last_seq_len = s_total
+        q, k, v = cp.to_heads(query, key, value)  # [b, H_slot, S/seq_size, hn]
+        cfg = self.dsv
+        if self.sparse:
+            with torch.no_grad():
+                q_lr, k_lr = self.predictor.project(q, k, heads=cp.heads)
+                index = select_topk(
+                    q_lr, cp.gather_keys(k_lr), cfg.group_size,
+                    self.kv_count(s_total)[list(cp.heads)].to(q.device),
+                    kv_block=cfg.dsv_kv_block, backend=cfg.dsv_backend,
+                )
+            out = cp.sparse(q, k, v, index, self.softmax_scale, cfg.dsv_backend)
+            self.cp_exchange = cp.exchange
+        else:
+            local = lambda q_, k_, v_: self._dense_forward(q_, k_, v_, None, AttnMaskType.no_mask)
+            out = cp.dense(q, k, v, self.softmax_scale, cfg.group_size, cfg.dsv_kv_block, cfg.dsv_backend, local)
+        if trains:
+            out = PredictorLossAutoScaler.apply(out, self._predictor_step_cp(cp, q, k))
+        return cp.from_heads(out).reshape(s_local, b, np_ * hn)
+
+    def _check_cp_shard(self, s_local: int) -> None:
+        g, kvb = self.dsv.group_size, self.dsv.dsv_kv_block
+        if s_local % g or s_local % kvb:
+            raise ValueError(
+                f"with context parallelism each rank's token shard ({s_local} tokens) must be whole "
+                f"query groups ({g} tokens, --dsv-query-group) and key blocks ({kvb}, --dsv-kv-block): "
+                "choose a latent shape whose token count is a multiple of CP size x query group, "
+                "and shard contiguous runs of whole cubes (VideoDiT does)."
+            )
+
+    def _predictor_step_cp(self, cp: CPAttention, q, k) -> Tensor:
+        """The predictor step of :meth:`_predictor_step` on a CP rank's heads and token chunk.
+
+        Rows are the single-process sample restricted to this chunk; the Gram matrices are summed
+        over the sequence group; the loss is this rank's share times the CP size (Megatron
+        averages gradients over the data x context-parallel group), so the predictor's gradient
+        equals the single-process one. Statistics are summed over the CP group per head and row,
+        so every CP rank reports the single-process values.
+        """
+        s_chunk = q.shape[2]
+        s_total = s_chunk * cp.seq_size
+        lo, hi = cp.chunk_range(s_chunk)
+        rows = sample_rows(s_total, self.dsv.dsv_profile_stride, self.iteration + 7 * self.layer_number, q.device)
+        n_total = rows.numel()
+        rows = rows[(rows >= lo) & (rows < hi)] - lo
+        heads = list(cp.heads)
+        b = q.shape[0]
+        norm = b * self.num_heads * n_total
+        with torch.enable_grad():
+            u_rows = self.predictor.project_queries(q[:, :, rows], torch.float32, heads=heads)
+            loss_sum = predictor_loss(
+                self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
+                self.dsv.dsv_predictor_cosine_weight, heads=heads, group=cp.seq_group, reduction="sum",
+            )
+        loss = loss_sum * (self.cp_size / norm)
+        if self.collect_stats:
+            with torch.no_grad():
+                k_full = cp.gather_keys(k.detach())
+                q_lr, k_lr = self.predictor.project(q, k_full, heads=heads)
+                rep = len(heads) // k_full.shape[1]
+                k_full = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
+                local = torch.zeros(1 + 2 * self.num_heads, device=q.device, dtype=torch.float32)
+                local[0] = loss_sum.detach().float()
+                if rows.numel():
+                    part = self._row_stats(q, k_full, q_lr, k_lr, rows, heads=heads)
+                    idx = torch.as_tensor(heads, device=q.device)
+                    local[1 + idx] = part["sparsity"].float() * rows.numel()
+                    local[1 + self.num_heads + idx] = part["recall"].float() * rows.numel()
+                torch.distributed.all_reduce(local, group=self.cp_groups.cp_group)
+                h = self.num_heads
+                stats = {
+                    "loss": local[0] / norm,
+                    "sparsity": local[1 : 1 + h] / n_total,
+                    "recall": local[1 + h :] / n_total,
+                }
+            self.last_stats = stats
+            self.pending_stats.append(stats)
+        else:
+            self.last_stats = {"loss": loss.detach() / self.cp_size}
+        return loss * self.dsv.dsv_predictor_loss_coeff
 
     def _trains_now(self) -> bool:
         return (
@@ -398,14 +517,16 @@ class DSVCoreAttention(MegatronModule):
         return loss * self.dsv.dsv_predictor_loss_coeff
 
     @torch.no_grad()
-    def _row_stats(self, q, k_full, q_lr, k_lr, rows) -> Dict[str, Tensor]:
+    def _row_stats(self, q, k_full, q_lr, k_lr, rows, heads=None) -> Dict[str, Tensor]:
         g = self.dsv.group_size
         gq = num_groups(q.shape[2], g)
         groups, row_group = torch.unique(rows // g, return_inverse=True)
         b, h, _, r = q_lr.shape
         q_lr_groups = q_lr.view(b, h, gq, g, r)[:, :, groups].flatten(2, 3)
+        kv = self.kv_count(k_full.shape[2], for_recall=True)
+        kv = kv if heads is None else kv[list(heads)]
         index = select_topk(
-            q_lr_groups, k_lr, g, self.kv_count(k_full.shape[2], for_recall=True).to(q.device),
+            q_lr_groups, k_lr, g, kv.to(q.device),
             kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
         )
         stats = sampled_attention_stats(

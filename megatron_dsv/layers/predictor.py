@@ -13,7 +13,9 @@ to core attention) and ``hidden`` (project the layer input, the paper's variant)
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
+
+import torch.distributed as dist
 
 import torch
 from torch import nn
@@ -85,19 +87,35 @@ class LowRankPredictor(nn.Module):
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
 
-    def project_queries(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def weights(self, heads: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``W_q, W_k`` of all heads, or of ``heads`` (a context-parallel rank's head slot)."""
+        if heads is None:
+            return self.weight_q, self.weight_k
+        idx = torch.as_tensor(list(heads), dtype=torch.long, device=self.weight_q.device)
+        return self.weight_q.index_select(0, idx), self.weight_k.index_select(0, idx)
+
+    def project_queries(
+        self, x: torch.Tensor, dtype: Optional[torch.dtype] = None, heads: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
         """Low-rank queries ``[B, H, S, r]`` from q ``[B, H, S, D]`` (``qk`` input) or the layer
-        input ``[B, S, input_dim]`` (``hidden``), detached, computed in ``dtype`` (default x's)."""
+        input ``[B, S, input_dim]`` (``hidden``), detached, computed in ``dtype`` (default x's);
+        ``heads``: the query heads ``x`` holds (default all)."""
         dtype = dtype or x.dtype
         eq = "bhsd,hdr->bhsr" if self.input_dim is None else "bsi,hir->bhsr"
-        return torch.einsum(eq, x.detach().to(dtype), self.weight_q.to(dtype))
+        return torch.einsum(eq, x.detach().to(dtype), self.weights(heads)[0].to(dtype))
 
-    def project(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``q [B, H, S, D]``, ``k [B, Hkv, S, D]`` -> ``q_lr, k_lr [B, H, S, r]`` (detached inputs)."""
-        rep = self.num_heads // self.num_kv_heads
-        wk = self.weight_k.to(k.dtype).view(self.num_kv_heads, rep, -1, self.rank)
+    def project(
+        self, q: torch.Tensor, k: torch.Tensor, heads: Optional[Sequence[int]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q [B, H, S, D]``, ``k [B, Hkv, S, D]`` -> ``q_lr, k_lr [B, H, S, r]`` (detached inputs).
+
+        ``heads``: the query heads q holds (default all); q head ``i`` reads key head
+        ``i // (len(heads) / Hkv)`` of ``k``, the layout the head all-to-all produces."""
+        n_heads = self.num_heads if heads is None else len(heads)
+        rep = n_heads // k.shape[1]
+        wk = self.weights(heads)[1].to(k.dtype).view(k.shape[1], rep, -1, self.rank)
         k_lr = torch.einsum("bgsd,gjdr->bgjsr", k.detach(), wk).flatten(1, 2)
-        return self.project_queries(q), k_lr
+        return self.project_queries(q, heads=heads), k_lr
 
     def project_hidden(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``x [B, S, input_dim]`` -> ``q_lr, k_lr [B, H, S, r]`` (the ``hidden`` variant)."""
@@ -105,22 +123,32 @@ class LowRankPredictor(nn.Module):
         return self.project_queries(x), k_lr
 
 
-def centered_gram(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def centered_gram(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192, group=None) -> torch.Tensor:
     """``sum_j (a_j - mean a)(b_j - mean b)^T`` over the sequence axis, fp32, no grad.
 
     ``a [B, G, S, Da]``, ``b [B, G or 1, S, Db]`` -> ``[B, G, Da, Db]``; chunked over S so the fp32
-    copies stay small (8192 tokens x 16 heads x 128 x 4 B = 64 MiB).
+    copies stay small (8192 tokens x 16 heads x 128 x 4 B = 64 MiB). With ``group`` (context
+    parallelism) the sequence is the concatenation of every rank's chunk: means and sums are
+    all-reduced (two small collectives), so every rank gets the whole sequence's Gram matrix.
     """
     acc = torch.promote_types(a.dtype, torch.float32)  # fp64 inputs stay fp64 (tests)
     with torch.no_grad():
-        mean_a = a.to(acc).mean(2, keepdim=True)
-        mean_b = b.to(acc).mean(2, keepdim=True)
+        sums = [a.to(acc).sum(2, keepdim=True), b.to(acc).sum(2, keepdim=True)]
+        n = a.shape[2]
+        if group is not None:
+            flat = torch.cat([t.flatten() for t in sums])
+            dist.all_reduce(flat, group=group)
+            sums = [t.view_as(s) for t, s in zip(flat.split([s.numel() for s in sums]), sums)]
+            n *= dist.get_world_size(group)
+        mean_a, mean_b = sums[0] / n, sums[1] / n
         out = None
         for i in range(0, a.shape[2], chunk):
             a_c = a[:, :, i : i + chunk].to(acc) - mean_a
             b_c = b[:, :, i : i + chunk].to(acc) - mean_b
             part = a_c.transpose(-1, -2) @ b_c
             out = part if out is None else out + part
+        if group is not None:
+            dist.all_reduce(out, group=group)
         return out
 
 
@@ -141,6 +169,9 @@ def predictor_loss(
     scale: float,
     cosine_weight: float = 0.95,
     x: Optional[torch.Tensor] = None,
+    heads: Optional[Sequence[int]] = None,
+    group=None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Mean predictor loss over sampled query rows against all keys, without any ``[N, S]`` scores.
 
@@ -160,12 +191,16 @@ def predictor_loss(
         u_rows: ``[B, H, N, r]`` their predicted low-rank queries (grad to ``weight_q``).
         k: ``[B, H_kv, S, D]`` exact keys (detached).
         x: ``[B, S, in]`` layer input for the ``hidden`` predictor variant.
+        heads: the query heads ``q_rows`` holds (a context-parallel head slot), default all.
+        group: the sequence group when ``k`` is one chunk of the sequence (context parallelism):
+            the Gram matrices are summed over it, so each row is scored against every key.
+        reduction: ``"mean"`` over rows and heads, or ``"sum"`` (the caller normalises).
     """
-    h, rep = predictor.num_heads, predictor.num_heads // predictor.num_kv_heads
-    kv_of_head = torch.arange(h, device=k.device) // rep
-    g_kk = centered_gram(k, k)[:, kv_of_head]  # [B, H, D, D]
+    h = predictor.num_heads if heads is None else len(heads)
+    kv_of_head = torch.arange(h, device=k.device) // (h // k.shape[1])
+    g_kk = centered_gram(k, k, group=group)[:, kv_of_head]  # [B, H, D, D]
     acc = g_kk.dtype
-    wk = predictor.weight_k.to(acc)
+    wk = predictor.weights(heads)[1].to(acc)
     if x is None:
         g_kw = g_kk @ wk  # [B, H, D, r]
         g_ww = wk.transpose(-1, -2) @ g_kw
@@ -179,7 +214,8 @@ def predictor_loss(
     ee = c2 * ((q @ g_kk) * q).sum(-1)
     pe = c2 * ((q @ g_kw) * u).sum(-1)
     pp = c2 * ((u @ g_ww) * u).sum(-1)
-    return row_loss_from_sums(pe, ee, pp, cosine_weight).mean()
+    rows = row_loss_from_sums(pe, ee, pp, cosine_weight)
+    return rows.sum() if reduction == "sum" else rows.mean()
 
 
 def _chunk_loss(pred: torch.Tensor, exact: torch.Tensor, cosine_weight: float) -> torch.Tensor:

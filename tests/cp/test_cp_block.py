@@ -1,0 +1,138 @@
+"""A megatron-core TransformerBlock with DSV attention and CP = 2 and 4 matches CP = 1.
+
+Each rank feeds its contiguous token shard; outputs and input gradients are compared slice by
+slice, parameter gradients (averaged over the CP group, as Megatron's data x context-parallel
+gradient reduction does, with each rank's loss multiplied by the CP size as Megatron's losses
+are) against the single-process block, and the DSV statistics every rank reports against the
+single-process ones. Dense (DSV stage 1: predictor training and profiling) and sparse modes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.cp.distributed import run_ranks
+
+S, BATCH = 64, 2
+TOL = 2e-5
+
+
+def _block_rank(rank, world, cases, out_path):
+    from tests.megatron_shim import init_megatron_state
+
+    init_megatron_state(cp=world, rank=rank, world_size=world, seed=7)
+    if world == 2:
+        _bad_inputs_raise(world)
+    for mode, split, uneven in cases:
+        _block_case(rank, world, mode, split, uneven, f"{out_path}_{mode}_{split}_{uneven}")
+
+
+def _bad_inputs_raise(world):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_dsv.layers.attention import DSVCoreAttention
+    from tests.megatron_shim import tiny_config
+
+    def core(**kw):
+        cfg = tiny_config(context_parallel_size=world, **kw)
+        return DSVCoreAttention(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
+
+    with pytest.raises(NotImplementedError, match="--dsv-predictor-input qk"):
+        core(dsv_predictor_input="hidden")
+    with pytest.raises(ValueError, match="--context-parallel-size 4"):
+        core(dsv_cp_split="2x2")
+    with pytest.raises(ValueError, match="whole query groups"):
+        q = torch.randn(12, BATCH, 4, 32)  # 12 tokens per rank, query groups of 8
+        core(dsv_mode="sparse")(q, q, q, None)
+
+
+def _block_case(rank, world, mode, split, uneven, out_path):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.cp.plan import LayerPlan
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+    from tests.megatron_shim import tiny_config
+
+    torch.manual_seed(7)
+    cfg = dict(
+        context_parallel_size=world, dsv_mode=mode, dsv_cp_split=split, dsv_fixed_sparsity=0.8,
+        num_query_groups=2,
+    )
+    block = TransformerBlock(tiny_config(**cfg), dsv_gpt_layer_spec)
+    layers = dsv_attention_layers(block)
+    for layer in layers:
+        layer.set_iteration(3)
+        if uneven and world > 1:
+            layer.cp_plan = LayerPlan(2, world // 2, ((1,), (0, 2, 3)))  # 1 head vs 3 heads
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(S, BATCH, 128, generator=gen)
+    w = torch.randn(S, BATCH, 128, generator=gen)
+    shard = S // world
+    sl = slice(rank * shard, (rank + 1) * shard)
+    x_local = x[sl].clone().requires_grad_(True)
+    out = block(x_local, attention_mask=None)
+    (world * (out * w[sl]).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    for g in grads.values():
+        dist.all_reduce(g, group=ps.get_context_parallel_group())
+        g /= world
+    stats = [{k: v.tolist() for k, v in layer.pending_stats[0].items()} for layer in layers] if mode == "auto" else []
+    result = {
+        "out": out.detach().tolist(), "dx": (x_local.grad / world).tolist(),
+        "grads": {n: g.tolist() for n, g in grads.items()}, "stats": stats,
+        "plans": [list(map(list, l.cp_plan.slots)) if l.cp_plan else None for l in layers],
+        "exchange": [None if l.cp_exchange is None else l.cp_exchange.ratio for l in layers],
+    }
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump(result, f)
+
+
+CASES = {
+    1: [(mode, "auto", False) for mode in ("auto", "sparse")],
+    2: [(mode, split, False) for mode in ("auto", "sparse") for split in ("head", "seq")],
+    4: [(mode, split, split == "2x2") for mode in ("auto", "sparse") for split in ("2x2", "seq")],
+}
+
+
+def _load(path, world, mode, split, uneven):
+    return [json.load(open(f"{path}_{mode}_{split}_{uneven}.{r}")) for r in range(world)]
+
+
+def _close(name, got, want):
+    got, want = torch.tensor(got), torch.tensor(want)
+    err = (got - want).abs().max().item()
+    assert err < TOL * max(1.0, want.abs().max().item()), f"{name}: max error {err}"
+
+
+def test_block_cp_matches_single_process(tmp_path):
+    paths = {}
+    for world, cases in CASES.items():
+        paths[world] = str(tmp_path / f"cp{world}")
+        run_ranks(_block_rank, world, cases, paths[world])
+    for world in (2, 4):
+        for mode, split, uneven in CASES[world]:
+            _compare(_load(paths[1], 1, mode, "auto", False)[0], _load(paths[world], world, mode, split, uneven), world, mode, split, uneven)
+
+
+def _compare(ref, ranks, world, mode, split, uneven):
+    shard = S // world
+    label = f"CP={world} split={split} uneven={uneven} mode={mode}"
+    for r, res in enumerate(ranks):
+        _close(f"{label} rank {r} out", res["out"], ref["out"][r * shard : (r + 1) * shard])
+        _close(f"{label} rank {r} dx", res["dx"], ref["dx"][r * shard : (r + 1) * shard])
+        assert res["grads"].keys() == ref["grads"].keys()
+        for n in ref["grads"]:
+            _close(f"{label} rank {r} grad {n}", res["grads"][n], ref["grads"][n])
+        for layer_got, layer_ref in zip(res["stats"], ref["stats"]):
+            for k in layer_ref:
+                _close(f"{label} rank {r} stat {k}", layer_got[k], layer_ref[k])
+    if uneven:
+        assert ranks[0]["plans"][0] == [[1], [0, 2, 3]]
+    if mode == "sparse" and split == "seq":
+        assert all(0 < e <= 1 for e in ranks[0]["exchange"]), ranks[0]["exchange"]
