@@ -159,6 +159,7 @@ class DSVCoreAttention(MegatronModule):
         self.kv_units_global: Optional[Tensor] = None
         self.schedule_state: Dict = {}  # the controller's stage, replicated into every layer
         self.last_seq_len: Optional[int] = None
+        self.last_batch = 1
         self.decision = ""  # the controller's last reason for this layer's path
         self.train_predictor = self.predictor is not None
         self.collect_stats = self.predictor is not None
@@ -262,7 +263,17 @@ class DSVCoreAttention(MegatronModule):
         return self.kv_count_global(seq_len_kv, for_recall)[self.head_slice()]
 
     def describe(self) -> str:
-        """One line naming the backend this layer uses and why."""
+        """One line naming the backend this layer uses and why (and its CP split)."""
+        line = self._describe_path()
+        if self.cp_plan is not None:
+            p = self.cp_plan
+            line += (
+                f"; CP {p.head_size}x{p.seq_size} (head x sequence), heads per rank "
+                f"{[len(h) for h in p.slots]}"
+            )
+        return line
+
+    def _describe_path(self) -> str:
         if self.predictor is None:
             why = "cross-attention is always dense" if not self.is_self_attention else "dsv_mode=dense"
             return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
@@ -357,7 +368,7 @@ class DSVCoreAttention(MegatronModule):
         cp = CPAttention(self.cp_plan, self.cp_groups, self.num_heads, self.num_kv_heads)
         s_total = s_local * self.cp_size
         self._check_cp_shard(s_local)
-        self.last_seq_len = s_total
+        self.last_seq_len, self.last_batch = s_total, b
         q, k, v = cp.to_heads(query, key, value)  # [b, H_slot, S/seq_size, hn]
         cfg = self.dsv
         if self.sparse:

@@ -150,6 +150,7 @@ class DSVController:
         initial = {"auto": 1, "sparse": 2}.get(self.cfg.dsv_mode, 0)
         self.stage: int = sched.get("stage", initial)
         self.switch_iteration: Optional[int] = sched.get("switch_iteration")
+        self.cp_policy = None  # the CP planner's per-layer plans (--dsv-cp-split auto)
         self.optimizer = None
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -180,6 +181,7 @@ class DSVController:
             events += self._switch(iteration)
         elif self.stage == 2 and measured is not None and self.cfg.dsv_mode == "auto":
             events += self._redecide()
+        events += self._replan(iteration)
         self._store_schedule()
         summary = self.summary(iteration)
         interval = self.cfg.dsv_log_interval
@@ -243,6 +245,57 @@ class DSVController:
         if not self.speed_table.sparse_faster(s_len, layer.head_dim, density):
             return False, k, f"speed table: dense is faster at S={s_len}, density {density:.3f}"
         return True, k, f"sparsity {sparsity:.3f}, recall {recall:.3f}, K/head {k.tolist()}"
+
+    # ------------------------------------------------------------------ context parallelism
+    def _replan(self, iteration: int) -> List[str]:
+        """``--dsv-cp-split auto``: re-plan each layer's head x sequence split and head assignment
+        from its measured sparsity (bounded cadence, see ``ReplanPolicy``). The inputs are the
+        synchronised EMA statistics, so every rank computes the same plans (checked)."""
+        layers = [l for l in self.layers if l.cp_groups is not None]
+        if not layers or self.cfg.dsv_cp_split != "auto" or any(l.last_seq_len is None for l in layers):
+            return []
+        from megatron_dsv.cp.planner import AttentionShape, CostModel, DEFAULT_BENCHMARK, ReplanPolicy, check_plans_agree
+
+        cfg = self.cfg
+        if self.cp_policy is None:
+            table = cfg.dsv_speed_table or DEFAULT_BENCHMARK
+            try:
+                cost = CostModel.from_benchmark(
+                    table, intra_node_gbps=cfg.dsv_cp_intra_node_gbps, inter_node_gbps=cfg.dsv_cp_inter_node_gbps
+                )
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"--dsv-cp-split auto needs kernel timings for its cost model: {table} is missing. "
+                    "Pass --dsv-speed-table with a benchmarks/attention.py JSON, or a fixed "
+                    "--dsv-cp-split (head, seq or HxS)."
+                ) from None
+            shapes = [
+                AttentionShape(l.last_seq_len, l.num_heads, l.head_dim, l.num_kv_heads, batch=l.last_batch)
+                for l in layers
+            ]
+            self.cp_policy = ReplanPolicy(
+                cost, shapes, cp_size=layers[0].cp_size, gpus_per_node=cfg.dsv_cp_gpus_per_node,
+                granule=cfg.group_size, threshold=cfg.dsv_cp_replan_threshold,
+                min_interval=cfg.dsv_cp_replan_interval,
+            )
+        sparsity = [
+            l.stats_ema["sparsity"][l.head_slice()].tolist() if l.sparse and "sparsity" in l.stats_ema else None
+            for l in layers
+        ]
+        changed = self.cp_policy.maybe_replan(iteration, sparsity, sparse=[l.sparse for l in layers])
+        if not changed:
+            return []
+        check_plans_agree(self.cp_policy.plans, group=layers[0].cp_groups.cp_group)
+        events = []
+        for i in changed:
+            plan = self.cp_policy.plans[i]
+            layers[i].cp_plan = plan
+            events.append(
+                f"DSV layer {layers[i].layer_number}: CP plan {plan.head_size}x{plan.seq_size} "
+                f"(head-parallel x sequence-parallel), heads per rank {[len(h) for h in plan.slots]}, "
+                f"predicted {plan.predicted_ms:.2f} ms"
+            )
+        return events
 
     # ------------------------------------------------------------------ statistics
     def _gather(self) -> Optional[torch.Tensor]:

@@ -28,6 +28,39 @@ def _block_rank(rank, world, cases, out_path):
         _bad_inputs_raise(world)
     for mode, split, uneven in cases:
         _block_case(rank, world, mode, split, uneven, f"{out_path}_{mode}_{split}_{uneven}")
+    if world == 2:
+        _controller_replans(world, rank)
+
+
+def _controller_replans(world, rank):
+    """--dsv-cp-split auto: the controller's planner sets every layer's plan, equal on all ranks."""
+    import math
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.cp.planner import check_plans_agree
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.controller import DSVController
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+    from tests.megatron_shim import tiny_config
+
+    torch.manual_seed(7)
+    cfg = tiny_config(context_parallel_size=world, dsv_mode="sparse", dsv_cp_split="auto", num_query_groups=2)
+    block = TransformerBlock(cfg, dsv_gpt_layer_spec)
+    ctl = DSVController(block, stats_group=ps.get_data_parallel_group(with_context_parallel=True), log=lambda m: None)
+    x = torch.randn(S // world, BATCH, 128, generator=torch.Generator().manual_seed(rank))
+    events = []
+    for it in range(2):
+        ctl.on_iteration_start(it)
+        block(x, attention_mask=None).sum().backward()
+        events += ctl.on_iteration_end(it)["events"]
+    plans = [l.cp_plan for l in dsv_attention_layers(block)]
+    assert all(p is not None and math.isfinite(p.predicted_ms) for p in plans), plans
+    assert plans == ctl.cp_policy.plans
+    check_plans_agree(plans, group=ps.get_context_parallel_group())
+    assert "CP " in dsv_attention_layers(block)[0].describe()
+    assert any("CP plan" in e for e in events), events
 
 
 def _bad_inputs_raise(world):
