@@ -24,6 +24,27 @@ from torch.utils.checkpoint import checkpoint
 # Exact-score rows per chunk in the reference loss, so it never holds [N, S] for all rows.
 _LOSS_CHUNK_ELEMS = 1 << 25
 
+# Megatron's optimizer clips parameters tagged with a registered ``grad_norm_group`` by their own
+# norm and leaves them out of the model's norm (its mechanism for MTP heads). Without this the
+# predictor's gradients enter the model's --clip-grad norm, which shrinks the model's updates in
+# stage 1 and makes a DSV run diverge from its dense baseline before any layer goes sparse.
+GRAD_NORM_GROUP = "dsv_predictor"
+
+
+def register_grad_norm_group() -> bool:
+    """Register :data:`GRAD_NORM_GROUP` with Megatron's optimizer (idempotent); False when this
+    megatron-core has no separate grad-norm groups (the predictor then shares the model's norm)."""
+    try:
+        from megatron.core.optimizer import optimizer as mopt
+    except ImportError:  # pragma: no cover - ops-only use without Megatron
+        return False
+    groups = getattr(mopt, "SEPARATE_GRAD_NORM_GROUPS", None)
+    if groups is None:
+        return False
+    if GRAD_NORM_GROUP not in groups:
+        mopt.SEPARATE_GRAD_NORM_GROUPS = tuple(groups) + (GRAD_NORM_GROUP,)
+    return True
+
 
 class LowRankPredictor(nn.Module):
     """Per-head low-rank projections.
@@ -73,8 +94,11 @@ class LowRankPredictor(nn.Module):
         # Heads are split over tensor-parallel ranks, so each rank owns its heads' projections:
         # Megatron's checkpointing shards them along dim 0 (see sharded_state_dict).
         self.tp_group = None
+        separate = register_grad_norm_group()
         for p in (self.weight_q, self.weight_k):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+            if separate:
+                p.grad_norm_group = GRAD_NORM_GROUP
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Megatron distributed checkpointing: weights sharded over TP ranks along heads."""

@@ -112,3 +112,27 @@ def test_dist_checkpoint_round_trip(megatron_state, tmp_path):
         assert (a.sparse, a.schedule_state) == (b.sparse, b.schedule_state)
         assert a.kv_units_global.tolist() == b.kv_units_global.tolist()
         torch.testing.assert_close(a.stats_ema["recall"], b.stats_ema["recall"])
+
+
+def test_megatron_clips_the_predictor_by_its_own_norm(megatron_state):
+    """Megatron's clip_grad_norm (CUDA-only): the model's norm and clipped gradients are the same
+    with a huge predictor gradient as without the predictor; the predictor is clipped alone."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    block = build_block("auto").float()
+    x = torch.randn(2048, 1, 1024, device="cuda")
+    block(x, attention_mask=None).square().mean().backward()
+    pred = [p for n, p in block.named_parameters() if "predictor" in n]
+    model = [p for n, p in block.named_parameters() if "predictor" not in n and p.grad is not None]
+    model_grads = [p.grad.clone() for p in model]
+    for p in pred:
+        p.grad.mul_(1e4)
+    opt = FP32Optimizer(torch.optim.SGD(block.parameters(), lr=1.0), OptimizerConfig(clip_grad=1e-3), None)
+    norm = opt.clip_grad_norm(1e-3)
+    want = torch.sqrt(sum(g.double().pow(2).sum() for g in model_grads)).item()
+    assert norm == pytest.approx(want, rel=1e-4)
+    for p, g in zip(model, model_grads):
+        torch.testing.assert_close(p.grad, g * min(1.0, 1e-3 / (want + 1e-6)), rtol=1e-4, atol=1e-9)
+    pred_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in pred)).item()
+    assert pred_norm == pytest.approx(1e-3, rel=1e-3)

@@ -63,6 +63,24 @@ def test_predictor_loss_reaches_only_predictor(megatron_state):
     torch.testing.assert_close(dx_dense, dx_off)
 
 
+def test_predictor_gradients_stay_out_of_the_model_grad_norm(megatron_state):
+    """Megatron's clipping norm (``get_grads_for_grad_norm``) leaves the predictor out and the
+    predictor gets its own group, so a DSV model's clipped update equals the dense baseline's.
+    (The clipping arithmetic itself is CUDA-only in Megatron: tests/gpu runs it.)"""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
+
+    block = build(dsv_mode="auto")
+    run(block, torch.randn(S, B, HID))
+    opt = FP32Optimizer.__new__(FP32Optimizer)  # FP32Optimizer.__init__ allocates on CUDA
+    MegatronOptimizer.__init__(opt, torch.optim.SGD(block.parameters(), lr=1.0), OptimizerConfig(clip_grad=1.0), None)
+    pred = {id(p.grad) for n, p in block.named_parameters() if "predictor" in n}
+    model = {id(p.grad) for n, p in block.named_parameters() if "predictor" not in n and p.grad is not None}
+    assert len(pred) == 4 and model
+    assert {id(g) for g in opt.get_grads_for_grad_norm()} == model
+    assert {id(g) for g in opt.get_grads_for_grad_norm("dsv_predictor")} == pred
+
+
 def test_sparse_with_all_keys_equals_dense(megatron_state):
     block = build(dsv_mode="auto")
     x = torch.randn(S, B, HID)
