@@ -30,32 +30,36 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+# The private ops' backward takes the forward's auxiliary outputs (cumulative lengths, RNG
+# state); they are kept per (query, key chunk) call, keyed by the chunk's data pointer.
+_AUX = {}
+
+
 def cudnn_fwd(q, k, v, scale):
-    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
-    return o, lse.reshape(q.shape[:3]).float()
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    _AUX[("cudnn", k.data_ptr())] = res
+    return res[0], res[1].reshape(q.shape[:3]).float()
 
 
 def cudnn_bwd(q, k, v, out, lse, do, scale):
-    b, h, s, _ = q.shape
-    empty = torch.empty(0, device=q.device)
-    seed = torch.zeros((), dtype=torch.int64, device=q.device)
-    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do, q, k, v, out, lse.view(b, h, s, 1).contiguous(), seed, seed, empty, empty, empty,
-        s, k.shape[2], 0.0, False, scale=scale,
+    o0, lse0, cq, ck, mq, mk, seed, off, _ = _AUX[("cudnn", k.data_ptr())]
+    lse_op = lse.to(lse0.dtype).reshape(lse0.shape).contiguous()
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, out, lse_op, seed, off, None, cq, ck, mq, mk, 0.0, False, scale=scale,
     )
-    return grads
 
 
 def flash_fwd(q, k, v, scale):
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
-    return o, lse.float()
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    _AUX[("flash", k.data_ptr())] = res
+    return res[0], res[1].float()
 
 
 def flash_bwd(q, k, v, out, lse, do, scale):
-    empty = torch.empty(0, device=q.device)
-    seed = torch.zeros(2, dtype=torch.int64, device=q.device)
+    o0, lse0, cq, ck, mq, mk, rng, unused, _ = _AUX[("flash", k.data_ptr())]
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        do, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, False, seed, seed, scale=scale,
+        do, q, k, v, out, lse.to(lse0.dtype).reshape(lse0.shape).contiguous(), cq, ck, mq, mk, 0.0, False, rng, unused,
+        scale=scale,
     )
 
 

@@ -111,10 +111,12 @@ def test_atomic_fused_and_key_major_backward_agree(monkeypatch):
         assert _rel(f, r) < (2e-5 if INTERPRET else 5e-3)
 
 
+@CPU_OK
 def test_transpose_index_lists_every_pair():
     """Key-major lists hold exactly the (head, group) pairs that selected each unit."""
-    index = _index(2, 4, 128, 16, 4, [3, 32, 1, 7], "cpu")
-    offsets, entries = sa_triton.transpose_index(index, num_kv_heads=2)
+    index = _index(2, 4, 128, 16, 4, [3, 32, 1, 7], DEVICE)
+    offsets, entries = (t.cpu() for t in sa_triton.transpose_index(index, num_kv_heads=2))
+    index = index.to("cpu")
     b, h, gq, _ = index.kv_idx.shape
     for bi in range(b):
         for hk in range(2):
@@ -129,16 +131,17 @@ def test_transpose_index_lists_every_pair():
                 assert got == want
 
 
+@CPU_OK
 @pytest.mark.parametrize("hkv", [1, 3])
 def test_transpose_index_mark_equals_sort(hkv, monkeypatch):
     """The byte-map transpose gives the sort path's offsets and lists (same order)."""
-    index = _index(2, 3, 256, 32, 16, [5, 16, 1], "cpu", seed=2)
+    index = _index(2, 3, 256, 32, 16, [5, 16, 1], DEVICE, seed=2)
     off_m, ent_m = sa_triton.transpose_index(index, num_kv_heads=hkv)
     monkeypatch.setattr(sa_triton, "_KT_MARK_MAX_BYTES", 0)
     off_s, ent_s = sa_triton.transpose_index(index, num_kv_heads=hkv)
     assert torch.equal(off_m, off_s)
     n = off_s[..., -1:]
-    valid = torch.arange(ent_s.shape[-1]).view(1, 1, -1) < n
+    valid = torch.arange(ent_s.shape[-1], device=n.device).view(1, 1, -1) < n
     assert torch.equal(ent_m[valid], ent_s[valid])
 
 
