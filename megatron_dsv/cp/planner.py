@@ -65,6 +65,7 @@ from megatron_dsv.cp.plan import LayerPlan, balance_heads, even_slots, head_unit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BENCHMARK = REPO_ROOT / "benchmarks" / "results" / "attention_h100_20261124_pass4.json"
+DEFAULT_RING_BENCHMARK = REPO_ROOT / "benchmarks" / "results" / "cp_chunk_h100_20261124.json"
 
 Density = Optional[Sequence[float]]
 """Per query head ``1 - sparsity`` (fraction of (query, key) pairs computed), ``[H]``; None: dense."""
@@ -285,6 +286,11 @@ class CostModel:
         latency_ms: fixed cost per collective or ring step.
         union_factor: key-block union over a rank's query groups relative to one group's density,
             ``u = min(1, union_factor * density)`` (assumption; measured unions replace it).
+        ring_compute_factor: time of a dense ring step relative to cuDNN dense attention on the
+            same chunk pair. The ring needs each step's log-sum-exp, which the public SDPA does
+            not return, so its steps run our Triton kernels with an all-blocks index: measured
+            1.42x / 1.53x (D=128, 16k / 32k-token chunks) and 1.36x (D=64) on an H100
+            (``benchmarks/results/cp_chunk_h100_20261124.json``, loaded by :meth:`from_benchmark`).
         source: the benchmark file the fits came from; ``env``: its hardware line.
     """
 
@@ -293,6 +299,7 @@ class CostModel:
     inter_node_gbps: float = 40.0
     latency_ms: float = 0.01
     union_factor: float = 2.0
+    ring_compute_factor: float = 1.0
     source: str = ""
     env: Tuple[Tuple[str, str], ...] = ()
 
@@ -305,15 +312,25 @@ class CostModel:
                 raise ValueError(f"CostModel.{name} must be > 0 GB/s, got {getattr(self, name)}.")
         if self.latency_ms < 0:
             raise ValueError(f"CostModel.latency_ms must be >= 0, got {self.latency_ms}.")
+        if self.ring_compute_factor <= 0:
+            raise ValueError(f"CostModel.ring_compute_factor must be > 0, got {self.ring_compute_factor}.")
         if self.union_factor < 1:
             raise ValueError(
                 f"CostModel.union_factor must be >= 1 (a union covers each group), got {self.union_factor}."
             )
 
     @classmethod
-    def from_benchmark(cls, path=DEFAULT_BENCHMARK, **kwargs) -> "CostModel":
-        """Fit the kernels from a ``benchmarks/attention.py`` JSON (``env``, ``args``, ``rows``);
-        ``kwargs`` set the bandwidths, latency and union factor."""
+    def from_benchmark(cls, path=DEFAULT_BENCHMARK, ring_path=DEFAULT_RING_BENCHMARK, **kwargs) -> "CostModel":
+        """Fit the kernels from a ``benchmarks/attention.py`` JSON (``env``, ``args``, ``rows``)
+        and the ring step factor from a ``benchmarks/cp_chunk.py`` JSON (the mean of its
+        Triton-vs-cuDNN ratios; skipped when ``ring_path`` is None or missing); ``kwargs`` set the
+        bandwidths, latency and union factor."""
+        if ring_path is not None and Path(ring_path).exists() and "ring_compute_factor" not in kwargs:
+            with open(ring_path) as f:
+                ratios = [r["triton"]["vs_cudnn_sdpa_fwd_bwd"] for r in json.load(f)["rows"]
+                          if r.get("triton", {}).get("correct")]
+            if ratios:
+                kwargs["ring_compute_factor"] = sum(ratios) / len(ratios)
         path = Path(path)
         with open(path) as f:
             data = json.load(f)
@@ -359,6 +376,7 @@ class CostModel:
             "inter_node_gbps": self.inter_node_gbps,
             "latency_ms": self.latency_ms,
             "union_factor": self.union_factor,
+            "ring_compute_factor": self.ring_compute_factor,
             "fits": [dataclasses.asdict(f) for f in self.fits],
             "fit_units": "ms per head per sample: dense = dense_ms_per_gpair * Sq*Skv/1e9; sparse = "
                          "sparse_ms_per_mquery * Sq/1e6 + sparse_ms_per_gpair * Sq*Skv*density/1e9; "
@@ -413,7 +431,7 @@ class CostModel:
             count = collections.Counter(nodes)
             if density is None:
                 work = float(len(heads))
-                compute = b * len(heads) * fit.dense_ms(sq, s)
+                compute = b * len(heads) * fit.dense_ms(sq, s) * (self.ring_compute_factor if g_s > 1 else 1.0)
                 if g_s == 1:
                     seq_comm = exposed = 0.0
                     kv_bytes = 4 * s * len(kvs) * tok_bytes
@@ -422,7 +440,7 @@ class CostModel:
                     # K,V,dK,dV (bwd) over the slowest hop
                     ring_inter = any(nodes[i] != nodes[(i + 1) % g_s] for i in range(g_s))
                     gbps = self.inter_node_gbps if ring_inter else self.intra_node_gbps
-                    step = b * len(heads) * fit.dense_ms(sq, sq)
+                    step = b * len(heads) * fit.dense_ms(sq, sq) * self.ring_compute_factor
                     cf, cb = step * fit.dense_fwd_fraction, step * (1.0 - fit.dense_fwd_fraction)
                     chunk = 2 * sq * len(kvs) * tok_bytes
                     tf = _xfer_ms(chunk, gbps) + self.latency_ms
