@@ -18,6 +18,19 @@ transformer implementation and the fusions that need neither Transformer Engine 
 transformer_engine`` is passed), and installs ``megatron_dsv.megatron_runtime`` hooks: predictor
 optimizer groups, the DSV stage controller around ``train_step``, and a no-op for the C++
 dataset-helper compile step that the megatron-core wheel cannot run.
+
+Context parallelism (``--context-parallel-size N``, ``--dsv-cp-split auto|head|seq|HxS``; see
+``examples/scripts/pretrain_cp.sh``): Megatron's sampler shards the data by data-parallel rank
+only, so the N CP ranks of a data-parallel rank load the same videos, and :func:`get_batch` seeds
+t and the noise from the data-parallel rank (not the CP rank), so they draw the same ones. Each
+CP rank then computes its contiguous 1/N of the tokens (``VideoDiT``) and the loss on those tokens
+only. ``loss_func`` returns (sum of squared errors, element count, report) over the local tokens:
+Megatron divides by the count (the local mean) and averages gradients over the data x
+context-parallel group, which gives the gradient of the global mean because the shards are equal;
+the report's [sum, count] pairs are summed over that group, so the logged loss is the global mean,
+counted once. The token count per rank must be whole query-group cubes (checked at start, with
+the shapes that fit), and ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (Megatron asserts it for CP/TP before
+Blackwell) is set unless already set.
 """
 
 from __future__ import annotations
@@ -76,21 +89,44 @@ def _pre_parse(argv):
     return defaults, extra
 
 
+def _model_parallel(argv) -> bool:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    known, _ = p.parse_known_args(argv)
+    return known.context_parallel_size > 1 or known.tensor_model_parallel_size > 1
+
+
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
     from megatron.training import get_args, print_rank_0
     from megatron.training.arguments import core_transformer_config_from_args
 
+    from megatron_dsv.layers.attention import dsv_attention_layers
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
     from megatron_dsv.models.video_dit import VideoDiT
 
     args = get_args()
     if not (pre_process and post_process):
         raise NotImplementedError("VideoDiT does not support pipeline parallelism yet; use --pipeline-model-parallel-size 1.")
+    if getattr(args, "calculate_per_token_loss", False) and args.dsv_mode != "dense":
+        raise ValueError(
+            "--calculate-per-token-loss is not supported with DSV: Megatron would divide the "
+            "predictor's auxiliary-loss gradient by the global token count. Drop the flag (the "
+            "example's loss is a per-token mean already) or use --dsv-mode dense."
+        )
     cfg = core_transformer_config_from_args(args, DSVTransformerConfig)
-    c = int(args.latent_shape.split("x")[0])
+    cp = pg_collection.cp.size() if pg_collection is not None and pg_collection.cp is not None else args.context_parallel_size
+    c, t, h, w = (int(v) for v in args.latent_shape.split("x"))
     model = VideoDiT(cfg, in_channels=c, patch=args.dit_patch, num_classes=args.dit_num_classes, pg_collection=pg_collection)
+    model.token_range(model.grid((t, h, w)))  # fails now, with the shapes that fit, not at step 1
     print_rank_0(f"VideoDiT {args.dit_config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{args.seq_length} tokens per video, DSV mode {cfg.dsv_mode}")
+    if cp > 1:
+        plans = [f"layer {a.layer_number}: " + (f"{a.cp_plan.head_size}x{a.cp_plan.seq_size}" if a.cp_plan else "-")
+                 for a in dsv_attention_layers(model)]
+        print_rank_0(f"context parallel: {cp} ranks x {args.seq_length // cp} tokens, --dsv-cp-split "
+                     f"{cfg.dsv_cp_split} (head x sequence ranks; 'auto' starts from the head split and the "
+                     f"controller re-plans per layer from measured sparsity): " + ", ".join(plans))
     return model
 
 
@@ -120,39 +156,59 @@ datasets_provider.is_distributed = True  # every rank builds its own (procedural
 
 
 def loss_func(per_sample, output_tensor):
+    """``output_tensor``: squared errors of this rank's tokens. Returns (sum, element count,
+    report); with CP the counts are the local ones (see the module docstring)."""
     loss_sum = output_tensor.sum()
     # Megatron sums the token counts of microbatches into an int tensor
     count = torch.tensor(output_tensor.numel(), device=output_tensor.device, dtype=torch.int)
     return loss_sum, count, {"flow loss": torch.cat([loss_sum.detach().view(1), count.view(1).float()])}
 
 
-def forward_step(data_iterator, model):
-    """Flow matching on one microbatch; t and noise depend on (seed, iteration, DP rank, microbatch)
-    so context-parallel ranks of a sample draw the same t and noise."""
+_draws = {"microbatch": 0}  # microbatches drawn by this process (the same count on every CP rank)
+
+
+def get_batch(data_iterator, device):
+    """One microbatch and its flow-matching draws: ``latents [B, C, T, H, W]``, ``labels [B]`` (or
+    None), ``t [B]`` and ``noise``.
+
+    t and the noise depend on (seed, iteration, data-parallel rank, microbatch), never on the
+    context-parallel rank: the CP ranks of a sample draw the same ones, data-parallel ranks differ.
+    """
     from megatron.core import parallel_state as mpu
     from megatron.training import get_args
 
     args = get_args()
-    device = next(model.parameters()).device
     batch = next(data_iterator)
     latents = batch["latents"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True) if args.dit_num_classes else None
-    forward_step.microbatch = getattr(forward_step, "microbatch", 0) + 1
-    seed = (args.seed * 1_000_003 + args.curr_iteration) * 65_537 + mpu.get_data_parallel_rank() * 257 + forward_step.microbatch
+    _draws["microbatch"] += 1
+    seed = (args.seed * 1_000_003 + args.curr_iteration) * 65_537 + mpu.get_data_parallel_rank() * 257 + _draws["microbatch"]
     g = torch.Generator(device=device).manual_seed(seed % (2**62))
-    b = latents.shape[0]
-    t = torch.sigmoid(torch.randn(b, generator=g, device=device))
+    t = torch.sigmoid(torch.randn(latents.shape[0], generator=g, device=device))
     noise = torch.randn(latents.shape, generator=g, device=device)
-    tb = t.view(b, 1, 1, 1, 1)
-    x_t = (1 - tb) * noise + tb * latents
-    v = model(x_t, t, labels)
-    per_elem = (v.float() - (latents - noise)).pow(2)
+    return {"latents": latents, "labels": labels, "t": t, "noise": noise}
+
+
+def forward_step(data_iterator, model):
+    """Flow matching on one microbatch, on this context-parallel rank's tokens."""
+    from megatron.core.utils import unwrap_model
+
+    from megatron_dsv.models.video_dit import flow_interpolate
+
+    batch = get_batch(data_iterator, next(model.parameters()).device)
+    x_t, velocity = flow_interpolate(batch["latents"], batch["t"], batch["noise"])
+    v = model(x_t, batch["t"], batch["labels"], local_tokens=True)  # [B, S/CP, pvol]
+    target = unwrap_model(model).shard_tokens(velocity)
+    per_elem = (v.float() - target.float()).pow(2)
     return per_elem, partial(loss_func, None)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     defaults, extra = _pre_parse(argv)
+    if _model_parallel(argv):
+        # Megatron asserts this for CP/TP > 1 on GPUs before Blackwell; set before CUDA starts
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     sys.argv = [sys.argv[0]] + argv + extra
 
     from megatron.core.enums import ModelType

@@ -38,7 +38,7 @@ assert len(train) >= 10 and len(valid) == 2
 batch = torch.utils.data.default_collate([train[0], train[1]])
 out, loss_func = p.forward_step(iter([batch]), model)
 loss, count, report = loss_func(out)
-assert out.shape == (2, 4, 4, 8, 16) and count.item() == out.numel() and count.dtype == torch.int
+assert out.shape == (2, 128, 16) and count.item() == out.numel() and count.dtype == torch.int  # [B, tokens, patch]
 loss.backward()
 assert layers[0].predictor.weight_q.grad is not None
 print("OK", float(loss / count))
@@ -54,3 +54,118 @@ def test_example_until_pretrain():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "OK" in res.stdout
+
+
+def _example_cp_rank(rank, world, root):
+    """One CP rank of the example's data and loss path, against CP = 1 on the same weights."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    sys.path.insert(0, os.path.join(root, "examples"))
+    from tests.megatron_shim import init_megatron_state
+
+    init_megatron_state(cp=world, rank=rank, world_size=world)
+    single = [dist.new_group([r]) for r in range(world)][rank]
+    import megatron.training.arguments as margs
+
+    margs.get_device_arch_version = lambda: 10  # CPU: no GPU arch for Megatron's CUDA_DEVICE_MAX_CONNECTIONS check
+    import pretrain_video_dit as p
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.arguments import core_transformer_config_from_args, parse_and_validate_args
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+
+    from megatron_dsv.layers.transformer_config import DSVTransformerConfig
+    from megatron_dsv.models.video_dit import VideoDiT, flow_interpolate
+
+    argv = ["--dit-config", "tiny", "--latent-shape", "4x4x8x16", "--micro-batch-size", "2",
+            "--train-iters", "3", "--lr", "1e-3", "--dsv-query-group", "2x2x4", "--use-cpu-initialization",
+            "--dit-num-classes", "3", "--dsv-predictor-rank", "8", "--context-parallel-size", str(world),
+            "--dsv-cp-split", "auto", "--num-workers", "0"]
+    defaults, extra = p._pre_parse(argv)
+    sys.argv = ["pretrain_video_dit.py"] + argv + extra
+    args = parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)
+    assert args.context_parallel_size == world and args.data_parallel_size == 1
+    args.curr_iteration = 0
+    torch.manual_seed(0)
+    model = p.model_provider()
+    assert model.cp_size == world
+    with torch.no_grad():  # no zero adaLN gate: every parameter gets a gradient
+        gen = torch.Generator().manual_seed(3)
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn(prm.shape, generator=gen))
+    cfg = core_transformer_config_from_args(args, DSVTransformerConfig)
+    cfg.context_parallel_size = 1
+    tp = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"]).tp
+    ref = VideoDiT(cfg, in_channels=4, patch=args.dit_patch, num_classes=3, pg_collection=ProcessGroupCollection(tp=tp, cp=single))
+    ref.load_state_dict(model.state_dict())
+
+    cp_group = ps.get_context_parallel_group()
+
+    def same_on_cp_ranks(name, x):
+        xs = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(xs, x.contiguous(), group=cp_group)
+        assert all(torch.equal(xs[0], y) for y in xs), f"{name} differs across CP ranks"
+
+    train, _, _ = p.datasets_provider([10, 2, 0])
+    batch = next(iter(build_pretraining_data_loader(train, consumed_samples=0)))  # Megatron's sampler
+    seen = {}
+    get_batch = p.get_batch
+    p.get_batch = lambda it, dev: seen.update(get_batch(it, dev)) or seen
+    out, loss_func = p.forward_step(iter([batch]), model)
+    for name in ("latents", "labels", "t", "noise"):
+        same_on_cp_ranks(name, seen[name])
+    assert out.shape == (2, 128 // world, 16)
+
+    def megatron_loss(m, output, lf, cp):
+        """Megatron's own loss path (scaling by token count, microbatches and CP; aux-loss scale)."""
+        store = []
+        loss, _ = forward_step_calc_loss(m, output, lf, m.config, None, False, 1, store, cp_group_size=cp, is_last_stage=True)
+        loss.backward()
+        return loss.detach(), store[0]["flow loss"]
+
+    loss, report = megatron_loss(model, out, loss_func, world)
+    x_t, velocity = flow_interpolate(seen["latents"], seen["t"], seen["noise"])
+    ref_out = (ref(x_t, seen["t"], seen["labels"], local_tokens=True) - ref.shard_tokens(velocity)).pow(2)
+    ref_loss, ref_report = megatron_loss(ref, ref_out, lambda o: p.loss_func(None, o), 1)
+
+    dist.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))  # as training.py
+    assert abs(report[0] / report[1] - ref_report[0] / ref_report[1]) <= 2e-5 * ref_report[0] / ref_report[1]
+    assert report[1] == ref_report[1]  # every token counted once
+    mean_loss = loss.clone()
+    dist.all_reduce(mean_loss, group=cp_group)
+    assert abs(mean_loss / world - ref_loss) <= 2e-5 * ref_loss
+    n_checked = 0
+    for (name, prm), (_, ref_prm) in zip(model.named_parameters(), ref.named_parameters()):
+        g = prm.grad.clone()
+        dist.all_reduce(g, group=cp_group)  # Megatron's DDP: average over data x context parallel
+        err = (g / world - ref_prm.grad).abs().max()
+        assert err <= 2e-5 * ref_prm.grad.abs().max() + 1e-9, f"grad {name}: {err} vs {ref_prm.grad.abs().max()}"
+        n_checked += "predictor" in name
+    assert n_checked > 0
+
+    # the draws are a function of (seed, iteration, DP rank, microbatch): another DP rank differs
+    def draw(dp_rank):
+        p._draws["microbatch"] -= 1  # the same microbatch again
+        orig, ps.get_data_parallel_rank = ps.get_data_parallel_rank, lambda *a, **k: dp_rank
+        try:
+            return get_batch(iter([batch]), torch.device("cpu"))
+        finally:
+            ps.get_data_parallel_rank = orig
+
+    again, other = draw(0), draw(1)
+    assert torch.equal(again["t"], seen["t"]) and torch.equal(again["noise"], seen["noise"])
+    assert not torch.equal(other["t"], seen["t"]) and not torch.equal(other["noise"], seen["noise"])
+
+
+@pytest.mark.slow
+def test_example_data_and_loss_under_context_parallel():
+    """CP = 2 on gloo: Megatron's sampler gives both CP ranks the same videos, get_batch the same
+    t and noise; Megatron's loss path (forward_step_calc_loss) on each rank's tokens reports the
+    CP = 1 loss, and gradients averaged over the CP group (predictor included) are the CP = 1 ones.
+    pretrain() itself needs CUDA and is not run here."""
+    from tests.cp.distributed import run_ranks
+
+    run_ranks(_example_cp_rank, 2, ROOT)

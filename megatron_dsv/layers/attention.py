@@ -402,10 +402,11 @@ class DSVCoreAttention(MegatronModule):
         """The predictor step of :meth:`_predictor_step` on a CP rank's heads and token chunk.
 
         Rows are the single-process sample restricted to this chunk; the Gram matrices are summed
-        over the sequence group; the loss is this rank's share times the CP size (Megatron
-        averages gradients over the data x context-parallel group), so the predictor's gradient
-        equals the single-process one. Statistics are summed over the CP group per head and row,
-        so every CP rank reports the single-process values.
+        over the sequence group; the loss is this rank's share of the single-process loss.
+        Megatron's schedule multiplies auxiliary-loss scales by the CP size and then averages
+        gradients over the data x context-parallel group, so the predictor's gradient equals the
+        single-process one. Statistics are summed over the CP group per head and row, so every
+        CP rank reports the single-process values.
         """
         s_chunk = q.shape[2]
         s_total = s_chunk * cp.seq_size
@@ -422,7 +423,7 @@ class DSVCoreAttention(MegatronModule):
                 self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
                 self.dsv.dsv_predictor_cosine_weight, heads=heads, group=cp.seq_group, reduction="sum",
             )
-        loss = loss_sum * (self.cp_size / norm)
+        loss = loss_sum / norm
         if self.collect_stats:
             with torch.no_grad():
                 k_full = cp.gather_keys(k.detach())
@@ -446,7 +447,7 @@ class DSVCoreAttention(MegatronModule):
             self.last_stats = stats
             self.pending_stats.append(stats)
         else:
-            self.last_stats = {"loss": loss.detach() / self.cp_size}
+            self.last_stats = {"loss": loss.detach()}  # this rank's share
         return loss * self.dsv.dsv_predictor_loss_coeff
 
     def _trains_now(self) -> bool:

@@ -10,6 +10,15 @@ conditioning vector (timestep + class or pooled text embedding): ``x + g1 * attn
 ``x + g2 * mlp(mod(norm(x)))``, the modulation linear initialised to zero so every layer starts as
 the identity. 3D RoPE on q/k follows the permuted tokens. Tensor parallelism works through the
 Megatron linears; the adaLN linears are replicated.
+
+Context parallelism (CP group of N ranks from ``pg_collection.cp``): every CP rank receives the same
+full latent, embeds only its contiguous run of cube-major tokens (rank r: tokens
+``r*S/N .. (r+1)*S/N``, whole query-group cubes; never Megatron's zigzag split) with the RoPE angles
+sliced the same way, and the DSV attention layers exchange heads/keys inside. The training loss is
+taken on the rank's own tokens (``forward(..., local_tokens=True)``, :func:`flow_matching_loss`);
+``forward()`` without it all-gathers the output so every rank holds the whole video (sampling).
+The timestep, the noise and the conditioning must be identical on the CP ranks of one sample (draw
+them from generators seeded per data-parallel rank, not per CP rank).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -26,7 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_dsv.models.rope3d import rope_3d_freqs
-from megatron_dsv.ops.layout import check_divisible, cube_major_permutation, inverse_permutation
+from megatron_dsv.ops.layout import check_divisible, cube_major_permutation, group_size_of, inverse_permutation
 from megatron_dsv.specs import get_dsv_gpt_layer_spec
 
 
@@ -62,6 +72,38 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     args = (t.float() * 1000.0)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return nn.functional.pad(emb, (0, dim % 2))
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather token shards ``[s, ...]`` over a CP group along dim 0 -> ``[N*s, ...]``.
+
+    Backward is the adjoint, a reduce-scatter: the rank's slice of the gradient *summed* over
+    the group. Under Megatron's convention (gradients averaged over the data x context-parallel
+    group) that is what makes a loss that every rank computes on the gathered output exact: each
+    rank injects ``dL/dy_r`` from all N copies, N * dL/dy_r in total, and the average over the N
+    ranks gives dL/dtheta (taking only the local slice would give dL/dtheta / N).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        n = dist.get_world_size(group)
+        out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        group = ctx.group
+        n, rank = dist.get_world_size(group), dist.get_rank(group)
+        s = grad.shape[0] // n
+        if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter
+            full = grad.contiguous().clone()
+            dist.all_reduce(full, group=group)
+            return full[rank * s : (rank + 1) * s].contiguous(), None
+        out = grad.new_empty((s,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=group)
+        return out, None
 
 
 class DiTLayer(MegatronModule):
@@ -104,12 +146,18 @@ class VideoDiT(MegatronModule):
         num_classes: class conditioning (one extra index, ``num_classes``, is the null class for
             classifier-free guidance); 0 to disable.
         cond_dim: size of a precomputed (e.g. pooled text) embedding added to the conditioning.
+        pg_collection: Megatron's process groups (``tp``, ``cp``); None = Megatron's
+            ``parallel_state``. A CP group of size N > 1 makes each rank compute its own contiguous
+            1/N of the tokens (see the module docstring).
     """
 
     def __init__(self, config, in_channels: int = 4, patch: Sequence[int] = (1, 2, 2), num_classes: int = 0,
                  cond_dim: int = 0, pg_collection=None):
         super().__init__(config=config)
         h = config.hidden_size
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.cp_group = getattr(pg_collection, "cp", None)
         self.in_channels, self.patch = in_channels, tuple(patch)
         self.cube = tuple(config.dsv_query_group)
         self.head_dim = h // config.num_attention_heads
@@ -145,6 +193,45 @@ class VideoDiT(MegatronModule):
         check_divisible(g, self.cube)
         return g
 
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.cp_group is None else self.cp_group.size()
+
+    def token_range(self, grid: Sequence[int]) -> Tuple[int, int]:
+        """This CP rank's run ``[lo, hi)`` of the cube-major tokens of a ``(T, H, W)`` patch grid.
+
+        The S tokens split into N equal contiguous runs of whole query-group cubes (and whole
+        ``--dsv-kv-block`` key blocks); anything else raises with the shapes and CP sizes that fit.
+        """
+        s, n = grid[0] * grid[1] * grid[2], self.cp_size
+        if n == 1:
+            return 0, s
+        g, kvb = group_size_of(self.cube), int(getattr(self.config, "dsv_kv_block", 1))
+        unit = math.lcm(g, kvb)
+        if s % (n * unit):
+            fits = [d for d in range(2, min(s // unit, 1024) + 1) if (s // unit) % d == 0][:8]
+            what = f"{g}-token query-group cubes {self.cube}" + (f" and {kvb}-token key blocks" if unit != g else "")
+            raise ValueError(
+                f"context parallelism over {n} ranks needs an equal run of whole {what} on every "
+                f"rank, but the latent's patch grid (T, H, W) = {tuple(grid)} (patch {self.patch}) has "
+                f"{s} tokens = {s // unit} units of {unit} tokens, not a multiple of {n}. Choose a "
+                f"latent shape whose token count is a multiple of {n * unit} (CP size x {unit}), e.g. "
+                f"more latent frames, or a --context-parallel-size that divides {s // unit} "
+                f"({fits or 'only 1'})."
+            )
+        return self.cp_group.rank() * (s // n), (self.cp_group.rank() + 1) * (s // n)
+
+    def local_token_ids(self, video_shape: Sequence[int], device=None) -> Tensor:
+        """Raster patch indices ``[S/N]`` of this CP rank's tokens, in the model's cube-major order."""
+        grid = self.grid(video_shape)
+        lo, hi = self.token_range(grid)
+        return cube_major_permutation(grid, self.cube, device)[lo:hi]
+
+    def shard_tokens(self, video: Tensor) -> Tensor:
+        """``[B, C, T, H, W] -> [B, S/N, C*pt*ph*pw]``: the patches of this CP rank's tokens in the
+        order of ``forward(..., local_tokens=True)`` (e.g. the flow-matching target)."""
+        return self.patchify(video)[:, self.local_token_ids(video.shape[-3:], video.device)]
+
     def patchify(self, x: Tensor) -> Tensor:
         """``[B, C, T, H, W] -> [B, N, C*pt*ph*pw]`` in raster (t, h, w) patch order."""
         b, c, t, h, w = x.shape
@@ -170,41 +257,69 @@ class VideoDiT(MegatronModule):
             c = c + self.cond_proj(cond.to(c.dtype))
         return c
 
-    def forward(self, latents: Tensor, t: Tensor, labels: Optional[Tensor] = None, cond: Optional[Tensor] = None) -> Tensor:
+    def forward(self, latents: Tensor, t: Tensor, labels: Optional[Tensor] = None, cond: Optional[Tensor] = None,
+                local_tokens: bool = False) -> Tensor:
+        """Velocity ``[B, C, T, H, W]`` for noisy latents ``[B, C, T, H, W]`` at times ``t [B]``.
+
+        ``local_tokens=True`` returns this CP rank's tokens only, ``[B, S/N, C*pt*ph*pw]`` in the
+        order of :meth:`shard_tokens` (no gather: what a training loss should use). Otherwise, under
+        context parallelism, the output tokens are all-gathered over the CP group so every rank
+        returns the whole video (the gather's backward is a reduce-scatter; see ``_GatherTokens``).
+        All CP ranks must pass the same ``latents``, ``t``, ``labels`` and ``cond``.
+        """
         b, c, tt, hh, ww = latents.shape
         if c != self.in_channels:
             raise ValueError(f"model expects {self.in_channels} latent channels, got {c}.")
         grid = self.grid((tt, hh, ww))
+        lo, hi = self.token_range(grid)
         perm = cube_major_permutation(grid, self.cube, latents.device)
-        tokens = self.patch_embed(self.patchify(latents).to(self.patch_embed.weight.dtype))[:, perm]
-        x = tokens.transpose(0, 1).contiguous()  # [S, B, h], cube-major
+        # embed only this rank's tokens (all of them without CP), already in cube-major order
+        patches = self.patchify(latents)[:, perm[lo:hi]]
+        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype)).transpose(0, 1).contiguous()  # [s, B, h]
         cvec = self.conditioning(t, labels, cond)
-        rope = rope_3d_freqs(grid, self.cube, self.head_dim, device=latents.device)
+        # The angles of this rank's tokens. Megatron's SelfAttention applies rotary_pos_emb as given
+        # on the [s, b, h, d] path (its CP zigzag slicing is in RotaryEmbedding/THD only, unused here).
+        rope = rope_3d_freqs(grid, self.cube, self.head_dim, device=latents.device)[lo:hi]
         for layer in self.layers:
             x = layer(x, cvec, rope)
         shift, scale = self.final_adaln(nn.functional.silu(cvec)).chunk(2, dim=-1)
-        x = self.out(modulate(self.final_norm(x), shift, scale))  # [S, B, pvol]
+        x = self.out(modulate(self.final_norm(x), shift, scale))  # [s, B, pvol]
+        if local_tokens:
+            return x.transpose(0, 1)
+        if self.cp_size > 1:
+            x = _GatherTokens.apply(x, self.cp_group)
         x = x.transpose(0, 1)[:, inverse_permutation(perm)]
         return self.unpatchify(x, (tt, hh, ww))
 
 
+def flow_interpolate(latents: Tensor, t: Tensor, noise: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rectified flow: ``x_t = (1 - t) noise + t x`` and the target velocity ``x - noise``."""
+    tb = t.view(latents.shape[0], 1, 1, 1, 1).to(latents.dtype)
+    return (1 - tb) * noise + tb * latents, latents - noise
+
+
 def flow_matching_loss(model: VideoDiT, latents: Tensor, labels: Optional[Tensor] = None, generator=None,
                        t: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
-    """Rectified flow: ``x_t = (1 - t) noise + t x``, target velocity ``x - noise``, MSE.
+    """Rectified-flow matching: MSE between the predicted and the target velocity ``x - noise``
+    at ``x_t = (1 - t) noise + t x``.
 
-    ``t`` is drawn logit-normal (as SD3) unless given. Under context parallelism pass the same
-    ``t`` on every CP rank (draw it from a generator seeded identically across CP ranks) and
-    noise seeded per data-parallel rank.
+    ``t`` is drawn logit-normal (as SD3) and ``noise`` standard normal from ``generator`` unless
+    given. Under context parallelism (N ranks) the loss is the MSE over this rank's tokens only
+    (output and target both as :meth:`VideoDiT.shard_tokens`; nothing is gathered). The shards are
+    equal, so the mean over the CP ranks of these losses is the single-process loss, and so are
+    their gradients averaged over the CP group (Megatron's data x context-parallel averaging).
+    Every CP rank must therefore see the same ``latents``, ``labels``, ``t`` and ``noise``: pass
+    them, or a generator seeded identically on the CP ranks of a data-parallel rank (and
+    differently across data-parallel ranks).
     """
     b = latents.shape[0]
     if t is None:
         t = torch.sigmoid(torch.randn(b, generator=generator, device=latents.device))
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    tb = t.view(b, 1, 1, 1, 1).to(latents.dtype)
-    x_t = (1 - tb) * noise + tb * latents
-    v = model(x_t, t, labels)
-    return nn.functional.mse_loss(v.float(), (latents - noise).float())
+    x_t, velocity = flow_interpolate(latents, t, noise)
+    v = model(x_t, t, labels, local_tokens=True)  # [B, S/N, pvol]
+    return nn.functional.mse_loss(v.float(), model.shard_tokens(velocity).float())
 
 
 @torch.no_grad()
@@ -214,6 +329,8 @@ def sample(model: VideoDiT, shape: Sequence[int], labels: Optional[Tensor] = Non
 
     The model's DSV layers keep their learned sparse/dense decisions, so generation uses the
     learned sparse attention. ``guidance > 1`` applies classifier-free guidance with the null class.
+    Under context parallelism every CP rank must pass the same ``labels`` and an identically
+    seeded ``generator`` (the same starting noise); each rank then holds the whole video.
     """
     x = torch.randn(tuple(shape), generator=generator, device=device)
     ts = torch.linspace(0, 1, steps + 1, device=device)

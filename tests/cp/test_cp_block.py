@@ -88,7 +88,7 @@ def _block_case(rank, world, mode, split, uneven, out_path):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_dsv.cp.plan import LayerPlan
-    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.attention import PredictorLossAutoScaler, dsv_attention_layers
     from megatron_dsv.specs import dsv_gpt_layer_spec
     from tests.megatron_shim import tiny_config
 
@@ -110,7 +110,11 @@ def _block_case(rank, world, mode, split, uneven, out_path):
     sl = slice(rank * shard, (rank + 1) * shard)
     x_local = x[sl].clone().requires_grad_(True)
     out = block(x_local, attention_mask=None)
+    # Megatron's convention: the main loss carries the CP factor (its loss functions) and the
+    # auxiliary-loss scale gets it from the schedule; gradients are then averaged over CP.
+    PredictorLossAutoScaler.set_loss_scale(torch.tensor(float(world)))
     (world * (out * w[sl]).sum()).backward()
+    PredictorLossAutoScaler.main_loss_backward_scale = None
     grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
     for g in grads.values():
         dist.all_reduce(g, group=ps.get_context_parallel_group())

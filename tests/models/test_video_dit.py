@@ -111,7 +111,7 @@ def test_flow_matching_loss_definition(megatron_state):
     t = torch.tensor([0.3, 0.9])
     calls = []
     orig = m.forward
-    m.forward = lambda x_t, tt, labels=None: (calls.append((x_t, tt)), orig(x_t, tt, labels))[1]
+    m.forward = lambda x_t, tt, labels=None, **kw: (calls.append((x_t, tt)), orig(x_t, tt, labels, **kw))[1]
     loss = flow_matching_loss(m, x, t=t, noise=noise)
     x_t, tt = calls[0]
     torch.testing.assert_close(x_t, (1 - t.view(2, 1, 1, 1, 1)) * noise + t.view(2, 1, 1, 1, 1) * x)

@@ -1,0 +1,169 @@
+"""VideoDiT under context parallelism (gloo, CP = 2 and 4) matches the same model at CP = 1.
+
+Every rank builds the CP model (process groups from Megatron's parallel_state) and, with the same
+weights, a CP = 1 reference on a single-rank group, feeds both the same latents, labels, t and
+noise, and checks:
+* the flow-matching loss: the mean over CP ranks of the local losses equals the reference loss;
+* parameter gradients averaged over the CP group (Megatron's data x context-parallel averaging)
+  equal the reference gradients, predictor included (the predictor's auxiliary loss with the
+  schedule's loss scale left at 1, as in tests/cp/test_cp_block.py);
+* ``forward()`` returns the whole video on every rank, equal to the reference, and a loss on that
+  gathered output gives the reference gradients (the gather's reduce-scatter backward);
+* ``sample()`` gives the reference video.
+Dense stage 1 (``dsv_mode="auto"``: dense attention, predictor training) and ``dsv_mode="sparse"``
+with head, sequence and 2x2 splits. The weights are randomised so that no adaLN gate is zero and
+every parameter has a gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cp.distributed import run_ranks
+
+LATENT = (2, 4, 4, 8, 16)  # B, C, T, H, W -> patch grid 4x4x8 = 128 tokens = 8 cubes of 2x2x4
+TOL = 2e-5
+CASES = {
+    2: [("auto", "head"), ("auto", "seq"), ("sparse", "head"), ("sparse", "seq")],
+    4: [("auto", "2x2"), ("sparse", "2x2"), ("sparse", "seq")],
+}
+
+
+def _config(cp, mode, split):
+    from tests.megatron_shim import tiny_config
+
+    return tiny_config(
+        context_parallel_size=cp, dsv_mode=mode, dsv_cp_split=split, dsv_fixed_sparsity=0.75,
+        dsv_query_group=(2, 2, 4), normalization="RMSNorm", qk_layernorm=True, num_query_groups=2,
+    )
+
+
+def _rank(rank, world, cases):
+    import torch.distributed as dist
+
+    from tests.megatron_shim import init_megatron_state
+
+    init_megatron_state(cp=world, rank=rank, world_size=world, seed=7)
+    singles = [dist.new_group([r]) for r in range(world)]  # collective: every rank makes all
+    if world == 2:
+        _bad_shape_raises()
+    for i, (mode, split) in enumerate(cases):
+        _case(rank, world, singles[rank], mode, split, full=i == 0)
+
+
+def _bad_shape_raises():
+    from megatron_dsv.models.video_dit import VideoDiT
+
+    model = VideoDiT(_config(2, "auto", "head"), in_channels=4, patch=(1, 2, 2))
+    # grid 2x2x12 = 48 tokens = 3 cubes of 16: no equal split of whole cubes over 2 ranks
+    with pytest.raises(ValueError, match=r"multiple of 32 .*--context-parallel-size that divides 3"):
+        model(torch.randn(1, 4, 2, 4, 24), torch.rand(1))
+
+
+def _models(world, single, mode, split):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_dsv.models.video_dit import VideoDiT
+
+    torch.manual_seed(0)
+    model = VideoDiT(_config(world, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    tp = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"]).tp
+    ref = VideoDiT(_config(1, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5,
+                   pg_collection=ProcessGroupCollection(tp=tp, cp=single))
+    ref.load_state_dict(model.state_dict())
+    assert model.cp_size == world and ref.cp_size == 1
+    return model, ref
+
+
+def _avg_grads(model, world):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad.clone()
+            dist.all_reduce(g, group=ps.get_context_parallel_group())
+            grads[n] = g / world
+    return grads
+
+
+def _close(label, got, want):
+    err = (got.detach() - want.detach()).abs().max().item()
+    scale = want.detach().abs().max().item()
+    assert err <= TOL * scale + 1e-9, f"{label}: max error {err:.3g} vs max |ref| {scale:.3g}"
+
+
+def _check_grads(label, model, ref, world):
+    got = _avg_grads(model, world)
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and len(want) == len(list(ref.parameters())), sorted(set(want) ^ set(got))
+    for n in want:
+        _close(f"{label} grad {n}", got[n], want[n])
+
+
+def _megatron_backward(loss, world):
+    """Backward as Megatron's schedule runs it under CP: the auxiliary-loss (predictor) scale is
+    multiplied by the CP size (``forward_step_calc_loss``); gradients are then averaged over CP."""
+    from megatron_dsv.layers.attention import PredictorLossAutoScaler
+
+    PredictorLossAutoScaler.set_loss_scale(torch.tensor(float(world)))
+    try:
+        loss.backward()
+    finally:
+        PredictorLossAutoScaler.main_loss_backward_scale = None
+
+
+def _case(rank, world, single, mode, split, full):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.models.video_dit import flow_matching_loss, sample
+
+    label = f"CP={world} rank {rank} mode={mode} split={split}"
+    model, ref = _models(world, single, mode, split)
+    for layer in dsv_attention_layers(model) + dsv_attention_layers(ref):
+        layer.set_iteration(3)
+    gen = torch.Generator().manual_seed(11)  # identical draws on every CP rank
+    latents = torch.randn(LATENT, generator=gen)
+    labels = torch.tensor([0, 3])
+
+    loss = flow_matching_loss(model, latents, labels, generator=torch.Generator().manual_seed(5))
+    _megatron_backward(loss, world)
+    ref_loss = flow_matching_loss(ref, latents, labels, generator=torch.Generator().manual_seed(5))
+    ref_loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss, group=ps.get_context_parallel_group())
+    _close(f"{label} loss", mean_loss / world, ref_loss)
+    _check_grads(f"{label} flow loss", model, ref, world)
+    if mode == "sparse" and split == "seq":
+        assert all(0 < l.cp_exchange.ratio <= 1 for l in dsv_attention_layers(model))
+
+    t = torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        out, want = model(latents, t, labels), ref(latents, t, labels)
+    assert out.shape == latents.shape
+    _close(f"{label} forward", out, want)
+    if not full:
+        return
+    # a loss that every rank computes on the gathered output: exact through the gather's backward
+    w = torch.randn(LATENT, generator=gen)
+    model.zero_grad(), ref.zero_grad()
+    _megatron_backward((model(latents, t, labels) * w).sum(), world)
+    (ref(latents, t, labels) * w).sum().backward()
+    _check_grads(f"{label} gathered-output loss", model, ref, world)
+    shape = (1,) + LATENT[1:]
+    video = sample(model, shape, labels[:1], steps=2, guidance=2.0, generator=torch.Generator().manual_seed(9))
+    _close(f"{label} sample", video, sample(ref, shape, labels[:1], steps=2, guidance=2.0,
+                                             generator=torch.Generator().manual_seed(9)))
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_video_dit_cp_matches_single_process(world):
+    run_ranks(_rank, world, CASES[world])
