@@ -13,7 +13,9 @@ For each sequence length, on the same input, one forward+backward of a Transform
 * ``sparse_profile``: the same + predictor loss + profiler (every ``--dsv-profile-interval-stage2``).
 
 The stage-2 overhead per step is ``(sparse_profile - sparse) / interval2``, reported against the
-dense step (target < 5%). No optimizer step is timed (its cost is the same in every variant).
+dense step (target < 5%). ``dense_opt`` / ``sparse_opt`` time the whole training step, forward +
+backward + a fused AdamW step over the block's parameters (TARGETS.md's end-to-end step), with
+peak memory including the optimizer state; each optimizer is freed before the next variant.
 """
 
 from __future__ import annotations
@@ -91,6 +93,23 @@ def main():
             torch.cuda.reset_peak_memory_stats()
             res[f"{name}_ms"] = do_bench(step(block), warmup=100, rep=500, return_mode="median", grad_to_none=params)
             res[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        for name, block, flags in (("dense_opt", blocks["dense"], None), ("sparse_opt", blocks["auto"], (True, False, False))):
+            if flags is not None:
+                setup(*flags)
+            opt = torch.optim.AdamW(block.parameters(), lr=1e-6, fused=True)
+
+            def train_step(block=block, opt=opt):
+                block(x, attention_mask=None).backward(gy)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            train_step()  # allocate the optimizer state before measuring
+            torch.cuda.reset_peak_memory_stats()
+            res[f"{name}_ms"] = do_bench(train_step, warmup=100, rep=500, return_mode="median", grad_to_none=[x])
+            res[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            del opt, train_step
+            torch.cuda.empty_cache()
+        res["train_step_speedup"] = res["dense_opt_ms"] / res["sparse_opt_ms"]
         d = res["dense_ms"]
         res["stage1_overhead_per_step"] = (res["stage1_ms"] - d + (res["stage1_profile_ms"] - res["stage1_ms"]) / args.interval1) / d
         res["stage2_overhead_per_step_vs_dense"] = (res["sparse_profile_ms"] - res["sparse_ms"]) / args.interval2 / d
@@ -101,6 +120,11 @@ def main():
         del blocks, x, gy
         torch.cuda.empty_cache()
     out = {"env": env_info(), "args": vars(args), "rows": rows}
+    print("\n| S | train step dense ms (peak GiB) | train step sparse ms (peak GiB) | speedup |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['S']} | {r['dense_opt_ms']:.1f} ({r['dense_opt_peak_gib']:.2f}) | "
+              f"{r['sparse_opt_ms']:.1f} ({r['sparse_opt_peak_gib']:.2f}) | x{r['train_step_speedup']:.2f} |")
     print("\n| S | dense ms | stage-1 step ms (+profile) | sparse ms (+profile) | stage-1 overhead | stage-2 overhead vs dense | sparse step speedup |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

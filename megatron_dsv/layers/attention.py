@@ -500,7 +500,7 @@ class DSVCoreAttention(MegatronModule):
                 q_lr, k_lr, self.dsv.group_size, self.kv_count(k.shape[2]).to(q.device),
                 kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
             )
-        out, _ = sparse_attention(q, k, v, index, self.softmax_scale, backend=self.dsv.dsv_backend)
+        out, _ = sparse_attention(q, k, v, index, self.softmax_scale, backend=self.dsv.dsv_backend, out_layout="sbhd")
         return out
 
     def _predictor_step(self, q, k) -> Tensor:

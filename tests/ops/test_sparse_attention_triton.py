@@ -211,3 +211,23 @@ def test_split_key_sets_merge_to_full_attention(hkv):
     tol = 2e-5 if INTERPRET else 5e-3
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, dq, dk, dv], ref):
         assert _rel(a, r) < tol, f"{name}: rel err {_rel(a, r):.2e} >= {tol}"
+
+
+@CPU_OK
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sbhd_output_layout(backend):
+    """out_layout="sbhd": same values and gradients, [S, B, H, D] memory (Megatron's output view)."""
+    torch.manual_seed(4)
+    b, h, s, d = 2, 2, 64, 64
+    q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(3))
+    index = _index(b, h, s, 16, 16, [2, 3], DEVICE)
+    do, dlse = torch.randn(b, h, s, d, device=DEVICE), torch.zeros(b, h, s, device=DEVICE)
+    ref = _run(q, k, v, index, backend, do, dlse)
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = sparse_attention(q2, k2, v2, index, backend=backend, out_layout="sbhd")
+    assert out.shape == (b, h, s, d) and out.permute(2, 0, 1, 3).is_contiguous()
+    grads = torch.autograd.grad((out * do).sum(), (q2, k2, v2))
+    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref):
+        assert torch.equal(a, r), name
+    with pytest.raises(ValueError, match="out_layout"):
+        sparse_attention(q, k, v, index, backend=backend, out_layout="bshd")

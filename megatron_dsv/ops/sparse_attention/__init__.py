@@ -23,6 +23,7 @@ def sparse_attention(
     index: SparseIndex,
     scale: Optional[float] = None,
     backend: str = "auto",
+    out_layout: str = "bhsd",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query group over its selected keys.
 
@@ -33,6 +34,9 @@ def sparse_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"triton"``
             (CPU tensors run under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        out_layout: memory order of ``out``: ``"bhsd"`` (contiguous) or ``"sbhd"`` (a
+            ``[B, H, S, D]`` view of ``[S, B, H, D]`` memory, so Megatron's ``[s, b, h*d]`` is a
+            free view of it). Values are the same.
 
     Returns:
         ``out [B, H, S_q, D]`` in q's dtype and ``lse [B, H, S_q]`` in fp32 (fp64 for fp64 inputs;
@@ -40,12 +44,17 @@ def sparse_attention(
         Differentiable with respect to q, k and v.
     """
     _validate(q, k, v, index)
+    if out_layout not in ("bhsd", "sbhd"):
+        raise ValueError(f"out_layout must be 'bhsd' or 'sbhd', got {out_layout!r}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
         from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton
 
-        return sparse_attention_triton(q, k, v, index, scale)
-    return sparse_attention_reference(q, k, v, index, scale)
+        return sparse_attention_triton(q, k, v, index, scale, out_sbhd=out_layout == "sbhd")
+    out, lse = sparse_attention_reference(q, k, v, index, scale)
+    if out_layout == "sbhd":
+        out = out.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    return out, lse
 
 
 @torch.no_grad()

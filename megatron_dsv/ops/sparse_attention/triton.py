@@ -129,7 +129,7 @@ def _fwd_tile(
 def _fwd_kernel(
     q, k, v, o, lse, kv_idx, kv_count,
     scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, STRIDE_OB, STRIDE_OH, STRIDE_OS,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -170,7 +170,7 @@ def _fwd_kernel(
                 KVB, BLOCK_N, CONTIG, EVEN_D,
             )
     b_acc = b_acc / b_l[:, None]
-    p_o = o + (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
+    p_o = o + i_b * STRIDE_OB + i_h * STRIDE_OH + o_m[:, None] * STRIDE_OS + o_d[None, :]
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_d[None, :])
     tl.store(lse + i_bh * S_Q + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453)
 
@@ -527,17 +527,20 @@ def _transpose_index_sort(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.
     return offsets.contiguous(), entries.contiguous()
 
 
-def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale):
+def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale, out_sbhd: bool = False):
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
-    out = _new(q.shape, q)
+    # out_sbhd: write [S, B, H, D] memory (returned as its [B, H, S, D] view) so Megatron's
+    # [s, b, h*d] output is a free view: the layer then keeps one copy of the output, not two
+    # (256 MiB per layer at 64k tokens x 16 heads x 128, bf16).
+    out = _new((s_q, b, h, d), q).permute(1, 2, 0, 3) if out_sbhd else _new(q.shape, q)
     lse = _new((b, h, s_q), q, torch.float32)
     cfg = _fwd_config(g, d, q.dtype, kvb)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _fwd_kernel[grid](
         q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E,
-        h, hkv, s_q, s_kv, gq, kmax, d,
+        h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2),
         G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"]),
         EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
@@ -613,10 +616,10 @@ def _dkdv_config(g: int, kvb: int) -> dict:
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index: SparseIndex, scale: float):
+    def forward(ctx, q, k, v, index: SparseIndex, scale: float, out_sbhd: bool = False):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
-        out, lse = _forward(q, k, v, kv_idx, kv_count, index.group_size, index.kv_block, scale)
+        out, lse = _forward(q, k, v, kv_idx, kv_count, index.group_size, index.kv_block, scale, out_sbhd)
         ctx.save_for_backward(q, k, v, out, lse)
         # Unused outputs (usually lse) get None instead of a zero-filled gradient: no [B, H, S]
         # fp32 fill and no dLSE read in the delta kernel.
@@ -630,12 +633,13 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, do.contiguous(), dlse, ctx.index, ctx.scale)
-        return dq, dk, dv, None, None
+        # the delta kernel reads O row-major: a transient copy when O was written [S, B, H, D]
+        dq, dk, dv = _backward(q, k, v, out.contiguous(), lse, do.contiguous(), dlse, ctx.index, ctx.scale)
+        return dq, dk, dv, None, None, None
 
 
 def sparse_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, out_sbhd: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton sparse attention; shapes as :func:`megatron_dsv.ops.sparse_attention.sparse_attention`.
 
@@ -646,7 +650,7 @@ def sparse_attention_triton(
     _check_group(index)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _SparseAttention.apply(q, k, v, index, float(scale))
+    return _SparseAttention.apply(q, k, v, index, float(scale), bool(out_sbhd))
 
 
 def _check_group(index: SparseIndex) -> None:
