@@ -19,6 +19,7 @@ floating-point summation order (tests/cp/).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dsv.ops._utils import log_once
 from megatron_dsv.ops.sparse_attention import sparse_attention, sparse_attention_bwd, sparse_attention_fwd
 from megatron_dsv.ops.sparse_index import PAD, SparseIndex
 
@@ -41,6 +43,41 @@ def full_index(b: int, h: int, s_q: int, s_kv: int, group_size: int, kv_block: i
 def dense_block(s_kv: int, kv_block: int) -> int:
     """Key block for a dense ring step: the DSV key block when it divides the chunk, else 1."""
     return kv_block if s_kv % kv_block == 0 else 1
+
+
+class _CudnnChunk:
+    """A dense ring step on PyTorch's cuDNN attention op, which returns the log-sum-exp and whose
+    backward accepts the *merged* output and LSE (the public SDPA returns no LSE). Measured on an
+    H100 (``benchmarks/results/cp_chunk_h100_20261124_privops.json``, 16 heads of 128): 13.5 ms
+    fwd+bwd at 16k-token chunks vs 20.0 ms for our Triton kernels with an all-blocks index and
+    13.9 ms for cuDNN SDPA itself. The op is private to torch (pinned to 2.11); its
+    auxiliary outputs (RNG state, sequence offsets) are kept per chunk for the backward.
+    """
+
+    @staticmethod
+    def available(q: Tensor) -> bool:
+        return (
+            q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
+            and torch.backends.cudnn.is_available()
+        )
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, False, False, scale=scale
+        )
+        aux = (lse.shape, lse.dtype, cq, ck, mq, mk, seed, offset)  # what the backward needs
+        return out, lse.reshape(q.shape[:3]).float(), aux
+
+    @staticmethod
+    def backward(q, k, v, out, lse, dout, scale, aux):
+        lse_shape, lse_dtype, cq, ck, mq, mk, seed, offset = aux
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.to(lse_dtype).reshape(lse_shape).contiguous(), seed, offset, None,
+            cq, ck, mq, mk, 0.0, False, scale=scale,
+        )
+        return dq, dk, dv
 
 
 def _ring_pass(tensors: List[Tensor], group) -> List[Tensor]:
@@ -64,18 +101,32 @@ def _merge(out: Optional[Tensor], lse: Optional[Tensor], o: Tensor, l: Tensor):
     return out, new
 
 
+def _use_cudnn(q: Tensor, k: Tensor, backend: str) -> bool:
+    if backend == "reference" or not _CudnnChunk.available(q) or k.shape[1] != q.shape[1]:
+        return False
+    log_once(logging.INFO, "context-parallel dense ring: steps on PyTorch's cuDNN attention op")
+    return True
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group, group_size, kv_block, backend):
         g = dist.get_world_size(group)
         b, h, s, _ = q.shape
         kvb = dense_block(k.shape[2], kv_block)
-        index = full_index(b, h, s, k.shape[2], group_size, kvb, q.device)
+        cudnn = _use_cudnn(q, k, backend)
+        index = None if cudnn else full_index(b, h, s, k.shape[2], group_size, kvb, q.device)
+        q = q.contiguous()
         k_cur, v_cur = k.contiguous(), v.contiguous()
         out = lse = None
+        aux = []
         for step in range(g):
             reqs, nxt = _ring_pass([k_cur, v_cur], group) if step < g - 1 else ([], None)
-            o, l = sparse_attention_fwd(q, k_cur, v_cur, index, scale, backend)
+            if cudnn:
+                o, l, a = _CudnnChunk.forward(q, k_cur, v_cur, scale)
+                aux.append(a)
+            else:
+                o, l = sparse_attention_fwd(q, k_cur, v_cur, index, scale, backend)
             out, lse = _merge(out, lse, o, l)
             for r in reqs:
                 r.wait()
@@ -83,7 +134,7 @@ class _RingAttention(torch.autograd.Function):
                 k_cur, v_cur = nxt
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = (scale, group, index, backend)
+        ctx.cfg = (scale, group, index, backend, aux if cudnn else None)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -92,7 +143,7 @@ class _RingAttention(torch.autograd.Function):
         if dlse is not None:
             raise RuntimeError("ring_attention: gradients through the log-sum-exp are not supported.")
         q, k, v, out, lse = ctx.saved_tensors
-        scale, group, index, backend = ctx.cfg
+        scale, group, index, backend, aux = ctx.cfg
         if dout is None:
             dout = torch.zeros_like(out)
         g = dist.get_world_size(group)
@@ -103,7 +154,11 @@ class _RingAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros_like(dk)
         for step in range(g):
-            dq_i, dk_i, dv_i = sparse_attention_bwd(q, k_cur, v_cur, out, lse, dout, index, scale, backend)
+            if aux is not None:
+                # the chunk held at backward step t is the one of forward step t (same ring order)
+                dq_i, dk_i, dv_i = _CudnnChunk.backward(q, k_cur, v_cur, out, lse, dout, scale, aux[step])
+            else:
+                dq_i, dk_i, dv_i = sparse_attention_bwd(q, k_cur, v_cur, out, lse, dout, index, scale, backend)
             dq += dq_i
             dk += dk_i
             dv += dv_i

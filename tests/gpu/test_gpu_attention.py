@@ -136,3 +136,32 @@ def test_megatron_clips_the_predictor_by_its_own_norm(megatron_state):
         torch.testing.assert_close(p.grad, g * min(1.0, 1e-3 / (want + 1e-6)), rtol=1e-4, atol=1e-9)
     pred_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in pred)).item()
     assert pred_norm == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_ring_steps_on_cudnn_merge_to_full_attention():
+    """The dense ring's cuDNN steps: per-chunk forward with LSE, merge, per-chunk backward with the
+    merged out/LSE == SDPA over the concatenated keys (bf16 tolerance rule)."""
+    from megatron_dsv.cp.seq_parallel import _CudnnChunk, _merge
+
+    torch.manual_seed(0)
+    b, h, s, d = 1, 4, 2048, 128
+    q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+    ks = [torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    vs = [torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    do = torch.randn_like(q)
+    assert _CudnnChunk.available(q)
+    out = lse = None
+    aux = []
+    for k, v in zip(ks, vs):
+        o, l, a = _CudnnChunk.forward(q, k, v, d**-0.5)
+        out, lse = _merge(out, lse, o, l)
+        aux.append(a)
+    out = out.to(q.dtype)
+    grads = [_CudnnChunk.backward(q, k, v, out, lse, do, d**-0.5, a) for k, v, a in zip(ks, vs, aux)]
+    q32, k32, v32 = (t.float().requires_grad_(True) for t in (q, torch.cat(ks, 2), torch.cat(vs, 2)))
+    ref = F.scaled_dot_product_attention(q32, k32, v32)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
+    got = [sum(g[0].float() for g in grads), torch.cat([g[1] for g in grads], 2), torch.cat([g[2] for g in grads], 2)]
+    assert rel_err(out, ref) <= 2 * rel_err(ref.to(torch.bfloat16), ref) + 1e-3
+    for g, r in zip(got, ref_grads):
+        assert rel_err(g, r) <= 2 * rel_err(r.to(torch.bfloat16), r) + 1e-2
