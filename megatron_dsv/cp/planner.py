@@ -65,7 +65,7 @@ from megatron_dsv.cp.plan import LayerPlan, balance_heads, even_slots, head_unit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BENCHMARK = REPO_ROOT / "benchmarks" / "results" / "attention_h100_20261124_pass4.json"
-DEFAULT_RING_BENCHMARK = REPO_ROOT / "benchmarks" / "results" / "cp_chunk_h100_20261124.json"
+DEFAULT_RING_BENCHMARK = REPO_ROOT / "benchmarks" / "results" / "cp_chunk_h100_20261124_privops.json"
 
 Density = Optional[Sequence[float]]
 """Per query head ``1 - sparsity`` (fraction of (query, key) pairs computed), ``[H]``; None: dense."""
@@ -287,10 +287,10 @@ class CostModel:
         union_factor: key-block union over a rank's query groups relative to one group's density,
             ``u = min(1, union_factor * density)`` (assumption; measured unions replace it).
         ring_compute_factor: time of a dense ring step relative to cuDNN dense attention on the
-            same chunk pair. The ring needs each step's log-sum-exp, which the public SDPA does
-            not return, so its steps run our Triton kernels with an all-blocks index: measured
-            1.42x / 1.53x (D=128, 16k / 32k-token chunks) and 1.36x (D=64) on an H100
-            (``benchmarks/results/cp_chunk_h100_20261124.json``, loaded by :meth:`from_benchmark`).
+            same chunk pair. The ring needs each step's log-sum-exp, which the public SDPA does not
+            return; on GPU its steps run PyTorch's cuDNN op that does (0.97x SDPA, measured on an
+            H100, ``benchmarks/results/cp_chunk_h100_20261124_privops.json``, loaded by
+            :meth:`from_benchmark`; our Triton all-blocks fallback is 1.43-1.53x).
         source: the benchmark file the fits came from; ``env``: its hardware line.
     """
 
@@ -322,13 +322,15 @@ class CostModel:
     @classmethod
     def from_benchmark(cls, path=DEFAULT_BENCHMARK, ring_path=DEFAULT_RING_BENCHMARK, **kwargs) -> "CostModel":
         """Fit the kernels from a ``benchmarks/attention.py`` JSON (``env``, ``args``, ``rows``)
-        and the ring step factor from a ``benchmarks/cp_chunk.py`` JSON (the mean of its
-        Triton-vs-cuDNN ratios; skipped when ``ring_path`` is None or missing); ``kwargs`` set the
-        bandwidths, latency and union factor."""
+        and the ring step factor from a ``benchmarks/cp_chunk.py`` JSON (the mean ratio to cuDNN
+        SDPA of the step the runtime uses: the cuDNN op where it was correct, else Triton; skipped
+        when ``ring_path`` is None or missing); ``kwargs`` set the bandwidths, latency and union
+        factor."""
         if ring_path is not None and Path(ring_path).exists() and "ring_compute_factor" not in kwargs:
             with open(ring_path) as f:
-                ratios = [r["triton"]["vs_cudnn_sdpa_fwd_bwd"] for r in json.load(f)["rows"]
-                          if r.get("triton", {}).get("correct")]
+                rows = json.load(f)["rows"]
+            variant = "cudnn_op" if all(r.get("cudnn_op", {}).get("correct") for r in rows) else "triton"
+            ratios = [r[variant]["vs_cudnn_sdpa_fwd_bwd"] for r in rows if r.get(variant, {}).get("correct")]
             if ratios:
                 kwargs["ring_compute_factor"] = sum(ratios) / len(ratios)
         path = Path(path)
