@@ -173,7 +173,8 @@ class DSVCoreAttention(MegatronModule):
         self.cp_plan: Optional[LayerPlan] = None  # set by the controller's planner, else fixed
         self.cp_exchange = None  # bytes moved by the last selective exchange
         cp = getattr(pg_collection, "cp", None)
-        if cp is not None and cp.size() > 1:
+        # cross-attention is never context-parallel: a query shard attends to the whole context
+        if cp is not None and cp.size() > 1 and self.is_self_attention:
             self._init_context_parallel(config, cp, cp_comm_type)
 
         self.dense_backend = self._resolve_dense_backend()

@@ -23,6 +23,7 @@ them from generators seeded per data-parallel rank, not per CP rank).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -107,9 +108,11 @@ class _GatherTokens(torch.autograd.Function):
 
 
 class DiTLayer(MegatronModule):
-    """adaLN-zero DiT layer on Megatron's SelfAttention (DSV core attention) and MLP."""
+    """adaLN-zero DiT layer on Megatron's SelfAttention (DSV core attention) and MLP, with an
+    optional cross-attention to text tokens between them (PixArt-style, ungated, dense and
+    never context-parallel: each CP rank's query shard attends to the whole text)."""
 
-    def __init__(self, config, layer_number: int, pg_collection=None):
+    def __init__(self, config, layer_number: int, pg_collection=None, cross_attention: bool = False):
         super().__init__(config=config)
         spec = get_dsv_gpt_layer_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization).submodules
         h = config.hidden_size
@@ -125,14 +128,54 @@ class DiTLayer(MegatronModule):
         self.adaln = nn.Linear(h, 6 * h)
         nn.init.zeros_(self.adaln.weight)
         nn.init.zeros_(self.adaln.bias)
+        self.cross_attention = None
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(h, elementwise_affine=True, eps=1e-6)
+            self.cross_attention = _build_cross_attention(config, layer_number, pg_collection)
 
-    def forward(self, x: Tensor, c: Tensor, rotary_pos_emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rotary_pos_emb: Tensor, context: Optional[Tensor] = None,
+                context_mask: Optional[Tensor] = None) -> Tensor:
+        """``x [s, b, h]``, ``c [b, h]``; ``context [L, b, h]`` text tokens and ``context_mask``
+        ``[b, 1, 1, L]`` (True = padding, Megatron's convention) for the cross-attention."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(nn.functional.silu(c)).chunk(6, dim=-1)
         out, bias = self.self_attention(modulate(self.norm1(x), shift1, scale1), attention_mask=None,
                                         rotary_pos_emb=rotary_pos_emb)
         x = x + gate1.unsqueeze(0) * (out if bias is None else out + bias)
+        if self.cross_attention is not None:
+            if context is None:
+                raise ValueError("this DiT layer has cross-attention: pass the text context.")
+            out, bias = self.cross_attention(self.norm_cross(x), attention_mask=context_mask, key_value_states=context)
+            x = x + (out if bias is None else out + bias)
         out, bias = self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x + gate2.unsqueeze(0) * (out if bias is None else out + bias)
+
+
+def _build_cross_attention(config, layer_number: int, pg_collection):
+    """Megatron's CrossAttention with DSV core attention (dense for cross-attention, padding mask),
+    its output projection zeroed so the layer starts as the identity (as adaLN-zero does)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_dsv.layers.attention import DSVCoreAttention
+
+    if config.num_query_groups != config.num_attention_heads:
+        # Megatron's CrossAttention has no grouped-query attention; the text keys are few anyway
+        config = copy.copy(config)
+        config.num_query_groups = config.num_attention_heads
+    attn = CrossAttention(
+        config,
+        CrossAttentionSubmodules(
+            linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
+            core_attention=DSVCoreAttention, linear_proj=RowParallelLinear,
+        ),
+        layer_number=layer_number, attn_mask_type=AttnMaskType.padding, pg_collection=pg_collection,
+    )
+    with torch.no_grad():
+        attn.linear_proj.weight.zero_()
+        if getattr(attn.linear_proj, "bias", None) is not None:
+            attn.linear_proj.bias.zero_()
+    return attn
 
 
 class VideoDiT(MegatronModule):
@@ -146,13 +189,17 @@ class VideoDiT(MegatronModule):
         num_classes: class conditioning (one extra index, ``num_classes``, is the null class for
             classifier-free guidance); 0 to disable.
         cond_dim: size of a precomputed (e.g. pooled text) embedding added to the conditioning.
+        text_dim: size of precomputed text-encoder token embeddings ``[B, L, text_dim]``; > 0 adds a
+            cross-attention to them in every layer (dense; under context parallelism each rank's
+            query shard attends to the whole text, no communication). A learned null text (one
+            token) stands in when ``text`` is None (classifier-free guidance).
         pg_collection: Megatron's process groups (``tp``, ``cp``); None = Megatron's
             ``parallel_state``. A CP group of size N > 1 makes each rank compute its own contiguous
             1/N of the tokens (see the module docstring).
     """
 
     def __init__(self, config, in_channels: int = 4, patch: Sequence[int] = (1, 2, 2), num_classes: int = 0,
-                 cond_dim: int = 0, pg_collection=None):
+                 cond_dim: int = 0, text_dim: int = 0, pg_collection=None):
         super().__init__(config=config)
         h = config.hidden_size
         if pg_collection is None:
@@ -167,8 +214,14 @@ class VideoDiT(MegatronModule):
         self.num_classes = num_classes
         self.class_embed = nn.Embedding(num_classes + 1, h) if num_classes else None
         self.cond_proj = nn.Linear(cond_dim, h) if cond_dim else None
+        self.text_dim = text_dim
+        if text_dim:
+            # caption projection (PixArt): text-encoder tokens -> the model width
+            self.text_proj = nn.Sequential(nn.Linear(text_dim, h), nn.GELU(approximate="tanh"), nn.Linear(h, h))
+            self.null_text = nn.Parameter(torch.randn(1, 1, h) / math.sqrt(h))
         self.layers = nn.ModuleList(
-            [DiTLayer(config, i + 1, pg_collection=pg_collection) for i in range(config.num_layers)]
+            [DiTLayer(config, i + 1, pg_collection=pg_collection, cross_attention=bool(text_dim))
+             for i in range(config.num_layers)]
         )
         self.final_norm = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
         self.final_adaln = nn.Linear(h, 2 * h)
@@ -257,9 +310,31 @@ class VideoDiT(MegatronModule):
             c = c + self.cond_proj(cond.to(c.dtype))
         return c
 
+    def text_context(self, text: Optional[Tensor], text_mask: Optional[Tensor], batch: int):
+        """``text [B, L, text_dim]`` and ``text_mask [B, L]`` (True = real token) -> context
+        ``[L, B, h]`` and Megatron's padding mask ``[B, 1, 1, L]`` (True = ignore); the learned
+        null text when ``text`` is None."""
+        if not self.text_dim:
+            if text is not None:
+                raise ValueError("this VideoDiT has no cross-attention (text_dim=0); build it with text_dim.")
+            return None, None
+        if text is None:
+            return self.null_text.expand(1, batch, -1).to(self.patch_embed.weight.dtype), None
+        if text.dim() != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
+            raise ValueError(f"text must be [B={batch}, L, {self.text_dim}], got {tuple(text.shape)}.")
+        context = self.text_proj(text.to(self.patch_embed.weight.dtype)).transpose(0, 1).contiguous()
+        if text_mask is None:
+            return context, None
+        if tuple(text_mask.shape) != tuple(text.shape[:2]) or not bool(text_mask.any(-1).all()):
+            raise ValueError("text_mask must be bool [B, L] with at least one real token per sample.")
+        return context, ~text_mask.bool()[:, None, None, :]
+
     def forward(self, latents: Tensor, t: Tensor, labels: Optional[Tensor] = None, cond: Optional[Tensor] = None,
-                local_tokens: bool = False) -> Tensor:
+                local_tokens: bool = False, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None) -> Tensor:
         """Velocity ``[B, C, T, H, W]`` for noisy latents ``[B, C, T, H, W]`` at times ``t [B]``.
+
+        ``text [B, L, text_dim]`` / ``text_mask [B, L]`` (True = real token): text-encoder tokens
+        for the cross-attention (models built with ``text_dim``).
 
         ``local_tokens=True`` returns this CP rank's tokens only, ``[B, S/N, C*pt*ph*pw]`` in the
         order of :meth:`shard_tokens` (no gather: what a training loss should use). Otherwise, under
@@ -280,8 +355,9 @@ class VideoDiT(MegatronModule):
         # The angles of this rank's tokens. Megatron's SelfAttention applies rotary_pos_emb as given
         # on the [s, b, h, d] path (its CP zigzag slicing is in RotaryEmbedding/THD only, unused here).
         rope = rope_3d_freqs(grid, self.cube, self.head_dim, device=latents.device)[lo:hi]
+        context, context_mask = self.text_context(text, text_mask, b)
         for layer in self.layers:
-            x = layer(x, cvec, rope)
+            x = layer(x, cvec, rope, context, context_mask)
         shift, scale = self.final_adaln(nn.functional.silu(cvec)).chunk(2, dim=-1)
         x = self.out(modulate(self.final_norm(x), shift, scale))  # [s, B, pvol]
         if local_tokens:
@@ -299,7 +375,8 @@ def flow_interpolate(latents: Tensor, t: Tensor, noise: Tensor) -> Tuple[Tensor,
 
 
 def flow_matching_loss(model: VideoDiT, latents: Tensor, labels: Optional[Tensor] = None, generator=None,
-                       t: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
+                       t: Optional[Tensor] = None, noise: Optional[Tensor] = None, text: Optional[Tensor] = None,
+                       text_mask: Optional[Tensor] = None) -> Tensor:
     """Rectified-flow matching: MSE between the predicted and the target velocity ``x - noise``
     at ``x_t = (1 - t) noise + t x``.
 
@@ -318,17 +395,19 @@ def flow_matching_loss(model: VideoDiT, latents: Tensor, labels: Optional[Tensor
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     x_t, velocity = flow_interpolate(latents, t, noise)
-    v = model(x_t, t, labels, local_tokens=True)  # [B, S/N, pvol]
+    v = model(x_t, t, labels, local_tokens=True, text=text, text_mask=text_mask)  # [B, S/N, pvol]
     return nn.functional.mse_loss(v.float(), model.shard_tokens(velocity).float())
 
 
 @torch.no_grad()
 def sample(model: VideoDiT, shape: Sequence[int], labels: Optional[Tensor] = None, steps: int = 50,
-           guidance: float = 1.0, generator=None, device=None) -> Tensor:
+           guidance: float = 1.0, generator=None, device=None, text: Optional[Tensor] = None,
+           text_mask: Optional[Tensor] = None) -> Tensor:
     """Euler integration of the learned velocity from noise (t=0) to data (t=1).
 
     The model's DSV layers keep their learned sparse/dense decisions, so generation uses the
-    learned sparse attention. ``guidance > 1`` applies classifier-free guidance with the null class.
+    learned sparse attention. ``guidance > 1`` applies classifier-free guidance with the null class
+    (and the null text for models with cross-attention).
     Under context parallelism every CP rank must pass the same ``labels`` and an identically
     seeded ``generator`` (the same starting noise); each rank then holds the whole video.
     """
@@ -336,9 +415,10 @@ def sample(model: VideoDiT, shape: Sequence[int], labels: Optional[Tensor] = Non
     ts = torch.linspace(0, 1, steps + 1, device=device)
     for i in range(steps):
         t = ts[i].expand(x.shape[0])
-        v = model(x, t, labels)
-        if guidance != 1.0 and labels is not None:
-            v_null = model(x, t, torch.full_like(labels, model.num_classes))
+        v = model(x, t, labels, text=text, text_mask=text_mask)
+        if guidance != 1.0 and (labels is not None or text is not None):
+            null = None if labels is None else torch.full_like(labels, model.num_classes)
+            v_null = model(x, t, null)  # null class and null text
             v = v_null + guidance * (v - v_null)
         x = x + (ts[i + 1] - ts[i]) * v.float()
     return x

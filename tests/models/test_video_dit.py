@@ -53,7 +53,7 @@ def test_cube_major_round_trip_through_the_model(megatron_state):
     seen = []
 
     class Spy(torch.nn.Module):
-        def forward(self, x, c, rope):
+        def forward(self, x, c, rope, *context):
             seen.append((x.clone(), rope))
             return x
 
@@ -140,3 +140,33 @@ def test_few_steps_of_training_reduce_the_loss(megatron_state):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     video = sample(m, (1, 4, 4, 8, 16), labels[:1], steps=3, guidance=2.0, generator=g)
     assert video.shape == (1, 4, 4, 8, 16) and torch.isfinite(video).all()
+
+
+def test_cross_attention_to_text(megatron_state):
+    """Text tokens reach the output through the cross-attention; padded tokens do not; the null
+    text stands in when no text is given; a model without text_dim rejects text."""
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.models.video_dit import VideoDiT
+
+    torch.manual_seed(0)
+    cfg = tiny_config(dsv_query_group=(2, 2, 4), normalization="RMSNorm", qk_layernorm=True, dsv_mode="auto")
+    m = VideoDiT(cfg, in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=8)
+    cross = [l.cross_attention.core_attention for l in m.layers]
+    assert all(c.predictor is None and not c.is_self_attention for c in cross)  # dense, no DSV
+    assert len(dsv_attention_layers(m)) == 4 and all(torch.count_nonzero(l.cross_attention.linear_proj.weight) == 0 for l in m.layers)
+    with torch.no_grad():  # leave the zero init so the text can matter
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 4, 4, 8, 16), torch.rand(2), torch.tensor([0, 4])
+    text = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    out = m(x, t, y, text=text, text_mask=mask)
+    assert not torch.allclose(out, m(x, t, y, text=text + 1.0, text_mask=mask))
+    poked = text.clone()
+    poked[1, 3:] += 100.0  # padded tokens of sample 1
+    torch.testing.assert_close(m(x, t, y, text=poked, text_mask=mask), out)
+    assert not torch.allclose(m(x, t, y), out)  # null text
+    with pytest.raises(ValueError, match="text must be"):
+        m(x, t, y, text=torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        make()(x, t, y, text=text)

@@ -24,6 +24,7 @@ from tests.cp.distributed import run_ranks
 
 LATENT = (2, 4, 4, 8, 16)  # B, C, T, H, W -> patch grid 4x4x8 = 128 tokens = 8 cubes of 2x2x4
 TOL = 2e-5
+TEXT_DIM = 8  # every model here has cross-attention to text, checked under CP too
 CASES = {
     2: [("auto", "head"), ("auto", "seq"), ("sparse", "head"), ("sparse", "seq")],
     4: [("auto", "2x2"), ("sparse", "2x2"), ("sparse", "seq")],
@@ -67,13 +68,13 @@ def _models(world, single, mode, split):
     from megatron_dsv.models.video_dit import VideoDiT
 
     torch.manual_seed(0)
-    model = VideoDiT(_config(world, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5)
+    model = VideoDiT(_config(world, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=TEXT_DIM)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     tp = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"]).tp
-    ref = VideoDiT(_config(1, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5,
+    ref = VideoDiT(_config(1, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=TEXT_DIM,
                    pg_collection=ProcessGroupCollection(tp=tp, cp=single))
     ref.load_state_dict(model.state_dict())
     assert model.cp_size == world and ref.cp_size == 1
@@ -102,7 +103,8 @@ def _close(label, got, want):
 def _check_grads(label, model, ref, world):
     got = _avg_grads(model, world)
     want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert got.keys() == want.keys() and len(want) == len(list(ref.parameters())), sorted(set(want) ^ set(got))
+    used = [n for n, _ in ref.named_parameters() if n != "null_text"]  # null text: only without text
+    assert got.keys() == want.keys() and sorted(want) == sorted(used), sorted(set(want) ^ set(used))
     for n in want:
         _close(f"{label} grad {n}", got[n], want[n])
 
@@ -134,20 +136,24 @@ def _case(rank, world, single, mode, split, full):
     latents = torch.randn(LATENT, generator=gen)
     labels = torch.tensor([0, 3])
 
-    loss = flow_matching_loss(model, latents, labels, generator=torch.Generator().manual_seed(5))
+    # text tokens for the cross-attention (dense, never context-parallel), the second sample padded
+    text = torch.randn(2, 5, TEXT_DIM, generator=gen)
+    tmask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    kw = dict(text=text, text_mask=tmask)
+    loss = flow_matching_loss(model, latents, labels, generator=torch.Generator().manual_seed(5), **kw)
     _megatron_backward(loss, world)
-    ref_loss = flow_matching_loss(ref, latents, labels, generator=torch.Generator().manual_seed(5))
+    ref_loss = flow_matching_loss(ref, latents, labels, generator=torch.Generator().manual_seed(5), **kw)
     ref_loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss, group=ps.get_context_parallel_group())
     _close(f"{label} loss", mean_loss / world, ref_loss)
     _check_grads(f"{label} flow loss", model, ref, world)
     if mode == "sparse" and split == "seq":
-        assert all(0 < l.cp_exchange.ratio <= 1 for l in dsv_attention_layers(model))
+        assert all(0 < l.cp_exchange.ratio <= 1 for l in dsv_attention_layers(model) if l.is_self_attention)
 
     t = torch.tensor([0.2, 0.7])
     with torch.no_grad():
-        out, want = model(latents, t, labels), ref(latents, t, labels)
+        out, want = model(latents, t, labels, **kw), ref(latents, t, labels, **kw)
     assert out.shape == latents.shape
     _close(f"{label} forward", out, want)
     if not full:
@@ -155,8 +161,8 @@ def _case(rank, world, single, mode, split, full):
     # a loss that every rank computes on the gathered output: exact through the gather's backward
     w = torch.randn(LATENT, generator=gen)
     model.zero_grad(), ref.zero_grad()
-    _megatron_backward((model(latents, t, labels) * w).sum(), world)
-    (ref(latents, t, labels) * w).sum().backward()
+    _megatron_backward((model(latents, t, labels, **kw) * w).sum(), world)
+    (ref(latents, t, labels, **kw) * w).sum().backward()
     _check_grads(f"{label} gathered-output loss", model, ref, world)
     shape = (1,) + LATENT[1:]
     video = sample(model, shape, labels[:1], steps=2, guidance=2.0, generator=torch.Generator().manual_seed(9))
