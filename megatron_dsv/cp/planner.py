@@ -675,25 +675,11 @@ def compare_plans(
     return PlanComparison(best, pure_head, pure_seq, even, tuple(costs))
 
 
-def plan_layer(
-    cost: CostModel,
-    shape: AttentionShape,
-    density: Density,
-    *,
-    cp_size: int,
-    gpus_per_node: int,
-    granule: int = 64,
-    head_sizes: Optional[Sequence[int]] = None,
-    memory_budget_gib: Optional[float] = None,
-    union_density: Optional[Sequence[float]] = None,
-) -> LayerPlan:
-    """The fastest feasible plan for one layer, ``predicted_ms`` filled (arguments as
+def plan_layer(cost: CostModel, shape: AttentionShape, density: Density, **kwargs) -> LayerPlan:
+    """The fastest feasible plan for one layer, ``predicted_ms`` filled (keyword arguments as
     :func:`compare_plans`). A pure function of its arguments: ranks that pass the same
     (synchronised) statistics get the same plan."""
-    return compare_plans(
-        cost, shape, density, cp_size=cp_size, gpus_per_node=gpus_per_node, granule=granule,
-        head_sizes=head_sizes, memory_budget_gib=memory_budget_gib, union_density=union_density,
-    ).best.plan
+    return compare_plans(cost, shape, density, **kwargs).best.plan
 
 
 # ---------------------------------------------------------------------------------------------

@@ -427,6 +427,8 @@ class DSVCoreAttention(MegatronModule):
         loss = loss_sum / norm
         if self.collect_stats:
             with torch.no_grad():
+                # Exact sampled rows need every key: profiling iterations (every 10 in stage 1,
+                # every 50 in stage 2 by default) all-gather this slot's keys over the sequence group.
                 k_full = cp.gather_keys(k.detach())
                 q_lr, k_lr = self.predictor.project(q, k_full, heads=heads)
                 rep = len(heads) // k_full.shape[1]
