@@ -157,3 +157,26 @@ def test_rank_arithmetic():
     assert [slot_and_chunk(r, 3) for r in range(6)] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
     with pytest.raises(ValueError, match="does not divide"):
         split_ranks(range(6), 4)
+
+
+def _hierarchical(rank, world, s_local):
+    """Megatron's --hierarchical-context-parallel-sizes 2 2 groups are reused for the 2x2 split
+    (level 0 = adjacent ranks = head groups, level 1 = stride 2 = sequence groups)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(context_parallel_size=world, hierarchical_context_parallel_sizes=[2, 2])
+    hcp = ps.get_hierarchical_context_parallel_groups()
+    groups = get_cp_groups(ps.get_context_parallel_group(), hcp)
+    head_g, seq_g = groups.get(2)
+    assert head_g is hcp[0] and seq_g is hcp[1]
+    assert dist.get_process_group_ranks(head_g) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(seq_g) == [rank % 2, rank % 2 + 2]
+    work = [0.3, 0.05, 0.1, 0.6]
+    for sparse in (False, True):
+        _check_plan(rank, world, LayerPlan(2, 2, balance_heads(work, 2)), sparse, s_local)
+
+
+def test_reuses_megatron_hierarchical_cp_groups():
+    pytest.importorskip("einops")  # Megatron's hierarchical groups need it
+    run_ranks(_hierarchical, 4, 16)
