@@ -21,16 +21,22 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def env_info():
-    import triton
-
-    # The device copy of the tree may carry stale git metadata: the launcher's DSV_COMMIT wins.
+def git_commit() -> str:
+    """The launcher's ``DSV_COMMIT`` (the device copy of the tree may carry stale git metadata),
+    else ``git rev-parse HEAD``."""
     commit = os.environ.get("DSV_COMMIT")
     if not commit:
         try:
             commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
         except Exception:
             commit = "unknown"
+    return commit
+
+
+def env_info():
+    import triton
+
+    commit = git_commit()
     return {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "commit": commit,
