@@ -36,17 +36,18 @@ _AUX = {}
 
 
 def cudnn_fwd(q, k, v, scale):
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
-    _AUX[("cudnn", k.data_ptr())] = res
-    return res[0], res[1].reshape(q.shape[:3]).float()
+    """The ring's own GPU step (``megatron_dsv.cp.seq_parallel._CudnnChunk``)."""
+    from megatron_dsv.cp.seq_parallel import _CudnnChunk
+
+    out, lse, aux = _CudnnChunk.forward(q, k, v, scale)
+    _AUX[("cudnn", k.data_ptr())] = aux
+    return out, lse
 
 
 def cudnn_bwd(q, k, v, out, lse, do, scale):
-    o0, lse0, cq, ck, mq, mk, seed, off, _ = _AUX[("cudnn", k.data_ptr())]
-    lse_op = lse.to(lse0.dtype).reshape(lse0.shape).contiguous()
-    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do, q, k, v, out, lse_op, seed, off, None, cq, ck, mq, mk, 0.0, False, scale=scale,
-    )
+    from megatron_dsv.cp.seq_parallel import _CudnnChunk
+
+    return _CudnnChunk.backward(q, k, v, out, lse, do, scale, _AUX[("cudnn", k.data_ptr())])
 
 
 def flash_fwd(q, k, v, scale):

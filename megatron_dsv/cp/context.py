@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from megatron_dsv.cp.groups import CPGroups, slot_and_chunk
@@ -80,11 +79,6 @@ class CPAttention:
             return out
         out, _, self.exchange = selective_sparse_attention(q, k, v, index, scale, self.seq_group, backend)
         return out
-
-    def all_reduce(self, x: Tensor, groups: CPGroups) -> Tensor:
-        """Sum over the whole CP group (statistics of heads/rows split over ranks)."""
-        torch.distributed.all_reduce(x, group=groups.cp_group)
-        return x
 
 
 __all__ = ["CPAttention"]

@@ -235,7 +235,6 @@ class _KVPlan:
         used = torch.zeros(b, h, n_total + 1, dtype=torch.bool, device=dev)
         used.scatter_(2, spare, True)
         union = used[..., :n_total].view(b, num_kv_heads, rep, n_total).any(2)  # [B, Hkv, N]
-        self.union = union
         self.pos = union.long().cumsum(-1) - 1  # compact block position of each used block
         counts = union.sum(-1)
         self.units_max = max(1, int(counts.max()))
@@ -246,14 +245,16 @@ class _KVPlan:
         order = torch.argsort(own * (b * num_kv_heads * n_total) + (trip[:, 0] * num_kv_heads + trip[:, 1]) * n_total + trip[:, 2])
         trip, own = trip[order], own[order]
         self.req = [trip[own == p] for p in range(self.g)]  # what I need from each owner
-        self.req_count = [int(t.shape[0]) for t in self.req]
-        cnt = torch.tensor(self.req_count, dtype=torch.long, device=dev)
+        self.local = _local(self.req[self.me], self.me, self.n_loc)  # my own blocks, owner-local
+        # blocks fetched from each peer (my own are read in place, never exchanged)
+        self.fetch_count = [0 if p == self.me else int(t.shape[0]) for p, t in enumerate(self.req)]
+        cnt = torch.tensor(self.fetch_count, dtype=torch.long, device=dev)
         got = torch.empty_like(cnt)
         dist.all_to_all_single(got, cnt, group=group)
-        self.serve_count = got.tolist()  # what each peer needs from me
-        send = torch.cat([t.flatten() for t in self.req]) if trip.numel() else cnt.new_empty(0)
+        self.serve_count = got.tolist()  # what each peer needs from me (0 for myself)
+        send = torch.cat([t.flatten() for p, t in enumerate(self.req) if p != self.me] + [cnt.new_empty(0)])
         recv = cnt.new_empty(3 * sum(self.serve_count))
-        dist.all_to_all_single(recv, send, [3 * c for c in self.serve_count], [3 * c for c in self.req_count], group=group)
+        dist.all_to_all_single(recv, send, [3 * c for c in self.serve_count], [3 * c for c in self.fetch_count], group=group)
         serve = recv.view(-1, 3)
         serve[:, 2] -= self.me * self.n_loc  # owner-local block
         self.serve = serve
@@ -283,17 +284,12 @@ class _KVPlan:
         """``kv [B, Hkv, s, 2D]`` (keys and values side by side) -> compact ``[B, Hkv, U*kvb, 2D]``."""
         b, hkv, s, d2 = kv.shape
         out = kv.new_zeros(b, hkv, self.units_max * self.kvb, d2)
-        me = self.me
-        local = self.req[me].clone()
-        local_rows = self._rows(kv, _local(local, me, self.n_loc))
         serve = [self._rows(kv, t) for t in self.serve.split(self.serve_count)]
-        serve[me] = serve[me][:0]
-        recv_counts = [0 if p == me else c for p, c in enumerate(self.req_count)]
-        got = _exchange_rows(serve, recv_counts, (self.kvb, d2), self.group, kv)
+        got = _exchange_rows(serve, self.fetch_count, (self.kvb, d2), self.group, kv)
         for p, rows in enumerate(got):
-            if p != me and rows.shape[0]:
+            if rows.shape[0]:
                 self._place(out, self.req[p], rows)
-        self._place(out, local, local_rows)
+        self._place(out, self.req[self.me], self._rows(kv, self.local))
         return out
 
     def backward(self, dkv_c: Tensor, shape) -> Tensor:
@@ -308,10 +304,9 @@ class _KVPlan:
             return view_c[trip[:, 0], trip[:, 1], p]
 
         send = [compact_rows(t) if p != me else dkv_c.new_empty(0, self.kvb, d2) for p, t in enumerate(self.req)]
-        recv_counts = [0 if p == me else c for p, c in enumerate(self.serve_count)]
-        got = _exchange_rows(send, recv_counts, (self.kvb, d2), self.group, dkv_c)
+        got = _exchange_rows(send, self.serve_count, (self.kvb, d2), self.group, dkv_c)
         blocks = dkv.view(b, hkv, s // self.kvb, self.kvb, d2)
-        local = _local(self.req[me], me, self.n_loc)
+        local = self.local
         blocks.index_put_((local[:, 0], local[:, 1], local[:, 2]), compact_rows(self.req[me]), accumulate=True)
         for t, rows in zip(self.serve.split(self.serve_count), got):
             if rows.shape[0]:
@@ -320,7 +315,7 @@ class _KVPlan:
 
     def stats(self, k: Tensor) -> ExchangeStats:
         elem = 2 * k.element_size() * self.kvb * k.shape[-1]  # one block of K and of V
-        fetched = sum(c for p, c in enumerate(self.req_count) if p != self.me) * elem
+        fetched = sum(self.fetch_count) * elem
         b, hkv, s, _ = k.shape
         allgather = (self.g - 1) * b * hkv * (s // self.kvb) * elem
         return ExchangeStats(fetched, allgather, self.union_density)

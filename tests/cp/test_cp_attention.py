@@ -91,7 +91,7 @@ def _check_plan(rank, world, plan, sparse, s_local):
 def _plans(world):
     work = [0.3, 0.05, 0.1, 0.6]  # heterogeneous densities -> uneven head lists
     plans = [LayerPlan(1, world, ((0, 1, 2, 3),))]
-    plans.append(LayerPlan(world, 1, balance_heads(work, world) if world <= H else None))
+    plans.append(LayerPlan(world, 1, balance_heads(work, world)))
     if world == 4:
         plans.append(LayerPlan(2, 2, balance_heads(work, 2)))
         plans.append(LayerPlan(2, 2, balance_heads(work, 2, unit=H // HKV)))
