@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_dsv import add_dsv_args  # noqa: E402
+from megatron_dsv.arguments import add_dsv_args, validate_dsv_args  # noqa: E402
 from megatron_dsv.config import parse_cube  # noqa: E402
 from megatron_dsv.models.video_dit import DIT_CONFIGS  # noqa: E402
 
@@ -219,6 +219,7 @@ def main(argv=None):
     from megatron_dsv import megatron_runtime
 
     args = parse_and_validate_args(extra_args_provider=add_video_args, args_defaults=defaults)
+    validate_dsv_args(args)  # cross-flag checks (CP split, speed table) before the model is built
     megatron_runtime.install()
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)

@@ -1,10 +1,14 @@
-"""``add_dsv_args(parser)`` for Megatron's ``extra_args_provider``.
+"""``add_dsv_args(parser)`` for Megatron's ``extra_args_provider``, and ``validate_dsv_args(args)``.
 
 One flag per DSVConfig field, generated from the dataclass so the two can never drift: the flag
 is the field name with dashes (``dsv_predictor_rank`` -> ``--dsv-predictor-rank``), the help is
-the field's docstring, the default is the field's default. Values are validated by DSVConfig
-when the config is built (``DSVConfig.from_namespace(args)``), which :func:`add_dsv_args` also
-does at parse time through :func:`validate_dsv_args`.
+the field's docstring, the default is the field's default. Each flag's ``type`` is the field's
+rule from ``megatron_dsv.config``, so a bad value stops the parser with the same fix-it message
+DSVConfig gives (``argparse.ArgumentTypeError``), before anything is built.
+
+Checks that span flags (``--dsv-cp-split`` against ``--context-parallel-size``, the speed-table
+file, Megatron flags DSV cannot run with) need the whole namespace: call :func:`validate_dsv_args`
+right after Megatron's argument parsing, before the model is built.
 """
 
 from __future__ import annotations
@@ -14,18 +18,13 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
+import os
 import textwrap
-from typing import Dict
+from typing import Callable, Dict
 
 from megatron_dsv import config as _config
-from megatron_dsv.config import BACKENDS, DENSE_BACKENDS, MODES, PREDICTOR_INPUTS, DSVConfig, parse_cube
-
-_CHOICES = {
-    "dsv_mode": MODES,
-    "dsv_predictor_input": PREDICTOR_INPUTS,
-    "dsv_backend": BACKENDS,
-    "dsv_dense_backend": DENSE_BACKENDS,
-}
+from megatron_dsv.config import DSVConfig, parse_cp_split, rule_of
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,34 +44,95 @@ def field_docs() -> Dict[str, str]:
     return docs
 
 
+def _flag_type(name: str, rule) -> Callable[[str], object]:
+    """argparse ``type`` for one field: the rule's parse, its message carried by
+    ArgumentTypeError (argparse replaces a ValueError's message with "invalid ... value")."""
+
+    def parse(text: str):
+        try:
+            return rule.parse(text, "value")
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = name
+    return parse
+
+
 def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``--dsv-*`` flags in a "DSV sparse attention" group; returns ``parser``."""
     group = parser.add_argument_group(title="DSV sparse attention (megatron_dsv)")
     docs = field_docs()
     for f in dataclasses.fields(DSVConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, default=f.default, help=docs.get(f.name, ""))
-        if f.name == "dsv_query_group":
-            kw.update(type=parse_cube, metavar="TxHxW")
-            kw["default"] = f.default
-        elif f.name in _CHOICES:
-            kw.update(type=str, choices=_CHOICES[f.name])
-        elif isinstance(f.default, bool):
-            kw.update(type=_str2bool)
-        else:
-            kw.update(type=type(f.default))
-        group.add_argument(flag, **kw)
+        rule = rule_of(f)
+        group.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+            type=_flag_type(f.name, rule), metavar=rule.metavar, help=docs.get(f.name, ""),
+        )
     return parser
 
 
 def validate_dsv_args(args) -> DSVConfig:
-    """Build (and so validate) the DSVConfig of parsed ``args``; raises with a fix-it message."""
-    return DSVConfig.from_namespace(args)
+    """Checks across flags, run after parsing and before the model is built; returns the
+    DSVConfig of ``args``. Raises ValueError (FileNotFoundError for a missing speed table) with
+    a message naming the flags to change.
+
+    ``args``: Megatron's parsed arguments (any object with the ``dsv_*`` attributes; Megatron
+    flags it lacks take their defaults: no context parallelism, no dropout).
+    """
+    cfg = DSVConfig.from_namespace(args)
+    cp = getattr(args, "context_parallel_size", None) or 1
+    split = parse_cp_split(cfg.dsv_cp_split)
+    if isinstance(split, tuple):
+        heads, seqs = split
+        if heads * seqs != cp:
+            raise ValueError(
+                f"--dsv-cp-split {cfg.dsv_cp_split} splits {heads * seqs} ranks but "
+                f"--context-parallel-size is {cp}: use HxS with H*S = {cp}, or auto, head or seq."
+            )
+        num_heads = getattr(args, "num_attention_heads", None)
+        if cp > 1 and num_heads:
+            from megatron_dsv.cp.plan import fixed_plan
+
+            tp = getattr(args, "tensor_model_parallel_size", None) or 1
+            kv = args.num_query_groups if getattr(args, "group_query_attention", False) else num_heads
+            fixed_plan(split, cp, num_heads // tp, max(1, kv // tp))
+    if cfg.enabled:
+        if cp > 1 and cfg.dsv_predictor_input == "hidden":
+            raise ValueError(
+                "--dsv-predictor-input hidden is not supported with context parallelism (the layer "
+                "input is split by tokens, the predictor by heads); use --dsv-predictor-input qk."
+            )
+        dropout = getattr(args, "attention_dropout", 0.0) or 0.0
+        if dropout > 0:
+            raise ValueError(
+                f"DSV sparse attention has no attention dropout; set --attention-dropout 0 "
+                f"(got {dropout}) or --dsv-mode dense."
+            )
+        if getattr(args, "calculate_per_token_loss", False):
+            raise ValueError(
+                "--calculate-per-token-loss is not supported with DSV: Megatron would divide the "
+                "predictor's auxiliary-loss gradient by the global token count. Drop the flag or "
+                "use --dsv-mode dense."
+            )
+    if cfg.dsv_speed_table:
+        _check_speed_table(cfg.dsv_speed_table, cfg.dsv_kv_block)
+    return cfg
 
 
-def _str2bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+def _check_speed_table(path: str, kv_block: int) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--dsv-speed-table {path}: no such file. Write one with benchmarks/attention.py on "
+            "this GPU, or drop the flag (sparse when density <= 0.5)."
+        )
+    from megatron_dsv.layers.controller import SpeedTable
+
+    try:
+        SpeedTable.from_json(path, kv_block=kv_block)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--dsv-speed-table {path} is not valid JSON ({err}); write it with benchmarks/attention.py."
+        ) from err
+
+
+__all__ = ["add_dsv_args", "validate_dsv_args", "field_docs"]

@@ -4,6 +4,10 @@ Field names equal the Megatron flags (``dsv_predictor_rank`` <-> ``--dsv-predict
 ``core_transformer_config_from_args(args, config_class=DSVTransformerConfig)`` carries them into
 the TransformerConfig that every layer sees (see ``megatron_dsv.layers.attention``).
 
+Each field carries its rule (``knob(default, rule)``): the rule checks the value's type and range
+in ``__post_init__`` and parses the flag's text in ``megatron_dsv.arguments``, so a bad value gets
+the same message from Python and from the command line.
+
 Fields are split into those that change results (mode, rank, groups, sparsity, schedule) and those
 that change only speed (backends). This module imports nothing from Megatron.
 """
@@ -11,6 +15,9 @@ that change only speed (backends). This module imports nothing from Megatron.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import types
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -20,24 +27,25 @@ BACKENDS = ("auto", "triton", "reference")
 DENSE_BACKENDS = ("auto", "sdpa", "te")
 
 
-def parse_cube(value: Any) -> Tuple[int, int, int]:
-    """``"2x4x4"``, ``(2, 4, 4)`` or ``[2, 4, 4]`` -> ``(2, 4, 4)``."""
+def parse_cube(value: Any, what: str = "a cube") -> Tuple[int, int, int]:
+    """``"2x4x4"``, ``(2, 4, 4)`` or ``[2, 4, 4]`` -> ``(2, 4, 4)``; ``what`` names the value in
+    the error."""
     if isinstance(value, str):
         parts = value.lower().replace("*", "x").split("x")
+        try:
+            cube = tuple(int(p) for p in parts)
+        except ValueError:
+            cube = ()
+    elif isinstance(value, (tuple, list)) and all(_is_int(p) for p in value):
+        cube = tuple(int(p) for p in value)
     else:
-        parts = list(value)
-    try:
-        cube = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
         cube = ()
     if len(cube) != 3 or min(cube) < 1:
-        raise ValueError(
-            f"query group cube must be three positive ints T x H x W such as 2x4x4, got {value!r}."
-        )
+        raise ValueError(f"{what} must be three positive ints T x H x W such as 2x4x4; got {value!r}.")
     return cube
 
 
-def parse_cp_split(value: str):
+def parse_cp_split(value: str, what: str = "--dsv-cp-split"):
     """``auto`` | ``head`` | ``seq`` | ``HxS`` -> the string, or ``(H, S)`` for a fixed split."""
     if value in ("auto", "head", "seq"):
         return value
@@ -47,176 +55,301 @@ def parse_cp_split(value: str):
         h = s = 0
     if h < 1 or s < 1:
         raise ValueError(
-            f"--dsv-cp-split must be auto, head, seq or HxS such as 4x2 (head-parallel x "
+            f"{what} must be auto, head, seq or HxS such as 4x2 (head-parallel x "
             f"sequence-parallel ranks); got {value!r}."
         )
     return h, s
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; True for a rank or a block size is a mistake, not 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _type_error(what: str, expected: str, value: Any) -> TypeError:
+    return TypeError(f"{what} must be {expected}; got {value!r} of type {type(value).__name__}.")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``choices`` (strings)."""
+
+    choices: Tuple[str, ...]
+
+    @property
+    def metavar(self) -> str:
+        return "{" + ",".join(self.choices) + "}"
+
+    def expected(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+    def parse(self, text: str, what: str) -> str:
+        return self.check(text, what)
+
+    def check(self, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise _type_error(what, f"a string, {self.expected()}", value)
+        if value not in self.choices:
+            raise ValueError(f"{what} must be {self.expected()}; got {value!r}.")
+        return value
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer in ``[lo, hi]`` (``hi`` None: no upper bound)."""
+
+    lo: int
+    hi: Optional[int] = None
+    metavar = "N"
+
+    def expected(self) -> str:
+        return f"an integer >= {self.lo}" if self.hi is None else f"an integer in [{self.lo}, {self.hi}]"
+
+    def parse(self, text: str, what: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{what} must be {self.expected()}; got {text!r}.") from None
+        return self.check(value, what)
+
+    def check(self, value: Any, what: str) -> int:
+        if not _is_int(value):
+            raise _type_error(what, self.expected(), value)
+        if value < self.lo or (self.hi is not None and value > self.hi):
+            raise ValueError(f"{what} must be {self.expected()}; got {value!r}.")
+        return int(value)
+
+
+@dataclass(frozen=True)
+class Real:
+    """A finite number between ``lo`` and ``hi`` (``hi`` None: no upper bound); ``lo_open`` /
+    ``hi_open`` exclude the bound. ``hint`` follows the range in the error message."""
+
+    lo: float
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""
+    metavar = "X"
+
+    def expected(self) -> str:
+        if self.hi is None:
+            text = f"a number {'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def parse(self, text: str, what: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{what} must be {self.expected()}; got {text!r}.") from None
+        return self.check(value, what)
+
+    def check(self, value: Any, what: str) -> float:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise _type_error(what, self.expected(), value)
+        value = float(value)
+        ok = math.isfinite(value) and (value > self.lo if self.lo_open else value >= self.lo)
+        if ok and self.hi is not None:
+            ok = value < self.hi if self.hi_open else value <= self.hi
+        if not ok:
+            raise ValueError(f"{what} must be {self.expected()}; got {value!r}.")
+        return value
+
+
+@dataclass(frozen=True)
+class Cube:
+    """``T x H x W`` positive ints (``"2x4x4"`` or a sequence), stored as a tuple."""
+
+    metavar = "TxHxW"
+
+    def parse(self, text: str, what: str) -> Tuple[int, int, int]:
+        return parse_cube(text, what)
+
+    def check(self, value: Any, what: str) -> Tuple[int, int, int]:
+        return parse_cube(value, what)
+
+
+@dataclass(frozen=True)
+class CpSplit:
+    """``auto``, ``head``, ``seq`` or ``HxS``, stored as the string."""
+
+    metavar = "{auto,head,seq,HxS}"
+
+    def parse(self, text: str, what: str) -> str:
+        return self.check(text, what)
+
+    def check(self, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise _type_error(what, "a string: auto, head, seq or HxS such as 4x2", value)
+        parse_cp_split(value, what)
+        return value
+
+
+@dataclass(frozen=True)
+class Text:
+    """Any string (a path; empty: unset)."""
+
+    metavar = "PATH"
+
+    def parse(self, text: str, what: str) -> str:
+        return text
+
+    def check(self, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise _type_error(what, "a string (a path, or empty)", value)
+        return value
+
+
+def knob(default: Any, rule) -> Any:
+    """A DSVConfig field with its validation rule (read back with :func:`rule_of`)."""
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def rule_of(field: dataclasses.Field):
+    """The rule of a DSVConfig field: ``parse(text, what)`` for flags, ``check(value, what)``."""
+    return field.metadata["rule"]
+
+
+def check_field(name: str, value: Any) -> Any:
+    """Validate one DSVConfig field's value; returns it normalised (e.g. a cube as a tuple).
+    Raises TypeError (wrong type) or ValueError (out of range) naming the field and its flag."""
+    field = _FIELDS[name]
+    return rule_of(field).check(value, f"{name} ({_flag(name)})")
 
 
 @dataclass
 class DSVConfig:
     """Configuration of DSV sparse attention. Defaults follow the paper (arXiv 2502.07590)."""
 
-    # ---- what changes results ------------------------------------------------------------
-    dsv_mode: str = "auto"
+    # What changes results.
+    dsv_mode: str = knob("auto", Choice(MODES))
     """``dense``: DSV off, plain dense attention (the baseline). ``sparse``: sparse attention from
     the first step with a fixed per-head density. ``auto``: the two-stage schedule, dense while
     the predictor learns and the profiler measures sparsity, then sparse."""
 
-    dsv_predictor_rank: int = 16
+    dsv_predictor_rank: int = knob(16, Int(1, 256))
     """Rank r of the low-rank score predictor, per head."""
 
-    dsv_predictor_input: str = "qk"
+    dsv_predictor_input: str = knob("qk", Choice(PREDICTOR_INPUTS))
     """``qk``: project the layer's q/k (RoPE-aware, local to core attention). ``hidden``: project
     the layer input (the paper's variant; needs the DSV self-attention module)."""
 
-    dsv_query_group: Tuple[int, int, int] = (2, 4, 4)
+    dsv_query_group: Tuple[int, int, int] = knob((2, 4, 4), Cube())
     """Query-group cube (t, h, w) in tokens; its queries share one key set. 2x4x4 = 32 tokens."""
 
-    dsv_kv_block: int = 1
+    dsv_kv_block: int = knob(1, Int(1, 1024))
     """Key granularity: 1 selects single keys, n selects contiguous blocks of n keys."""
 
-    dsv_critical_mass: float = 0.9
+    dsv_critical_mass: float = knob(0.9, Real(0.0, 1.0, lo_open=True))
     """Attention mass a query's critical keys must hold; sparsity is measured against it."""
 
-    dsv_min_sparsity: float = 0.8
+    dsv_min_sparsity: float = knob(0.8, Real(0.0, 1.0))
     """A layer goes sparse only when its measured sparsity is at least this."""
 
-    dsv_fixed_sparsity: float = 0.9
+    dsv_fixed_sparsity: float = knob(0.9, Real(0.0, 1.0, hi_open=True))
     """Per-head sparsity used when no profile exists (``sparse`` mode from scratch, or a head the
     profiler has not measured yet): each head keeps ``1 - dsv_fixed_sparsity`` of its keys."""
 
-    dsv_min_keys: int = 64
+    dsv_min_keys: int = knob(64, Int(1))
     """Floor on the keys each query group keeps per head, however sparse the head is (in keys;
     with key blocks, rounded up to whole blocks)."""
 
-    dsv_k_multiple: int = 64
+    dsv_k_multiple: int = knob(64, Int(1))
     """Keys per head are rounded up to a multiple of this (the kernels' key tile), in keys; with
     key blocks, to whole blocks."""
 
-    dsv_predictor_loss_coeff: float = 1.0
+    dsv_predictor_loss_coeff: float = knob(1.0, Real(0.0))
     """Scale of the predictor loss gradient (it reaches only predictor parameters)."""
 
-    dsv_predictor_cosine_weight: float = 0.95
+    dsv_predictor_cosine_weight: float = knob(0.95, Real(0.0, 1.0))
     """Weight of (1 - cosine similarity) in the predictor loss; MSE gets ``1 - this``."""
 
-    dsv_profile_stride: int = 32
+    dsv_profile_stride: int = knob(32, Int(1))
     """Profile and train the predictor on every n-th query (16 to 64 in the paper)."""
 
-    dsv_profile_interval_stage1: int = 10
+    dsv_profile_interval_stage1: int = knob(10, Int(1))
     """Profile every n iterations during stage 1 (dense); the predictor trains every iteration.
     Measured on an H100 (2 layers, 64k tokens): a profiling step costs about one dense step."""
 
-    dsv_profile_interval_stage2: int = 50
+    dsv_profile_interval_stage2: int = knob(50, Int(1))
     """Profile, and train the predictor, every n iterations during stage 2 (sparse)."""
 
-    dsv_stats_ema: float = 0.9
+    dsv_stats_ema: float = knob(0.9, Real(0.0, 1.0, hi_open=True))
     """Decay of the exponential moving average of sparsity, recall and predictor loss."""
 
-    dsv_switch_loss_threshold: float = 0.01
+    dsv_switch_loss_threshold: float = knob(0.01, Real(0.0, lo_open=True, hint="the paper uses 0.01"))
     """Stage switch: mean predictor loss must be below this (paper: 0.01)."""
 
-    dsv_switch_recall_target: float = 0.9
+    dsv_switch_recall_target: float = knob(0.9, Real(0.0, 1.0))
     """Stage switch: mean predictor recall (exact attention mass captured) at least this."""
 
-    dsv_switch_min_iters: int = 100
+    dsv_switch_min_iters: int = knob(100, Int(0))
     """Never switch to sparse before this many iterations of stage 1."""
 
-    dsv_switch_max_iters: int = 5000
+    dsv_switch_max_iters: int = knob(5000, Int(0))
     """Switch to sparse at this iteration even if the predictor has not converged."""
 
-    dsv_recall_floor: float = 0.8
+    dsv_recall_floor: float = knob(0.8, Real(0.0, 1.0))
     """In stage 2 a layer whose recall falls below this goes back to dense."""
 
-    dsv_stage2_predictor_lr_scale: float = 0.1
+    dsv_stage2_predictor_lr_scale: float = knob(0.1, Real(0.0, 1.0, lo_open=True))
     """Predictor learning-rate multiplier in stage 2."""
 
-    dsv_predictor_lr: float = 0.0
+    dsv_predictor_lr: float = knob(0.0, Real(0.0, hint="0 uses the model's --lr"))
     """Peak learning rate of the predictor's own optimizer groups in Megatron runs (0: the model's
     --lr); its minimum keeps --min-lr's ratio to --lr."""
 
-    # ---- what changes speed only ---------------------------------------------------------
-    dsv_backend: str = "auto"
+    # What changes speed only.
+    dsv_backend: str = knob("auto", Choice(BACKENDS))
     """Sparse kernels: ``auto`` (Triton on GPU, reference on CPU), ``triton`` or ``reference``."""
 
-    dsv_dense_backend: str = "auto"
+    dsv_dense_backend: str = knob("auto", Choice(DENSE_BACKENDS))
     """Dense attention: ``auto`` (TE when importable, else SDPA), ``sdpa`` or ``te``."""
 
-    dsv_log_interval: int = 0
+    dsv_log_interval: int = knob(0, Int(0))
     """Log a compact DSV status line every n iterations (0 = at every profiling iteration)."""
 
-    dsv_speed_table: str = ""
+    dsv_speed_table: str = knob("", Text())
     """JSON written by benchmarks/attention.py; a layer goes sparse only where it says sparse is
     faster at that length and density. Empty: sparse when density <= 0.5 (logged)."""
 
-    dsv_cp_split: str = "auto"
+    dsv_cp_split: str = knob("auto", CpSplit())
     """Context parallelism (``--context-parallel-size`` > 1): how each layer splits the CP group
     into head-parallel x sequence-parallel ranks. ``auto``: the planner's choice per layer from
     the measured sparsity (re-planned as it moves); ``head``: as many head-parallel ranks as the
     heads allow; ``seq``: sequence-parallel only; ``HxS`` (e.g. ``4x2``): fixed for all layers.
     Exact in every case; only speed differs."""
 
-    dsv_cp_replan_interval: int = 200
+    dsv_cp_replan_interval: int = knob(200, Int(1))
     """With ``--dsv-cp-split auto``: at least this many iterations between two re-plans of a layer."""
 
-    dsv_cp_replan_threshold: float = 0.02
+    dsv_cp_replan_threshold: float = knob(0.02, Real(0.0, 1.0))
     """With ``--dsv-cp-split auto``: re-plan a layer when a head's density moved more than this."""
 
-    dsv_cp_gpus_per_node: int = 8
+    dsv_cp_gpus_per_node: int = knob(8, Int(1))
     """GPUs per node, for the planner's choice of intra-node (all-to-all) vs inter-node links."""
 
-    dsv_cp_intra_node_gbps: float = 150.0
+    dsv_cp_intra_node_gbps: float = knob(150.0, Real(0.0, lo_open=True))
     """Planner: per-GPU all-to-all bandwidth inside a node, GB/s (NVLink; an assumption until
     measured on the cluster)."""
 
-    dsv_cp_inter_node_gbps: float = 40.0
+    dsv_cp_inter_node_gbps: float = knob(40.0, Real(0.0, lo_open=True))
     """Planner: per-GPU point-to-point bandwidth across nodes, GB/s (400 Gb/s InfiniBand)."""
 
-    dsv_stats_log: str = ""
+    dsv_stats_log: str = knob("", Text())
     """Append per-layer, per-head statistics as JSON lines to this file (rank 0), for
     ``python -m megatron_dsv.tools.plot_stats``."""
 
     def __post_init__(self):
-        self.dsv_query_group = parse_cube(self.dsv_query_group)
-        _choice("dsv_mode", self.dsv_mode, MODES)
-        _choice("dsv_predictor_input", self.dsv_predictor_input, PREDICTOR_INPUTS)
-        _choice("dsv_backend", self.dsv_backend, BACKENDS)
-        _choice("dsv_dense_backend", self.dsv_dense_backend, DENSE_BACKENDS)
-        _int_range("dsv_predictor_rank", self.dsv_predictor_rank, 1, 256)
-        _int_range("dsv_kv_block", self.dsv_kv_block, 1, 1024)
-        _int_range("dsv_min_keys", self.dsv_min_keys, 1, None)
-        _int_range("dsv_k_multiple", self.dsv_k_multiple, 1, None)
-        _int_range("dsv_profile_stride", self.dsv_profile_stride, 1, None)
-        _int_range("dsv_profile_interval_stage1", self.dsv_profile_interval_stage1, 1, None)
-        _int_range("dsv_profile_interval_stage2", self.dsv_profile_interval_stage2, 1, None)
-        _int_range("dsv_switch_min_iters", self.dsv_switch_min_iters, 0, None)
-        _int_range("dsv_log_interval", self.dsv_log_interval, 0, None)
-        _int_range("dsv_cp_replan_interval", self.dsv_cp_replan_interval, 1, None)
-        _int_range("dsv_cp_gpus_per_node", self.dsv_cp_gpus_per_node, 1, None)
-        parse_cp_split(self.dsv_cp_split)
-        if self.dsv_cp_intra_node_gbps <= 0 or self.dsv_cp_inter_node_gbps <= 0:
-            raise ValueError("--dsv-cp-intra-node-gbps and --dsv-cp-inter-node-gbps must be > 0.")
-        _unit("dsv_cp_replan_threshold", self.dsv_cp_replan_threshold)
+        for f in dataclasses.fields(DSVConfig):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
         if self.dsv_switch_max_iters < self.dsv_switch_min_iters:
             raise ValueError(
                 f"--dsv-switch-max-iters ({self.dsv_switch_max_iters}) must be >= "
                 f"--dsv-switch-min-iters ({self.dsv_switch_min_iters})."
             )
-        _open_unit("dsv_critical_mass", self.dsv_critical_mass, hi_inclusive=True)
-        _unit("dsv_min_sparsity", self.dsv_min_sparsity)
-        _unit("dsv_fixed_sparsity", self.dsv_fixed_sparsity, hi_open=True)
-        _unit("dsv_predictor_cosine_weight", self.dsv_predictor_cosine_weight)
-        _unit("dsv_stats_ema", self.dsv_stats_ema, hi_open=True)
-        _unit("dsv_switch_recall_target", self.dsv_switch_recall_target)
-        _unit("dsv_recall_floor", self.dsv_recall_floor)
-        if self.dsv_switch_loss_threshold <= 0:
-            raise ValueError("--dsv-switch-loss-threshold must be > 0 (the paper uses 0.01).")
-        if self.dsv_predictor_loss_coeff < 0:
-            raise ValueError("--dsv-predictor-loss-coeff must be >= 0.")
-        if self.dsv_predictor_lr < 0:
-            raise ValueError("--dsv-predictor-lr must be >= 0 (0 uses the model's --lr).")
-        if not 0 < self.dsv_stage2_predictor_lr_scale <= 1:
-            raise ValueError("--dsv-stage2-predictor-lr-scale must be in (0, 1] (paper: lower LR).")
 
     @property
     def group_size(self) -> int:
@@ -266,26 +399,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}; got {value!r}.")
+_FIELDS = types.MappingProxyType({f.name: f for f in dataclasses.fields(DSVConfig)})
 
-
-def _int_range(name: str, value: int, lo: int, hi: Optional[int]) -> None:
-    if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{_flag(name)} must be an integer {bound}; got {value!r}.")
-
-
-def _unit(name: str, value: float, hi_open: bool = False) -> None:
-    ok = 0.0 <= value < 1.0 if hi_open else 0.0 <= value <= 1.0
-    if not ok:
-        raise ValueError(f"{_flag(name)} must be in [0, 1{')' if hi_open else ']'}; got {value!r}.")
-
-
-def _open_unit(name: str, value: float, hi_inclusive: bool) -> None:
-    if not (0.0 < value <= 1.0 if hi_inclusive else 0.0 < value < 1.0):
-        raise ValueError(f"{_flag(name)} must be in (0, 1]; got {value!r}.")
-
-
-__all__ = ["DSVConfig", "parse_cube", "MODES"]
+__all__ = ["DSVConfig", "parse_cube", "parse_cp_split", "check_field", "MODES"]
