@@ -6,8 +6,9 @@ each head slot a set of heads balanced by per-head work (LPT, :func:`balance_hea
 layer's attention time (forward + backward) with a :class:`~megatron_dsv.cp.cost_model.CostModel`
 and keeps the fastest (:func:`plan_layer`, :func:`compare_plans`). :class:`ReplanPolicy` re-plans a
 layer when the profiler's sparsity moved, at a bounded cadence; :func:`check_plans_agree` proves
-every rank holds the same plans. The simulator for clusters we do not have is ``python -m
-megatron_dsv.tools.simulate_cp``.
+every rank holds the same plans, and :func:`synced_union_density` makes a measured key union the
+same on every rank before it is planned with. The simulator for clusters we do not have is
+``python -m megatron_dsv.tools.simulate_cp``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 
 from megatron_dsv.cp.cost_model import (
@@ -307,8 +309,46 @@ def check_plans_agree(plans: Sequence[Optional[LayerPlan]], group=None) -> str:
     return digest
 
 
+def synced_union_density(union_density, group) -> List[float]:
+    """A measured key-block union made identical on every rank of ``group``, for the planner.
+
+    The union a rank's selective exchange fetched (``ExchangeStats.union_density`` of
+    :mod:`megatron_dsv.cp.seq_parallel`, per key/value head, ``[H_kv]``) is rank-local: plans made
+    from it would differ across ranks. This all-reduces the per-head **maximum** over ``group``
+    (the fetch lasts as long as the rank fetching most), in float64 so every rank gets the same
+    bits. Collective: every rank of ``group`` calls it with the same number of heads.
+
+    Args:
+        union_density: an ``ExchangeStats`` or a sequence of per key/value head unions in [0, 1].
+        group: the process group to agree over (the CP group); None: the default group.
+
+    Returns:
+        Per key/value head union density, the same list on every rank; pass it per layer as
+        ``ReplanPolicy.maybe_replan(..., union_density=...)`` or ``plan_layer(..., union_density=...)``.
+    """
+    values = getattr(union_density, "union_density", union_density)
+    u = [float(x) for x in values]
+    if not u or not all(0.0 <= x <= 1.0 for x in u):
+        raise ValueError(f"union_density needs one value in [0, 1] per key/value head, got {u}.")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("synced_union_density needs an initialised torch.distributed process group.")
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else "cpu"
+    n = torch.tensor([len(u)], dtype=torch.int64, device=device)
+    lo, hi = n.clone(), n.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    if int(lo) != int(hi):
+        raise ValueError(
+            f"ranks hold {int(lo)} to {int(hi)} key/value heads' unions: every rank must pass the same layer's "
+            "per key/value head union (ExchangeStats.union_density of the same layer and step)."
+        )
+    t = torch.tensor(u, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.cpu().tolist()
+
+
 __all__ = [
     "AttentionShape", "CostModel", "PlanCost", "PlanComparison", "DEFAULT_BENCHMARK",
     "feasible_head_sizes", "check_tokens", "compare_plans", "plan_layer", "ReplanPolicy",
-    "plans_digest", "check_plans_agree",
+    "plans_digest", "check_plans_agree", "synced_union_density",
 ]

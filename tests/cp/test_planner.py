@@ -19,8 +19,10 @@ from megatron_dsv.cp.planner import (
     feasible_head_sizes,
     plan_layer,
     plans_digest,
+    synced_union_density,
 )
 from megatron_dsv.tools.simulate_cp import synthetic_profile
+from tests.cp.distributed import run_ranks
 
 TOY = CostModel(
     fits=(KernelFit(64, dense_ms_per_gpair=2.0, dense_fwd_fraction=0.25, sparse_ms_per_mquery=1.0,
@@ -275,3 +277,28 @@ def test_plans_agree_across_ranks_gloo(tmp_path):
     for r in res:
         assert "plans differ across ranks" in r["error"] and "ranks [0]" in r["error"] and "ranks [1]" in r["error"]
 
+
+def _union_worker(rank, world):
+    import torch.distributed as dist
+
+    from megatron_dsv.cp.seq_parallel import ExchangeStats
+
+    mine = [0.25, 0.5] if rank == 0 else [0.75, 0.125]  # multiples of 1/8: exact in float32 and 64
+    got = synced_union_density(ExchangeStats(10, 20, mine), None)
+    assert got == [0.75, 0.5]  # per key/value head maximum, on every rank
+    assert synced_union_density(mine, None) == got
+    everyone = [None] * world
+    dist.all_gather_object(everyone, got)
+    assert everyone[0] == everyone[1]
+    with pytest.raises(ValueError, match="in \\[0, 1\\] per key/value head"):
+        synced_union_density([1.5, 0.5], None)
+    try:
+        synced_union_density([0.5] * (2 + rank), None)
+    except ValueError as e:
+        assert "ranks hold 2 to 3 key/value heads" in str(e)
+    else:
+        raise AssertionError("different head counts across ranks were accepted")
+
+
+def test_synced_union_density_agrees_across_ranks():
+    run_ranks(_union_worker, 2)
