@@ -262,7 +262,7 @@ class Bench:
         from megatron.core import parallel_state as ps
         from megatron.core.process_groups_config import ProcessGroupCollection
 
-        from megatron_dsv.cp.planner import CostModel
+        from megatron_dsv.cp.cost_model import CostModel
         from tests.megatron_shim import init_megatron_state
 
         self.rank, self.world, self.args = rank, world, args
@@ -384,7 +384,8 @@ class Bench:
     # -- one sequence length ----------------------------------------------------------------------
     def run_length(self, S: int) -> List[Dict]:
         from megatron_dsv.cp.plan import fixed_plan
-        from megatron_dsv.cp.planner import AttentionShape, check_plans_agree, compare_plans, plan_layer
+        from megatron_dsv.cp.cost_model import AttentionShape
+        from megatron_dsv.cp.planner import check_plans_agree, compare_plans, plan_layer
         from megatron_dsv.layers.attention import dsv_attention_layers
 
         a, s = self.args, self.sizes
@@ -629,11 +630,14 @@ class Bench:
 
 
 def _scaled(cost, gbps: float, latency: float, scale: float):
+    from megatron_dsv.cp.cost_model import Links
+
     fits = tuple(dataclasses.replace(f, dense_ms_per_gpair=f.dense_ms_per_gpair * scale,
                                      sparse_ms_per_mquery=f.sparse_ms_per_mquery * scale,
                                      sparse_ms_per_gpair=f.sparse_ms_per_gpair * scale,
                                      select_ms_per_gpair=f.select_ms_per_gpair * scale) for f in cost.fits)
-    return dataclasses.replace(cost, fits=fits, intra_node_gbps=gbps, latency_ms=latency)
+    links = Links.assumed(gbps, cost.links.inter_a2a.gbps, latency)
+    return dataclasses.replace(cost, fits=fits, links=links)
 
 
 def _solve(a: List[List[float]], b: List[float]) -> Optional[List[float]]:
@@ -696,7 +700,8 @@ def refit(cost, rows: Sequence[Dict], gpus_per_node: int) -> Dict:
     """Fit the bandwidth and latency (and separately + a compute scale) to the measured attention
     times (one layer fwd+bwd), least squares in log time; predicted vs measured before/after."""
     from megatron_dsv.cp.plan import LayerPlan
-    from megatron_dsv.cp.planner import AttentionShape, plan_layer
+    from megatron_dsv.cp.cost_model import AttentionShape
+    from megatron_dsv.cp.planner import plan_layer
 
     cases, seen = [], set()
     for row in rows:
@@ -733,7 +738,7 @@ def refit(cost, rows: Sequence[Dict], gpus_per_node: int) -> Dict:
                 "max_abs_rel_err": max(abs(e) for e in errs),
                 "rms_log_err": math.sqrt(obj([math.log(p) for p in params]) / len(cases))}
 
-    start = [cost.intra_node_gbps, max(cost.latency_ms, 1e-5), 1.0]
+    start = [cost.links.intra_a2a.gbps, max(cost.links.intra_a2a.latency_ms, 1e-5), 1.0]
     lo, hi = [math.log(0.1), math.log(1e-5), math.log(1e-4)], [math.log(1e4), math.log(1e2), math.log(1e7)]
     x0 = [math.log(v) for v in start]
     bw = _least_squares(lambda p: residuals(p + [0.0]), x0[:2], lo[:2], hi[:2]) + [0.0]
@@ -742,7 +747,7 @@ def refit(cost, rows: Sequence[Dict], gpus_per_node: int) -> Dict:
     models = {k: _scaled(cost, *v) for k, v in fits.items()}
     out = {"fitted_on": "attention-only forward+backward of one layer (the cost model's unit), measured union",
            "cases": len(cases), "objective": "sum over cases of log(predicted / measured)^2",
-           "inter_node_gbps": cost.inter_node_gbps,
+           "inter_node_gbps": cost.links.inter_a2a.gbps,
            "note": "inter-node bandwidth not fitted (every rank on one node)" if len(rows) and rows[0]["N"] <= gpus_per_node
            else "inter-node bandwidth held at its prior"}
     for k, v in fits.items():

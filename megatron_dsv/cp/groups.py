@@ -3,19 +3,19 @@
 For a CP group of N ranks and each divisor ``g_h`` of N, head groups are runs of ``g_h``
 consecutive CP ranks (adjacent token shards) and sequence groups are the ranks ``g_h`` apart
 (see ``megatron_dsv/cp/plan.py``). ``torch.distributed.new_group`` is collective over the whole
-world, so every process builds the groups for every CP group, in one fixed order, once: call
-:func:`get_cp_groups` from code every rank runs at start-up (``DSVCoreAttention.__init__`` does).
+world, so every process builds the groups for every CP group, in one fixed order: call
+:func:`build_cp_groups` once, from code every rank runs at start-up, hold the :class:`CPGroups` it
+returns and hand that one object to every layer (each call creates new process groups).
 When Megatron was started with ``--cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes U R``
 its two levels are exactly our ``U x R`` split and are reused instead of creating new ones.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
-
-_CACHE: Dict[Tuple[int, ...], "CPGroups"] = {}
 
 
 def divisors(n: int) -> List[int]:
@@ -58,8 +58,11 @@ class CPGroups:
         return self._splits[head_size]
 
 
-def get_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) -> CPGroups:
-    """Build (once per CP group) and return the head/sequence groups of every split.
+def build_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) -> CPGroups:
+    """Build the head/sequence groups of every split of ``cp_group``. Collective over the world.
+
+    Every process calls it at the same point (``new_group`` is collective over the whole world);
+    the caller keeps the result and reuses it: each call creates new process groups.
 
     Args:
         cp_group: Megatron's context-parallel group (``pg_collection.cp``).
@@ -67,8 +70,6 @@ def get_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) -> C
             was started with two ``--hierarchical-context-parallel-sizes``; reused for that split.
     """
     mine = tuple(dist.get_process_group_ranks(cp_group))
-    if mine in _CACHE:
-        return _CACHE[mine]
     n = len(mine)
     all_cp: List = [None] * dist.get_world_size()
     dist.all_gather_object(all_cp, mine)
@@ -98,8 +99,14 @@ def get_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) -> C
                 grp = dist.new_group(sub)
                 seq_g = grp if me in sub else seq_g
         splits[head_size] = (head_g, seq_g)
-    _CACHE[mine] = CPGroups(cp_group, splits)
-    return _CACHE[mine]
+    return CPGroups(cp_group, splits)
 
 
-__all__ = ["CPGroups", "get_cp_groups", "split_ranks", "slot_and_chunk", "divisors"]
+def get_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) -> CPGroups:
+    """Deprecated: :func:`build_cp_groups` (no cache any more: every call builds new groups)."""
+    warnings.warn("get_cp_groups is deprecated and no longer caches: call build_cp_groups once and reuse its "
+                  "CPGroups", DeprecationWarning, stacklevel=2)
+    return build_cp_groups(cp_group, hierarchical_groups)
+
+
+__all__ = ["CPGroups", "build_cp_groups", "get_cp_groups", "split_ranks", "slot_and_chunk", "divisors"]

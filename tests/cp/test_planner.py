@@ -1,4 +1,4 @@
-"""CP planner: LPT head balancing, the cost model, plan choice, re-plan cadence, rank agreement, CLI."""
+"""CP planner: LPT head balancing, plan choice, re-plan cadence, rank agreement, synced key unions."""
 
 import itertools
 import json
@@ -10,34 +10,30 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_dsv.cp.cost_model import AttentionShape, CostModel, KernelFit, Links
 from megatron_dsv.cp.plan import LayerPlan, balance_heads, even_slots, head_unit
 from megatron_dsv.cp.planner import (
-    DEFAULT_BENCHMARK,
-    AttentionShape,
-    CostModel,
-    KernelFit,
     ReplanPolicy,
     check_plans_agree,
     compare_plans,
     feasible_head_sizes,
-    load_profile,
-    main,
     plan_layer,
     plans_digest,
-    synthetic_profile,
+    synced_union_density,
 )
+from megatron_dsv.tools.simulate_cp import synthetic_profile
+from tests.cp.distributed import run_ranks
 
-# round numbers so that hand-computed communication times are exact
 TOY = CostModel(
     fits=(KernelFit(64, dense_ms_per_gpair=2.0, dense_fwd_fraction=0.25, sparse_ms_per_mquery=1.0,
                     sparse_ms_per_gpair=3.0, select_ms_per_gpair=0.01),),
-    intra_node_gbps=100.0, inter_node_gbps=10.0, latency_ms=0.0,
+    links=Links.assumed(100.0, 10.0, 0.0),
 )
 
 
 @pytest.fixture(scope="module")
 def h100():
-    return CostModel.from_benchmark(DEFAULT_BENCHMARK)
+    return CostModel.from_benchmark()
 
 
 def makespan(work, slots):
@@ -111,58 +107,6 @@ def test_lpt_keeps_gqa_groups_and_rejects_too_many_slots():
     assert even_slots(8, 4) == ((0, 4), (1, 5), (2, 6), (3, 7))
 
 
-def test_fits_reproduce_the_benchmark(h100):
-    data = json.loads(open(DEFAULT_BENCHMARK).read())
-    heads = data["args"]["heads"]
-    assert [f.head_dim for f in h100.fits] == [64, 128]
-    for row in data["rows"]:
-        fit = h100.fit_for(row["D"])
-        s = row["S"]
-        if row["kind"] == "cudnn_dense":
-            assert heads * fit.dense_ms(s, s) == pytest.approx(row["fwd_bwd_ms"], rel=1e-9)
-        else:
-            assert heads * fit.sparse_ms(s, s, 1 - row["sparsity"]) == pytest.approx(row["fwd_bwd_ms"], rel=0.05)
-            assert heads * fit.select_ms(s, s) == pytest.approx(row["select_ms"], rel=0.25)
-    f64, f128, f96 = h100.fit_for(64), h100.fit_for(128), h100.fit_for(96)
-    assert f96.dense_ms_per_gpair == pytest.approx((f64.dense_ms_per_gpair + f128.dense_ms_per_gpair) / 2)
-    assert h100.fit_for(256).sparse_ms_per_gpair == pytest.approx(2 * f128.sparse_ms_per_gpair)
-    assert h100.fit_for(32).dense_ms_per_gpair == pytest.approx(f64.dense_ms_per_gpair / 2)
-    assert h100.fit_for(256).select_ms_per_gpair == f128.select_ms_per_gpair
-
-
-def test_communication_terms_by_hand():
-    e, d, s = 2, 64, 2048
-    shard = s // 2 * d * e  # bytes of one head on one rank's S/N tokens
-    # head all-to-all, 2 ranks in one node, 2 heads: send/receive 3 heads of q,k,v and 1 of out, x2 for bwd
-    shape = AttentionShape(s, 2, d)
-    pc = TOY.plan_cost(shape, LayerPlan(2, 1, ((0,), (1,))), None, gpus_per_node=8)
-    assert pc.head_link == "intra" and pc.seq_link == "none"
-    assert pc.slots[0].head_a2a_ms == pytest.approx(2 * (3 + 1) * shard / 100e6)
-    # same across two nodes: InfiniBand
-    pc = TOY.plan_cost(shape, LayerPlan(2, 1, ((0,), (1,))), None, gpus_per_node=1)
-    assert pc.head_link == "inter" and pc.slots[0].head_a2a_ms == pytest.approx(2 * 4 * shard / 10e6)
-    # sparse sequence split over 2 nodes: predictor keys + union of remote keys (fwd) + dK,dV (bwd)
-    shape1 = AttentionShape(s, 1, d)
-    pc = TOY.plan_cost(shape1, LayerPlan(1, 2, ((0,),)), [0.1], gpus_per_node=1)
-    lowrank = s // 2 * 16 * e
-    fetch = 0.2 * (s // 2) * d * 2 * e  # union = min(1, 2.0 * 0.1)
-    slot = pc.slots[0]
-    assert pc.seq_link == "inter"
-    assert slot.seq_exposed_ms == pytest.approx((lowrank + 2 * fetch) / 10e6)
-    assert slot.compute_ms == pytest.approx(TOY.fits[0].sparse_ms(s / 2, s, 0.1) + TOY.fits[0].select_ms(s / 2, s))
-    assert pc.total_ms == pytest.approx(slot.compute_ms + slot.seq_exposed_ms)
-    # a measured union replaces the factor
-    pc = TOY.plan_cost(shape1, LayerPlan(1, 2, ((0,),)), [0.1], gpus_per_node=1, union_density=[0.5])
-    assert pc.slots[0].seq_exposed_ms == pytest.approx((lowrank + 2 * 0.5 * (s // 2) * d * 2 * e) / 10e6)
-    # dense ring over 2 nodes, transfer-bound: one step of compute fwd and bwd + one transfer each
-    pc = TOY.plan_cost(shape1, LayerPlan(1, 2, ((0,),)), None, gpus_per_node=1)
-    step = TOY.fits[0].dense_ms(s / 2, s / 2)
-    chunk = 2 * (s // 2) * d * e
-    tf, tb = chunk / 10e6, 2 * chunk / 10e6
-    want = 0.25 * step + max(0.25 * step, tf) + 0.75 * step + max(0.75 * step, tb)
-    assert tf > 0.25 * step and pc.total_ms == pytest.approx(want)
-
-
 def random_layer(rng):
     kv = rng.choice([1, 2, 4, 8])
     h = kv * rng.choice([1, 2]) if kv < 8 else 8
@@ -200,7 +144,7 @@ def test_plan_layer_is_the_argmin_and_beats_fixed_strategies(h100):
 
 def test_ties_prefer_the_larger_head_split():
     # zero bandwidth cost and uniform heads: every split costs the same compute
-    free = CostModel(fits=TOY.fits, intra_node_gbps=1e12, inter_node_gbps=1e12, latency_ms=0.0)
+    free = CostModel(fits=TOY.fits, links=Links.assumed(1e12, 1e12, 0.0))
     plan = plan_layer(free, AttentionShape(4096, 4, 64), [0.1] * 4, cp_size=4, gpus_per_node=4)
     assert plan.head_size == 4
 
@@ -290,8 +234,9 @@ def test_digest_is_stable_and_float_free():
     b = LayerPlan(2, 4, ((0, 3), (1, 2)), predicted_ms=2.0)
     assert plans_digest([a, None]) == plans_digest([b, None])
     assert plans_digest([a]) != plans_digest([LayerPlan(2, 4, ((0, 1), (2, 3)))])
-    # a fixed value: the digest must not depend on the process (no salted hash())
-    assert plans_digest([LayerPlan(1, 1, ((0,),))]) == plans_digest([LayerPlan(1, 1, ((0,),))])
+    # fixed values, computed once: the digest must not depend on the process (no salted hash())
+    assert plans_digest([LayerPlan(1, 1, ((0,),))]) == "fac49cdec3a4715e6bb512a052a53a86611c504eae7d2a4bc17ad08b3a5edeab"
+    assert plans_digest([b, None]) == "fc36d5a1bfc39c689d638afe8742ceb26bf7dd0525f22879fd5059372947be00"
     assert len(plans_digest([a])) == 64
 
 
@@ -304,7 +249,7 @@ def free_port() -> int:
 def _agree_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cost = CostModel.from_benchmark(DEFAULT_BENCHMARK)
+        cost = CostModel.from_benchmark()
         shape = AttentionShape(8 * 64 * 64, 8, 128)
         prof = synthetic_profile(4, 8, seed=3)
         pol = ReplanPolicy(cost, [shape] * 4, cp_size=8, gpus_per_node=4, min_interval=10, head_sizes=[2])
@@ -334,38 +279,27 @@ def test_plans_agree_across_ranks_gloo(tmp_path):
         assert "plans differ across ranks" in r["error"] and "ranks [0]" in r["error"] and "ranks [1]" in r["error"]
 
 
-def test_synthetic_profile_is_deterministic_and_heterogeneous():
-    a, b = synthetic_profile(32, 16, seed=0), synthetic_profile(32, 16, seed=0)
-    assert a == b and a != synthetic_profile(32, 16, seed=1)
-    assert a[0] is None and a[31] is None and all(p is not None for p in a[1:31])
-    flat = [x for p in a if p for x in p]
-    assert all(0.5 <= x <= 0.99 for x in flat)
-    assert any(x < 0.8 for x in flat) and sum(x >= 0.9 for x in flat) > 0.7 * len(flat)
+def _union_worker(rank, world):
+    import torch.distributed as dist
+
+    from megatron_dsv.cp.seq_parallel import ExchangeStats
+
+    mine = [0.25, 0.5] if rank == 0 else [0.75, 0.125]  # multiples of 1/8: exact in float32 and 64
+    got = synced_union_density(ExchangeStats(10, 20, mine), None)
+    assert got == [0.75, 0.5]  # per key/value head maximum, on every rank
+    assert synced_union_density(mine, None) == got
+    everyone = [None] * world
+    dist.all_gather_object(everyone, got)
+    assert everyone[0] == everyone[1]
+    with pytest.raises(ValueError, match="in \\[0, 1\\] per key/value head"):
+        synced_union_density([1.5, 0.5], None)
+    try:
+        synced_union_density([0.5] * (2 + rank), None)
+    except ValueError as e:
+        assert "ranks hold 2 to 3 key/value heads" in str(e)
+    else:
+        raise AssertionError("different head counts across ranks were accepted")
 
 
-def test_cli_writes_the_simulation(tmp_path, capsys):
-    out = tmp_path / "sim.json"
-    res = main(["--gpus", "16", "--gpus-per-node", "8", "--seq-len", "100000", "--heads", "8", "--head-dim", "64",
-                "--layers", "6", "--out", str(out)])
-    text = capsys.readouterr().out
-    assert "pure head-parallel = the largest feasible head split (8)" in text and "total: planner" in text
-    data = json.loads(out.read_text())
-    assert data["shape"]["seq_len"] == 100352 and data["shape"]["seq_len_requested"] == 100000
-    assert data["benchmark"] == "benchmarks/results/attention_h100_20261124_pass4.json"
-    assert {"fits", "intra_node_gbps", "inter_node_gbps", "union_factor", "env"} <= set(data["cost_model"])
-    assert len(data["layers"]) == 6
-    for e in data["layers"]:
-        assert {"best", "pure_head", "pure_seq", "even_count", "candidates", "mode"} <= set(e)
-        assert e["best"]["predicted_ms"] <= min(e["pure_head"]["predicted_ms"], e["pure_seq"]["predicted_ms"])
-    t = data["totals"]
-    assert t["target_met"] and t["planner_ms"] == pytest.approx(sum(e["best"]["predicted_ms"] for e in data["layers"]))
-    assert res["totals"] == t
-    # a profile file in the controller's stats-log format (dense layers flagged)
-    stats = tmp_path / "stats.jsonl"
-    line = {"iteration": 5, "layers": [{"layer": 1, "sparse": True, "sparsity": [0.9] * 4},
-                                       {"layer": 2, "sparse": False, "sparsity": [0.5] * 4}]}
-    stats.write_text(json.dumps({"iteration": 0, "layers": []}) + "\n" + json.dumps(line) + "\n")
-    assert load_profile(stats) == [[0.9] * 4, None]
-    res = main(["--gpus", "4", "--gpus-per-node", "4", "--seq-len", "4096", "--heads", "4", "--head-dim", "64",
-                "--profile", str(stats)])
-    assert [e["mode"] for e in res["layers"]] == ["sparse", "dense"]
+def test_synced_union_density_agrees_across_ranks():
+    run_ranks(_union_worker, 2)
