@@ -8,11 +8,19 @@ Initialisation: ``W_q = W_k = P`` with ``P`` Gaussian of variance ``1/r`` is a J
 sketch, ``E[(qP).(kP)] = q.k``, so selection is meaningful from the first step and training only
 has to sharpen it. Two inputs are supported: ``qk`` (project q/k themselves: RoPE-aware, local
 to core attention) and ``hidden`` (project the layer input, the paper's variant).
+
+Closed-form fit (``qk`` input): the relative-MSE part of the loss summed over rows is a quadratic
+form in ``A = W_q W_k^T``, ``tr((A - I) G (A - I)^T C_q)`` with ``G`` the centred key Gram and
+``C_q`` the rows' weighted second moment, so the best rank-r ``A`` is a truncated SVD in the
+metric whitened by ``C_q^{1/2}`` and ``G^{1/2}`` (:func:`reduced_rank_fit`, a ``[D, D]`` problem
+per head). :meth:`LowRankPredictor.accumulate_moments` sums the moments without autograd and
+:meth:`LowRankPredictor.refit` writes the optimum into the weights.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch.distributed as dist
@@ -94,6 +102,9 @@ class LowRankPredictor(nn.Module):
         # Heads are split over tensor-parallel ranks, so each rank owns its heads' projections:
         # Megatron's checkpointing shards them along dim 0 (see sharded_state_dict).
         self.tp_group = None
+        # Summed score moments for the closed-form refit (None until accumulate_moments); a plain
+        # attribute, not a buffer, so Megatron's bf16 cast of the module leaves them in fp64.
+        self.moments: Optional[ScoreMoments] = None
         separate = register_grad_norm_group()
         for p in (self.weight_q, self.weight_k):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
@@ -146,18 +157,104 @@ class LowRankPredictor(nn.Module):
         k_lr = torch.einsum("bsi,hir->bhsr", x.detach(), self.weight_k.to(x.dtype))
         return self.project_queries(x), k_lr
 
+    def _check_closed_form(self) -> None:
+        if self.input_dim is not None:
+            raise ValueError(
+                "the closed-form predictor fit needs the 'qk' predictor input (it fits q W_q (k W_k)^T "
+                "to q k^T); use --dsv-predictor-input qk, or train the 'hidden' predictor by gradient."
+            )
 
-def centered_gram(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192, group=None) -> torch.Tensor:
-    """``sum_j (a_j - mean a)(b_j - mean b)^T`` over the sequence axis, fp32, no grad.
+    @torch.no_grad()
+    def accumulate_moments(
+        self,
+        q_rows: torch.Tensor,
+        k: torch.Tensor,
+        heads: Optional[Sequence[int]] = None,
+        group=None,
+        decay: float = 1.0,
+    ) -> "ScoreMoments":
+        """Add the score moments of sampled rows to :attr:`moments` (no autograd, fp64).
+
+        Args:
+            q_rows: ``[B, H', N, D]`` exact queries of the sampled rows (``H'`` = ``len(heads)``).
+            k: ``[B, H_kv, S, D]`` exact keys; query head ``i`` of ``heads`` reads key head
+                ``i // (H' / H_kv)`` (the layout of :meth:`project`).
+            heads: the query heads ``q_rows`` holds (a context-parallel head slot), default all;
+                the other heads get nothing.
+            group: the sequence group when ``k`` is one chunk of the sequence (as in
+                :func:`predictor_loss`): the key Gram is the whole sequence's.
+            decay: the stored moments are multiplied by this first (1: plain sum; < 1: an
+                exponential average that follows a drifting model in stage 2).
+        """
+        self._check_closed_form()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}.")
+        n_heads = self.num_heads if heads is None else len(heads)
+        if q_rows.dim() != 4 or q_rows.shape[1] != n_heads or q_rows.shape[3] != self.head_dim:
+            raise ValueError(
+                f"q_rows must be [B, {n_heads}, N, {self.head_dim}] for these heads; got {tuple(q_rows.shape)}."
+            )
+        part = score_moments(q_rows, k, group=group)
+        if heads is not None:
+            idx = torch.as_tensor(list(heads), dtype=torch.long, device=part.c_q.device)
+            part = ScoreMoments.zeros(self.num_heads, self.head_dim, part.c_q.device).index_add(idx, part)
+        self.moments = part if self.moments is None else self.moments.scaled(decay) + part
+        return self.moments
+
+    def reset_moments(self) -> None:
+        self.moments = None
+
+    @torch.no_grad()
+    def refit(self, eps: float = 1e-6, group=None, reset: bool = True) -> torch.Tensor:
+        """Replace ``W_q, W_k`` by the closed-form optimum of the accumulated moments, in place.
+
+        Heads without sampled rows (or whose rows' scores do not vary) keep their weights. The factors are balanced so that the
+        low-rank queries and keys have columns of equal RMS (bf16/fp16 range), and are written in
+        the weights' dtype and device.
+
+        Args:
+            eps: ridge, relative to the mean eigenvalue of each moment (``C + eps tr(C)/D I``).
+            group: sum the moments over this group first (the context-parallel group, whose ranks
+                hold different rows and head slots); every rank then writes the same weights.
+            reset: clear the moments afterwards (the next fit sees only new rows).
+
+        Returns:
+            fp64 ``[H]``: the fit's residual, the fraction of the rows' weighted centred score
+            energy the rank-r optimum misses (the rows' mean relative MSE for one sample);
+            NaN for heads without rows.
+        """
+        self._check_closed_form()
+        if self.moments is None:
+            raise RuntimeError("refit needs accumulate_moments first: no score moments are stored.")
+        m = self.moments if group is None else self.moments.all_reduce(group)
+        trace = lambda c: c.diagonal(dim1=-2, dim2=-1).sum(-1)
+        fit = (m.rows > 0) & (trace(m.c_q) > 0) & (trace(m.c_k) > 0)
+        residual = torch.full((self.num_heads,), float("nan"), dtype=torch.float64, device=m.c_q.device)
+        if bool(fit.any()):
+            idx = torch.nonzero(fit).flatten()
+            w_q, w_k, res = reduced_rank_fit(*m.balanced_metrics(idx), self.rank, eps)
+            residual[idx] = res
+            dev_idx = idx.to(self.weight_q.device)
+            self.weight_q.index_copy_(0, dev_idx, w_q.to(self.weight_q.device, self.weight_q.dtype))
+            self.weight_k.index_copy_(0, dev_idx, w_k.to(self.weight_k.device, self.weight_k.dtype))
+        if reset:
+            self.moments = None
+        return residual
+
+
+def centered_gram(
+    a: torch.Tensor, b: torch.Tensor, chunk: int = 8192, group=None, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """``sum_j (a_j - mean a)(b_j - mean b)^T`` over the sequence axis, fp32 (or ``dtype``), no grad.
 
     ``a [B, G, S, Da]``, ``b [B, G or 1, S, Db]`` -> ``[B, G, Da, Db]``; chunked over S so the fp32
     copies stay small (8192 tokens x 16 heads x 128 x 4 B = 64 MiB). With ``group`` (context
     parallelism) the sequence is the concatenation of every rank's chunk: means and sums are
     all-reduced (two small collectives), so every rank gets the whole sequence's Gram matrix.
     """
-    acc = torch.promote_types(a.dtype, torch.float32)  # fp64 inputs stay fp64 (tests)
+    acc = dtype or torch.promote_types(a.dtype, torch.float32)  # fp64 inputs stay fp64 (tests)
     with torch.no_grad():
-        sums = [a.to(acc).sum(2, keepdim=True), b.to(acc).sum(2, keepdim=True)]
+        sums = [a.sum(2, keepdim=True, dtype=acc), b.sum(2, keepdim=True, dtype=acc)]
         n = a.shape[2]
         if group is not None:
             flat = torch.cat([t.flatten() for t in sums])
@@ -287,3 +384,157 @@ def predictor_loss_reference(
             use_reentrant=False,
         )
     return total / (b * h * n)
+
+
+@dataclass(frozen=True)
+class ScoreMoments:
+    """Per-query-head moments of the closed-form predictor fit (fp64; sums, so summable).
+
+    For a row ``q_i`` scored against the centred keys ``K_c`` (Gram ``G = K_c^T K_c``), the
+    relative squared error of ``A = W_q W_k^T`` is ``w_i |K_c (A - I)^T q_i|^2`` with
+    ``w_i = 1 / q_i^T G q_i``. Summed over one sample's rows that is
+    ``tr((A - I) G (A - I)^T C_q)`` with ``C_q = sum_i w_i q_i q_i^T``. Each sample enters as
+    ``G / tr G`` and ``tr(G) C_q`` (scale-free, same product), and samples are summed, which is
+    exact when their key Grams agree up to scale and a Kronecker approximation otherwise.
+
+    Attributes:
+        c_q: ``[H, D, D]`` ``sum_i tr(G) / (q_i^T G q_i) q_i q_i^T`` over sampled rows.
+        c_k: ``[H, D, D]`` ``sum G / tr(G)`` over samples (the head's key head's Gram).
+        q_energy, rows: ``[H]`` ``sum |q_i|^2`` and the number of rows.
+        k_energy, keys: ``[H]`` ``sum tr(G)`` (centred key energy) and the number of keys.
+    """
+
+    c_q: torch.Tensor
+    c_k: torch.Tensor
+    q_energy: torch.Tensor
+    rows: torch.Tensor
+    k_energy: torch.Tensor
+    keys: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_heads: int, head_dim: int, device=None) -> "ScoreMoments":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+        return cls(z(num_heads, head_dim, head_dim), z(num_heads, head_dim, head_dim), *(z(num_heads) for _ in range(4)))
+
+    def _fields(self):
+        return (self.c_q, self.c_k, self.q_energy, self.rows, self.k_energy, self.keys)
+
+    def __add__(self, other: "ScoreMoments") -> "ScoreMoments":
+        if other.c_q.shape != self.c_q.shape:
+            raise ValueError(f"cannot add score moments of shapes {tuple(self.c_q.shape)} and {tuple(other.c_q.shape)}.")
+        return ScoreMoments(*(a + b for a, b in zip(self._fields(), other._fields())))
+
+    def scaled(self, factor: float) -> "ScoreMoments":
+        return ScoreMoments(*(a * factor for a in self._fields()))
+
+    def index_add(self, heads: torch.Tensor, part: "ScoreMoments") -> "ScoreMoments":
+        """These moments plus ``part``'s head ``i`` added to head ``heads[i]``."""
+        return ScoreMoments(*(a.index_add(0, heads, b) for a, b in zip(self._fields(), part._fields())))
+
+    def all_reduce(self, group=None) -> "ScoreMoments":
+        """Sum over ``group`` (one collective); returns a new object."""
+        fields = self._fields()
+        flat = torch.cat([f.flatten() for f in fields])
+        dist.all_reduce(flat, group=group)
+        return ScoreMoments(*(p.view_as(f) for p, f in zip(flat.split([f.numel() for f in fields]), fields)))
+
+    def balanced_metrics(self, heads: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``C_q`` and ``G`` of ``heads`` rescaled to mean per-row / per-key second moments.
+
+        The optimum ``A`` does not depend on the two scales; they set the split of ``A`` into
+        ``W_q W_k^T`` so that ``q W_q`` and ``k_c W_k`` have columns of about equal RMS.
+        """
+        c_q, c_k = self.c_q[heads], self.c_k[heads]
+        tr_q = c_q.diagonal(dim1=-2, dim2=-1).sum(-1)
+        tr_k = c_k.diagonal(dim1=-2, dim2=-1).sum(-1)
+        s_q = self.q_energy[heads] / self.rows[heads] / tr_q
+        s_k = self.k_energy[heads] / self.keys[heads] / tr_k
+        return c_q * s_q.view(-1, 1, 1), c_k * s_k.view(-1, 1, 1)
+
+
+@torch.no_grad()
+def score_moments(q_rows: torch.Tensor, k: torch.Tensor, group=None) -> ScoreMoments:
+    """:class:`ScoreMoments` of sampled rows ``q_rows [B, H, N, D]`` against keys ``k [B, H_kv, S, D]``.
+
+    The key Gram is accumulated in fp64 (chunks of 8192 tokens, no fp64 copy of k); ``group``:
+    the sequence group when ``k`` is one chunk of the sequence.
+    """
+    if q_rows.dim() != 4 or k.dim() != 4 or q_rows.shape[0] != k.shape[0] or q_rows.shape[3] != k.shape[3]:
+        raise ValueError(f"q_rows [B, H, N, D] and k [B, H_kv, S, D] disagree: {tuple(q_rows.shape)}, {tuple(k.shape)}.")
+    b, h, n, d = q_rows.shape
+    if h % k.shape[1]:
+        raise ValueError(f"{h} query heads are not a multiple of {k.shape[1]} key heads.")
+    kv_of_head = torch.arange(h, device=k.device) // (h // k.shape[1])
+    g = centered_gram(k.detach(), k.detach(), group=group, dtype=torch.float64)[:, kv_of_head]  # [B, H, D, D]
+    tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # [B, H]
+    q = q_rows.detach().to(device=g.device, dtype=torch.float64)
+    energy = ((q @ g) * q).sum(-1)  # [B, H, N] centred score energy of each row (up to scale^2)
+    # A row whose scores do not vary (q = 0 or constant keys) carries no error to fit: weight 0.
+    valid = energy > 1e-12 * tr.unsqueeze(-1) * (q * q).sum(-1)
+    w = torch.where(valid, tr.unsqueeze(-1) / energy.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    c_q = torch.einsum("bhn,bhnd,bhne->hde", w, q, q)
+    safe_tr = tr.clamp(min=torch.finfo(torch.float64).tiny)
+    c_k = (g / safe_tr.view(b, h, 1, 1)).sum(0)
+    n_keys = k.shape[2] * (dist.get_world_size(group) if group is not None else 1)
+    ones = torch.ones(h, dtype=torch.float64, device=g.device)
+    return ScoreMoments(
+        c_q=c_q,
+        c_k=c_k,
+        q_energy=(q * q).sum((0, 2, 3)),
+        rows=ones * (b * n),
+        k_energy=tr.sum(0),
+        keys=ones * (b * n_keys),
+    )
+
+
+def _sqrt_pair(c: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``C^{1/2}`` and ``C^{-1/2}`` of symmetric PSD ``[..., D, D]`` with the relative ridge."""
+    d = c.shape[-1]
+    ridge = (eps * c.diagonal(dim1=-2, dim2=-1).sum(-1) / d).clamp(min=torch.finfo(c.dtype).tiny)
+    eye = torch.eye(d, dtype=c.dtype, device=c.device)
+    sym = 0.5 * (c + c.transpose(-1, -2)) + ridge.view(*ridge.shape, 1, 1) * eye
+    val, vec = torch.linalg.eigh(sym)
+    val = val.clamp(min=ridge.unsqueeze(-1))  # eigh may return -1e-16 for a zero eigenvalue
+    vt = vec.transpose(-1, -2)
+    return (vec * val.sqrt().unsqueeze(-2)) @ vt, (vec * val.rsqrt().unsqueeze(-2)) @ vt
+
+
+@torch.no_grad()
+def reduced_rank_fit(
+    c_q: torch.Tensor, c_k: torch.Tensor, rank: int, eps: float = 1e-6
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-r ``A = W_q W_k^T`` minimising ``tr((A - I) C_k (A - I)^T C_q)``, per head.
+
+    With ``T = C_q^{1/2} C_k^{1/2}`` the objective is ``|C_q^{1/2} A C_k^{1/2} - T|_F^2``, so
+    (Eckart-Young) ``C_q^{1/2} A C_k^{1/2} = U_r S_r V_r^T``, the top-r SVD of ``T``:
+    ``W_q = C_q^{-1/2} U_r S_r^{1/2}``, ``W_k = C_k^{-1/2} V_r S_r^{1/2}``. Both moments get a
+    ridge ``eps tr(C)/D`` so directions no row or key spans stay finite.
+
+    Args:
+        c_q, c_k: fp64 ``[H, D, D]`` symmetric PSD moments with positive trace.
+        rank: r in ``[1, D]``.
+
+    Returns:
+        ``W_q, W_k`` fp64 ``[H, D, r]`` and the residual fp64 ``[H]``: ``sum_{t > r} s_t^2 /
+        sum_t s_t^2``, the fraction of the weighted energy the optimum misses.
+    """
+    if c_q.dim() != 3 or c_q.shape != c_k.shape or c_q.shape[-1] != c_q.shape[-2]:
+        raise ValueError(f"c_q and c_k must both be [H, D, D]; got {tuple(c_q.shape)} and {tuple(c_k.shape)}.")
+    d = c_q.shape[-1]
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, {d}] (the head dim), got {rank}.")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}.")
+    c_q, c_k = c_q.double(), c_k.double()
+    for name, c in (("c_q", c_q), ("c_k", c_k)):
+        if not bool((c.diagonal(dim1=-2, dim2=-1).sum(-1) > 0).all()):
+            raise ValueError(f"{name} has a head with zero trace (no rows or constant keys): fit only heads with data.")
+    sq, isq = _sqrt_pair(c_q, eps)
+    sk, isk = _sqrt_pair(c_k, eps)
+    u, s, vh = torch.linalg.svd(sq @ sk)
+    root = s[:, :rank].sqrt().unsqueeze(-2)
+    w_q = isq @ u[:, :, :rank] * root
+    w_k = isk @ vh[:, :rank].transpose(-1, -2) * root
+    energy = s.pow(2)
+    residual = energy[:, rank:].sum(-1) / energy.sum(-1).clamp(min=torch.finfo(torch.float64).tiny)
+    return w_q, w_k, residual
