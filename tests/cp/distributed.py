@@ -5,9 +5,10 @@ collectives. Each spawned rank calls ``fn(rank, world_size, *args)`` after
 ``init_process_group("gloo")``; a failing rank's traceback is raised in the parent.
 
 Every process group is destroyed, and every reference to it dropped, before a rank's interpreter
-exits. A gloo group that outlives ``destroy_process_group`` (held by Megatron's parallel state or
-a group cache) keeps its worker threads; a worker that releases the last collective's work after
-the main thread began finalising must take the GIL to free the work's tensors, and a thread that
+exits. A gloo group that outlives ``destroy_process_group`` (held by Megatron's parallel state, or
+by the module-level group cache that ``megatron_dsv.cp.groups`` had) keeps its worker threads; a
+worker that releases the last collective's work after the main thread began finalising must take
+the GIL to free the work's tensors, and a thread that
 takes the GIL during finalisation is ended by ``pthread_exit``, whose unwind through a noexcept
 frame calls ``std::terminate``: "terminate called without an active exception", SIGABRT, no
 Python error (core dump: ``AsyncAlltoallWork::~AsyncAlltoallWork`` -> ``decref_pyobject`` ->
@@ -43,16 +44,13 @@ def _entry(rank, world, port, errdir, fn, args):
 
 
 def _teardown() -> None:
-    """Destroy Megatron's groups, the DSV group cache and the default group, then collect, so that
-    every gloo group's destructor joins its worker threads while the interpreter is alive."""
+    """Destroy Megatron's groups and the default group, then collect, so that every gloo group's
+    destructor joins its worker threads while the interpreter is alive."""
     import sys
 
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    groups = sys.modules.get("megatron_dsv.cp.groups")
-    if groups is not None:
-        groups._CACHE.clear()  # module-level cache, removed by the runtime redesign (issue 12)
     if dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dsv.cp.groups import get_cp_groups, slot_and_chunk, split_ranks
+from megatron_dsv.cp.groups import build_cp_groups, slot_and_chunk, split_ranks
 from megatron_dsv.cp.head_parallel import kv_send_heads
 from megatron_dsv.cp.plan import LayerPlan, balance_heads
 from tests.cp.distributed import run_ranks
@@ -64,7 +64,7 @@ def _check_plan(rank, world, plan, sparse, s_local):
     from megatron_dsv.cp.context import CPAttention
     from megatron_dsv.ops.selection import select_topk
 
-    groups = get_cp_groups(torch.distributed.group.WORLD)
+    groups = build_cp_groups(torch.distributed.group.WORLD)
     q, k, v, do, wq, wk = _inputs(s_local * world)
     ref = _reference(q, k, v, do, wq, wk, sparse)
     sl = slice(rank * s_local, (rank + 1) * s_local)
@@ -167,7 +167,7 @@ def _hierarchical(rank, world, s_local):
 
     ps.initialize_model_parallel(context_parallel_size=world, hierarchical_context_parallel_sizes=[2, 2])
     hcp = ps.get_hierarchical_context_parallel_groups()
-    groups = get_cp_groups(ps.get_context_parallel_group(), hcp)
+    groups = build_cp_groups(ps.get_context_parallel_group(), hcp)
     head_g, seq_g = groups.get(2)
     assert head_g is hcp[0] and seq_g is hcp[1]
     assert dist.get_process_group_ranks(head_g) == [rank - rank % 2, rank - rank % 2 + 1]

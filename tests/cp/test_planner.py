@@ -4,11 +4,9 @@ import itertools
 import json
 import os
 import random
-import socket
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_dsv.cp.cost_model import AttentionShape, CostModel, KernelFit, Links
 from megatron_dsv.cp.plan import LayerPlan, balance_heads, even_slots, head_unit
@@ -240,39 +238,29 @@ def test_digest_is_stable_and_float_free():
     assert len(plans_digest([a])) == 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _agree_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _agree_worker(rank, world, out_dir):
+    cost = CostModel.from_benchmark()
+    shape = AttentionShape(8 * 64 * 64, 8, 128)
+    prof = synthetic_profile(4, 8, seed=3)
+    pol = ReplanPolicy(cost, [shape] * 4, cp_size=8, gpus_per_node=4, min_interval=10, head_sizes=[2])
+    pol.maybe_replan(0, prof)
+    same = check_plans_agree(pol.plans)
+    # rank 1's statistics were not synchronised: one head's sparsity differs
+    bad = [list(p) if p is not None else None for p in prof]
+    if rank == 1:
+        bad[1][0] = 0.3
+    pol.maybe_replan(20, bad)
     try:
-        cost = CostModel.from_benchmark()
-        shape = AttentionShape(8 * 64 * 64, 8, 128)
-        prof = synthetic_profile(4, 8, seed=3)
-        pol = ReplanPolicy(cost, [shape] * 4, cp_size=8, gpus_per_node=4, min_interval=10, head_sizes=[2])
-        pol.maybe_replan(0, prof)
-        same = check_plans_agree(pol.plans)
-        # rank 1's statistics were not synchronised: one head's sparsity differs
-        bad = [list(p) if p is not None else None for p in prof]
-        if rank == 1:
-            bad[1][0] = 0.3
-        pol.maybe_replan(20, bad)
-        try:
-            check_plans_agree(pol.plans)
-            err = ""
-        except RuntimeError as e:
-            err = str(e)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"digest": same, "error": err}, f)
-    finally:
-        dist.destroy_process_group()
+        check_plans_agree(pol.plans)
+        err = ""
+    except RuntimeError as e:
+        err = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"digest": same, "error": err}, f)
 
 
 def test_plans_agree_across_ranks_gloo(tmp_path):
-    mp.start_processes(_agree_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_agree_worker, 2, str(tmp_path))
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert res[0]["digest"] == res[1]["digest"]
     for r in res:
