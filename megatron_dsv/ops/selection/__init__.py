@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from megatron_dsv.ops._utils import resolve_backend
+from megatron_dsv.ops.options import KernelOptions, resolve_options
 from megatron_dsv.ops.selection.naive import group_proxies, pool_keys, select_topk_reference
 from megatron_dsv.ops.sparse_index import SparseIndex, num_groups
 
@@ -39,6 +40,8 @@ def select_topk(
     k_per_head: KPerHead,
     kv_block: int = 1,
     backend: str = "auto",
+    *,
+    options: Optional[KernelOptions] = None,
 ) -> SparseIndex:
     """Pick each query group's critical key units from low-rank projections.
 
@@ -51,10 +54,13 @@ def select_topk(
         kv_block: tokens per key unit; 1 selects single keys, n selects blocks of n keys.
         backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"triton"``
             (CPU tensors run under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        options: Triton kernel variant (:class:`~megatron_dsv.ops.options.KernelOptions`);
+            ``None`` = the defaults. The reference ignores it.
 
     Returns:
         :class:`SparseIndex` with ``kv_idx [B, H, S_q/G, max K]`` sorted ascending.
     """
+    options = resolve_options(options)
     if q_lr.dim() != 4 or k_lr.dim() != 4:
         raise ValueError(f"q_lr and k_lr must be [B, H, S, r]; got {tuple(q_lr.shape)}, {tuple(k_lr.shape)}.")
     b, h, s_q, r = q_lr.shape
@@ -71,7 +77,7 @@ def select_topk(
     if backend == "triton":
         from megatron_dsv.ops.selection.triton import select_topk_triton
 
-        return select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block)
+        return select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block, options=options)
     return select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block)
 
 

@@ -16,11 +16,12 @@ pass writes only small per-chunk counts, reduced and acted on in PyTorch:
    in memory order, the first ``K - #{s >= hi}`` units with ``lo <= s < hi`` (ties and a bracket
    that could not shrink are broken by position). Indices come out ascending with no sort.
 
-Three drivers run these steps. For N <= ``_FUSED_MAX_UNITS`` (key blocks) one program per group
-tile does every pass with the bracket in registers (no host round trips): if its ``BLOCK_G x N``
-scores fit in registers they are computed once and every pass only compares (``resident``),
-otherwise each pass recomputes them while streaming the units (``stream``). For larger N (token
-granularity) the split path above fills the GPU at the cost of a launch and a host sync per pass.
+Three drivers run these steps. For N <= ``KernelOptions.select_fused_max_units`` (4096; key
+blocks) one program per group tile does every pass with the bracket in registers (no host round
+trips): if its ``BLOCK_G x N`` scores fit in registers they are computed once and every pass only
+compares (``resident``), otherwise each pass recomputes them while streaming the units
+(``stream``). For larger N (token granularity) the split path above fills the GPU at the cost of
+a launch and a host sync per pass.
 
 The result equals the reference (``torch.topk`` on fp32 scores) up to ties; the fused path scores in
 IEEE fp32, the split path with 3xTF32 dots (fp32-level accuracy), so only near-ties at the K-th
@@ -33,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_dsv.ops.options import DEFAULT_OPTIONS, KernelOptions
 from megatron_dsv.ops.sparse_index import SparseIndex
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -311,15 +313,8 @@ def _pool(x: torch.Tensor, p: int) -> torch.Tensor:
 
 # Largest ``BLOCK_G * next_pow2(N)`` scores one program keeps in registers (16 warps: 64 fp32
 # registers per thread at 16 x 2048); above it the streaming kernel recomputes scores per pass.
+# Which one-program kernel runs, and up to how many units, is KernelOptions.select_fused_*.
 _RESIDENT_MAX_SCORES = 16 * 2048
-# Selection kernel for N <= _FUSED_MAX_UNITS: "resident" or "stream" (benchmarks compare them).
-_FUSED_KIND = "resident"
-
-
-# Key units up to which one program per group tile streams all units (no host round trips).
-# H100, H=16, S=64k, G=64: fused 1.6 ms at N=1024 (blocks of 64) vs 8.7 ms for the split path,
-# whose ~10 passes each cost launches, PyTorch glue and a host sync.
-_FUSED_MAX_UNITS = 4096
 
 
 def _config(num_units: int):
@@ -340,6 +335,7 @@ def select_topk_triton(
     kv_count: torch.Tensor,
     kv_block: int = 1,
     max_passes: int = 24,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> SparseIndex:
     """Top-``kv_count[b, h]`` key units per query group with Triton.
 
@@ -349,6 +345,7 @@ def select_topk_triton(
         kv_count: int32 ``[B, H]`` units to keep per head, in ``[1, S_kv / kv_block]``.
         kv_block: tokens per key unit.
         max_passes: bound on search passes (reached only with many tied scores).
+        options: which one-program kernel runs and up to how many units (``select_fused_*``).
 
     Returns:
         :class:`SparseIndex` with ``kv_idx int32 [B, H, S_q/G, max K]`` ascending, ``-1`` padded.
@@ -365,7 +362,8 @@ def select_topk_triton(
     k_sel = kv_count.view(bh, 1).long()
     precision = "ieee" if _INTERPRET else "tf32x3"
     n_pow2 = max(16, triton.next_power_of_2(n))
-    if n <= _FUSED_MAX_UNITS and _FUSED_KIND == "resident" and 16 * n_pow2 <= _RESIDENT_MAX_SCORES:
+    fused = n <= options.select_fused_max_units
+    if fused and options.select_fused_kind == "resident" and 16 * n_pow2 <= _RESIDENT_MAX_SCORES:
         kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
         block_g = max(16, min(64, _RESIDENT_MAX_SCORES // 2 // n_pow2, triton.next_power_of_2(gq)))
         _resident_select_kernel[(triton.cdiv(gq, block_g), bh)](
@@ -374,7 +372,7 @@ def select_topk_triton(
             num_warps=4 if _INTERPRET else (16 if block_g * n_pow2 > 8192 else 8),
         )
         return SparseIndex(kv_idx, kv_count, group_size, kv_block, s_q, s_kv)
-    if n <= _FUSED_MAX_UNITS:
+    if fused:
         kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
         block_g = 16 if _INTERPRET else 64
         block_n = 16 if _INTERPRET else 32

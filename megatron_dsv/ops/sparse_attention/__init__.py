@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_dsv.ops._utils import check_floating, check_head_dim, resolve_backend
+from megatron_dsv.ops.options import KernelOptions, resolve_options
 from megatron_dsv.ops.sparse_attention.naive import (
     masked_dense_attention,
     sparse_attention_backward_reference,
@@ -24,6 +25,8 @@ def sparse_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     out_layout: str = "bhsd",
+    *,
+    options: Optional[KernelOptions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query group over its selected keys.
 
@@ -37,12 +40,15 @@ def sparse_attention(
         out_layout: memory order of ``out``: ``"bhsd"`` (contiguous) or ``"sbhd"`` (a
             ``[B, H, S, D]`` view of ``[S, B, H, D]`` memory, so Megatron's ``[s, b, h*d]`` is a
             free view of it). Values are the same.
+        options: Triton kernel variant (:class:`~megatron_dsv.ops.options.KernelOptions`);
+            ``None`` = the defaults. The reference ignores it.
 
     Returns:
         ``out [B, H, S_q, D]`` in q's dtype and ``lse [B, H, S_q]`` in fp32 (fp64 for fp64 inputs;
         natural log).
         Differentiable with respect to q, k and v.
     """
+    options = resolve_options(options)
     _validate(q, k, v, index)
     if out_layout not in ("bhsd", "sbhd"):
         raise ValueError(f"out_layout must be 'bhsd' or 'sbhd', got {out_layout!r}.")
@@ -50,7 +56,7 @@ def sparse_attention(
     if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
         from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton
 
-        return sparse_attention_triton(q, k, v, index, scale, out_sbhd=out_layout == "sbhd")
+        return sparse_attention_triton(q, k, v, index, scale, out_sbhd=out_layout == "sbhd", options=options)
     out, lse = sparse_attention_reference(q, k, v, index, scale)
     if out_layout == "sbhd":
         out = out.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
@@ -59,18 +65,20 @@ def sparse_attention(
 
 @torch.no_grad()
 def sparse_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto",
+    *, options: Optional[KernelOptions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward only, no autograd graph: ``out [B, H, S_q, D]`` (q's dtype) and fp32 ``lse [B, H, S_q]``.
 
     With :func:`sparse_attention_bwd`, the building block of attention split over several key sets
     whose partial results are merged by log-sum-exp (the context-parallel ring).
     """
+    options = resolve_options(options)
     _validate(q, k, v, index)
     if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
         from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton_fwd
 
-        return sparse_attention_triton_fwd(q, k, v, index, scale)
+        return sparse_attention_triton_fwd(q, k, v, index, scale, options=options)
     return sparse_attention_reference(q, k, v, index, scale)
 
 
@@ -78,6 +86,7 @@ def sparse_attention_fwd(
 def sparse_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto",
+    *, options: Optional[KernelOptions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the pairs in ``index`` given the *final* ``out``/``lse`` of the queries.
 
@@ -85,11 +94,12 @@ def sparse_attention_bwd(
     ``dk``/``dv`` is the exact gradient (``p = exp(s - lse)`` uses the global normaliser).
     Returns fp32 ``dq`` and ``dk``, ``dv`` (fp32 from the reference, k's dtype from Triton).
     """
+    options = resolve_options(options)
     _validate(q, k, v, index)
     if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
         from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton_bwd
 
-        return sparse_attention_triton_bwd(q, k, v, out, lse, do, index, scale)
+        return sparse_attention_triton_bwd(q, k, v, out, lse, do, index, scale, options=options)
     return sparse_attention_backward_reference(q, k, v, out, lse, do, index, scale)
 
 
