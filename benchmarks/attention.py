@@ -16,6 +16,7 @@ Writes ``benchmarks/results/attention_<gpu>_<time>.json`` (or ``--out``) and pri
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import group_proxies, pool_keys, select_topk  # noqa: E402
 from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
@@ -166,10 +168,10 @@ def flex_block_sparse(b, h, s, density, device):
     return (lambda q, k, v: fn(q, k, v, block_mask=mask)), kb / nb
 
 
-def check_correctness(q, k, v, do, index: SparseIndex, heads=2):
-    """Relative errors of our kernel vs the fp32 reference on the first ``heads`` heads (out, LSE)
-    and on head 0 (dq, dk, dv; heads are independent, so head 0's gradients of the full problem
-    equal those of the one-head problem)."""
+def check_correctness(q, k, v, do, index: SparseIndex, heads=2, options=None):
+    """Relative errors of our kernel (variant ``options``) vs the fp32 reference on the first
+    ``heads`` heads (out, LSE) and on head 0 (dq, dk, dv; heads are independent, so head 0's
+    gradients of the full problem equal those of the one-head problem)."""
     scale = q.shape[-1] ** -0.5
 
     def sub(ix, hs):
@@ -180,7 +182,7 @@ def check_correctness(q, k, v, do, index: SparseIndex, heads=2):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = sparse_attention(qg, kg, vg, index, backend="triton")
+    out, lse = sparse_attention(qg, kg, vg, index, backend="triton", options=options)
     dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), do)
     hs = slice(0, heads)
     with torch.no_grad():
@@ -199,7 +201,7 @@ def check_correctness(q, k, v, do, index: SparseIndex, heads=2):
 
 
 SWEEP = {
-    # "contig": False forces the per-token gather (sa_triton._CONTIG_LOADS) to measure what the
+    # "contig": False forces the per-token gather (KernelOptions.contig_loads) to measure what the
     # contiguous key-block tiles gain.
     "fwd": [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, contig=False),
             dict(BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=4),
@@ -234,11 +236,11 @@ def sweep():
                     for sp_sel in ARGS.sparsities:
                         kh_sel = int(k_from_sparsity(torch.tensor(sp_sel), s // kvb))
                         for kind in ("resident", "stream"):
-                            sel_triton._FUSED_KIND = kind
-                            t_sel = bench(lambda: select_topk(q_lr, k_lr, g, kh_sel, kv_block=kvb, backend="triton"))
+                            sel_opts = KernelOptions(select_fused_kind=kind)
+                            t_sel = bench(lambda: select_topk(
+                                q_lr, k_lr, g, kh_sel, kv_block=kvb, backend="triton", options=sel_opts))
                             print(f"S={s} D={d} kvb={kvb} G={g} sp={sp_sel}: selection {kind} {t_sel:.2f} ms", flush=True)
                             res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp_sel, kernel="select_" + kind, ms=t_sel))
-                        sel_triton._FUSED_KIND = "resident"
                     index = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
                     if not ARGS.no_check:
                         ref_ix = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="reference")
@@ -253,20 +255,17 @@ def sweep():
                         print(f"  transpose_index {t_tr:.2f} ms", flush=True)
                         res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="transpose_index", ms=t_tr))
 
-                    def attn(q_, k_, v_, _ix=index):
-                        return sparse_attention(q_, k_, v_, _ix, backend="triton")[0]
-
                     for kind, variants in SWEEP.items():
                         if kind in ("dkdv", "fused") and kvb % 16:
                             continue
                         for cfg in variants:
-                            sa_triton._TUNE.clear()
                             cfg = dict(cfg)
-                            sa_triton._CONTIG_LOADS = cfg.pop("contig", True)
-                            sa_triton._TUNE["dkdv" if kind == "fused" else kind] = cfg
-                            sa_triton._FUSED_DQ_ATOMIC = kind == "fused"
+                            opts = KernelOptions(
+                                contig_loads=cfg.pop("contig", True), fused_dq_atomic=kind == "fused",
+                                tune={"dkdv" if kind == "fused" else kind: cfg},
+                            )
                             try:
-                                fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(attn, q, k, v, do)
+                                fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(_attn(index, opts), q, k, v, do)
                                 if kind == "fwd":
                                     t = bench(fwd)
                                 else:
@@ -277,9 +276,6 @@ def sweep():
                                 print(f"    {kind} {cfg}: failed {type(err).__name__}: {str(err)[:200]}", flush=True)
                             print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms", flush=True)
                             res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t))
-                    sa_triton._TUNE.clear()
-                    sa_triton._FUSED_DQ_ATOMIC = False
-                    sa_triton._CONTIG_LOADS = True
                     del index
                     torch.cuda.empty_cache()
             del q, k, v, do
@@ -303,35 +299,41 @@ TUNE_BWD_TOKEN = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=64, 
                   dict(BLOCK_N=64, num_warps=8, num_stages=2)]
 
 
-def tune(attn, q, k, v, do, kvb):
+def _attn(index, options):
+    """``attn(q, k, v) -> out`` of our Triton kernels over ``index``, kernel variant ``options``."""
+    def attn(q_, k_, v_):
+        return sparse_attention(q_, k_, v_, index, backend="triton", options=options)[0]
+    return attn
+
+
+def tune(index, q, k, v, do, kvb):
     """Fastest forward tiles and backward variant for this (D, kv_block); returns the choice."""
-    fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(attn, q, k, v, do)
-    best_f = min(TUNE_FWD, key=lambda c: (sa_triton._TUNE.update(fwd=c), bench(fwd))[1])
-    sa_triton._TUNE["fwd"] = best_f
-    setup_bwd()
+    def t_fwd(c):
+        return bench(_fwd_bwd_fns(_attn(index, KernelOptions(tune={"fwd": c})), q, k, v, do)[0])
+
+    def t_bwd(tiles):
+        # the variant is fixed when the forward runs (autograd keeps it for the backward)
+        _, setup_bwd, bwd, _ = _fwd_bwd_fns(_attn(index, KernelOptions(tune={"fwd": best_f, **tiles})), q, k, v, do)
+        setup_bwd()
+        return bench(bwd)
+
+    best_f = min(TUNE_FWD, key=t_fwd)
     if kvb % 16 == 0:
-        def t_bwd(v_):
-            sa_triton._TUNE.update(v_)
-            return bench(bwd)
         times = [t_bwd(v_) for v_ in TUNE_BWD_BLOCK]
         best = TUNE_BWD_BLOCK[times.index(min(times))]
         choice = {"fwd": best_f, "dq": best["dq"], "dkdv": best["dkdv"], "bwd_variants_ms": times}
     else:
-        def t_bwd(c):
-            sa_triton._TUNE["dq"] = c
-            return bench(bwd)
-        times = [t_bwd(c) for c in TUNE_BWD_TOKEN]
+        times = [t_bwd({"dq": c}) for c in TUNE_BWD_TOKEN]
         choice = {"fwd": best_f, "dq": TUNE_BWD_TOKEN[times.index(min(times))], "bwd_variants_ms": times}
-    apply_tune(choice)
     return choice
 
 
-def apply_tune(choice):
-    sa_triton._TUNE.clear()
-    sa_triton._FUSED_DQ_ATOMIC = bool(choice.get("fused_dq_atomic", False))
-    for kind in ("fwd", "dq", "dkdv"):
-        if kind in choice:
-            sa_triton._TUNE[kind] = dict(choice[kind])
+def tuned_options(choice) -> KernelOptions:
+    """The kernel variant a :func:`tune` choice (or a recorded one) names."""
+    return KernelOptions(
+        fused_dq_atomic=bool(choice.get("fused_dq_atomic", False)),
+        tune={kind: dict(choice[kind]) for kind in ("fwd", "dq", "dkdv") if kind in choice},
+    )
 
 
 def profile_once():
@@ -475,18 +477,17 @@ def main():
                         row = {"kind": f"dsv_kvb{kvb}", "S": s, "D": d, "G": g, "kv_block": kvb,
                                "sparsity": 1.0 - kh / n_units, "K_units": kh, "select_ms": t_sel}
 
-                        def attn(q_, k_, v_, _ix=index):
-                            return sparse_attention(q_, k_, v_, _ix, backend="triton")[0]
-
+                        opts = KernelOptions()
                         if ARGS.tune:
                             key = (d, kvb, g)
                             if key not in tuned:
-                                tuned[key] = tune(attn, q, k, v, do, kvb)
+                                tuned[key] = tune(index, q, k, v, do, kvb)
                                 print(f"  tuned D={d} kvb={kvb} G={g}: {tuned[key]}", flush=True)
-                            apply_tune(tuned[key])
+                            opts = tuned_options(tuned[key])
                             row["tune"] = tuned[key]
+                        attn = _attn(index, opts)
                         if not ARGS.no_check and sp == ARGS.sparsities[0]:
-                            row["check"] = check_correctness(q, k, v, do, index)
+                            row["check"] = check_correctness(q, k, v, do, index, options=opts)
                             print(f"  check kvb={kvb} G={g}: {row['check']}", flush=True)
                         row.update(time_attention(attn, q, k, v, do))
                         fb = _fwd_bwd_fns(attn, q, k, v, do)[3]
@@ -504,13 +505,10 @@ def main():
                             fwd_bwd_tflops=3.5 * flops / row["fwd_bwd_ms"] / 1e9,
                         )
                         if ARGS.atomic_compare and kvb > 1:
-                            sa_triton._FORCE_ATOMIC_DKDV = True
-                            try:
-                                fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(attn, q, k, v, do)
-                                setup_bwd()
-                                row["bwd_ms_atomic_dkdv"] = bench(bwd)
-                            finally:
-                                sa_triton._FORCE_ATOMIC_DKDV = False
+                            atomic = _attn(index, dataclasses.replace(opts, force_atomic_dkdv=True))
+                            fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(atomic, q, k, v, do)
+                            setup_bwd()
+                            row["bwd_ms_atomic_dkdv"] = bench(bwd)
                         rows.append(row)
                         save()
                         print(

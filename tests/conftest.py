@@ -24,6 +24,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def poisoned():
+    """Kernel options that fill fresh kernel outputs with NaN, so an element a kernel never
+    writes fails the comparison; pass as ``options=poisoned`` (add fields with dataclasses.replace)."""
+    from megatron_dsv.ops.options import KernelOptions
+
+    return KernelOptions(poison_outputs=True)
+
+
 @pytest.fixture(scope="session")
 def megatron_state():
     """Single-process Megatron state (gloo, TP=1) for tests that build megatron-core blocks."""

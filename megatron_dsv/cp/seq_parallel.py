@@ -29,7 +29,7 @@ from torch import Tensor
 
 from megatron_dsv.ops._utils import log_once
 from megatron_dsv.ops.sparse_attention import sparse_attention, sparse_attention_bwd, sparse_attention_fwd
-from megatron_dsv.ops.sparse_index import PAD, SparseIndex
+from megatron_dsv.ops.sparse_index import PAD, SparseIndex, _mark_valid
 
 
 def full_index(b: int, h: int, s_q: int, s_kv: int, group_size: int, kv_block: int, device) -> SparseIndex:
@@ -37,7 +37,7 @@ def full_index(b: int, h: int, s_q: int, s_kv: int, group_size: int, kv_block: i
     units = s_kv // kv_block
     idx = torch.arange(units, dtype=torch.int32, device=device).expand(b, h, s_q // group_size, units)
     cnt = torch.full((b, h), units, dtype=torch.int32, device=device)
-    return SparseIndex(idx.contiguous(), cnt, group_size, kv_block, s_q, s_kv)
+    return _mark_valid(SparseIndex(idx.contiguous(), cnt, group_size, kv_block, s_q, s_kv))
 
 
 def dense_block(s_kv: int, kv_block: int) -> int:
@@ -263,10 +263,13 @@ class _KVPlan:
         pos_q = self.pos[:, kv_of_head]  # [B, H, N]
         flat = idx.clamp(min=0).flatten(2)
         cidx = torch.gather(pos_q, 2, flat).view_as(idx).masked_fill(idx < 0, PAD)
+        # valid by construction from a valid index: positions are monotone in the global block
         self.index = SparseIndex(
             cidx.to(torch.int32).contiguous(), index.kv_count, index.group_size, self.kvb,
             index.seq_len_q, self.units_max * self.kvb,
         )
+        if index.verified:
+            _mark_valid(self.index)
         self.union_density = (counts.float().mean(0) / n_total).tolist()
 
     def _rows(self, x: Tensor, trip: Tensor) -> Tensor:
@@ -361,6 +364,7 @@ def selective_sparse_attention(
         ``out [B, H, s, D]``, fp32 ``lse [B, H, s]`` (differentiable w.r.t. q, k, v; dK/dV of
         fetched blocks go back to their owners) and the bytes the exchange moved.
     """
+    index.ensure_valid()  # the exchange plan reads the index before any kernel; free if library-built
     g = dist.get_world_size(group)
     if index.seq_len_kv != g * k.shape[2]:
         raise ValueError(

@@ -6,15 +6,38 @@ attends to the same ``kv_count[b, h]`` key units listed in ``kv_idx[b, h, g, :kv
 A key unit is one token when ``kv_block == 1`` and a contiguous block of ``kv_block`` tokens
 otherwise. Entries past ``kv_count`` are padding and hold ``-1``; valid entries are distinct and
 sorted ascending, so kernels read keys in memory order.
+
+Kernels trust these values (an entry out of range is an out-of-bounds read). An index the library
+built (``select_topk``, the context-parallel plans) carries proof of validity, so the training
+hot path pays nothing; any other index is checked once, with a host synchronisation, by
+:meth:`SparseIndex.ensure_valid` before a kernel reads it. The proof records the tensors'
+version counters, so an in-place edit of ``kv_idx``/``kv_count`` voids it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import torch
 
 PAD = -1
+
+_FIX_BUILD = (
+    "build the index with megatron_dsv.ops.selection.select_topk, or keep each group's first "
+    "kv_count[b, h] entries distinct, ascending and in [0, units), and -1 after them"
+)
+
+
+def _int_arg(name: str, value) -> int:
+    """``value`` as an int; bools, floats and other non-integers are a TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).") from None
 
 
 @dataclass(frozen=True)
@@ -36,8 +59,13 @@ class SparseIndex:
     kv_block: int
     seq_len_q: int
     seq_len_kv: int
+    # Version counters of (kv_idx, kv_count) when the values were known valid; set only by the
+    # library (_mark_valid) and by ensure_valid, never by the constructor.
+    _proof: Optional[Tuple[int, ...]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        for name in ("group_size", "kv_block", "seq_len_q", "seq_len_kv"):
+            object.__setattr__(self, name, _int_arg(f"SparseIndex.{name}", getattr(self, name)))
         self.validate(check_values=False)
 
     @property
@@ -60,11 +88,29 @@ class SparseIndex:
     def num_kv_units(self) -> int:
         return self.seq_len_kv // self.kv_block
 
+    @property
+    def verified(self) -> bool:
+        """True if the values are known valid: built by the library, or checked by
+        :meth:`ensure_valid`, and not modified in place since."""
+        return self._proof is not None and self._proof == _versions(self)
+
+    def ensure_valid(self) -> "SparseIndex":
+        """Check the values once (one host synchronisation) unless :attr:`verified`.
+
+        Called by the attention functions before any kernel reads the index: an index the
+        library built costs nothing, a user-built one is checked on first use.
+        """
+        if not self.verified:
+            self.validate(check_values=True)
+            _mark_valid(self)
+        return self
+
     def validate(self, check_values: bool = True) -> "SparseIndex":
         """Check shapes and dtypes; with ``check_values`` also ranges, order and padding.
 
-        The value check reads the index back to the host; it is for tests and debugging, not
-        for the training hot path.
+        The value check reads the index back to the host (always, even for a verified index:
+        tests use it to check the kernels that build indices); errors name the first offending
+        (batch, head, group) and what to change.
         """
         idx, cnt = self.kv_idx, self.kv_count
         if idx.dtype != torch.int32 or cnt.dtype != torch.int32:
@@ -97,23 +143,66 @@ class SparseIndex:
                 f"Kmax={idx.shape[3]} must be in [1, {self.num_kv_units}] (the number of key units)."
             )
         if check_values:
-            cnt_h = cnt.cpu()
-            if int(cnt_h.min()) < 1 or int(cnt_h.max()) > idx.shape[3]:
-                raise ValueError(
-                    f"kv_count must lie in [1, Kmax={idx.shape[3]}], got "
-                    f"[{int(cnt_h.min())}, {int(cnt_h.max())}]."
-                )
-            idx_h = idx.cpu().long()
-            pos = torch.arange(idx.shape[3])
-            valid = pos.view(1, 1, 1, -1) < cnt_h.long().view(*cnt_h.shape, 1, 1)
-            if bool(((idx_h != PAD) != valid).any()):
-                raise ValueError("kv_idx must hold -1 exactly at the positions past kv_count.")
-            if bool(((idx_h < 0) & valid).any()) or bool((idx_h >= self.num_kv_units).any()):
-                raise ValueError(f"kv_idx entries must lie in [0, {self.num_kv_units}).")
-            both = valid[..., 1:] & valid[..., :-1]
-            if bool(((idx_h[..., 1:] <= idx_h[..., :-1]) & both).any()):
-                raise ValueError("valid kv_idx entries must be distinct and ascending.")
+            self._check_values()
         return self
+
+    def _check_values(self) -> None:
+        idx, cnt = self.kv_idx.cpu().long(), self.kv_count.cpu().long()
+        kmax, units = idx.shape[3], self.num_kv_units
+        geometry = f"S_kv={self.seq_len_kv} / kv_block={self.kv_block} = {units} key units"
+
+        def first(mask: torch.Tensor) -> Tuple[int, ...]:
+            return tuple(int(i) for i in mask.nonzero()[0].tolist())
+
+        def at(b: int, h: int, g: int) -> str:
+            return f"(batch {b}, head {h}, group {g})"
+
+        bad = (cnt < 1) | (cnt > kmax)
+        if bool(bad.any()):
+            b, h = first(bad)
+            raise ValueError(
+                f"kv_count[{b}, {h}] = {int(cnt[b, h])} must lie in [1, Kmax={kmax}] "
+                f"(Kmax = kv_idx.shape[-1]): set each head's K to its number of valid entries."
+            )
+        bad = idx >= units
+        if bool(bad.any()):
+            b, h, g, p = first(bad)
+            raise ValueError(
+                f"kv_idx entries must lie in [0, {units}): {at(b, h, g)} lists key unit "
+                f"{int(idx[b, h, g, p])} at position {p}, but the keys have {geometry}. Build the "
+                f"index for these keys (seq_len_kv, kv_block) or {_FIX_BUILD}."
+            )
+        bad = idx < PAD
+        if bool(bad.any()):
+            b, h, g, p = first(bad)
+            raise ValueError(
+                f"kv_idx entries must lie in [0, {units}): {at(b, h, g)} holds {int(idx[b, h, g, p])} "
+                f"at position {p}; the only negative value allowed is -1 (padding, after the "
+                f"first kv_count[b, h] entries). Fix: {_FIX_BUILD}."
+            )
+        valid = torch.arange(kmax).view(1, 1, 1, -1) < cnt.view(*cnt.shape, 1, 1)
+        pad = idx == PAD
+        bad = pad != ~valid
+        if bool(bad.any()):
+            b, h, g, _ = first(bad)
+            n_valid = int((~pad[b, h, g]).sum())
+            raise ValueError(
+                f"kv_idx must hold -1 exactly at the positions past kv_count: {at(b, h, g)} has "
+                f"{n_valid} valid entries but kv_count[{b}, {h}] = {int(cnt[b, h])}. Set kv_count to "
+                f"the number of valid entries of each head (every group of a head has the same "
+                f"count), with the valid entries first and -1 after them."
+            )
+        both = valid[..., 1:] & valid[..., :-1]
+        bad = (idx[..., 1:] <= idx[..., :-1]) & both
+        if bool(bad.any()):
+            b, h, g, p = first(bad)
+            u, w = int(idx[b, h, g, p]), int(idx[b, h, g, p + 1])
+            what = f"lists key unit {u} twice" if u == w else f"lists key unit {u} before {w}"
+            raise ValueError(
+                f"valid kv_idx entries must be distinct and ascending: {at(b, h, g)} {what}. "
+                f"Sort and deduplicate each group's entries (torch.unique sorts them) and lower "
+                f"kv_count to match, or {_FIX_BUILD}."
+            )
 
     def density(self) -> torch.Tensor:
         """Fraction of (query, key) pairs computed, per head: fp32 ``[B, H]``."""
@@ -134,10 +223,25 @@ class SparseIndex:
         return units.repeat_interleave(self.group_size, dim=2)
 
     def to(self, device: torch.device) -> "SparseIndex":
-        return SparseIndex(
+        moved = SparseIndex(
             self.kv_idx.to(device), self.kv_count.to(device), self.group_size, self.kv_block,
             self.seq_len_q, self.seq_len_kv,
         )
+        return _mark_valid(moved) if self.verified else moved
+
+
+def _versions(index: SparseIndex) -> Tuple[int, ...]:
+    try:
+        return (index.kv_idx._version, index.kv_count._version)
+    except RuntimeError:  # inference-mode tensors have no version counter: in-place edits go unseen
+        return ()
+
+
+def _mark_valid(index: SparseIndex) -> SparseIndex:
+    """Record that ``index`` is valid as it is now. Library code only, for indices valid by
+    construction (selection results, context-parallel plans); never for user input."""
+    object.__setattr__(index, "_proof", _versions(index))
+    return index
 
 
 def k_from_sparsity(sparsity: torch.Tensor, num_kv_units: int, multiple: int = 1, floor: int = 1) -> torch.Tensor:
@@ -155,6 +259,19 @@ def k_from_sparsity(sparsity: torch.Tensor, num_kv_units: int, multiple: int = 1
 
 def num_groups(seq_len: int, group_size: int) -> int:
     """Number of query groups; raises if ``seq_len`` is not a multiple of ``group_size``."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        try:
+            group_size = _int_arg("group_size", group_size)
+        except TypeError:
+            raise TypeError(
+                f"the query group size must be an integer number of queries, got {group_size!r}; "
+                "pass e.g. 64 (a 4x4x4 cube, --dsv-query-group 4x4x4)."
+            ) from None
+    if group_size < 1:
+        raise ValueError(
+            f"the query group size must be >= 1 query, got {group_size}; pass the number of "
+            "queries per group, e.g. 64 (a 4x4x4 cube, --dsv-query-group 4x4x4)."
+        )
     if seq_len % group_size != 0:
         raise ValueError(
             f"sequence length {seq_len} is not a multiple of the query group size {group_size}: "

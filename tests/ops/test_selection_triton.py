@@ -12,10 +12,17 @@ from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets 
 
 triton = pytest.importorskip("triton")
 
+from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import pool_keys, group_proxies, select_topk  # noqa: E402
 from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 
-
+# The three selection drivers (see selection/triton.py): one program per group tile with the
+# scores in registers or streamed, and the split path (forced by a unit limit of 0).
+PATHS = {
+    "fused": KernelOptions(),
+    "stream": KernelOptions(select_fused_kind="stream"),
+    "split": KernelOptions(select_fused_max_units=0),
+}
 
 
 @CPU_OK
@@ -30,15 +37,11 @@ from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
     ],
 )
 @pytest.mark.parametrize("path", ["fused", "stream", "split"])
-def test_selection_matches_reference(b, h, s, g, kvb, kh, path, monkeypatch):
-    if path == "stream":
-        monkeypatch.setattr(sel_triton, "_FUSED_KIND", "stream")
-    if path == "split":
-        monkeypatch.setattr(sel_triton, "_FUSED_MAX_UNITS", 0)
+def test_selection_matches_reference(b, h, s, g, kvb, kh, path):
     torch.manual_seed(0)
     q = torch.randn(b, h, s, 16, device=DEVICE)
     k = torch.randn(b, h, s, 16, device=DEVICE)
-    got = select_topk(q, k, g, kh, kv_block=kvb, backend="triton").validate()
+    got = select_topk(q, k, g, kh, kv_block=kvb, backend="triton", options=PATHS[path]).validate()
     ref = select_topk(q, k, g, kh, kv_block=kvb, backend="reference")
     assert got.kv_idx.shape == ref.kv_idx.shape
     assert torch.equal(got.kv_count, ref.kv_count)
@@ -47,15 +50,11 @@ def test_selection_matches_reference(b, h, s, g, kvb, kh, path, monkeypatch):
 
 @CPU_OK
 @pytest.mark.parametrize("path", ["fused", "stream", "split"])
-def test_selection_ties_pick_exactly_k(path, monkeypatch):
+def test_selection_ties_pick_exactly_k(path):
     """All scores equal: any K units are right; count, order and padding must still hold."""
-    if path == "stream":
-        monkeypatch.setattr(sel_triton, "_FUSED_KIND", "stream")
-    if path == "split":
-        monkeypatch.setattr(sel_triton, "_FUSED_MAX_UNITS", 0)
     q = torch.randn(1, 2, 64, 16, device=DEVICE)
     k = torch.ones(1, 2, 64, 16, device=DEVICE)
-    got = select_topk(q, k, 16, [10, 3], backend="triton").validate()
+    got = select_topk(q, k, 16, [10, 3], backend="triton", options=PATHS[path]).validate()
     assert (got.kv_idx[0, 0] >= 0).all() and (got.kv_idx[0, 1, :, 3:] == -1).all()
 
 

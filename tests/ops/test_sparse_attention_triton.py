@@ -4,6 +4,8 @@ CPU: the kernels run under the Triton interpreter (fp32, tiny shapes). GPU (``-m
 realistic shapes, error vs an fp32 reference at most 2x that of a bf16 PyTorch implementation.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,17 +13,12 @@ from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets 
 
 triton = pytest.importorskip("triton")
 
+from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import select_topk  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention import triton as sa_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention.naive import masked_dense_attention  # noqa: E402
 from megatron_dsv.ops.sparse_index import PAD, SparseIndex  # noqa: E402
-
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(sa_triton, "_POISON_OUTPUTS", True)
 
 
 def _index(b, h, s, g, kvb, k_per_head, device, seed=0):
@@ -31,9 +28,9 @@ def _index(b, h, s, g, kvb, k_per_head, device, seed=0):
     return select_topk(q_lr, k_lr, g, k_per_head, kv_block=kvb, backend="reference")
 
 
-def _run(q, k, v, index, backend, do, dlse):
+def _run(q, k, v, index, backend, do, dlse, options=None):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = sparse_attention(q, k, v, index, backend=backend)
+    out, lse = sparse_attention(q, k, v, index, backend=backend, options=options)
     loss = (out.float() * do).sum() + (lse * dlse).sum()
     dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
     return [out, lse, dq, dk, dv]
@@ -58,7 +55,7 @@ CASES = [
 
 @CPU_OK
 @pytest.mark.parametrize("b,h,hkv,s,d,g,kvb,kh", CASES)
-def test_sparse_attention_matches_reference(b, h, hkv, s, d, g, kvb, kh):
+def test_sparse_attention_matches_reference(b, h, hkv, s, d, g, kvb, kh, poisoned):
     torch.manual_seed(0)
     dev = DEVICE
     q = torch.randn(b, h, s, d, device=dev)
@@ -69,7 +66,7 @@ def test_sparse_attention_matches_reference(b, h, hkv, s, d, g, kvb, kh):
     assert len(set(kh)) == 1 or bool((index.kv_idx == PAD).any())
     do = torch.randn(b, h, s, d, device=dev)
     dlse = torch.randn(b, h, s, device=dev)
-    got = _run(q, k, v, index, "triton", do, dlse)
+    got = _run(q, k, v, index, "triton", do, dlse, poisoned)
     ref = _run(q, k, v, index, "reference", do, dlse)
     # fp32 end to end: the kernels differ from the reference only by summation order (~1e-7);
     # on a GPU fp32 dots run as tf32 (~1e-3).
@@ -80,13 +77,13 @@ def test_sparse_attention_matches_reference(b, h, hkv, s, d, g, kvb, kh):
 
 
 @CPU_OK
-def test_dense_equivalence_k_all():
+def test_dense_equivalence_k_all(poisoned):
     """K = all key units reproduces dense attention (a mask of all ones)."""
     torch.manual_seed(1)
     b, h, s, d = 1, 2, 64, 64
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(3))
     index = _index(b, h, s, 16, 16, s // 16, DEVICE)
-    out, lse = sparse_attention(q, k, v, index, backend="triton")
+    out, lse = sparse_attention(q, k, v, index, backend="triton", options=poisoned)
     mask = torch.ones(b, h, s, s, dtype=torch.bool, device=DEVICE)
     ref, ref_lse = masked_dense_attention(q, k, v, mask, 1.0 / d**0.5)
     tol = 2e-5 if INTERPRET else 5e-3
@@ -94,18 +91,15 @@ def test_dense_equivalence_k_all():
 
 
 @CPU_OK
-def test_atomic_fused_and_key_major_backward_agree(monkeypatch):
+def test_atomic_fused_and_key_major_backward_agree(poisoned):
     torch.manual_seed(2)
     b, h, s, d = 1, 2, 64, 64
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(3))
     index = _index(b, h, s, 16, 16, [2, 3], DEVICE)
     do, dlse = torch.randn(b, h, s, d, device=DEVICE), torch.zeros(b, h, s, device=DEVICE)
-    key_major = _run(q, k, v, index, "triton", do, dlse)
-    monkeypatch.setattr(sa_triton, "_FORCE_ATOMIC_DKDV", True)
-    atomic = _run(q, k, v, index, "triton", do, dlse)
-    monkeypatch.setattr(sa_triton, "_FORCE_ATOMIC_DKDV", False)
-    monkeypatch.setattr(sa_triton, "_FUSED_DQ_ATOMIC", True)
-    fused = _run(q, k, v, index, "triton", do, dlse)
+    key_major = _run(q, k, v, index, "triton", do, dlse, poisoned)
+    atomic = _run(q, k, v, index, "triton", do, dlse, dataclasses.replace(poisoned, force_atomic_dkdv=True))
+    fused = _run(q, k, v, index, "triton", do, dlse, dataclasses.replace(poisoned, fused_dq_atomic=True))
     for a, f, r in zip(atomic[2:], fused[2:], key_major[2:]):
         assert _rel(a, r) < (2e-5 if INTERPRET else 5e-3)
         assert _rel(f, r) < (2e-5 if INTERPRET else 5e-3)
@@ -133,12 +127,11 @@ def test_transpose_index_lists_every_pair():
 
 @CPU_OK
 @pytest.mark.parametrize("hkv", [1, 3])
-def test_transpose_index_mark_equals_sort(hkv, monkeypatch):
+def test_transpose_index_mark_equals_sort(hkv):
     """The byte-map transpose gives the sort path's offsets and lists (same order)."""
     index = _index(2, 3, 256, 32, 16, [5, 16, 1], DEVICE, seed=2)
     off_m, ent_m = sa_triton.transpose_index(index, num_kv_heads=hkv)
-    monkeypatch.setattr(sa_triton, "_KT_MARK_MAX_BYTES", 0)
-    off_s, ent_s = sa_triton.transpose_index(index, num_kv_heads=hkv)
+    off_s, ent_s = sa_triton.transpose_index(index, num_kv_heads=hkv, options=KernelOptions(transpose_mark_max_bytes=0))
     assert torch.equal(off_m, off_s)
     n = off_s[..., -1:]
     valid = torch.arange(ent_s.shape[-1], device=n.device).view(1, 1, -1) < n
@@ -161,7 +154,7 @@ def _lowp_reference(q, k, v, index, do):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (1, 64, 64), (64, 32, 96), (16, 32, 64)])
-def test_sparse_attention_bf16_gpu(kvb, g, d):
+def test_sparse_attention_bf16_gpu(kvb, g, d, poisoned):
     torch.manual_seed(3)
     b, h, hkv, s = 2, 4, 2, 2048
     dt = torch.bfloat16
@@ -172,7 +165,7 @@ def test_sparse_attention_bf16_gpu(kvb, g, d):
     index = _index(b, h, s, g, kvb, [max(1, n_units // 10), n_units // 5, 1, n_units], "cuda")
     do = torch.randn(b, h, s, d, device="cuda")
     zero = torch.zeros(b, h, s, device="cuda")
-    got = _run(q, k, v, index, "triton", do, zero)
+    got = _run(q, k, v, index, "triton", do, zero, poisoned)
     ref = _run(q.float(), k.float(), v.float(), index, "reference", do, zero)
     low = _lowp_reference(q, k, v, index, do)
     got = [got[0]] + got[2:]
@@ -186,7 +179,7 @@ def test_sparse_attention_bf16_gpu(kvb, g, d):
 
 @CPU_OK
 @pytest.mark.parametrize("hkv", [2, 1])
-def test_split_key_sets_merge_to_full_attention(hkv):
+def test_split_key_sets_merge_to_full_attention(hkv, poisoned):
     """The context-parallel ring's building blocks on the Triton kernels: forward per key chunk,
     log-sum-exp merge, backward per chunk with the merged out/lse == attention over all keys."""
     from megatron_dsv.cp.seq_parallel import _merge, full_index
@@ -202,9 +195,12 @@ def test_split_key_sets_merge_to_full_attention(hkv):
     chunks = list(zip(k.chunk(n_chunks, dim=2), v.chunk(n_chunks, dim=2)))
     out = lse = None
     for kc, vc in chunks:
-        o, l = sparse_attention_fwd(q, kc.contiguous(), vc.contiguous(), index, d**-0.5, backend="triton")
+        o, l = sparse_attention_fwd(q, kc.contiguous(), vc.contiguous(), index, d**-0.5, backend="triton", options=poisoned)
         out, lse = _merge(out, lse, o, l)
-    grads = [sparse_attention_bwd(q, kc.contiguous(), vc.contiguous(), out, lse, do, index, d**-0.5, backend="triton") for kc, vc in chunks]
+    grads = [
+        sparse_attention_bwd(q, kc.contiguous(), vc.contiguous(), out, lse, do, index, d**-0.5, backend="triton", options=poisoned)
+        for kc, vc in chunks
+    ]
     dq = sum(gr[0] for gr in grads)
     dk = torch.cat([gr[1].float() for gr in grads], dim=2)
     dv = torch.cat([gr[2].float() for gr in grads], dim=2)
@@ -215,16 +211,16 @@ def test_split_key_sets_merge_to_full_attention(hkv):
 
 @CPU_OK
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_sbhd_output_layout(backend):
+def test_sbhd_output_layout(backend, poisoned):
     """out_layout="sbhd": same values and gradients, [S, B, H, D] memory (Megatron's output view)."""
     torch.manual_seed(4)
     b, h, s, d = 2, 2, 64, 64
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(3))
     index = _index(b, h, s, 16, 16, [2, 3], DEVICE)
     do, dlse = torch.randn(b, h, s, d, device=DEVICE), torch.zeros(b, h, s, device=DEVICE)
-    ref = _run(q, k, v, index, backend, do, dlse)
+    ref = _run(q, k, v, index, backend, do, dlse, poisoned)
     q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = sparse_attention(q2, k2, v2, index, backend=backend, out_layout="sbhd")
+    out, lse = sparse_attention(q2, k2, v2, index, backend=backend, out_layout="sbhd", options=poisoned)
     assert out.shape == (b, h, s, d) and out.permute(2, 0, 1, 3).is_contiguous()
     grads = torch.autograd.grad((out * do).sum(), (q2, k2, v2))
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref):

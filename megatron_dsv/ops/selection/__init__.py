@@ -1,21 +1,52 @@
-"""Critical-key selection from low-rank query/key projections."""
+"""Critical-key selection from low-rank query/key projections.
+
+Non-finite predictor output (the contract, the same on every backend): a score
+``proxy_g . unit_j`` that is NaN or +-Inf ranks below every finite score. A group keeps its top
+``K`` finite units; if it has fewer than ``K`` finite scores it keeps all of them and fills up
+with the non-finite units of lowest position. So a NaN row of ``k_lr`` makes its key unit the
+last choice of every group, and a NaN in a group's ``q_lr`` makes that group keep the first
+``K`` units; the index stays valid and both backends return the same one. Nothing is raised
+and no host synchronisation is added: call :func:`check_finite` (one host sync) where an error
+is wanted, e.g. on profiling iterations, to stop or fall back to dense attention.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from megatron_dsv.ops._utils import resolve_backend
+from megatron_dsv.ops._utils import check_finite, resolve_backend
+from megatron_dsv.ops.options import KernelOptions, resolve_options
 from megatron_dsv.ops.selection.naive import group_proxies, pool_keys, select_topk_reference
-from megatron_dsv.ops.sparse_index import SparseIndex, num_groups
+from megatron_dsv.ops.sparse_index import SparseIndex, _int_arg, _mark_valid, num_groups
 
 KPerHead = Union[int, Sequence[int], torch.Tensor]
 
 
 def normalize_k_per_head(k_per_head: KPerHead, batch: int, heads: int, num_units: int, device) -> torch.Tensor:
-    """Turn an int, a per-head list, an ``[H]`` or a ``[B, H]`` tensor into int32 ``[B, H]``."""
-    k = torch.as_tensor(k_per_head, dtype=torch.int64).to("cpu")
+    """Turn an int, a per-head list, an ``[H]`` or a ``[B, H]`` tensor into int32 ``[B, H]``.
+
+    Values must be integers (a float such as 16.5 is an error, never truncated) in
+    ``[1, num_units]``; they are checked on the host (a device tensor is copied there).
+    """
+    try:
+        k = torch.as_tensor(k_per_head).to("cpu")
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"k_per_head must be an int, a list of ints or an integer tensor, got {k_per_head!r} ({err})."
+        ) from None
+    if k.dtype == torch.bool or k.is_complex():
+        raise TypeError(f"k_per_head must hold integers (key units per head), got dtype {k.dtype}.")
+    if k.is_floating_point():
+        bad = ~torch.isfinite(k) | (k != torch.round(k))
+        if bool(bad.any()):
+            value = float(k.flatten()[bad.flatten().nonzero()[0, 0]])
+            raise ValueError(
+                f"k_per_head must hold whole numbers of key units, got {value}: round it "
+                f"yourself (math.ceil keeps at least the requested density) and pass an int."
+            )
+    k = k.to(torch.int64)
     if k.dim() == 0:
         k = k.expand(batch, heads)
     elif k.dim() == 1:
@@ -24,10 +55,15 @@ def normalize_k_per_head(k_per_head: KPerHead, batch: int, heads: int, num_units
         k = k.view(1, heads).expand(batch, heads)
     elif tuple(k.shape) != (batch, heads):
         raise ValueError(f"k_per_head must be an int, [H] or [B, H]; got shape {tuple(k.shape)}.")
-    if int(k.min()) < 1 or int(k.max()) > num_units:
+    if int(k.min()) < 1:
         raise ValueError(
             f"k_per_head must lie in [1, {num_units}] (the number of key units = S_kv / kv_block); "
-            f"got [{int(k.min())}, {int(k.max())}]. Lower the density or use a smaller kv_block."
+            f"got {int(k.min())}: every head keeps at least 1 key unit, raise K to 1 or more."
+        )
+    if int(k.max()) > num_units:
+        raise ValueError(
+            f"k_per_head must lie in [1, {num_units}] (the number of key units = S_kv / kv_block); "
+            f"got {int(k.max())}. Lower the density or use a smaller kv_block."
         )
     return k.to(device=device, dtype=torch.int32).contiguous()
 
@@ -39,8 +75,13 @@ def select_topk(
     k_per_head: KPerHead,
     kv_block: int = 1,
     backend: str = "auto",
+    *,
+    options: Optional[KernelOptions] = None,
 ) -> SparseIndex:
     """Pick each query group's critical key units from low-rank projections.
+
+    Non-finite scores rank last, the same on every backend (see the module docstring); use
+    :func:`check_finite` to turn them into an error.
 
     Args:
         q_lr: ``[B, H, S_q, r]`` low-rank queries (cube-major order).
@@ -49,12 +90,17 @@ def select_topk(
         k_per_head: key units kept per head: int, ``[H]`` or ``[B, H]``; each in
             ``[1, S_kv / kv_block]``.
         kv_block: tokens per key unit; 1 selects single keys, n selects blocks of n keys.
-        backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"triton"``
-            (CPU tensors run under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise; the choice is
+            logged once, see :func:`megatron_dsv.ops.choose_backend`), ``"triton"`` (CPU tensors
+            need ``TRITON_INTERPRET=1``) or ``"reference"``.
+        options: Triton kernel variant (:class:`~megatron_dsv.ops.options.KernelOptions`);
+            ``None`` = the defaults. The reference ignores it.
 
     Returns:
-        :class:`SparseIndex` with ``kv_idx [B, H, S_q/G, max K]`` sorted ascending.
+        :class:`SparseIndex` with ``kv_idx [B, H, S_q/G, max K]`` sorted ascending, marked as
+        valid (attention reads it without checking its values again).
     """
+    options = resolve_options(options)
     if q_lr.dim() != 4 or k_lr.dim() != 4:
         raise ValueError(f"q_lr and k_lr must be [B, H, S, r]; got {tuple(q_lr.shape)}, {tuple(k_lr.shape)}.")
     b, h, s_q, r = q_lr.shape
@@ -62,18 +108,29 @@ def select_topk(
         raise ValueError(f"q_lr {tuple(q_lr.shape)} and k_lr {tuple(k_lr.shape)} disagree on B, H or r.")
     if not q_lr.is_floating_point() or not k_lr.is_floating_point():
         raise TypeError(f"q_lr and k_lr must be floating point, got {q_lr.dtype} and {k_lr.dtype}.")
+    if q_lr.device != k_lr.device:
+        raise ValueError(f"q_lr and k_lr must be on the same device, got {q_lr.device} and {k_lr.device}.")
     num_groups(s_q, group_size)
+    group_size = _int_arg("group_size", group_size)
     s_kv = k_lr.shape[2]
-    if kv_block < 1 or s_kv % kv_block:
-        raise ValueError(f"key length {s_kv} is not a multiple of kv_block={kv_block}.")
-    kv_count = normalize_k_per_head(k_per_head, b, h, s_kv // kv_block, q_lr.device)
+    kv_block = _int_arg("kv_block", kv_block)
+    if kv_block < 1:
+        raise ValueError(f"kv_block must be >= 1 (tokens per key unit; 1 selects single keys), got {kv_block}.")
+    if s_kv % kv_block:
+        raise ValueError(
+            f"key length {s_kv} is not a multiple of kv_block={kv_block}; choose a kv_block that "
+            "divides the sequence length (--dsv-kv-block)."
+        )
     backend = resolve_backend(backend, q_lr, "megatron_dsv.ops.selection.triton", "selection")
+    kv_count = normalize_k_per_head(k_per_head, b, h, s_kv // kv_block, q_lr.device)
     if backend == "triton":
         from megatron_dsv.ops.selection.triton import select_topk_triton
 
-        return select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block)
-    return select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block)
+        index = select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block, options=options)
+    else:
+        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block)
+    return _mark_valid(index)
 
 
 
-__all__ = ["select_topk", "group_proxies", "pool_keys", "normalize_k_per_head"]
+__all__ = ["select_topk", "group_proxies", "pool_keys", "normalize_k_per_head", "check_finite"]

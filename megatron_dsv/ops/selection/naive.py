@@ -4,6 +4,8 @@ For query group g of head h the proxy is the mean of the group's low-rank querie
 key unit j is ``proxy . k_unit_j`` where ``k_unit_j`` is the mean of the low-rank keys in unit j
 (a single key when ``kv_block == 1``). Mean pooling is exact for a linear score: the unit's score
 is the mean of its tokens' scores against the proxy. The top ``K_h`` units per group are kept.
+Non-finite scores (NaN, +-Inf) rank below every finite score; a group with fewer than ``K_h``
+finite scores keeps them all and fills up with the non-finite units of lowest position.
 Scores are computed in chunks of groups, so memory is ``chunk x S`` per head, never ``S x S``.
 """
 
@@ -50,8 +52,29 @@ def select_topk_reference(
     past = pos.view(1, 1, 1, -1) >= kv_count.to(q_lr.device).long().view(b, h, 1, 1)
     for g0 in range(0, gq, chunk):
         scores = torch.einsum("bhgr,bhnr->bhgn", proxy[:, :, g0 : g0 + chunk], units)
-        top = torch.topk(scores, k_max, dim=-1, sorted=True).indices
+        finite = torch.isfinite(scores)
+        if bool(finite.all()):
+            top = torch.topk(scores, k_max, dim=-1, sorted=True).indices
+        else:
+            top = _topk_nonfinite_last(scores, finite, k_max, kv_count)
         # Keep each head's best K_h, then list them in memory order with padding last.
         top = top.masked_fill(past, n_units).sort(dim=-1).values
         kv_idx[:, :, g0 : g0 + chunk] = top.masked_fill(top == n_units, PAD).to(torch.int32)
     return SparseIndex(kv_idx, kv_count.to(q_lr.device, torch.int32), group_size, kv_block, s_q, s_kv)
+
+
+def _topk_nonfinite_last(scores: torch.Tensor, finite: torch.Tensor, k_max: int, kv_count: torch.Tensor) -> torch.Tensor:
+    """``topk`` indices, best first, with non-finite scores ranked last by position.
+
+    torch.topk ranks NaN above every number; here a group with at least ``K_h`` finite scores
+    takes its top ``K_h`` finite units, and a group with fewer takes all finite units, then the
+    non-finite ones in ascending position (the Triton kernels' order).
+    """
+    n = scores.shape[-1]
+    best = torch.topk(scores.masked_fill(~finite, float("-inf")), k_max, dim=-1, sorted=True).indices
+    pos = torch.arange(n, device=scores.device)
+    # every finite unit above every non-finite one; among non-finite ones the lowest position first
+    rank = torch.where(finite, torch.full_like(pos, n), n - 1 - pos)
+    fill = torch.topk(rank, k_max, dim=-1, sorted=True).indices
+    short = finite.sum(-1, keepdim=True) < kv_count.to(scores.device).long().view(*kv_count.shape, 1, 1)
+    return torch.where(short, fill, best)

@@ -16,15 +16,21 @@ pass writes only small per-chunk counts, reduced and acted on in PyTorch:
    in memory order, the first ``K - #{s >= hi}`` units with ``lo <= s < hi`` (ties and a bracket
    that could not shrink are broken by position). Indices come out ascending with no sort.
 
-Three drivers run these steps. For N <= ``_FUSED_MAX_UNITS`` (key blocks) one program per group
-tile does every pass with the bracket in registers (no host round trips): if its ``BLOCK_G x N``
-scores fit in registers they are computed once and every pass only compares (``resident``),
-otherwise each pass recomputes them while streaming the units (``stream``). For larger N (token
-granularity) the split path above fills the GPU at the cost of a launch and a host sync per pass.
+Three drivers run these steps. For N <= ``KernelOptions.select_fused_max_units`` (4096; key
+blocks) one program per group tile does every pass with the bracket in registers (no host round
+trips): if its ``BLOCK_G x N`` scores fit in registers they are computed once and every pass only
+compares (``resident``), otherwise each pass recomputes them while streaming the units
+(``stream``). For larger N (token granularity) the split path above fills the GPU at the cost of
+a launch and a host sync per pass.
 
 The result equals the reference (``torch.topk`` on fp32 scores) up to ties; the fused path scores in
 IEEE fp32, the split path with 3xTF32 dots (fp32-level accuracy), so only near-ties at the K-th
 score can differ.
+
+Non-finite scores become ``-inf`` in the score tile, like units past N, so the passes above see
+only the F finite scores of a group. A group with F < K keeps all F (``hi = lo`` = its smallest
+finite score) plus the first ``K - F`` non-finite units in memory order (the reference's rule, see
+``selection/__init__.py``); the extra compares of that fill run only in programs that need them.
 """
 
 import os
@@ -33,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_dsv.ops.options import DEFAULT_OPTIONS, KernelOptions
 from megatron_dsv.ops.sparse_index import SparseIndex
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -47,6 +54,7 @@ def _score_tile(
     """fp32 scores ``[BLOCK_G, BLOCK_N]`` of a group tile vs units ``i_c*CHUNK + start + [0, BLOCK_N)``.
 
     Every kernel calls this with the same tiles, so a score is bitwise the same in every pass.
+    Units past N and non-finite scores (NaN fails every compare) are ``-inf``.
     """
     o_g = i_gt * BLOCK_G + tl.arange(0, BLOCK_G)
     m_g = o_g < NUM_GROUPS
@@ -60,28 +68,47 @@ def _score_tile(
     m_n = o_n < N
     b_u = tl.load(units + (i_bh * N + o_n[:, None]) * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
     b_s = tl.dot(b_p, tl.trans(b_u), input_precision=PRECISION)
-    return tl.where(m_n[None, :], b_s, float("-inf")), o_g, m_g, o_n
+    return tl.where(m_n[None, :] & (tl.abs(b_s) < float("inf")), b_s, float("-inf")), o_g, m_g, o_n
 
 
 @triton.jit
-def _write_selected(b_s, o_n, b_lo, b_hi, need, n_sel, n_mid, p_out, m_g):
+def _write_selected(b_s, o_n, b_lo, b_hi, need, n_sel, n_mid, p_out, m_g, need_inf, n_inf, N, any_inf):
     """Write one tile's selected unit ids in ascending order and return the updated counts.
 
-    Selected: every score >= hi, and the first ``need`` scores in [lo, hi) in unit order (``n_mid``
-    of them seen in earlier tiles); ``n_sel`` ids are already written for the group.
+    Selected: every score >= hi, the first ``need`` scores in [lo, hi) in unit order (``n_mid``
+    of them seen in earlier tiles), and, when ``any_inf`` (some group of the tile has fewer finite
+    scores than K), the first ``need_inf`` non-finite units (``n_inf`` seen earlier); ``n_sel``
+    ids are already written for the group.
     """
     m_hi = b_s >= b_hi[:, None]
     m_mid = (b_s >= b_lo[:, None]) & (b_s < b_hi[:, None])
     mid_rank = n_mid[:, None] + tl.cumsum(m_mid.to(tl.int32), axis=1) - 1
     m_sel = m_hi | (m_mid & (mid_rank < need[:, None]))
+    if any_inf:
+        m_inf = (b_s == float("-inf")) & (o_n < N)[None, :]
+        inf_rank = n_inf[:, None] + tl.cumsum(m_inf.to(tl.int32), axis=1) - 1
+        m_sel = m_sel | (m_inf & (inf_rank < need_inf[:, None]))
+        n_inf = n_inf + tl.sum(m_inf.to(tl.int32), axis=1)
     pos = n_sel[:, None] + tl.cumsum(m_sel.to(tl.int32), axis=1) - 1
     tl.store(p_out[:, None] + pos, o_n[None, :].to(tl.int32), mask=m_sel & m_g[:, None])
-    return n_sel + tl.sum(m_sel.to(tl.int32), axis=1), n_mid + tl.sum(m_mid.to(tl.int32), axis=1)
+    return n_sel + tl.sum(m_sel.to(tl.int32), axis=1), n_mid + tl.sum(m_mid.to(tl.int32), axis=1), n_inf
+
+
+@triton.jit
+def _bracket(b_lo, b_max, n_fin, k_sel):
+    """Initial bracket ``(lo, hi, #{s >= lo})`` from the smallest and largest finite score.
+
+    A group with fewer than K finite scores is done at once: ``hi = lo`` selects every finite
+    score, and its count is set to K so the search skips it.
+    """
+    b_hi = b_max + (b_max - b_lo) * 1e-3 + tl.abs(b_max) * 1e-6 + 1e-30
+    short = n_fin < k_sel
+    return tl.where(short, b_lo, b_hi), tl.where(short, k_sel, n_fin)
 
 
 @triton.jit
 def _minmax_kernel(
-    proxy, units, part_min, part_max, NUM_GROUPS, N, R, N_SPLIT,
+    proxy, units, part_min, part_max, part_fin, NUM_GROUPS, N, R, N_SPLIT,
     PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -92,15 +119,18 @@ def _minmax_kernel(
     m_g = o_g < NUM_GROUPS
     b_min = tl.full([BLOCK_G], float("inf"), dtype=tl.float32)
     b_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    b_fin = tl.zeros([BLOCK_G], dtype=tl.int32)
     for start in range(0, CHUNK, BLOCK_N):
         b_s, _og, _mg, o_n = _score_tile(
             proxy, units, i_bh, i_gt, i_c, start, NUM_GROUPS, N, R, PRECISION, CHUNK, BLOCK_G, BLOCK_N, BLOCK_R
         )
         b_max = tl.maximum(b_max, tl.max(b_s, axis=1))
         b_min = tl.minimum(b_min, tl.min(tl.where(b_s == float("-inf"), float("inf"), b_s), axis=1))
+        b_fin += tl.sum((b_s > float("-inf")).to(tl.int32), axis=1)
     o_out = (i_bh * N_SPLIT + i_c) * NUM_GROUPS + o_g
     tl.store(part_min + o_out, b_min, mask=m_g)
     tl.store(part_max + o_out, b_max, mask=m_g)
+    tl.store(part_fin + o_out, b_fin, mask=m_g)
 
 
 @triton.jit
@@ -130,7 +160,7 @@ def _count_kernel(
 
 @triton.jit
 def _write_kernel(
-    proxy, units, lo, hi, need, sel_off, mid_off, kv_idx, NUM_GROUPS, N, R, N_SPLIT, K_MAX,
+    proxy, units, lo, hi, need, need_inf, sel_off, mid_off, inf_off, kv_idx, NUM_GROUPS, N, R, N_SPLIT, K_MAX,
     PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -144,15 +174,20 @@ def _write_kernel(
     b_lo = tl.load(lo + o_bg, mask=m_g, other=float("inf"))
     b_hi = tl.load(hi + o_bg, mask=m_g, other=float("inf"))
     b_need = tl.load(need + o_bg, mask=m_g, other=0)
+    b_need_inf = tl.load(need_inf + o_bg, mask=m_g, other=0)
+    any_inf = tl.max(b_need_inf, axis=0) > 0
     o_part = (i_bh * N_SPLIT + i_c) * NUM_GROUPS + o_g
     n_sel = tl.load(sel_off + o_part, mask=m_g, other=0)
     n_mid = tl.load(mid_off + o_part, mask=m_g, other=0)
+    n_inf = tl.load(inf_off + o_part, mask=m_g, other=0)
     p_out = kv_idx + o_bg * K_MAX
     for start in range(0, CHUNK, BLOCK_N):
         b_s, _og, _mg, o_n = _score_tile(
             proxy, units, i_bh, i_gt, i_c, start, NUM_GROUPS, N, R, PRECISION, CHUNK, BLOCK_G, BLOCK_N, BLOCK_R
         )
-        n_sel, n_mid = _write_selected(b_s, o_n, b_lo, b_hi, b_need, n_sel, n_mid, p_out, m_g)
+        n_sel, n_mid, n_inf = _write_selected(
+            b_s, o_n, b_lo, b_hi, b_need, n_sel, n_mid, p_out, m_g, b_need_inf, n_inf, N, any_inf
+        )
 
 
 @triton.jit
@@ -174,15 +209,16 @@ def _fused_select_kernel(
     k_sel = tl.load(kv_count + i_bh)
     b_min = tl.full([BLOCK_G], float("inf"), dtype=tl.float32)
     b_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    n_fin = tl.zeros([BLOCK_G], dtype=tl.int32)
     for start in range(0, N_STATIC if INTERPRET else N, BLOCK_N):
         b_s, _og, _mg, o_n = _score_tile(
             proxy, units, i_bh, i_gt, 0, start, NUM_GROUPS, N, R, PRECISION, 0, BLOCK_G, BLOCK_N, BLOCK_R
         )
         b_max = tl.maximum(b_max, tl.max(b_s, axis=1))
         b_min = tl.minimum(b_min, tl.min(tl.where(b_s == float("-inf"), float("inf"), b_s), axis=1))
+        n_fin += tl.sum((b_s > float("-inf")).to(tl.int32), axis=1)
     b_lo = b_min
-    b_hi = b_max + (b_max - b_min) * 1e-3 + tl.abs(b_max) * 1e-6 + 1e-30
-    c_lo = tl.zeros([BLOCK_G], dtype=tl.int32) + N
+    b_hi, c_lo = _bracket(b_lo, b_max, n_fin, k_sel)
     c_hi = tl.zeros([BLOCK_G], dtype=tl.int32)
     o_t = tl.arange(0, T)
     frac = (o_t + 1).to(tl.float32) / (T + 1)
@@ -211,14 +247,19 @@ def _fused_select_kernel(
         n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
         i_pass += 1
     need = k_sel - c_hi
+    need_inf = tl.where(m_g & (n_fin < k_sel), k_sel - n_fin, 0)
+    any_inf = tl.max(need_inf, axis=0) > 0
     n_sel = tl.zeros([BLOCK_G], dtype=tl.int32)
     n_mid = tl.zeros([BLOCK_G], dtype=tl.int32)
+    n_inf = tl.zeros([BLOCK_G], dtype=tl.int32)
     p_out = kv_idx + (i_bh * NUM_GROUPS + o_g) * K_MAX
     for start in range(0, N_STATIC if INTERPRET else N, BLOCK_N):
         b_s, _og, _mg, o_n = _score_tile(
             proxy, units, i_bh, i_gt, 0, start, NUM_GROUPS, N, R, PRECISION, 0, BLOCK_G, BLOCK_N, BLOCK_R
         )
-        n_sel, n_mid = _write_selected(b_s, o_n, b_lo, b_hi, need, n_sel, n_mid, p_out, m_g)
+        n_sel, n_mid, n_inf = _write_selected(
+            b_s, o_n, b_lo, b_hi, need, n_sel, n_mid, p_out, m_g, need_inf, n_inf, N, any_inf
+        )
 
 
 @triton.jit
@@ -239,8 +280,8 @@ def _resident_select_kernel(
     )
     b_max = tl.max(b_s, axis=1)
     b_lo = tl.min(tl.where(b_s == float("-inf"), float("inf"), b_s), axis=1)
-    b_hi = b_max + (b_max - b_lo) * 1e-3 + tl.abs(b_max) * 1e-6 + 1e-30
-    c_lo = tl.zeros([BLOCK_G], dtype=tl.int32) + N
+    n_fin = tl.sum((b_s > float("-inf")).to(tl.int32), axis=1)
+    b_hi, c_lo = _bracket(b_lo, b_max, n_fin, k_sel)
     c_hi = tl.zeros([BLOCK_G], dtype=tl.int32)
     n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
     i_pass = tl.full([], 0, dtype=tl.int32)
@@ -263,9 +304,11 @@ def _resident_select_kernel(
         n_todo = tl.sum((m_g & (c_lo != k_sel)).to(tl.int32), axis=0)
         i_pass += 1
     need = k_sel - c_hi
+    need_inf = tl.where(m_g & (n_fin < k_sel), k_sel - n_fin, 0)
+    any_inf = tl.max(need_inf, axis=0) > 0
     p_out = kv_idx + (i_bh * NUM_GROUPS + o_g) * K_MAX
     zero = tl.zeros([BLOCK_G], dtype=tl.int32)
-    _write_selected(b_s, o_n, b_lo, b_hi, need, zero, zero, p_out, m_g)
+    _write_selected(b_s, o_n, b_lo, b_hi, need, zero, zero, p_out, m_g, need_inf, zero, N, any_inf)
 
 
 @triton.jit
@@ -311,15 +354,8 @@ def _pool(x: torch.Tensor, p: int) -> torch.Tensor:
 
 # Largest ``BLOCK_G * next_pow2(N)`` scores one program keeps in registers (16 warps: 64 fp32
 # registers per thread at 16 x 2048); above it the streaming kernel recomputes scores per pass.
+# Which one-program kernel runs, and up to how many units, is KernelOptions.select_fused_*.
 _RESIDENT_MAX_SCORES = 16 * 2048
-# Selection kernel for N <= _FUSED_MAX_UNITS: "resident" or "stream" (benchmarks compare them).
-_FUSED_KIND = "resident"
-
-
-# Key units up to which one program per group tile streams all units (no host round trips).
-# H100, H=16, S=64k, G=64: fused 1.6 ms at N=1024 (blocks of 64) vs 8.7 ms for the split path,
-# whose ~10 passes each cost launches, PyTorch glue and a host sync.
-_FUSED_MAX_UNITS = 4096
 
 
 def _config(num_units: int):
@@ -340,6 +376,7 @@ def select_topk_triton(
     kv_count: torch.Tensor,
     kv_block: int = 1,
     max_passes: int = 24,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> SparseIndex:
     """Top-``kv_count[b, h]`` key units per query group with Triton.
 
@@ -349,6 +386,7 @@ def select_topk_triton(
         kv_count: int32 ``[B, H]`` units to keep per head, in ``[1, S_kv / kv_block]``.
         kv_block: tokens per key unit.
         max_passes: bound on search passes (reached only with many tied scores).
+        options: which one-program kernel runs and up to how many units (``select_fused_*``).
 
     Returns:
         :class:`SparseIndex` with ``kv_idx int32 [B, H, S_q/G, max K]`` ascending, ``-1`` padded.
@@ -365,7 +403,8 @@ def select_topk_triton(
     k_sel = kv_count.view(bh, 1).long()
     precision = "ieee" if _INTERPRET else "tf32x3"
     n_pow2 = max(16, triton.next_power_of_2(n))
-    if n <= _FUSED_MAX_UNITS and _FUSED_KIND == "resident" and 16 * n_pow2 <= _RESIDENT_MAX_SCORES:
+    fused = n <= options.select_fused_max_units
+    if fused and options.select_fused_kind == "resident" and 16 * n_pow2 <= _RESIDENT_MAX_SCORES:
         kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
         block_g = max(16, min(64, _RESIDENT_MAX_SCORES // 2 // n_pow2, triton.next_power_of_2(gq)))
         _resident_select_kernel[(triton.cdiv(gq, block_g), bh)](
@@ -374,7 +413,7 @@ def select_topk_triton(
             num_warps=4 if _INTERPRET else (16 if block_g * n_pow2 > 8192 else 8),
         )
         return SparseIndex(kv_idx, kv_count, group_size, kv_block, s_q, s_kv)
-    if n <= _FUSED_MAX_UNITS:
+    if fused:
         kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
         block_g = 16 if _INTERPRET else 64
         block_n = 16 if _INTERPRET else 32
@@ -402,11 +441,16 @@ def select_topk_triton(
     # 1. bracket
     part_min = torch.empty(bh, n_split, gq, device=dev, dtype=torch.float32)
     part_max = torch.empty_like(part_min)
-    _minmax_kernel[grid](proxy, units, part_min, part_max, gq, n, r, n_split, **common)
+    part_fin = torch.empty(bh, n_split, gq, device=dev, dtype=torch.int32)
+    _minmax_kernel[grid](proxy, units, part_min, part_max, part_fin, gq, n, r, n_split, **common)
     lo = part_min.amin(1)
     s_max = part_max.amax(1)
     hi = s_max + (s_max - lo) * 1e-3 + s_max.abs() * 1e-6 + 1e-30
-    c_lo = torch.full((bh, gq), n, device=dev, dtype=torch.long)
+    # fewer finite scores than K: done at once, hi = lo keeps every finite unit (see _bracket)
+    n_fin = part_fin.sum(1, dtype=torch.long)
+    short = n_fin < k_sel
+    hi = torch.where(short, lo, hi)
+    c_lo = torch.where(short, k_sel, n_fin)
     c_hi = torch.zeros((bh, gq), device=dev, dtype=torch.long)
 
     # 2. search
@@ -433,12 +477,19 @@ def select_topk_triton(
     need = k_sel - n_hi.sum(1)
     mid_off = n_mid.cumsum(1) - n_mid
     take_mid = torch.minimum(torch.clamp(need.unsqueeze(1) - mid_off, min=0), n_mid)
-    n_take = n_hi + take_mid
+    # non-finite units per chunk, and the first K - F of them for groups with F < K
+    n_valid = torch.clamp(n - torch.arange(n_split, device=dev) * chunk, 0, chunk).view(1, -1, 1)
+    n_inf = n_valid - part_fin.long()
+    need_inf = torch.where(short, k_sel - n_fin, 0)
+    inf_off = n_inf.cumsum(1) - n_inf
+    take_inf = torch.minimum(torch.clamp(need_inf.unsqueeze(1) - inf_off, min=0), n_inf)
+    n_take = n_hi + take_mid + take_inf
     sel_off = n_take.cumsum(1) - n_take
     kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
     _write_kernel[grid](
         proxy, units, lo.contiguous(), hi.contiguous(), need.to(torch.int32).contiguous(),
-        sel_off.to(torch.int32).contiguous(), mid_off.to(torch.int32).contiguous(), kv_idx,
+        need_inf.to(torch.int32).contiguous(), sel_off.to(torch.int32).contiguous(),
+        mid_off.to(torch.int32).contiguous(), inf_off.to(torch.int32).contiguous(), kv_idx,
         gq, n, r, n_split, k_max, **common,
     )
     return SparseIndex(kv_idx, kv_count, group_size, kv_block, s_q, s_kv)

@@ -1,4 +1,10 @@
-"""Softmax attention over the critical keys of each query group (forward and backward)."""
+"""Softmax attention over the critical keys of each query group (forward and backward).
+
+Non-finite q, k or v propagate the same way on every backend: an output row (and its LSE) is NaN
+when its query or a key it attends to is NaN, and when a value it attends to is NaN its output
+row is; keys a group did not select, padding included, never touch it. Nothing is checked in
+the hot path; :func:`check_finite` (one host sync) turns non-finite inputs into an error.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_dsv.ops._utils import check_floating, check_head_dim, resolve_backend
+from megatron_dsv.ops._utils import check_finite, check_floating, check_head_dim, resolve_backend
+from megatron_dsv.ops.options import KernelOptions, resolve_options
 from megatron_dsv.ops.sparse_attention.naive import (
     masked_dense_attention,
     sparse_attention_backward_reference,
@@ -24,33 +31,43 @@ def sparse_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     out_layout: str = "bhsd",
+    *,
+    options: Optional[KernelOptions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query group over its selected keys.
 
     Args:
         q: ``[B, H, S_q, D]`` queries in cube-major order.
         k, v: ``[B, H_kv, S_kv, D]``; ``H % H_kv == 0`` (grouped-query attention).
-        index: :class:`SparseIndex` with ``[B, H, S_q/G, Kmax]`` key units.
+        index: :class:`SparseIndex` with ``[B, H, S_q/G, Kmax]`` key units. One that the library
+            did not build (``select_topk``) has its values checked on first use (one host sync;
+            ValueError naming the bad (batch, head, group)).
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"triton"``
-            (CPU tensors run under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise; the choice is
+            logged once, see :func:`megatron_dsv.ops.choose_backend`), ``"triton"`` (CPU tensors
+            need ``TRITON_INTERPRET=1``) or ``"reference"``.
         out_layout: memory order of ``out``: ``"bhsd"`` (contiguous) or ``"sbhd"`` (a
             ``[B, H, S, D]`` view of ``[S, B, H, D]`` memory, so Megatron's ``[s, b, h*d]`` is a
             free view of it). Values are the same.
+        options: Triton kernel variant (:class:`~megatron_dsv.ops.options.KernelOptions`);
+            ``None`` = the defaults. The reference ignores it.
 
     Returns:
         ``out [B, H, S_q, D]`` in q's dtype and ``lse [B, H, S_q]`` in fp32 (fp64 for fp64 inputs;
         natural log).
         Differentiable with respect to q, k and v.
     """
+    options = resolve_options(options)
     _validate(q, k, v, index)
     if out_layout not in ("bhsd", "sbhd"):
         raise ValueError(f"out_layout must be 'bhsd' or 'sbhd', got {out_layout!r}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
+    backend = _backend(backend, q)
+    index.ensure_valid()
+    if backend == "triton":
         from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton
 
-        return sparse_attention_triton(q, k, v, index, scale, out_sbhd=out_layout == "sbhd")
+        return sparse_attention_triton(q, k, v, index, scale, out_sbhd=out_layout == "sbhd", options=options)
     out, lse = sparse_attention_reference(q, k, v, index, scale)
     if out_layout == "sbhd":
         out = out.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
@@ -59,18 +76,22 @@ def sparse_attention(
 
 @torch.no_grad()
 def sparse_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto",
+    *, options: Optional[KernelOptions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward only, no autograd graph: ``out [B, H, S_q, D]`` (q's dtype) and fp32 ``lse [B, H, S_q]``.
 
     With :func:`sparse_attention_bwd`, the building block of attention split over several key sets
     whose partial results are merged by log-sum-exp (the context-parallel ring).
     """
+    options = resolve_options(options)
     _validate(q, k, v, index)
-    if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
+    backend = _backend(backend, q)
+    index.ensure_valid()
+    if backend == "triton":
         from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton_fwd
 
-        return sparse_attention_triton_fwd(q, k, v, index, scale)
+        return sparse_attention_triton_fwd(q, k, v, index, scale, options=options)
     return sparse_attention_reference(q, k, v, index, scale)
 
 
@@ -78,6 +99,7 @@ def sparse_attention_fwd(
 def sparse_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, index: SparseIndex, scale: float, backend: str = "auto",
+    *, options: Optional[KernelOptions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the pairs in ``index`` given the *final* ``out``/``lse`` of the queries.
 
@@ -85,15 +107,27 @@ def sparse_attention_bwd(
     ``dk``/``dv`` is the exact gradient (``p = exp(s - lse)`` uses the global normaliser).
     Returns fp32 ``dq`` and ``dk``, ``dv`` (fp32 from the reference, k's dtype from Triton).
     """
+    options = resolve_options(options)
     _validate(q, k, v, index)
-    if resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention") == "triton":
+    backend = _backend(backend, q)
+    index.ensure_valid()
+    if backend == "triton":
         from megatron_dsv.ops.sparse_attention.triton import sparse_attention_triton_bwd
 
-        return sparse_attention_triton_bwd(q, k, v, out, lse, do, index, scale)
+        return sparse_attention_triton_bwd(q, k, v, out, lse, do, index, scale, options=options)
     return sparse_attention_backward_reference(q, k, v, out, lse, do, index, scale)
 
 
+def _backend(backend: str, q: torch.Tensor) -> str:
+    return resolve_backend(backend, q, "megatron_dsv.ops.sparse_attention.triton", "sparse attention")
+
+
 def _validate(q, k, v, index: SparseIndex) -> None:
+    if not isinstance(index, SparseIndex):
+        raise TypeError(
+            f"index must be a megatron_dsv.ops.sparse_index.SparseIndex, got {type(index).__name__}; "
+            "build one with megatron_dsv.ops.selection.select_topk."
+        )
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
@@ -118,8 +152,7 @@ def _validate(q, k, v, index: SparseIndex) -> None:
         )
 
 
-
 __all__ = [
     "sparse_attention", "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_reference",
-    "sparse_attention_backward_reference", "masked_dense_attention",
+    "sparse_attention_backward_reference", "masked_dense_attention", "check_finite",
 ]

@@ -47,8 +47,10 @@ def sparse_attention_reference(
     outs, lses = [], []
     for g0 in range(0, gq, chunk):
         t = tok[:, :, g0 : g0 + chunk]
-        k_sel = k[bi, hi, t].to(acc)  # [B, H, c, Kt, D]
-        v_sel = v[bi, hi, t].to(acc)
+        # padding gathers token 0: zero it, so a NaN there cannot reach the output (0 * NaN)
+        keep = valid[:, :, g0 : g0 + chunk].unsqueeze(-1)
+        k_sel = k[bi, hi, t].to(acc).where(keep, 0.0)  # [B, H, c, Kt, D]
+        v_sel = v[bi, hi, t].to(acc).where(keep, 0.0)
         scores = torch.einsum("bhgqd,bhgkd->bhgqk", qg[:, :, g0 : g0 + chunk], k_sel) * scale
         scores = scores.masked_fill(~valid[:, :, g0 : g0 + chunk].unsqueeze(3), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
@@ -108,14 +110,16 @@ def sparse_attention_backward_reference(
     for g0 in range(0, gq, chunk):
         sl = slice(g0, g0 + chunk)
         t = tok[:, :, sl]
-        k_sel, v_sel = k_full[bi, hi, t], v_full[bi, hi, t]  # [B, H, c, Kt, D]
+        keep = valid[:, :, sl].unsqueeze(-1)
+        k_sel, v_sel = k_full[bi, hi, t].where(keep, 0.0), v_full[bi, hi, t].where(keep, 0.0)  # [B, H, c, Kt, D]
         scores = torch.einsum("bhgqd,bhgkd->bhgqk", qg[:, :, sl], k_sel) * scale
         p = torch.exp(scores - lseg[:, :, sl].unsqueeze(-1)).masked_fill(~valid[:, :, sl].unsqueeze(3), 0.0)
         dp = torch.einsum("bhgqd,bhgkd->bhgqk", dog[:, :, sl], v_sel)
-        ds = p * (dp - delta[:, :, sl].unsqueeze(-1))
+        ds = (p * (dp - delta[:, :, sl].unsqueeze(-1))).masked_fill(~valid[:, :, sl].unsqueeze(3), 0.0)
         dq[:, :, sl] = torch.einsum("bhgqk,bhgkd->bhgqd", ds, k_sel) * scale
-        dk_sel = torch.einsum("bhgqk,bhgqd->bhgkd", ds, qg[:, :, sl]) * scale
-        dv_sel = torch.einsum("bhgqk,bhgqd->bhgkd", p, dog[:, :, sl])
+        # padding scatters into token 0: add exact zeros there, even when a row is NaN
+        dk_sel = (torch.einsum("bhgqk,bhgqd->bhgkd", ds, qg[:, :, sl]) * scale).where(keep, 0.0)
+        dv_sel = torch.einsum("bhgqk,bhgqd->bhgkd", p, dog[:, :, sl]).where(keep, 0.0)
         flat = t.flatten(2).unsqueeze(-1).expand(-1, -1, -1, d)
         dk.scatter_add_(2, flat, dk_sel.flatten(2, 3))
         dv.scatter_add_(2, flat, dv_sel.flatten(2, 3))

@@ -22,7 +22,11 @@ Backward:
 - dk/dv, token granularity (and small blocks): a key tile holds keys of unrelated groups, so no
   common query set exists to make a dense key-major tile; the dq program instead scatters its
   ``P^T dO`` and ``dS^T Q`` partial tiles with fp32 atomics into fp32 buffers (cast at the end).
-  The same atomic path can be forced for blocks (``_FORCE_ATOMIC_DKDV``) to compare the two.
+  The same atomic path can be forced for blocks (``KernelOptions.force_atomic_dkdv``) to compare
+  the two.
+
+Kernel variants (atomic paths, tiles, poisoned outputs for tests) are chosen by a
+:class:`~megatron_dsv.ops.options.KernelOptions` passed down from the public functions.
 """
 
 
@@ -34,18 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_dsv.ops.options import DEFAULT_OPTIONS, KernelOptions
 from megatron_dsv.ops.sparse_index import SparseIndex
 
-_LOG2E = 1.4426950408889634
+# Base-2 softmax: exp(x) = exp2(x * log2(e)); the LSE is stored in natural log (times ln 2).
+# constexpr so kernels can read them (Triton admits only constexpr globals).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
-# Block granularity, atomic dk/dv instead of key-major lists. Measured on H100 (H=16, S=64k, D=128,
-# bf16, kv_block=64, G=64, 90% sparse): backward 71.8 ms with atomics vs 27.2 ms key-major, so
-# key-major is the default; benchmarks flip this to re-measure.
-_FORCE_ATOMIC_DKDV = False
-# Block granularity: one key-major kernel that also scatters dq with fp32 atomics (FA2-style: 5
-# matmuls per tile instead of 7). Same setting as above: 65.4 ms (4 warps) vs 27.3 ms for separate
-# dq and dk/dv kernels, so it is off; kept for re-measuring on other GPUs.
-_FUSED_DQ_ATOMIC = False
 # Block granularity: dq and dk/dv programs interleaved in one launch were tried and removed:
 # 28.5 ms vs 24.5 ms for the two launches (H100, S=64k, D=128, 90%; 15.9 vs 13.3 ms at D=64).
 
@@ -54,13 +54,10 @@ _FUSED_DQ_ATOMIC = False
 # loops, which Triton software-pipelines.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tests set this to fill fresh outputs with NaN, so an unwritten element fails.
-_POISON_OUTPUTS = False
 
-
-def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+def _new(shape, like: torch.Tensor, options: KernelOptions, dtype=None) -> torch.Tensor:
     t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
-    return t.fill_(float("nan")) if _POISON_OUTPUTS else t
+    return t.fill_(float("nan")) if options.poison_outputs else t
 
 
 @triton.jit
@@ -172,7 +169,7 @@ def _fwd_kernel(
     b_acc = b_acc / b_l[:, None]
     p_o = o + i_b * STRIDE_OB + i_h * STRIDE_OH + o_m[:, None] * STRIDE_OS + o_d[None, :]
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_d[None, :])
-    tl.store(lse + i_bh * S_Q + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453)
+    tl.store(lse + i_bh * S_Q + o_m, (b_m + tl.log2(b_l)) * _LN2)
 
 
 @triton.jit
@@ -262,7 +259,7 @@ def _bwd_dq_program(
     o_qd = (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
     b_q = tl.load(q + o_qd, mask=m_d[None, :], other=0.0)
     b_do = tl.load(do + o_qd, mask=m_d[None, :], other=0.0)
-    b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * 1.4426950408889634
+    b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * _LOG2E
     b_delta = tl.load(delta + i_bh * S_Q + o_m)
 
     n_tok = tl.load(kv_count + i_bh).to(tl.int64) * KVB
@@ -311,7 +308,7 @@ def _bwd_dkdv_step(
     else:
         b_q = tl.load(q + o_qd, mask=m_d[None, :], other=0.0)
         b_do = tl.load(do + o_qd, mask=m_d[None, :], other=0.0)
-    b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * 1.4426950408889634
+    b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * _LOG2E
     b_delta = tl.load(delta + i_bh * S_Q + o_m)
     b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
     b_pt = tl.exp2(b_st - b_lse2[None, :])
@@ -401,16 +398,12 @@ def _pow2_tile(n: int, cap: int) -> int:
     return t
 
 
-# Tile overrides for tuning sweeps (benchmarks/attention.py --sweep): {"fwd"|"dq"|"dkdv": dict}.
-_TUNE = {}
-
-
-def _tuned(kind: str, cfg: dict) -> dict:
-    cfg.update(_TUNE.get(kind, {}))
+def _tuned(kind: str, cfg: dict, options: KernelOptions) -> dict:
+    cfg.update(options.tiles(kind))
     return cfg
 
 
-def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int = 1):
+def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int, options: KernelOptions):
     block_m = _pow2_tile(g, 128 if d <= 64 else 64)
     block_n = 64 if d <= 128 else 32
     if dtype == torch.float32:
@@ -419,20 +412,15 @@ def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int = 1):
     # Contiguous key blocks: 4 stages 8.81 ms vs 3 stages 8.94 ms (H100, S=64k, D=128, 90%); the
     # kernel is bound by L2 bandwidth (ncu: L2 72%, SM 41%), so deeper prefetch is what helps.
     num_stages = 4 if kvb % block_n == 0 and dtype != torch.float32 else 3
-    return _tuned("fwd", dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages))
+    return _tuned("fwd", dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages), options)
 
 
-# Contiguous key-block tiles (scalar index load, no masks) when a tile fits in a key unit;
-# ``False`` forces the per-token gather for comparison (benchmarks/attention.py --sweep).
-_CONTIG_LOADS = True
+def _contig(kvb: int, block_n: int, options: KernelOptions) -> bool:
+    return options.contig_loads and kvb % block_n == 0
 
 
-def _contig(kvb: int, block_n: int) -> bool:
-    return _CONTIG_LOADS and kvb % block_n == 0
-
-
-def _kv_major_ok(index: SparseIndex) -> bool:
-    return index.kv_block % 16 == 0 and not _FORCE_ATOMIC_DKDV
+def _kv_major_ok(index: SparseIndex, options: KernelOptions) -> bool:
+    return index.kv_block % 16 == 0 and not options.force_atomic_dkdv
 
 
 @triton.jit
@@ -470,12 +458,9 @@ def _kt_list_kernel(
     tl.store(entries + i_bhkv * N_ENTRY + pos, o_e.to(tl.int32), mask=b_m > 0)
 
 
-# Largest byte map [B, H_kv, N_units, H/H_kv * Gq] the Triton transpose builds (16 MiB at H=16,
-# S=64k, G=64, kv_block=64); above it the sort path runs.
-_KT_MARK_MAX_BYTES = 1 << 28
-
-
-def transpose_index(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def transpose_index(
+    index: SparseIndex, num_kv_heads: int, options: KernelOptions = DEFAULT_OPTIONS
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Key-major lists: for each (b, h_kv, key unit) the (query head, query group) entries.
 
     Returns ``offsets int32 [B, H_kv, N_units + 1]`` and ``entries int32 [B, H_kv, E]`` with
@@ -485,7 +470,8 @@ def transpose_index(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.Tensor
     A byte map ``[B, H_kv, N_units, rows]`` marked by one kernel and compacted row by row by
     another replaces a stable sort of the ``[B, H_kv, E]`` unit ids with its int64 permutation:
     the sort path took 0.29 ms per backward at H=16, S=64k, G=64, 90% (H100); the order of the
-    lists, and so of the dk/dv sums, is the same.
+    lists, and so of the dk/dv sums, is the same. Above ``options.transpose_mark_max_bytes`` of
+    byte map the sort path runs.
     """
     b, h, gq, kmax = index.kv_idx.shape
     rep = h // num_kv_heads
@@ -494,7 +480,7 @@ def transpose_index(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.Tensor
     dev = index.kv_idx.device
     block_e = triton.next_power_of_2(n_rows)
     block_k = triton.next_power_of_2(kmax)
-    if b * num_kv_heads * n_units * n_rows > _KT_MARK_MAX_BYTES or block_e > 16384 or block_k > 4096:
+    if b * num_kv_heads * n_units * n_rows > options.transpose_mark_max_bytes or block_e > 16384 or block_k > 4096:
         return _transpose_index_sort(index, num_kv_heads)
     kv_idx = index.kv_idx.contiguous()
     mark = torch.zeros((b * num_kv_heads, n_units, n_rows), device=dev, dtype=torch.int8)
@@ -527,27 +513,27 @@ def _transpose_index_sort(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.
     return offsets.contiguous(), entries.contiguous()
 
 
-def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale, out_sbhd: bool = False):
+def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale, options: KernelOptions, out_sbhd: bool = False):
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
     # out_sbhd: write [S, B, H, D] memory (returned as its [B, H, S, D] view) so Megatron's
     # [s, b, h*d] output is a free view: the layer then keeps one copy of the output, not two
     # (256 MiB per layer at 64k tokens x 16 heads x 128, bf16).
-    out = _new((s_q, b, h, d), q).permute(1, 2, 0, 3) if out_sbhd else _new(q.shape, q)
-    lse = _new((b, h, s_q), q, torch.float32)
-    cfg = _fwd_config(g, d, q.dtype, kvb)
+    out = _new((s_q, b, h, d), q, options).permute(1, 2, 0, 3) if out_sbhd else _new(q.shape, q, options)
+    lse = _new((b, h, s_q), q, options, torch.float32)
+    cfg = _fwd_config(g, d, q.dtype, kvb, options)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _fwd_kernel[grid](
-        q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E,
+        q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2),
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"]),
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
         EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return out, lse
 
 
-def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
+def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: KernelOptions):
     # d lse_i / d s_ij = p_ij, so an LSE gradient (context-parallel merges) only shifts delta.
     n_rows = out.numel() // out.shape[-1]
     delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
@@ -556,17 +542,17 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
         out, do, dlse.contiguous() if dlse is not None else delta, delta, n_rows, out.shape[-1],
         HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(out.shape[-1]),
     )
-    kv_major = _kv_major_ok(index)
-    if kv_major and _FUSED_DQ_ATOMIC:
+    kv_major = _kv_major_ok(index, options)
+    if kv_major and options.fused_dq_atomic:
         dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dq32, dk, dv = _backward_kv_major(q, k, v, do, lse, delta, dq32, index, scale, dq_atomic=True)
+        dq32, dk, dv = _backward_kv_major(q, k, v, do, lse, delta, dq32, index, scale, options, dq_atomic=True)
         return dq32.to(q.dtype), dk, dv
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
     kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
     g, kvb = index.group_size, index.kv_block
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
-    dq = _new(q.shape, q)
+    dq = _new(q.shape, q, options)
     if kv_major:
         dk32 = dv32 = dq  # unused placeholders
     else:
@@ -577,32 +563,32 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale):
     block_n = 64 if d <= 64 or kvb % 64 == 0 else 32
     if q.dtype == torch.float32:
         block_n = 32
-    cfg = _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2))
+    cfg = _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2), options)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E,
+        q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, kmax, d,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=_contig(kvb, cfg["BLOCK_N"]),
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
         EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
-    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale, dq_atomic=False)
+    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale, options, dq_atomic=False)
 
 
-def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, dq_atomic: bool):
+def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, options: KernelOptions, dq_atomic: bool):
     """dk/dv key-major; with ``dq_atomic`` also adds dq into the fp32 ``dq`` with atomics."""
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
     g, kvb, gq = index.group_size, index.kv_block, index.num_groups
-    offsets, entries = transpose_index(index, hkv)
-    dk = _new(k.shape, k)
-    dv = _new(v.shape, v)
-    cfg = _dkdv_config(g, kvb)
+    offsets, entries = transpose_index(index, hkv, options)
+    dk = _new(k.shape, k, options)
+    dv = _new(v.shape, v, options)
+    cfg = _dkdv_config(g, kvb, options)
     n_units = index.num_kv_units
     grid = (n_units * (kvb // cfg["BLOCK_N"]), b * hkv)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E,
+        q, k, v, do, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, EVEN_D=triton.next_power_of_2(d) == d,
         BLOCK_D=triton.next_power_of_2(d), **cfg,
@@ -610,22 +596,25 @@ def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, d
     return dq, dk, dv
 
 
-def _dkdv_config(g: int, kvb: int) -> dict:
-    return _tuned("dkdv", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=_pow2_tile(kvb, 64), num_warps=4, num_stages=2))
+def _dkdv_config(g: int, kvb: int, options: KernelOptions) -> dict:
+    return _tuned(
+        "dkdv", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=_pow2_tile(kvb, 64), num_warps=4, num_stages=2), options
+    )
 
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index: SparseIndex, scale: float, out_sbhd: bool = False):
+    def forward(ctx, q, k, v, index: SparseIndex, scale: float, out_sbhd: bool, options: KernelOptions):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
-        out, lse = _forward(q, k, v, kv_idx, kv_count, index.group_size, index.kv_block, scale, out_sbhd)
+        out, lse = _forward(q, k, v, kv_idx, kv_count, index.group_size, index.kv_block, scale, options, out_sbhd)
         ctx.save_for_backward(q, k, v, out, lse)
         # Unused outputs (usually lse) get None instead of a zero-filled gradient: no [B, H, S]
         # fp32 fill and no dLSE read in the delta kernel.
         ctx.set_materialize_grads(False)
         ctx.index = index
         ctx.scale = scale
+        ctx.options = options
         return out, lse
 
     @staticmethod
@@ -634,12 +623,13 @@ class _SparseAttention(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(out)
         # the delta kernel reads O row-major: a transient copy when O was written [S, B, H, D]
-        dq, dk, dv = _backward(q, k, v, out.contiguous(), lse, do.contiguous(), dlse, ctx.index, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(q, k, v, out.contiguous(), lse, do.contiguous(), dlse, ctx.index, ctx.scale, ctx.options)
+        return dq, dk, dv, None, None, None, None
 
 
 def sparse_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, out_sbhd: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float, out_sbhd: bool = False,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton sparse attention; shapes as :func:`megatron_dsv.ops.sparse_attention.sparse_attention`.
 
@@ -650,7 +640,7 @@ def sparse_attention_triton(
     _check_group(index)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _SparseAttention.apply(q, k, v, index, float(scale), bool(out_sbhd))
+    return _SparseAttention.apply(q, k, v, index, float(scale), bool(out_sbhd), options)
 
 
 def _check_group(index: SparseIndex) -> None:
@@ -661,18 +651,23 @@ def _check_group(index: SparseIndex) -> None:
         )
 
 
-def sparse_attention_triton_fwd(q, k, v, index: SparseIndex, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def sparse_attention_triton_fwd(
+    q, k, v, index: SparseIndex, scale: float, options: KernelOptions = DEFAULT_OPTIONS
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward without autograd: ``out`` (q's dtype), fp32 ``lse``."""
     _check_group(index)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _forward(q, k, v, index.kv_idx.contiguous(), index.kv_count.contiguous(), index.group_size, index.kv_block, float(scale))
+    return _forward(
+        q, k, v, index.kv_idx.contiguous(), index.kv_count.contiguous(), index.group_size, index.kv_block,
+        float(scale), options,
+    )
 
 
-def sparse_attention_triton_bwd(q, k, v, out, lse, do, index: SparseIndex, scale: float):
+def sparse_attention_triton_bwd(q, k, v, out, lse, do, index: SparseIndex, scale: float, options: KernelOptions = DEFAULT_OPTIONS):
     """dq (fp32), dk, dv (k's dtype) of the pairs in ``index`` given the final ``out``/``lse``."""
     _check_group(index)
     q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
-    dq, dk, dv = _backward(q, k, v, out, lse.contiguous(), do, None, index, float(scale))
+    dq, dk, dv = _backward(q, k, v, out, lse.contiguous(), do, None, index, float(scale), options)
     return dq.float(), dk, dv
 
 

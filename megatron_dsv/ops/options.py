@@ -1,0 +1,110 @@
+"""Kernel variants as one frozen value handed to the Triton launchers.
+
+Tests and benchmarks choose a variant by passing ``options=KernelOptions(...)`` to
+``select_topk`` / ``sparse_attention``; nothing flips module globals. The defaults are the
+production choice (measured numbers below); every other value exists to re-measure or to test.
+No field changes results beyond floating-point summation order, except ``poison_outputs``
+(tests: fill fresh outputs with NaN so an element a kernel never writes fails the comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+# Tile overrides a launcher accepts, per kernel.
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_TUNE_KINDS = ("fwd", "dq", "dkdv")
+_FUSED_KINDS = ("resident", "stream")
+
+TileOverrides = Tuple[Tuple[str, Tuple[Tuple[str, int], ...]], ...]
+
+
+def _normalize_tune(tune: Any) -> TileOverrides:
+    """``{"fwd": {"BLOCK_N": 64}, ...}`` (or its normalized tuple form) -> sorted nested tuples."""
+    out = []
+    for kind, tiles in dict(tune or {}).items():
+        if kind not in _TUNE_KINDS:
+            raise ValueError(f"KernelOptions.tune: unknown kernel {kind!r}; use one of {_TUNE_KINDS}.")
+        items = []
+        for key, value in dict(tiles or {}).items():
+            if key not in _TILE_KEYS:
+                raise ValueError(f"KernelOptions.tune[{kind!r}]: unknown key {key!r}; use one of {_TILE_KEYS}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KernelOptions.tune[{kind!r}][{key!r}] must be a positive int, got {value!r}.")
+            items.append((key, value))
+        out.append((kind, tuple(sorted(items))))
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Which variant of the Triton kernels runs (the reference backend ignores these).
+
+    Attributes:
+        force_atomic_dkdv: block granularity: dk/dv by fp32 atomics from the dq program instead
+            of key-major lists. H100 (H=16, S=64k, D=128, bf16, kv_block=64, G=64, 90% sparse):
+            backward 71.8 ms with atomics vs 27.2 ms key-major, so key-major is the default.
+        fused_dq_atomic: block granularity: one key-major kernel that also scatters dq with fp32
+            atomics (FA2-style, 5 matmuls per tile instead of 7). Same setting: 65.4 ms (4 warps)
+            vs 27.3 ms for separate dq and dk/dv kernels, so it is off.
+        contig_loads: contiguous, mask-free key tiles when a tile fits in a key unit
+            (``kv_block % BLOCK_N == 0``); ``False`` forces the per-token gather (8.94 vs 9.34 ms
+            forward, H100, S=64k, D=128, 90%).
+        tune: tile overrides per kernel, ``{"fwd" | "dq" | "dkdv": {"BLOCK_M" | "BLOCK_N" |
+            "num_warps" | "num_stages": int}}`` (stored as sorted tuples; read with :meth:`tiles`).
+        transpose_mark_max_bytes: largest byte map ``[B, H_kv, N_units, H/H_kv * Gq]`` the
+            backward's key-major transpose builds (16 MiB at H=16, S=64k, G=64, kv_block=64);
+            above it a stable sort builds the same lists.
+        select_fused_kind: selection kernel where one program per group tile does every pass:
+            ``"resident"`` (scores held in registers when they fit) or ``"stream"``.
+        select_fused_max_units: key units up to which that one-program selection runs. H100, H=16,
+            S=64k, G=64: fused 1.6 ms at N=1024 (blocks of 64) vs 8.7 ms for the split path,
+            whose ~10 passes each cost launches, PyTorch glue and a host sync. ``0`` forces the
+            split path.
+        poison_outputs: fill freshly allocated outputs with NaN before the kernels write them.
+    """
+
+    force_atomic_dkdv: bool = False
+    fused_dq_atomic: bool = False
+    contig_loads: bool = True
+    tune: TileOverrides = ()
+    transpose_mark_max_bytes: int = 1 << 28
+    select_fused_kind: str = "resident"
+    select_fused_max_units: int = 4096
+    poison_outputs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "tune", _normalize_tune(self.tune))
+        if self.select_fused_kind not in _FUSED_KINDS:
+            raise ValueError(
+                f"KernelOptions.select_fused_kind must be one of {_FUSED_KINDS}, got {self.select_fused_kind!r}."
+            )
+        for name in ("transpose_mark_max_bytes", "select_fused_max_units"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"KernelOptions.{name} must be an int >= 0, got {value!r}.")
+        for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KernelOptions.{name} must be a bool, got {getattr(self, name)!r}.")
+
+    def tiles(self, kind: str) -> Dict[str, int]:
+        """Tile overrides of kernel ``kind`` (``"fwd"``, ``"dq"`` or ``"dkdv"``) as a new dict."""
+        return dict(dict(self.tune).get(kind, ()))
+
+
+DEFAULT_OPTIONS = KernelOptions()
+
+
+def resolve_options(options: Any) -> KernelOptions:
+    """``None`` -> the defaults; anything but a :class:`KernelOptions` is a TypeError."""
+    if options is None:
+        return DEFAULT_OPTIONS
+    if not isinstance(options, KernelOptions):
+        raise TypeError(
+            f"options must be a megatron_dsv.ops.options.KernelOptions, got {type(options).__name__}."
+        )
+    return options
+
+
+__all__ = ["KernelOptions", "DEFAULT_OPTIONS", "resolve_options"]
