@@ -263,13 +263,14 @@ class Bench:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         from megatron_dsv.cp.cost_model import CostModel
-        from tests.megatron_shim import init_megatron_state
+        from megatron_dsv.runtime.megatron import init_megatron
 
         self.rank, self.world, self.args = rank, world, args
         self.dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
         if self.dev.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        init_megatron_state(cp=world, rank=rank, world_size=world, seed=args.seed)
+        init_megatron(self.dev.type, cp=world, rank=rank, world_size=world, seed=args.seed)
+        torch.manual_seed(args.seed)
         if ps.get_context_parallel_world_size() != world:
             raise RuntimeError(f"expected the whole world ({world}) as one CP group.")
         singles = [dist.new_group([r]) for r in range(world)]  # collective: every rank makes all
@@ -304,12 +305,14 @@ class Bench:
     def block(self, single: bool = False, dtype=None):
         from megatron.core.transformer.transformer_block import TransformerBlock
 
+        from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
         from megatron_dsv.specs import dsv_gpt_layer_spec
 
         torch.manual_seed(self.args.seed)
         pg = self.single_pg if single else None
-        return self._place(TransformerBlock(self.config(1 if single else self.world), dsv_gpt_layer_spec,
-                                            pg_collection=pg), dtype)
+        block = TransformerBlock(self.config(1 if single else self.world), dsv_gpt_layer_spec, pg_collection=pg)
+        apply_dsv_context_parallel(block)
+        return self._place(block, dtype)
 
     def broadcast_params(self, module) -> None:
         """CP ranks hold replicated weights; make them bit-identical whatever the init RNG did."""
@@ -387,6 +390,7 @@ class Bench:
         from megatron_dsv.cp.cost_model import AttentionShape
         from megatron_dsv.cp.planner import check_plans_agree, compare_plans, plan_layer
         from megatron_dsv.layers.attention import dsv_attention_layers
+        from megatron_dsv.layers.state import StepControl
 
         a, s = self.args, self.sizes
         H, D = s["heads"], s["hidden"] // s["heads"]
@@ -394,7 +398,7 @@ class Bench:
         self.broadcast_params(self.cp_block)
         layers = dsv_attention_layers(self.cp_block)
         for layer in layers:
-            layer.train_predictor = layer.collect_stats = False
+            layer.begin_iteration(StepControl(train_predictor=False, collect_stats=False))
         hkv = layers[0].num_kv_heads
         x = self.randn(S, 1, s["hidden"], seed=a.seed + S)
         gy = self.randn(S, 1, s["hidden"], seed=a.seed + S + 1)
@@ -423,7 +427,7 @@ class Bench:
                 return {**{k: v for k, v in timed[key].items() if k != "variant"}, "same_as": timed[key]["variant"]}
             for layer in layers:
                 setup(layer)
-                layer.cp_plan = plan
+                layer.apply(layer.state.replace(cp_plan=plan))
             m = {"variant": None}
             if refs is not None:
                 for p in self.cp_block.parameters():
@@ -472,7 +476,7 @@ class Bench:
             # the union of remote key blocks a rank's query groups select, measured on the seq split
             for layer in layers:
                 setup(layer)
-                layer.cp_plan = seq
+                layer.apply(layer.state.replace(cp_plan=seq))
             with torch.no_grad():
                 self.cp_block(x_loc, attention_mask=None)
             u = torch.tensor([l.cp_exchange.union_density for l in layers], dtype=torch.float64, device=self.dev)
@@ -533,6 +537,8 @@ class Bench:
     def run_dit(self, S: int, row: Dict) -> Dict:
         from megatron_dsv.cp.plan import LayerPlan
         from megatron_dsv.layers.attention import dsv_attention_layers
+        from megatron_dsv.layers.state import StepControl
+        from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
         from megatron_dsv.models.video_dit import VideoDiT, flow_matching_loss
 
         a, side, cube = self.args, self.sizes["dit_side"], self.sizes["cube"]
@@ -545,6 +551,7 @@ class Bench:
             torch.manual_seed(a.seed)
             m = VideoDiT(self.config(1 if single else self.world), in_channels=4, patch=(1, 2, 2),
                          pg_collection=self.single_pg if single else None)
+            apply_dsv_context_parallel(m)
             return self._place(m, dtype)
 
         model = build(False)
@@ -557,14 +564,14 @@ class Bench:
         kv = torch.tensor(row["kv_units"], dtype=torch.int32)
         layers = dsv_attention_layers(model)
         for layer in layers:
-            layer.train_predictor = layer.collect_stats = False
+            layer.begin_iteration(StepControl(train_predictor=False, collect_stats=False))
         latents = self.randn(*latent, seed=a.seed + 7, dtype=torch.float32)
         noise = self.randn(*latent, seed=a.seed + 8, dtype=torch.float32)
         t = torch.full((1,), 0.3, device=self.dev)
 
         def setup(m):
             for layer in dsv_attention_layers(m):
-                layer.train_predictor = layer.collect_stats = False
+                layer.begin_iteration(StepControl(train_predictor=False, collect_stats=False))
                 layer.set_sparse(True, kv)
 
         def plan_of(name):
@@ -598,7 +605,7 @@ class Bench:
                 res["variants"][name] = {**{k: v for k, v in m.items() if k != "variant"}, "same_as": m["variant"]}
                 continue
             for layer in layers:
-                layer.cp_plan = plan
+                layer.apply(layer.state.replace(cp_plan=plan))
             m = {"variant": name, "split": f"{plan.head_size}x{plan.seq_size}"}
             if ref is not None:
                 with torch.no_grad():

@@ -50,19 +50,20 @@ def main():
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_dsv.layers.attention import DSVCoreAttention
-    from tests.megatron_shim import init_megatron_state, tiny_config
+    from megatron_dsv.layers.transformer_config import DSVTransformerConfig
+    from megatron_dsv.runtime.megatron import init_megatron
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--shapes", default="16x32768x128,16x65536x128,16x32768x64")
     args = p.parse_args()
-    init_megatron_state()
+    init_megatron("cuda")
     rows = []
     for shape in args.shapes.split(","):
         h, s, d = (int(x) for x in shape.split("x"))
-        cfg = tiny_config(
-            num_attention_heads=h, hidden_size=h * d, kv_channels=d, use_cpu_initialization=False,
-            bf16=True, params_dtype=torch.bfloat16, dsv_mode="dense",
+        cfg = DSVTransformerConfig(
+            num_layers=1, num_attention_heads=h, hidden_size=h * d, kv_channels=d, ffn_hidden_size=4 * h * d,
+            hidden_dropout=0.0, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16, dsv_mode="dense",
         )
         core = DSVCoreAttention(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self").cuda()
         q, k, v = (torch.randn(s, 1, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -37,9 +37,10 @@ def main():
 
     from benchmarks.dense_path import env_info
     from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.state import StepControl
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
+    from megatron_dsv.runtime.megatron import init_megatron
     from megatron_dsv.specs import dsv_gpt_layer_spec
-    from tests.megatron_shim import init_megatron_state
 
     p = argparse.ArgumentParser()
     p.add_argument("--seqlens", default="16384,32768,65536")
@@ -50,7 +51,8 @@ def main():
     p.add_argument("--interval2", type=int, default=50)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    init_megatron_state()
+    init_megatron("cuda")
+    torch.manual_seed(1234)
     rows = []
     for s in (int(x) for x in args.seqlens.split(",")):
         res = {"S": s, "layers": args.layers, "sparsity": args.sparsity, "kv_block": args.kv_block}
@@ -73,8 +75,8 @@ def main():
 
         def setup(sparse, train, stats):
             for a in attn:
-                a.sparse, a.train_predictor, a.collect_stats = sparse, train, stats
-                a.pending_stats = []
+                a.set_sparse(sparse)
+                a.begin_iteration(StepControl(train_predictor=train, collect_stats=stats))
 
         def step(block):
             return lambda: block(x, attention_mask=None).backward(gy)

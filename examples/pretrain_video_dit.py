@@ -15,7 +15,7 @@ a NullTokenizer (Megatron validates a tokenizer even for non-text models), selec
 transformer implementation and the fusions that need neither Transformer Engine nor apex
 (``--transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
 --no-masked-softmax-fusion``; TE is used when installed and ``--transformer-impl
-transformer_engine`` is passed), and installs ``megatron_dsv.megatron_runtime`` hooks: predictor
+transformer_engine`` is passed), and installs ``megatron_dsv.runtime.megatron`` hooks: predictor
 optimizer groups, the DSV stage controller around ``train_step``, and a no-op for the C++
 dataset-helper compile step that the megatron-core wheel cannot run.
 
@@ -102,23 +102,19 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.training.arguments import core_transformer_config_from_args
 
     from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
     from megatron_dsv.models.video_dit import VideoDiT
 
     args = get_args()
     if not (pre_process and post_process):
         raise NotImplementedError("VideoDiT does not support pipeline parallelism yet; use --pipeline-model-parallel-size 1.")
-    if getattr(args, "calculate_per_token_loss", False) and args.dsv_mode != "dense":
-        raise ValueError(
-            "--calculate-per-token-loss is not supported with DSV: Megatron would divide the "
-            "predictor's auxiliary-loss gradient by the global token count. Drop the flag (the "
-            "example's loss is a per-token mean already) or use --dsv-mode dense."
-        )
     cfg = core_transformer_config_from_args(args, DSVTransformerConfig)
     cp = pg_collection.cp.size() if pg_collection is not None and pg_collection.cp is not None else args.context_parallel_size
     c, t, h, w = (int(v) for v in args.latent_shape.split("x"))
     model = VideoDiT(cfg, in_channels=c, patch=args.dit_patch, num_classes=args.dit_num_classes, pg_collection=pg_collection)
     model.token_range(model.grid((t, h, w)))  # fails now, with the shapes that fit, not at step 1
+    apply_dsv_context_parallel(model)  # collective: every rank builds the same groups, once
     print_rank_0(f"VideoDiT {args.dit_config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{args.seq_length} tokens per video, DSV mode {cfg.dsv_mode}")
     if cp > 1:
@@ -216,11 +212,11 @@ def main(argv=None):
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_dsv import megatron_runtime
+    from megatron_dsv.runtime import megatron as dsv_runtime
 
     args = parse_and_validate_args(extra_args_provider=add_video_args, args_defaults=defaults)
     validate_dsv_args(args)  # cross-flag checks (CP split, speed table) before the model is built
-    megatron_runtime.install()
+    dsv_runtime.install()
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
 

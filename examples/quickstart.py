@@ -48,14 +48,15 @@ def parse():
 def main():
     args = parse()
     torch.manual_seed(args.seed)
-    from megatron_dsv.megatron_runtime import init_single_process
+    from megatron_dsv.runtime.megatron import init_single_process
 
     init_single_process(args.device)
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_dsv.data.objects import ObjectRetrievalTask
     from megatron_dsv.layers.attention import dsv_attention_layers
-    from megatron_dsv.layers.controller import DSVController, is_predictor_param
+    from megatron_dsv.runtime.controller import DSVController
+    from megatron_dsv.runtime.lr import is_predictor_param
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
     from megatron_dsv.specs import dsv_gpt_layer_spec
 
@@ -116,10 +117,10 @@ def main():
         out_sparse = forward(x)
         chosen = [a.sparse for a in attn]
         for a in attn:
-            a.sparse = False
+            a.set_sparse(False)
         out_dense = forward(x)
         for a, sp in zip(attn, chosen):
-            a.sparse = sp
+            a.set_sparse(sp)
     rel = ((out_sparse - out_dense).norm() / out_dense.norm()).item()
     print(f"\nsparse vs dense output on a held-out batch: relative difference {rel:.4f}; task loss "
           f"dense {torch.nn.functional.mse_loss(out_dense, y).item():.4f}, "

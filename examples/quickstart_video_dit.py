@@ -37,12 +37,13 @@ def parse():
 def main():
     args = parse()
     torch.manual_seed(args.seed)
-    from megatron_dsv.megatron_runtime import init_single_process
+    from megatron_dsv.runtime.megatron import init_single_process
 
     init_single_process(args.device)
     from megatron_dsv.data.procedural import ProceduralVideoDataset
     from megatron_dsv.layers.attention import dsv_attention_layers
-    from megatron_dsv.layers.controller import DSVController, is_predictor_param
+    from megatron_dsv.runtime.controller import DSVController
+    from megatron_dsv.runtime.lr import is_predictor_param
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
     from megatron_dsv.models.video_dit import DIT_CONFIGS, VideoDiT, flow_matching_loss, sample
 
@@ -101,10 +102,10 @@ def main():
     sparse_loss = held_out_loss()
     chosen = [a.sparse for a in layers]
     for a in layers:
-        a.sparse = False
+        a.set_sparse(False)
     dense_loss = held_out_loss()
     for a, sp in zip(layers, chosen):
-        a.sparse = sp
+        a.set_sparse(sp)
     print("\nper layer:")
     for a in layers:
         print("  " + a.describe())

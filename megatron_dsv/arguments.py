@@ -125,7 +125,7 @@ def _check_speed_table(path: str, kv_block: int) -> None:
             f"--dsv-speed-table {path}: no such file. Write one with benchmarks/attention.py on "
             "this GPU, or drop the flag (sparse when density <= 0.5)."
         )
-    from megatron_dsv.layers.controller import SpeedTable
+    from megatron_dsv.runtime.speed_table import SpeedTable
 
     try:
         SpeedTable.from_json(path, kv_block=kv_block)

@@ -342,6 +342,11 @@ class DSVConfig:
     """Append per-layer, per-head statistics as JSON lines to this file (rank 0), for
     ``python -m megatron_dsv.tools.plot_stats``."""
 
+    dsv_on_resume: str = knob("restore", Choice(("restore", "reset")))
+    """What a layer does with the DSV state of the checkpoint it loads: ``restore`` it (decisions,
+    K, statistics, stage; refused when the checkpoint's DSV config differs), or ``reset`` it: the
+    weights (predictor included) load as usual, the DSV schedule starts afresh from stage 1."""
+
     def __post_init__(self):
         for f in dataclasses.fields(DSVConfig):
             setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
@@ -387,7 +392,7 @@ class DSVConfig:
 _RETUNABLE_ON_RESUME = {
     "dsv_backend", "dsv_dense_backend", "dsv_log_interval", "dsv_speed_table", "dsv_stats_log",
     "dsv_cp_split", "dsv_cp_replan_interval", "dsv_cp_replan_threshold", "dsv_cp_gpus_per_node",
-    "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps",
+    "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps", "dsv_on_resume",
     # the schedule may be retuned when resuming; the layers' decisions are what is restored
     "dsv_profile_interval_stage1", "dsv_profile_interval_stage2", "dsv_switch_max_iters",
     "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_loss_threshold", "dsv_switch_recall_target",

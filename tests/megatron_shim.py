@@ -15,8 +15,6 @@ Our own code needs none of this: it is device-agnostic.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 
 import torch
@@ -29,25 +27,16 @@ def free_port() -> int:
 
 
 def init_megatron_state(tp: int = 1, seed: int = 1234, rank: int = 0, world_size: int = 1, cp: int = 1) -> None:
-    """gloo (NCCL with a GPU) init + Megatron model-parallel state, idempotent. Spawned test
-    processes pass their rank and world size (MASTER_PORT set by the parent)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    """Megatron state for tests (``megatron_dsv.runtime.megatron.init_megatron``, NCCL with a GPU),
+    plus, on the CPU, recompute that saves and restores the CPU RNG state only. Idempotent.
+    Spawned test processes pass their rank and world size (MASTER_PORT set by the parent)."""
     from megatron.core.tensor_parallel import random as mrandom
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    tracker = mrandom.get_cuda_rng_tracker()
-    if torch.cuda.is_available():
-        if "model-parallel-rng" not in tracker.get_states():
-            mrandom.model_parallel_cuda_manual_seed(seed)
-    else:
-        tracker.fork = lambda *a, **k: contextlib.nullcontext()
+    from megatron_dsv.runtime.megatron import init_megatron
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    init_megatron(device, tp=tp, cp=cp, rank=rank, world_size=world_size, seed=seed)
+    if device == "cpu":
         mrandom._get_all_rng_states = lambda: (torch.get_rng_state(), None, {})
         mrandom._set_all_rng_states = lambda cpu, cuda, tracked: torch.set_rng_state(cpu)
     torch.manual_seed(seed)

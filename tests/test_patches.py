@@ -190,15 +190,19 @@ stubs = dict(
 )
 for k, v in stubs.items():
     setattr(T, k, v)
-start = hooks.register(hooks.ITERATION_START, lambda it: events.append(f"start {it}"))
-end = hooks.register(hooks.ITERATION_END, lambda it: events.append(f"end {it}"))
+runtime = hooks.DSVRuntime()  # what install_dsv_hooks stores on Megatron's args
+targs.dsv_runtime = runtime
+import megatron.training.global_vars as global_vars
+global_vars.set_args(targs)  # hooks.fire finds the run's runtime through Megatron's get_args
+start = runtime.register(hooks.ITERATION_START, lambda it: events.append(f"start {it}"))
+end = runtime.register(hooks.ITERATION_END, lambda it: events.append(f"end {it}"))
 for it in range(3):
     T.train_step(None, None, [Chunk()], Opt(), Sched(), None, fwd_bwd, iteration=it)
 expected = []
 for it in range(3):
     expected += [f"start {it}", "forward_backward", "optimizer.step", "lr.step", f"end {it}"]
 assert events == expected, events
-hooks.unregister(hooks.ITERATION_START, start); hooks.unregister(hooks.ITERATION_END, end)
+runtime.unregister(hooks.ITERATION_START, start); runtime.unregister(hooks.ITERATION_END, end)
 
 # (c) FLOPs: 4 layers, 2 of them DSV (one sparse, one dense) -> hand computation
 fargs = SimpleNamespace(
@@ -210,12 +214,13 @@ fargs = SimpleNamespace(
 )
 B = 2
 base = T.num_floating_point_operations(fargs, B)
-provider = hooks.register(hooks.CORE_ATTENTION_WORK, lambda seq: [
+fargs.dsv_runtime = runtime
+provider = runtime.register(hooks.CORE_ATTENTION_WORK, lambda seq: [
     AttentionWork.sparse(seq, 16, [2, 3, 4, 5], kv_block=8),  # K*block = 16, 24, 32, 40 keys
     AttentionWork.dense(seq, 4, 16),
 ])
 dsv = T.num_floating_point_operations(fargs, B)
-hooks.unregister(hooks.CORE_ATTENTION_WORK, provider)
+runtime.unregister(hooks.CORE_ATTENTION_WORK, provider)
 # Megatron, per layer: 3*2*(4*16)/2*2 * S^2 * B = 384 * 128^2 * 2 = 12582912 (causal: half the pairs)
 megatron_layer = 384 * 128 * 128 * 2
 # DSV: 12 * head_dim * pairs * B; sparse pairs 128*(16+24+32+40), dense 4*128*128
@@ -257,17 +262,19 @@ def test_flops_hand_computation():
 
 def test_registry():
     calls = []
-    fn = hooks.register(hooks.ITERATION_START, calls.append)
+    runtime = hooks.DSVRuntime()
+    fn = runtime.register(hooks.ITERATION_START, calls.append)
     try:
-        assert hooks.fire(hooks.ITERATION_START, 7) == [None] and calls == [7]
-        assert fn in hooks.registered(hooks.ITERATION_START)
+        assert runtime.fire(hooks.ITERATION_START, 7) == [None] and calls == [7]
+        assert fn in runtime.registered(hooks.ITERATION_START)
     finally:
-        assert hooks.unregister(hooks.ITERATION_START, fn)
-    assert not hooks.unregister(hooks.ITERATION_START, fn)
-    hooks.fire(hooks.ITERATION_START, 8)
+        assert runtime.unregister(hooks.ITERATION_START, fn)
+    assert not runtime.unregister(hooks.ITERATION_START, fn)
+    runtime.fire(hooks.ITERATION_START, 8)
     assert calls == [7]
     with pytest.raises(ValueError, match="unknown megatron_dsv hook event"):
-        hooks.register("iteration_middle", fn)
+        runtime.register("iteration_middle", fn)
+    assert hooks.DSVRuntime() is not runtime  # no registry shared between runs
 
 
 def test_install_dsv_hooks_drives_the_controller(megatron_state):
@@ -291,10 +298,11 @@ def test_install_dsv_hooks_drives_the_controller(megatron_state):
         assert h is not None and len(h.controller.layers) == 2 and "DSV hooks installed" in logs[0]
         assert hooks.core_attention_flops(1.0, 2, 1, args) == 2 * 12 * 16 * 4 * 64 * 64  # dense, S*S
         x = torch.randn(64, 1, 64)  # [s, b, h]: 4x4x4 video in cube-major order, 2x2x2 groups
+        assert args.dsv_runtime is h
         for it in range(3):
-            hooks.fire(hooks.ITERATION_START, it)
+            h.fire(hooks.ITERATION_START, it)
             model(x, attention_mask=None).sum().backward()
-            hooks.fire(hooks.ITERATION_END, it)
+            h.fire(hooks.ITERATION_END, it)
         assert h.controller.stage == 2 and h.controller.switch_iteration == 2
         assert marked["max_lr"] == pytest.approx(1e-4) and marked["lr"] == pytest.approx(1e-4)
         assert marked["min_lr"] == pytest.approx(1e-6) and other["max_lr"] == 1e-3
@@ -303,17 +311,17 @@ def test_install_dsv_hooks_drives_the_controller(megatron_state):
         assert hooks.core_attention_flops(1.0, 2, 1, args) == 12 * 16 * (64 * 8 * 4 + 4 * 64 * 64)
         again = hooks.install_dsv_hooks([model], opt, args, stats_group=None, tb_writer=None,
                                         wandb_writer=None, log=logs.append)  # replaces, not adds
-        assert len(hooks.registered(hooks.ITERATION_END)) == 1 and again is not h
-        h = again
+        assert len(again.registered(hooks.ITERATION_END)) == 1 and again is not h
+        assert args.dsv_runtime is again
     finally:
-        h.remove()
-    assert not hooks.registered(hooks.ITERATION_START) and not hooks.registered(hooks.CORE_ATTENTION_WORK)
+        args.dsv_runtime = None
+    assert hooks.core_attention_flops(1.0, 2, 1, args) == 1.0  # no runtime: Megatron's own count
 
 
 def test_predictor_lr_flag_sets_the_predictor_groups_base():
     from types import SimpleNamespace
 
-    from megatron_dsv.hooks import predictor_base_lr
+    from megatron_dsv.runtime.lr import predictor_base_lr
 
     cfg = SimpleNamespace(lr=3e-4, min_lr=3e-5)
     assert predictor_base_lr(cfg, SimpleNamespace(dsv_predictor_lr=0.0)) == (3e-4, 3e-5)

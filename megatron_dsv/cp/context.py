@@ -10,6 +10,10 @@
 3. ``dense`` (local SDPA when ``seq_size == 1``, else the ring) or ``sparse`` (local sparse
    attention, else the selective key/value exchange);
 4. ``from_heads``: the inverse all-to-all back to ``[s, b, H, D]``.
+
+Without context parallelism (:meth:`CPAttention.local`) the same calls are the size-1 case:
+``to_heads``/``from_heads`` are permuted views (no copy), ``gather_keys`` is the identity, and
+``dense``/``sparse`` run the local kernels, so a layer has one pipeline for both.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from megatron_dsv.ops.sparse_index import SparseIndex
 class CPAttention:
     """Attention of one layer call under ``plan`` (built per forward; cheap)."""
 
-    def __init__(self, plan: LayerPlan, groups: CPGroups, num_heads: int, num_kv_heads: int):
+    def __init__(self, plan: LayerPlan, groups: Optional[CPGroups], num_heads: int, num_kv_heads: int):
+        if groups is None:  # the size-1 case: see local()
+            self.plan, self.num_heads, self.num_kv_heads = plan, num_heads, num_kv_heads
+            self.head_group = self.seq_group = None
+            self.slot = self.chunk = 0
+            self.heads = plan.slots[0]
+            self.kv_slots = (tuple(range(num_kv_heads)),)
+            self.exchange = None
+            self.cp_size = 1
+            return
         if plan.cp_size != groups.size:
             raise ValueError(f"plan {plan.head_size}x{plan.seq_size} does not match the CP size {groups.size}.")
         if plan.num_heads != num_heads:
@@ -40,6 +53,16 @@ class CPAttention:
         self.heads = plan.slots[self.slot]
         self.kv_slots = kv_send_heads(plan.slots, num_heads // num_kv_heads)
         self.exchange: Optional[ExchangeStats] = None
+        self.cp_size = groups.size
+
+    @classmethod
+    def local(cls, num_heads: int, num_kv_heads: int) -> "CPAttention":
+        """No context parallelism: every head, the whole sequence, no communication."""
+        return cls(LayerPlan(1, 1, (tuple(range(num_heads)),)), None, num_heads, num_kv_heads)
+
+    @property
+    def is_local(self) -> bool:
+        return self.head_group is None and self.seq_group is None
 
     @property
     def seq_size(self) -> int:
@@ -47,6 +70,8 @@ class CPAttention:
 
     def to_heads(self, query: Tensor, key: Tensor, value: Tensor):
         """``[s, b, H, D]``, ``[s, b, Hkv, D]`` shards -> ``[b, H_j, s_c, D]``, ``[b, Hkv_j, s_c, D]``."""
+        if self.is_local:
+            return tuple(t.permute(1, 2, 0, 3) for t in (query, key, value))
         q = scatter_heads(query, self.plan.slots, self.head_group)
         k = scatter_heads(key, self.kv_slots, self.head_group)
         v = scatter_heads(value, self.kv_slots, self.head_group)
@@ -54,6 +79,8 @@ class CPAttention:
 
     def from_heads(self, out: Tensor) -> Tensor:
         """``[b, H_j, s_c, D]`` -> ``[s, b, H, D]``."""
+        if self.is_local:
+            return out.permute(2, 0, 1, 3)
         return gather_heads(out.permute(2, 0, 1, 3), self.plan.slots, self.num_heads, self.head_group)
 
     def chunk_range(self, s_chunk: int):
@@ -73,9 +100,13 @@ class CPAttention:
         return out
 
     def sparse(self, q, k, v, index: SparseIndex, scale: float, backend: str) -> Tensor:
-        """Sparse attention with ``index`` over the whole sequence's key blocks."""
+        """Sparse attention with ``index`` over the whole sequence's key blocks.
+
+        Locally the output is written in ``[s, b, H, D]`` memory (returned as its ``[b, H, s, D]``
+        view), so :meth:`from_heads` and the layer's final reshape copy nothing."""
         if self.seq_group is None:
-            out, _ = sparse_attention(q, k, v, index, scale, backend=backend)
+            layout = "sbhd" if self.is_local else "bhsd"
+            out, _ = sparse_attention(q, k, v, index, scale, backend=backend, out_layout=layout)
             return out
         out, _, self.exchange = selective_sparse_attention(q, k, v, index, scale, self.seq_group, backend)
         return out

@@ -12,7 +12,6 @@ its two levels are exactly our ``U x R`` split and are reused instead of creatin
 
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
@@ -102,11 +101,4 @@ def build_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) ->
     return CPGroups(cp_group, splits)
 
 
-def get_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) -> CPGroups:
-    """Deprecated: :func:`build_cp_groups` (no cache any more: every call builds new groups)."""
-    warnings.warn("get_cp_groups is deprecated and no longer caches: call build_cp_groups once and reuse its "
-                  "CPGroups", DeprecationWarning, stacklevel=2)
-    return build_cp_groups(cp_group, hierarchical_groups)
-
-
-__all__ = ["CPGroups", "build_cp_groups", "get_cp_groups", "split_ranks", "slot_and_chunk", "divisors"]
+__all__ = ["CPGroups", "build_cp_groups", "split_ranks", "slot_and_chunk", "divisors"]

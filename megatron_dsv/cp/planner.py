@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv.cp.cost_model import (
-    DEFAULT_FITS,
     AttentionShape,
     CostModel,
     Density,
@@ -30,12 +29,6 @@ from megatron_dsv.cp.cost_model import (
     check_density,
 )
 from megatron_dsv.cp.plan import LayerPlan, balance_heads, even_slots, head_unit
-
-DEFAULT_BENCHMARK = DEFAULT_FITS
-"""Deprecated alias of :data:`megatron_dsv.cp.cost_model.DEFAULT_FITS` (the shipped kernel fits,
-read by :meth:`CostModel.from_benchmark`), kept for ``layers/controller.py`` until the runtime
-calls ``CostModel.from_benchmark()`` without a path."""
-
 
 def _unit(shape: AttentionShape, head_size: int) -> int:
     return head_unit(shape.num_heads, shape.num_kv_heads, head_size)
@@ -348,7 +341,7 @@ def synced_union_density(union_density, group) -> List[float]:
 
 
 __all__ = [
-    "AttentionShape", "CostModel", "PlanCost", "PlanComparison", "DEFAULT_BENCHMARK",
+    "AttentionShape", "CostModel", "PlanCost", "PlanComparison",
     "feasible_head_sizes", "check_tokens", "compare_plans", "plan_layer", "ReplanPolicy",
     "plans_digest", "check_plans_agree", "synced_union_density",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +36,13 @@ from megatron.core.utils import divide
 
 from megatron_dsv.config import DSVConfig, parse_cp_split
 from megatron_dsv.cp.context import CPAttention
-from megatron_dsv.cp.groups import get_cp_groups
+from megatron_dsv.cp.groups import CPGroups
 from megatron_dsv.cp.plan import LayerPlan, fixed_plan
 from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
 from megatron_dsv.layers.profiler import sample_rows, sampled_attention_stats
+from megatron_dsv.layers.state import LayerState, LayerStats, StepControl
 from megatron_dsv.ops._utils import check_head_dim, log_once
 from megatron_dsv.ops.selection import select_topk
-from megatron_dsv.ops.sparse_attention import sparse_attention
 from megatron_dsv.ops.sparse_index import k_from_sparsity, num_groups
 
 logger = logging.getLogger("megatron_dsv")
@@ -53,30 +53,59 @@ except ImportError:  # pragma: no cover - TE is optional
     HAVE_TE, TEDotProductAttention = False, None
 
 
-class PredictorLossAutoScaler(torch.autograd.Function):
-    """Attach the predictor loss to an activation: identity forward, loss gradient in backward.
+class PredictorLossScale:
+    """The main loss's backward scale (loss scaler and ``1/num_microbatches``) for the predictor loss.
 
-    Megatron's schedules call :meth:`set_loss_scale` with the main loss's scale (loss scaler and
-    ``1/num_microbatches``) through ``config.experimental_attention_variant_loss_scale_func``.
+    Megatron's schedules pass it to ``config.experimental_attention_variant_loss_scale_func`` before
+    each backward; :func:`predictor_loss_scale` installs :meth:`set` there, one holder per config,
+    shared by that config's layers.
     """
 
-    main_loss_backward_scale: Optional[Tensor] = None
+    def __init__(self):
+        self.value: Optional[Tensor] = None
+
+    def set(self, scale: Tensor) -> None:
+        self.value = scale.detach().clone()
+
+    def reset(self) -> None:
+        self.value = None
+
+
+def predictor_loss_scale(config: TransformerConfig) -> PredictorLossScale:
+    """The :class:`PredictorLossScale` that ``config``'s loss-scale hook feeds (installed on first use)."""
+    fn = getattr(config, "experimental_attention_variant_loss_scale_func", None)
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, PredictorLossScale):
+        return owner
+    holder = PredictorLossScale()
+    if fn is None:
+        config.experimental_attention_variant_loss_scale_func = holder.set
+    else:
+        log_once(
+            logging.WARNING,
+            "DSV: config.experimental_attention_variant_loss_scale_func is taken by another attention "
+            "variant; the DSV predictor loss is not scaled by the main loss scale (with fp16 loss "
+            "scaling or several microbatches its gradient is off by that factor).",
+        )
+    return holder
+
+
+class PredictorLossAutoScaler(torch.autograd.Function):
+    """Attach the predictor loss to an activation: identity forward, loss gradient in backward,
+    scaled by the main loss's backward scale held in ``scale``."""
 
     @staticmethod
-    def forward(ctx, output: Tensor, loss: Tensor) -> Tensor:
+    def forward(ctx, output: Tensor, loss: Tensor, scale: PredictorLossScale) -> Tensor:
         ctx.save_for_backward(loss)
+        ctx.scale = scale
         return output
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (loss,) = ctx.saved_tensors
-        scale = PredictorLossAutoScaler.main_loss_backward_scale
-        scale = 1.0 if scale is None else scale.to(loss.device)
-        return grad_output, torch.ones_like(loss) * scale
-
-    @staticmethod
-    def set_loss_scale(scale: Tensor) -> None:
-        PredictorLossAutoScaler.main_loss_backward_scale = scale.detach().clone()
+        value = ctx.scale.value
+        value = 1.0 if value is None else value.to(loss.device)
+        return grad_output, torch.ones_like(loss) * value, None
 
 
 def resolve_dsv_config(config: TransformerConfig, dsv_config: Optional[DSVConfig]) -> DSVConfig:
@@ -96,9 +125,11 @@ def resolve_dsv_config(config: TransformerConfig, dsv_config: Optional[DSVConfig
 class DSVCoreAttention(MegatronModule):
     """Core attention with DSV's dense and sparse paths; drop-in for Megatron's core attention.
 
-    Per-layer state that the stage controller sets and checkpoints carry: ``sparse`` (run the
-    sparse path), ``kv_units_global`` (K per head of the layer, all TP ranks, in key units; None =
-    from ``dsv_fixed_sparsity``), ``train_predictor`` and ``collect_stats``.
+    The layer owns its :class:`LayerState` (decision, K per head, CP plan, statistics EMA), changed
+    only through :meth:`apply`; the runtime tells it what an iteration does with
+    :meth:`begin_iteration` and collects what profiling forwards measured with :meth:`pop_stats`.
+    Context parallelism is switched on by :func:`megatron_dsv.layers.context_parallel.apply_dsv_context_parallel`
+    after the model is built, never by the constructor (which runs no collective).
     """
 
     def __init__(
@@ -119,6 +150,7 @@ class DSVCoreAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
+        self.cp_comm_type = cp_comm_type
         if pg_collection is None:
             required = ["tp", "cp"] if config.context_parallel_size > 1 else ["tp"]
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
@@ -137,6 +169,7 @@ class DSVCoreAttention(MegatronModule):
 
         self.is_self_attention = attention_type == "self"
         self.predictor = None
+        self.loss_scale: Optional[PredictorLossScale] = None
         if self.dsv.enabled and self.is_self_attention:
             check_head_dim(self.head_dim)
             if self.dropout_p > 0:
@@ -153,90 +186,163 @@ class DSVCoreAttention(MegatronModule):
                 seed=(torch.initial_seed() * 1_000_003 + self.layer_number) % (2**63),
             )
             self.predictor.tp_group = pg_collection.tp
-            if getattr(config, "experimental_attention_variant_loss_scale_func", None) is None:
-                config.experimental_attention_variant_loss_scale_func = PredictorLossAutoScaler.set_loss_scale
-        self.sparse = self.dsv.dsv_mode == "sparse" and self.predictor is not None
-        self.kv_units_global: Optional[Tensor] = None
-        self.schedule_state: Dict = {}  # the controller's stage, replicated into every layer
-        self.last_seq_len: Optional[int] = None
-        self.last_batch = 1
-        self.decision = ""  # the controller's last reason for this layer's path
-        self.train_predictor = self.predictor is not None
-        self.collect_stats = self.predictor is not None
-        self.iteration = 0
-        self.last_stats: Dict[str, Tensor] = {}
-        self.pending_stats: list = []  # one dict per microbatch, consumed by the controller
-        self.stats_ema: Dict[str, Tensor] = {}  # written by the controller (synced over ranks)
+            self.loss_scale = predictor_loss_scale(config)
+        sparse = self.dsv.dsv_mode == "sparse" and self.predictor is not None
+        self._state = LayerState(sparse=sparse)
+        self._control = StepControl(train_predictor=self.predictor is not None, collect_stats=self.predictor is not None)
+        self._pending: List[LayerStats] = []
+        self._seen: Optional[Tuple[int, int]] = None  # (sequence length, batch) of the last forward
         self._layer_input: Optional[Tensor] = None
-
-        self.cp_groups = None
-        self.cp_plan: Optional[LayerPlan] = None  # set by the controller's planner, else fixed
-        self.cp_exchange = None  # bytes moved by the last selective exchange
-        cp = getattr(pg_collection, "cp", None)
-        # cross-attention is never context-parallel: a query shard attends to the whole context
-        if cp is not None and cp.size() > 1 and self.is_self_attention:
-            self._init_context_parallel(config, cp, cp_comm_type)
+        self._cp_groups: Optional[CPGroups] = None
+        self._exchange = None
 
         self.dense_backend = self._resolve_dense_backend()
         self.te_attention = None
-        if self.dense_backend == "te" and self.cp_groups is None:
+        if self.dense_backend == "te":
             self.te_attention = TEDotProductAttention(
                 config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                 attention_type=attention_type, softmax_scale=softmax_scale,
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection,
             )
 
-    def _init_context_parallel(self, config, cp, cp_comm_type) -> None:
-        """Sparsity-aware CP (``megatron_dsv/cp``): groups for every head x sequence split."""
-        if self.dsv.dsv_predictor_input == "hidden":
-            raise NotImplementedError(
-                "--dsv-predictor-input hidden is not supported with context parallelism (the layer "
-                "input is split by tokens, the predictor by heads); use --dsv-predictor-input qk."
-            )
-        hcp = None
-        if cp_comm_type == "a2a+p2p" and len(getattr(config, "hierarchical_context_parallel_sizes", None) or []) == 2:
-            hcp = getattr(self.pg_collection, "hcp", None)
-        self.cp_groups = get_cp_groups(cp, hcp)
-        self.cp_plan = fixed_plan(
-            parse_cp_split(self.dsv.dsv_cp_split), cp.size(), self.num_heads, self.num_kv_heads
-        )
+    # ---------------------------------------------------------------- what the runtime reads
+    @property
+    def state(self) -> LayerState:
+        """This layer's :class:`LayerState` (read it; change it with :meth:`apply`)."""
+        return self._state
+
+    @property
+    def sparse(self) -> bool:
+        return self._state.sparse
+
+    @property
+    def kv_units_global(self) -> Optional[Tensor]:
+        return self._state.kv_units
+
+    @property
+    def stats_ema(self) -> Dict[str, Tensor]:
+        return self._state.stats_ema
+
+    @property
+    def schedule_state(self) -> Dict:
+        return self._state.schedule
+
+    @property
+    def decision(self) -> str:
+        return self._state.reason
+
+    @property
+    def cp_plan(self) -> Optional[LayerPlan]:
+        return self._state.cp_plan
+
+    @property
+    def cp_groups(self) -> Optional[CPGroups]:
+        return self._cp_groups
+
+    @property
+    def cp_exchange(self):
+        """Bytes the last selective key/value exchange moved (``ExchangeStats``), None without one."""
+        return self._exchange
 
     @property
     def cp_size(self) -> int:
-        return 1 if self.cp_groups is None else self.cp_groups.size
+        return 1 if self._cp_groups is None else self._cp_groups.size
 
-    # ---------------------------------------------------------------- state the controller sets
-    def set_sparse(self, sparse: bool, kv_units_per_head: Optional[Tensor] = None) -> None:
-        """Switch this layer's path.
+    @property
+    def control(self) -> StepControl:
+        return self._control
 
-        ``kv_units_per_head``: int ``[H]`` key units per head for all the layer's heads (across
-        tensor-parallel ranks; each rank keeps its slice), or ``[H_local]`` when TP is 1.
-        """
-        if sparse and self.predictor is None:
-            raise RuntimeError(
-                f"layer {self.layer_number} has no predictor (dsv_mode=dense or cross-attention) "
-                "and cannot run sparse."
-            )
-        if kv_units_per_head is not None:
-            kv = torch.as_tensor(kv_units_per_head, dtype=torch.int32).flatten().cpu()
-            if kv.numel() != self.num_heads_global:
-                raise ValueError(f"need K for the layer's {self.num_heads_global} heads, got {kv.numel()}.")
-            self.kv_units_global = kv
-        self.sparse = bool(sparse)
+    @property
+    def last_seq_len(self) -> Optional[int]:
+        """Full sequence length of the last forward (all CP ranks' tokens), None before one."""
+        return None if self._seen is None else self._seen[0]
+
+    @property
+    def last_batch(self) -> int:
+        return 1 if self._seen is None else self._seen[1]
+
+    @property
+    def pending_stats(self) -> Tuple[LayerStats, ...]:
+        """This iteration's measurements so far (one per profiled microbatch)."""
+        return tuple(self._pending)
 
     def head_slice(self) -> slice:
         """This rank's heads within the layer's global heads (tensor parallelism splits heads)."""
         rank = self.pg_collection.tp.rank()
         return slice(rank * self.num_heads, (rank + 1) * self.num_heads)
 
-    def set_iteration(self, iteration: int) -> None:
-        """Rotates the sampled query rows; the same iteration samples the same rows (recompute)."""
-        self.iteration = int(iteration)
+    # ---------------------------------------------------------------- how the runtime changes it
+    def apply(self, state: LayerState) -> None:
+        """Adopt ``state`` (the runtime's decision, or a restored checkpoint), checked first."""
+        if state.sparse and self.predictor is None:
+            raise RuntimeError(
+                f"layer {self.layer_number} has no predictor (dsv_mode=dense or cross-attention) "
+                "and cannot run sparse."
+            )
+        if state.kv_units is not None:
+            kv = torch.as_tensor(state.kv_units, dtype=torch.int32).flatten().cpu()
+            if kv.numel() != self.num_heads_global:
+                raise ValueError(f"need K for the layer's {self.num_heads_global} heads, got {kv.numel()}.")
+            if (kv < 1).any():
+                raise ValueError(f"layer {self.layer_number}: K per head must be >= 1 key unit, got {kv.tolist()}.")
+            state = state.replace(kv_units=kv)
+        if state.cp_plan is not None:
+            if self._cp_groups is None:
+                raise RuntimeError(
+                    f"layer {self.layer_number} got a CP plan but runs without context parallelism; "
+                    "call apply_dsv_context_parallel(model, ...) first."
+                )
+            plan = state.cp_plan
+            if plan.cp_size != self._cp_groups.size or plan.num_heads != self.num_heads:
+                raise ValueError(
+                    f"layer {self.layer_number}: plan {plan.head_size}x{plan.seq_size} over "
+                    f"{plan.num_heads} heads does not fit CP size {self._cp_groups.size} with "
+                    f"{self.num_heads} heads on this rank."
+                )
+        self._state = state
+
+    def set_sparse(self, sparse: bool, kv_units_per_head: Optional[Tensor] = None) -> None:
+        """Switch this layer's path (shorthand for :meth:`apply`); ``kv_units_per_head``: int
+        ``[H]`` key units per head for all the layer's heads (across tensor-parallel ranks)."""
+        kv = self._state.kv_units if kv_units_per_head is None else kv_units_per_head
+        self.apply(self._state.replace(sparse=bool(sparse), kv_units=kv))
+
+    def begin_iteration(self, control: StepControl) -> None:
+        """What this iteration does (before its first forward); drops unread statistics."""
+        self._control = control
+        self._pending = []
+
+    def pop_stats(self) -> List[LayerStats]:
+        """The statistics measured since :meth:`begin_iteration`, handed over once."""
+        out, self._pending = self._pending, []
+        return out
+
+    def enable_context_parallel(self, groups: CPGroups, plan: Optional[LayerPlan] = None) -> None:
+        """Run this layer's self-attention over ``groups`` (from ``apply_dsv_context_parallel``).
+
+        ``plan`` defaults to ``--dsv-cp-split`` (``auto`` starts head-parallel where the heads
+        allow it, and the runtime re-plans from measured sparsity)."""
+        if not self.is_self_attention:
+            raise ValueError("cross-attention is never context-parallel: a query shard attends to the whole context.")
+        if self.dsv.dsv_predictor_input == "hidden":
+            raise NotImplementedError(
+                "--dsv-predictor-input hidden is not supported with context parallelism (the layer "
+                "input is split by tokens, the predictor by heads); use --dsv-predictor-input qk."
+            )
+        if self.te_attention is not None:
+            raise NotImplementedError(
+                "DSV context parallelism runs its own dense ring; use --dsv-dense-backend sdpa with CP."
+            )
+        if plan is None:
+            plan = fixed_plan(parse_cp_split(self.dsv.dsv_cp_split), groups.size, self.num_heads, self.num_kv_heads)
+        self._cp_groups = groups
+        self.apply(self._state.replace(cp_plan=plan))
 
     def set_layer_input(self, hidden_states: Optional[Tensor]) -> None:
         """Layer input ``[s, b, h]`` for the ``hidden`` predictor variant (set by DSVSelfAttention)."""
         self._layer_input = hidden_states
 
+    # ---------------------------------------------------------------- K per head
     def k_for_sparsity(self, sparsity: Tensor, seq_len_kv: int) -> Tensor:
         """Key units per head for per-head ``sparsity``: ``ceil((1 - s) * units)`` rounded up to
         ``--dsv-k-multiple``, at least ``--dsv-min-keys``, at most all units (int32)."""
@@ -246,15 +352,16 @@ class DSVCoreAttention(MegatronModule):
     def kv_count_global(self, seq_len_kv: int, for_recall: bool = False) -> Tensor:
         """K per head of the layer (all TP ranks) in key units, int32 ``[H]``.
 
-        Set explicitly by :meth:`set_sparse`, else from ``dsv_fixed_sparsity``. For measuring
-        recall in stage 1 it is what the head would get when switched: K from its measured
-        sparsity (EMA), so recall answers "would the predictor's top-K hold the mass?".
+        From the state's K, else from ``dsv_fixed_sparsity``. For measuring recall in stage 1 it
+        is what the head would get when switched: K from its measured sparsity (EMA), so recall
+        answers "would the predictor's top-K hold the mass?".
         """
-        if self.kv_units_global is not None:
+        state = self._state
+        if state.kv_units is not None:
             units = seq_len_kv // self.dsv.dsv_kv_block
-            return self.kv_units_global.clamp(min=self.dsv.min_units(units), max=units)
-        if for_recall and not self.sparse and "sparsity" in self.stats_ema:
-            sparsity = self.stats_ema["sparsity"].cpu()
+            return state.kv_units.clamp(min=self.dsv.min_units(units), max=units)
+        if for_recall and not state.sparse and "sparsity" in state.stats_ema:
+            sparsity = state.stats_ema["sparsity"].cpu()
         else:
             sparsity = torch.full((self.num_heads_global,), self.dsv.dsv_fixed_sparsity)
         return self.k_for_sparsity(sparsity, seq_len_kv)
@@ -263,11 +370,12 @@ class DSVCoreAttention(MegatronModule):
         """K per local head in key units, int32 ``[H_local]`` (see :meth:`kv_count_global`)."""
         return self.kv_count_global(seq_len_kv, for_recall)[self.head_slice()]
 
+    # ---------------------------------------------------------------- description
     def describe(self) -> str:
-        """One line naming the backend this layer uses and why (and its CP split)."""
+        """One line naming the kernels this layer uses and why (and its CP split)."""
         line = self._describe_path()
-        if self.cp_plan is not None:
-            p = self.cp_plan
+        p = self._state.cp_plan
+        if p is not None:
             line += (
                 f"; CP {p.head_size}x{p.seq_size} (head x sequence), heads per rank "
                 f"{[len(h) for h in p.slots]}"
@@ -278,48 +386,35 @@ class DSVCoreAttention(MegatronModule):
         if self.predictor is None:
             why = "cross-attention is always dense" if not self.is_self_attention else "dsv_mode=dense"
             return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
-        if self.sparse:
-            k = self.kv_units_global
+        if self._state.sparse:
+            k = self._state.kv_units
             ks = "fixed sparsity %.2f" % self.dsv.dsv_fixed_sparsity if k is None else f"K/head={k.tolist()}"
             return f"layer {self.layer_number}: DSV sparse ({self.dsv.dsv_backend} kernels, {ks})"
-        why = self.decision or "DSV stage 1, predictor training"
+        why = self._state.reason or "DSV stage 1, predictor training"
         return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
 
     # ---------------------------------------------------------------- checkpoint
     def get_extra_state(self):
-        """Decisions, statistics and schedule state, for all heads (identical on every rank, so
-        Megatron's replicated ShardedObject handling of ``_extra_state`` is exact)."""
-        return {
-            "version": 1,
-            "config": self.dsv.result_fields(),
-            "sparse": self.sparse,
-            "kv_units": None if self.kv_units_global is None else self.kv_units_global.tolist(),
-            "stats_ema": {k: v.float().cpu().tolist() for k, v in self.stats_ema.items()},
-            "schedule": dict(self.schedule_state),
-            "decision": self.decision,
-        }
+        """This layer's :class:`LayerState` for all heads (identical on every rank, so Megatron's
+        replicated ShardedObject handling of ``_extra_state`` is exact)."""
+        return self._state.to_dict(self.dsv.result_fields())
 
     def set_extra_state(self, state) -> None:
         if state is None or (isinstance(state, Tensor) and state.numel() == 0):
+            return
+        if self.dsv.dsv_on_resume == "reset":
+            log_once(logging.INFO, "DSV: --dsv-on-resume reset: the checkpoint's DSV state is not restored; stage 1 starts afresh.")
             return
         if isinstance(state, Tensor):  # Megatron stores some extra states as byte tensors
             import io
 
             state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), weights_only=False)
-        saved, now = state["config"], self.dsv.result_fields()
-        diff = {k: (saved.get(k), v) for k, v in now.items() if _canon(saved.get(k)) != _canon(v)}
-        if diff:
-            lines = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"layer {self.layer_number}: this checkpoint was trained with another DSV config "
-                f"({lines}). Resume with the checkpoint's --dsv-* values, or start the DSV "
-                "schedule afresh by loading without this layer's _extra_state."
-            )
-        self.stats_ema = {k: torch.tensor(v) for k, v in state["stats_ema"].items()}
-        self.schedule_state = dict(state["schedule"])
-        self.decision = state.get("decision", "")
-        self.kv_units_global = None
-        self.set_sparse(state["sparse"] and self.predictor is not None, state["kv_units"])
+        restored = LayerState.from_dict(
+            state, config_fields=self.dsv.result_fields(), num_heads=self.num_heads_global,
+            layer=f"layer {self.layer_number}",
+        )
+        sparse = restored.sparse and self.predictor is not None
+        self.apply(restored.replace(sparse=sparse, cp_plan=self._state.cp_plan))
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -333,61 +428,69 @@ class DSVCoreAttention(MegatronModule):
         packed_seq_params=None,
         **kwargs,
     ) -> Tensor:
-        """q ``[sq, b, np, hn]``, k/v ``[skv, b, ng, hn]`` -> ``[sq, b, np*hn]``."""
+        """q ``[sq, b, np, hn]``, k/v ``[skv, b, ng, hn]`` -> ``[sq, b, np*hn]``.
+
+        One pipeline: heads to this rank (identity without CP) -> project -> select -> attend
+        (sparse) or dense -> the predictor step on training iterations -> heads back.
+        """
         if packed_seq_params is not None:
             raise NotImplementedError("DSV attention does not support packed (THD) sequences; pass [s, b, h, d].")
         if attention_bias is not None:
             raise NotImplementedError("DSV attention does not support attention_bias.")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         trains = self._trains_now()
-        if self.sparse or trains:
+        sparse = self._state.sparse
+        if sparse or trains:
             self._check_bidirectional(mask_type, attention_mask)
         sq, b, np_, hn = query.shape
-        if self.cp_groups is not None:
-            return self._cp_forward(query, key, value, mask_type, trains)
-        self.last_seq_len = key.shape[0]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        if self.sparse:
-            out = self._sparse_forward(q, k, v).permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
-        elif self.te_attention is not None:
+        cp = self._attention_plan(sq, mask_type)
+        self._seen = (key.shape[0] * cp.cp_size, b)
+        if self.te_attention is not None and not sparse:
             out = self.te_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
+            if trains:
+                q, k, _ = cp.to_heads(query, key, value)
+                out = PredictorLossAutoScaler.apply(out, self._predictor_step(cp, q, k, None), self.loss_scale)
+            return out
+        q, k, v = cp.to_heads(query, key, value)  # [b, H_slot, S/seq_size, hn]
+        lowrank = None
+        if sparse:
+            with torch.no_grad():
+                lowrank = self._project(cp, q, k)
+                index = select_topk(
+                    lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len),
+                    kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
+                )
+            out = cp.sparse(q, k, v, index, self.softmax_scale, self.dsv.dsv_backend)
+            self._exchange = cp.exchange
         else:
-            out = self._dense_forward(q, k, v, attention_mask, mask_type)
-            out = out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+            local = lambda q_, k_, v_: self._dense_forward(q_, k_, v_, attention_mask, mask_type)  # noqa: E731
+            out = cp.dense(
+                q, k, v, self.softmax_scale, self.dsv.group_size, self.dsv.dsv_kv_block,
+                self.dsv.dsv_backend, local,
+            )
         if trains:
-            out = PredictorLossAutoScaler.apply(out, self._predictor_step(q, k))
-        return out
+            out = PredictorLossAutoScaler.apply(out, self._predictor_step(cp, q, k, lowrank), self.loss_scale)
+        return cp.from_heads(out).reshape(sq, b, np_ * hn)
 
-    def _cp_forward(self, query, key, value, mask_type, trains) -> Tensor:
-        """Context-parallel attention on this rank's token shard ``[s/N, b, ...]`` (whole cubes)."""
+    def _attention_plan(self, s_local: int, mask_type) -> CPAttention:
+        """How this call's heads and tokens are laid out: the CP plan, or the size-1 case."""
+        cp_group = getattr(self.pg_collection, "cp", None)
+        if self._cp_groups is None:
+            if self.is_self_attention and cp_group is not None and cp_group.size() > 1:
+                raise RuntimeError(
+                    f"layer {self.layer_number} runs under context parallelism (CP size "
+                    f"{cp_group.size()}) but DSV's CP is not set up: call "
+                    "megatron_dsv.apply_dsv_context_parallel(model) once after building the model "
+                    "(the pretraining example does)."
+                )
+            return CPAttention.local(self.num_heads, self.num_kv_heads)
         if mask_type != AttnMaskType.no_mask:
             raise ValueError(
                 "DSV context parallelism is for bidirectional attention without a mask (video DiTs); "
                 f"got attn_mask_type={mask_type.name}."
             )
-        s_local, b, np_, hn = query.shape
-        cp = CPAttention(self.cp_plan, self.cp_groups, self.num_heads, self.num_kv_heads)
-        s_total = s_local * self.cp_size
         self._check_cp_shard(s_local)
-        self.last_seq_len, self.last_batch = s_total, b
-        q, k, v = cp.to_heads(query, key, value)  # [b, H_slot, S/seq_size, hn]
-        cfg = self.dsv
-        if self.sparse:
-            with torch.no_grad():
-                q_lr, k_lr = self.predictor.project(q, k, heads=cp.heads)
-                index = select_topk(
-                    q_lr, cp.gather_keys(k_lr), cfg.group_size,
-                    self.kv_count(s_total)[list(cp.heads)].to(q.device),
-                    kv_block=cfg.dsv_kv_block, backend=cfg.dsv_backend,
-                )
-            out = cp.sparse(q, k, v, index, self.softmax_scale, cfg.dsv_backend)
-            self.cp_exchange = cp.exchange
-        else:
-            local = lambda q_, k_, v_: self._dense_forward(q_, k_, v_, None, AttnMaskType.no_mask)
-            out = cp.dense(q, k, v, self.softmax_scale, cfg.group_size, cfg.dsv_kv_block, cfg.dsv_backend, local)
-        if trains:
-            out = PredictorLossAutoScaler.apply(out, self._predictor_step_cp(cp, q, k))
-        return cp.from_heads(out).reshape(s_local, b, np_ * hn)
+        return CPAttention(self._state.cp_plan, self._cp_groups, self.num_heads, self.num_kv_heads)
 
     def _check_cp_shard(self, s_local: int) -> None:
         g, kvb = self.dsv.group_size, self.dsv.dsv_kv_block
@@ -399,64 +502,99 @@ class DSVCoreAttention(MegatronModule):
                 "and shard contiguous runs of whole cubes (VideoDiT does)."
             )
 
-    def _predictor_step_cp(self, cp: CPAttention, q, k) -> Tensor:
-        """The predictor step of :meth:`_predictor_step` on a CP rank's heads and token chunk.
+    def _kv_count_for(self, cp: CPAttention, seq_len_kv: int, for_recall: bool = False) -> Tensor:
+        """K per head of the heads ``cp`` gives this rank, on their device."""
+        kv = self.kv_count(seq_len_kv, for_recall)
+        return kv if cp.is_local else kv[list(cp.heads)]
 
-        Rows are the single-process sample restricted to this chunk; the Gram matrices are summed
-        over the sequence group; the loss is this rank's share of the single-process loss.
-        Megatron's schedule multiplies auxiliary-loss scales by the CP size and then averages
-        gradients over the data x context-parallel group, so the predictor's gradient equals the
-        single-process one. Statistics are summed over the CP group per head and row, so every
-        CP rank reports the single-process values.
+    def _project(self, cp: CPAttention, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """Low-rank ``q_lr`` of this rank's chunk and ``k_lr`` of the whole sequence (no grad)."""
+        if self.dsv.dsv_predictor_input == "hidden":
+            return self.predictor.project_hidden(self._layer_input_bsh())
+        heads = None if cp.is_local else cp.heads
+        q_lr, k_lr = self.predictor.project(q, k, heads=heads)
+        return q_lr, cp.gather_keys(k_lr)
+
+    def _predictor_step(self, cp: CPAttention, q: Tensor, k: Tensor, lowrank) -> Tensor:
+        """Predictor loss on sampled rows (gradient to the predictor only); statistics if asked.
+
+        Rows are the single-process sample restricted to this rank's chunk; under CP the Gram
+        matrices are summed over the sequence group and the loss is this rank's share of the
+        single-process loss. Megatron's schedule multiplies auxiliary-loss scales by the CP size
+        and averages gradients over the data x context-parallel group, so the predictor's gradient
+        equals the single-process one. Statistics are summed over the CP group per head and row,
+        so every CP rank reports the single-process values. ``lowrank``: the forward's projection
+        when it made one (sparse layers), reused by the profiler.
         """
         s_chunk = q.shape[2]
         s_total = s_chunk * cp.seq_size
         lo, hi = cp.chunk_range(s_chunk)
-        rows = sample_rows(s_total, self.dsv.dsv_profile_stride, self.iteration + 7 * self.layer_number, q.device)
+        rows = sample_rows(s_total, self.dsv.dsv_profile_stride, self._control.iteration + 7 * self.layer_number, q.device)
         n_total = rows.numel()
-        rows = rows[(rows >= lo) & (rows < hi)] - lo
-        heads = list(cp.heads)
-        b = q.shape[0]
-        norm = b * self.num_heads * n_total
+        if not cp.is_local:
+            rows = rows[(rows >= lo) & (rows < hi)] - lo
+        heads = None if cp.is_local else list(cp.heads)
+        x = self._layer_input_bsh() if self.dsv.dsv_predictor_input == "hidden" else None
+        norm = q.shape[0] * self.num_heads * n_total
         with torch.enable_grad():
-            u_rows = self.predictor.project_queries(q[:, :, rows], torch.float32, heads=heads)
+            u_rows = self.predictor.project_queries(q[:, :, rows] if x is None else x[:, rows], torch.float32, heads=heads)
             loss_sum = predictor_loss(
                 self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
-                self.dsv.dsv_predictor_cosine_weight, heads=heads, group=cp.seq_group, reduction="sum",
+                self.dsv.dsv_predictor_cosine_weight, x=None if x is None else x.detach(), heads=heads,
+                group=cp.seq_group, reduction="sum",
             )
         loss = loss_sum / norm
-        if self.collect_stats:
-            with torch.no_grad():
-                # Exact sampled rows need every key: profiling iterations (every 10 in stage 1,
-                # every 50 in stage 2 by default) all-gather this slot's keys over the sequence group.
-                k_full = cp.gather_keys(k.detach())
-                q_lr, k_lr = self.predictor.project(q, k_full, heads=heads)
-                rep = len(heads) // k_full.shape[1]
-                k_full = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
-                local = torch.zeros(1 + 2 * self.num_heads, device=q.device, dtype=torch.float32)
-                local[0] = loss_sum.detach().float()
-                if rows.numel():
-                    part = self._row_stats(q, k_full, q_lr, k_lr, rows, heads=heads)
-                    idx = torch.as_tensor(heads, device=q.device)
-                    local[1 + idx] = part["sparsity"].float() * rows.numel()
-                    local[1 + self.num_heads + idx] = part["recall"].float() * rows.numel()
-                torch.distributed.all_reduce(local, group=self.cp_groups.cp_group)
-                h = self.num_heads
-                stats = {
-                    "loss": local[0] / norm,
-                    "sparsity": local[1 : 1 + h] / n_total,
-                    "recall": local[1 + h :] / n_total,
-                }
-            self.last_stats = stats
-            self.pending_stats.append(stats)
-        else:
-            self.last_stats = {"loss": loss.detach()}  # this rank's share
+        if self._control.collect_stats:
+            # Once per microbatch: with activation recompute the first forward has autograd off
+            # (no predictor step) and only the recompute reaches here.
+            self._pending.append(self._measure(cp, q, k, lowrank, rows, loss_sum.detach(), norm, n_total))
         return loss * self.dsv.dsv_predictor_loss_coeff
+
+    @torch.no_grad()
+    def _measure(self, cp: CPAttention, q, k, lowrank, rows, loss_sum, norm, n_total) -> LayerStats:
+        """Sparsity and recall of the sampled rows, summed over the CP group (profiling iterations).
+
+        Exact sampled rows need every key: under CP, profiling iterations (every 10 in stage 1,
+        every 50 in stage 2 by default) all-gather this slot's keys over the sequence group."""
+        heads = list(cp.heads)
+        k_full = cp.gather_keys(k.detach())
+        q_lr, k_lr = self._project(cp, q, k) if lowrank is None else lowrank
+        rep = len(heads) // k_full.shape[1]
+        k_full = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
+        h = self.num_heads
+        if cp.is_local:
+            part = self._row_stats(cp, q, k_full, q_lr, k_lr, rows)
+            return LayerStats(loss_sum.float() / norm, part["sparsity"], part["recall"], self.last_seq_len)
+        local = torch.zeros(1 + 2 * h, device=q.device, dtype=torch.float32)
+        local[0] = loss_sum.float()
+        if rows.numel():
+            part = self._row_stats(cp, q, k_full, q_lr, k_lr, rows)
+            idx = torch.as_tensor(heads, device=q.device)
+            local[1 + idx] = part["sparsity"].float() * rows.numel()
+            local[1 + h + idx] = part["recall"].float() * rows.numel()
+        torch.distributed.all_reduce(local, group=self._cp_groups.cp_group)
+        return LayerStats(local[0] / norm, local[1 : 1 + h] / n_total, local[1 + h :] / n_total, self.last_seq_len)
+
+    def _row_stats(self, cp: CPAttention, q, k_full, q_lr, k_lr, rows) -> Dict[str, Tensor]:
+        g = self.dsv.group_size
+        gq = num_groups(q.shape[2], g)
+        groups, row_group = torch.unique(rows // g, return_inverse=True)
+        b, h, _, r = q_lr.shape
+        q_lr_groups = q_lr.view(b, h, gq, g, r)[:, :, groups].flatten(2, 3)
+        index = select_topk(
+            q_lr_groups, k_lr, g, self._kv_count_for(cp, k_full.shape[2], for_recall=True).to(q.device),
+            kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
+        )
+        stats = sampled_attention_stats(
+            q[:, :, rows], k_full, self.softmax_scale, self.dsv.dsv_critical_mass,
+            row_groups=row_group, index=index,
+        )
+        return {name: val.mean(0) for name, val in stats.items()}  # per local head
 
     def _trains_now(self) -> bool:
         return (
             self.predictor is not None
-            and self.train_predictor
+            and self._control.train_predictor
             and self.training
             and torch.is_grad_enabled()
         )
@@ -491,65 +629,6 @@ class DSVCoreAttention(MegatronModule):
             )
         return self._layer_input.transpose(0, 1)
 
-    def _project(self, q, k):
-        if self.dsv.dsv_predictor_input == "hidden":
-            return self.predictor.project_hidden(self._layer_input_bsh())
-        return self.predictor.project(q, k)
-
-    def _sparse_forward(self, q, k, v) -> Tensor:
-        with torch.no_grad():
-            q_lr, k_lr = self._project(q, k)
-            index = select_topk(
-                q_lr, k_lr, self.dsv.group_size, self.kv_count(k.shape[2]).to(q.device),
-                kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
-            )
-        out, _ = sparse_attention(q, k, v, index, self.softmax_scale, backend=self.dsv.dsv_backend, out_layout="sbhd")
-        return out
-
-    def _predictor_step(self, q, k) -> Tensor:
-        """Predictor loss on sampled rows (grad to the predictor only); stats if asked."""
-        s = q.shape[2]
-        rows = sample_rows(s, self.dsv.dsv_profile_stride, self.iteration + 7 * self.layer_number, q.device)
-        x = self._layer_input_bsh() if self.dsv.dsv_predictor_input == "hidden" else None
-        with torch.enable_grad():
-            u_rows = self.predictor.project_queries(q[:, :, rows] if x is None else x[:, rows], torch.float32)
-            loss = predictor_loss(
-                self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
-                self.dsv.dsv_predictor_cosine_weight, x=None if x is None else x.detach(),
-            )
-        stats = {"loss": loss.detach()}
-        if self.collect_stats:
-            with torch.no_grad():
-                q_lr, k_lr = self._project(q, k)
-            rep = q.shape[1] // k.shape[1]
-            k_full = (k.repeat_interleave(rep, dim=1) if rep > 1 else k).detach()
-            stats.update(self._row_stats(q, k_full, q_lr, k_lr, rows))
-        self.last_stats = stats
-        # Once per microbatch: with activation recompute the first forward has autograd off
-        # (no _predictor_step) and only the recompute reaches here.
-        if self.collect_stats:
-            self.pending_stats.append(stats)
-        return loss * self.dsv.dsv_predictor_loss_coeff
-
-    @torch.no_grad()
-    def _row_stats(self, q, k_full, q_lr, k_lr, rows, heads=None) -> Dict[str, Tensor]:
-        g = self.dsv.group_size
-        gq = num_groups(q.shape[2], g)
-        groups, row_group = torch.unique(rows // g, return_inverse=True)
-        b, h, _, r = q_lr.shape
-        q_lr_groups = q_lr.view(b, h, gq, g, r)[:, :, groups].flatten(2, 3)
-        kv = self.kv_count(k_full.shape[2], for_recall=True)
-        kv = kv if heads is None else kv[list(heads)]
-        index = select_topk(
-            q_lr_groups, k_lr, g, kv.to(q.device),
-            kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
-        )
-        stats = sampled_attention_stats(
-            q[:, :, rows], k_full, self.softmax_scale, self.dsv.dsv_critical_mass,
-            row_groups=row_group, index=index,
-        )
-        return {name: val.mean(0) for name, val in stats.items()}  # per local head
-
     def _resolve_dense_backend(self) -> str:
         choice = self.dsv.dsv_dense_backend
         if choice == "te" and not HAVE_TE:
@@ -558,12 +637,12 @@ class DSVCoreAttention(MegatronModule):
                 "install it or use --dsv-dense-backend sdpa."
             )
         if choice == "auto":
-            choice = "te" if HAVE_TE else "sdpa"
+            choice = "te" if HAVE_TE and self.pg_collection_cp_size() == 1 else "sdpa"
         return choice
 
-
-def _canon(v):
-    return list(v) if isinstance(v, (tuple, list)) else v
+    def pg_collection_cp_size(self) -> int:
+        cp = getattr(self.pg_collection, "cp", None)
+        return 1 if cp is None else cp.size()
 
 
 def _sdpa_backends(x: Tensor):

@@ -32,28 +32,6 @@ from torch.utils.checkpoint import checkpoint
 # Exact-score rows per chunk in the reference loss, so it never holds [N, S] for all rows.
 _LOSS_CHUNK_ELEMS = 1 << 25
 
-# Megatron's optimizer clips parameters tagged with a registered ``grad_norm_group`` by their own
-# norm and leaves them out of the model's norm (its mechanism for MTP heads). Without this the
-# predictor's gradients enter the model's --clip-grad norm, which shrinks the model's updates in
-# stage 1 and makes a DSV run diverge from its dense baseline before any layer goes sparse.
-GRAD_NORM_GROUP = "dsv_predictor"
-
-
-def register_grad_norm_group() -> bool:
-    """Register :data:`GRAD_NORM_GROUP` with Megatron's optimizer (idempotent); False when this
-    megatron-core has no separate grad-norm groups (the predictor then shares the model's norm)."""
-    try:
-        from megatron.core.optimizer import optimizer as mopt
-    except ImportError:  # pragma: no cover - ops-only use without Megatron
-        return False
-    groups = getattr(mopt, "SEPARATE_GRAD_NORM_GROUPS", None)
-    if groups is None:
-        return False
-    if GRAD_NORM_GROUP not in groups:
-        mopt.SEPARATE_GRAD_NORM_GROUPS = tuple(groups) + (GRAD_NORM_GROUP,)
-    return True
-
-
 class LowRankPredictor(nn.Module):
     """Per-head low-rank projections.
 
@@ -105,11 +83,10 @@ class LowRankPredictor(nn.Module):
         # Summed score moments for the closed-form refit (None until accumulate_moments); a plain
         # attribute, not a buffer, so Megatron's bf16 cast of the module leaves them in fp64.
         self.moments: Optional[ScoreMoments] = None
-        separate = register_grad_norm_group()
+        # Clipping by their own gradient norm (Megatron's grad_norm_group) is applied by the
+        # runtime: megatron_dsv.runtime.lr.separate_predictor_grad_norm.
         for p in (self.weight_q, self.weight_k):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
-            if separate:
-                p.grad_norm_group = GRAD_NORM_GROUP
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Megatron distributed checkpointing: weights sharded over TP ranks along heads."""

@@ -41,13 +41,15 @@ def _controller_replans(world, rank):
 
     from megatron_dsv.cp.planner import check_plans_agree
     from megatron_dsv.layers.attention import dsv_attention_layers
-    from megatron_dsv.layers.controller import DSVController
+    from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
+    from megatron_dsv.runtime.controller import DSVController
     from megatron_dsv.specs import dsv_gpt_layer_spec
     from tests.megatron_shim import tiny_config
 
     torch.manual_seed(7)
     cfg = tiny_config(context_parallel_size=world, dsv_mode="sparse", dsv_cp_split="auto", num_query_groups=2)
     block = TransformerBlock(cfg, dsv_gpt_layer_spec)
+    apply_dsv_context_parallel(block)
     ctl = DSVController(block, stats_group=ps.get_data_parallel_group(with_context_parallel=True), log=lambda m: None)
     x = torch.randn(S // world, BATCH, 128, generator=torch.Generator().manual_seed(rank))
     events = []
@@ -67,11 +69,14 @@ def _bad_inputs_raise(world):
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_dsv.layers.attention import DSVCoreAttention
+    from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
     from tests.megatron_shim import tiny_config
 
     def core(**kw):
         cfg = tiny_config(context_parallel_size=world, **kw)
-        return DSVCoreAttention(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
+        layer = DSVCoreAttention(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
+        apply_dsv_context_parallel(layer)
+        return layer
 
     with pytest.raises(NotImplementedError, match="--dsv-predictor-input qk"):
         core(dsv_predictor_input="hidden")
@@ -88,7 +93,9 @@ def _block_case(rank, world, mode, split, uneven, out_path):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_dsv.cp.plan import LayerPlan
-    from megatron_dsv.layers.attention import PredictorLossAutoScaler, dsv_attention_layers
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
+    from megatron_dsv.layers.state import STATS, StepControl
     from megatron_dsv.specs import dsv_gpt_layer_spec
     from tests.megatron_shim import tiny_config
 
@@ -98,11 +105,12 @@ def _block_case(rank, world, mode, split, uneven, out_path):
         num_query_groups=2,
     )
     block = TransformerBlock(tiny_config(**cfg), dsv_gpt_layer_spec)
+    apply_dsv_context_parallel(block)
     layers = dsv_attention_layers(block)
     for layer in layers:
-        layer.set_iteration(3)
+        layer.begin_iteration(StepControl(iteration=3))  # a layer without predictor ignores both flags
         if uneven and world > 1:
-            layer.cp_plan = LayerPlan(2, world // 2, ((1,), (0, 2, 3)))  # 1 head vs 3 heads
+            layer.apply(layer.state.replace(cp_plan=LayerPlan(2, world // 2, ((1,), (0, 2, 3)))))  # 1 head vs 3 heads
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(S, BATCH, 128, generator=gen)
     w = torch.randn(S, BATCH, 128, generator=gen)
@@ -112,14 +120,13 @@ def _block_case(rank, world, mode, split, uneven, out_path):
     out = block(x_local, attention_mask=None)
     # Megatron's convention: the main loss carries the CP factor (its loss functions) and the
     # auxiliary-loss scale gets it from the schedule; gradients are then averaged over CP.
-    PredictorLossAutoScaler.set_loss_scale(torch.tensor(float(world)))
+    block.config.experimental_attention_variant_loss_scale_func(torch.tensor(float(world)))
     (world * (out * w[sl]).sum()).backward()
-    PredictorLossAutoScaler.main_loss_backward_scale = None
     grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
     for g in grads.values():
         dist.all_reduce(g, group=ps.get_context_parallel_group())
         g /= world
-    stats = [{k: v.tolist() for k, v in layer.pending_stats[0].items()} for layer in layers] if mode == "auto" else []
+    stats = [{k: layer.pending_stats[0][k].tolist() for k in STATS} for layer in layers] if mode == "auto" else []
     result = {
         "out": out.detach().tolist(), "dx": (x_local.grad / world).tolist(),
         "grads": {n: g.tolist() for n, g in grads.items()}, "stats": stats,

@@ -6,7 +6,6 @@ import os
 import random
 
 import pytest
-import torch.distributed as dist
 
 from megatron_dsv.cp.cost_model import AttentionShape, CostModel, KernelFit, Links
 from megatron_dsv.cp.plan import LayerPlan, balance_heads, even_slots, head_unit

@@ -61,7 +61,7 @@ def test_block_bf16(megatron_state, mode):
     for a in dsv_attention_layers(block):
         if mode != "dense":
             assert a.predictor.weight_q.grad.abs().sum() > 0
-            assert float(a.last_stats["loss"]) > 0
+            assert float(a.pending_stats[-1].loss) > 0
 
 
 def test_block_bf16_sparse_all_keys_close_to_dense(megatron_state):
@@ -100,9 +100,10 @@ def test_dist_checkpoint_round_trip(megatron_state, tmp_path):
     x = torch.randn(1024, 1, 1024, device="cuda", dtype=torch.bfloat16)
     block(x, attention_mask=None).float().square().mean().backward()
     for i, a in enumerate(dsv_attention_layers(block)):
-        a.stats_ema = {"loss": torch.tensor(0.01 * (i + 1)), "sparsity": torch.rand(8), "recall": torch.rand(8)}
-        a.schedule_state = {"stage": 2, "switch_iteration": 17}
-        a.set_sparse(i == 0, torch.arange(8) + 64)
+        a.apply(a.state.replace(
+            stats_ema={"loss": torch.tensor(0.01 * (i + 1)), "sparsity": torch.rand(8), "recall": torch.rand(8)},
+            schedule={"stage": 2, "switch_iteration": 17}, sparse=i == 0, kv_units=torch.arange(8) + 64,
+        ))
     dist_checkpointing.save(block.sharded_state_dict(prefix="decoder."), str(tmp_path))
     other = build_block("auto")
     loaded = dist_checkpointing.load(other.sharded_state_dict(prefix="decoder."), str(tmp_path))
@@ -120,7 +121,10 @@ def test_megatron_clips_the_predictor_by_its_own_norm(megatron_state):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer.optimizer import FP32Optimizer
 
+    from megatron_dsv.runtime.lr import separate_predictor_grad_norm
+
     block = build_block("auto").float()
+    assert separate_predictor_grad_norm(block) == 4
     x = torch.randn(2048, 1, 1024, device="cuda")
     block(x, attention_mask=None).square().mean().backward()
     pred = [p for n, p in block.named_parameters() if "predictor" in n]

@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from megatron_dsv.layers.attention import DSVCoreAttention, PredictorLossAutoScaler, dsv_attention_layers
+from megatron_dsv.layers.attention import DSVCoreAttention, PredictorLossScale, dsv_attention_layers
+from megatron_dsv.layers.state import LayerStats, StepControl
 from tests.megatron_shim import tiny_config
 
 S, B, HID = 64, 2, 128
@@ -40,7 +41,8 @@ def test_block_forward_backward(megatron_state, mode):
     else:
         assert len(pred) == 4 and all(grads[n].abs().sum() > 0 for n in pred)
         assert all(a.sparse == (mode == "sparse") for a in layers)
-        assert set(layers[0].last_stats) == {"loss", "sparsity", "recall"}
+        stats = layers[0].pending_stats[-1]
+        assert isinstance(stats, LayerStats) and all(stats[n] is not None for n in ("loss", "sparsity", "recall"))
 
 
 def test_predictor_loss_reaches_only_predictor(megatron_state):
@@ -48,7 +50,7 @@ def test_predictor_loss_reaches_only_predictor(megatron_state):
     x = torch.randn(S, B, HID)
     _, dx_train, g_train = run(block, x)
     for a in dsv_attention_layers(block):
-        a.train_predictor = False
+        a.begin_iteration(StepControl(train_predictor=False))
     block.zero_grad(set_to_none=True)
     _, dx_off, g_off = run(block, x)
     assert torch.equal(dx_train, dx_off)
@@ -70,7 +72,10 @@ def test_predictor_gradients_stay_out_of_the_model_grad_norm(megatron_state):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
 
+    from megatron_dsv.runtime.lr import separate_predictor_grad_norm
+
     block = build(dsv_mode="auto")
+    assert separate_predictor_grad_norm(block) == 4
     run(block, torch.randn(S, B, HID))
     opt = FP32Optimizer.__new__(FP32Optimizer)  # FP32Optimizer.__init__ allocates on CUDA
     MegatronOptimizer.__init__(opt, torch.optim.SGD(block.parameters(), lr=1.0), OptimizerConfig(clip_grad=1.0), None)
@@ -102,7 +107,7 @@ def test_sparse_differs_from_dense_when_sparse(megatron_state):
         y_sparse = block(x, attention_mask=None)
         for a in dsv_attention_layers(block):
             assert a.kv_count(S).tolist() == [16] * 4
-            a.sparse = False
+            a.set_sparse(False)
         y_dense = block(x, attention_mask=None)
     assert (y_sparse - y_dense).abs().max() > 1e-3
 
@@ -126,13 +131,15 @@ def test_aux_loss_follows_main_loss_scale(megatron_state):
     block = build(dsv_mode="auto")
     x = torch.randn(S, B, HID)
     _, _, g1 = run(block, x)
-    assert block.config.experimental_attention_variant_loss_scale_func == PredictorLossAutoScaler.set_loss_scale
+    set_scale = block.config.experimental_attention_variant_loss_scale_func
+    assert isinstance(set_scale.__self__, PredictorLossScale)
+    assert all(a.loss_scale is set_scale.__self__ for a in dsv_attention_layers(block))
     try:
-        PredictorLossAutoScaler.set_loss_scale(torch.tensor(0.25))
+        set_scale(torch.tensor(0.25))
         block.zero_grad(set_to_none=True)
         _, _, g2 = run(block, x)
     finally:
-        PredictorLossAutoScaler.main_loss_backward_scale = None
+        set_scale.__self__.reset()
     for n in g1:
         if "predictor" in n:
             torch.testing.assert_close(g2[n], 0.25 * g1[n])

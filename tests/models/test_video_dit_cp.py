@@ -65,10 +65,12 @@ def _bad_shape_raises():
 def _models(world, single, mode, split):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
     from megatron_dsv.models.video_dit import VideoDiT
 
     torch.manual_seed(0)
     model = VideoDiT(_config(world, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=TEXT_DIM)
+    apply_dsv_context_parallel(model)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
@@ -109,16 +111,17 @@ def _check_grads(label, model, ref, world):
         _close(f"{label} grad {n}", got[n], want[n])
 
 
-def _megatron_backward(loss, world):
+def _megatron_backward(model, loss, world):
     """Backward as Megatron's schedule runs it under CP: the auxiliary-loss (predictor) scale is
     multiplied by the CP size (``forward_step_calc_loss``); gradients are then averaged over CP."""
-    from megatron_dsv.layers.attention import PredictorLossAutoScaler
+    from megatron_dsv.layers.attention import predictor_loss_scale
 
-    PredictorLossAutoScaler.set_loss_scale(torch.tensor(float(world)))
+    scale = predictor_loss_scale(model.config)
+    scale.set(torch.tensor(float(world)))
     try:
         loss.backward()
     finally:
-        PredictorLossAutoScaler.main_loss_backward_scale = None
+        scale.reset()
 
 
 def _case(rank, world, single, mode, split, full):
@@ -126,12 +129,14 @@ def _case(rank, world, single, mode, split, full):
     from megatron.core import parallel_state as ps
 
     from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.state import StepControl
     from megatron_dsv.models.video_dit import flow_matching_loss, sample
 
     label = f"CP={world} rank {rank} mode={mode} split={split}"
     model, ref = _models(world, single, mode, split)
     for layer in dsv_attention_layers(model) + dsv_attention_layers(ref):
-        layer.set_iteration(3)
+        layer.begin_iteration(StepControl(iteration=3, train_predictor=layer.predictor is not None,
+                                          collect_stats=layer.predictor is not None))
     gen = torch.Generator().manual_seed(11)  # identical draws on every CP rank
     latents = torch.randn(LATENT, generator=gen)
     labels = torch.tensor([0, 3])
@@ -141,7 +146,7 @@ def _case(rank, world, single, mode, split, full):
     tmask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     kw = dict(text=text, text_mask=tmask)
     loss = flow_matching_loss(model, latents, labels, generator=torch.Generator().manual_seed(5), **kw)
-    _megatron_backward(loss, world)
+    _megatron_backward(model, loss, world)
     ref_loss = flow_matching_loss(ref, latents, labels, generator=torch.Generator().manual_seed(5), **kw)
     ref_loss.backward()
     mean_loss = loss.detach().clone()
@@ -161,7 +166,7 @@ def _case(rank, world, single, mode, split, full):
     # a loss that every rank computes on the gathered output: exact through the gather's backward
     w = torch.randn(LATENT, generator=gen)
     model.zero_grad(), ref.zero_grad()
-    _megatron_backward((model(latents, t, labels, **kw) * w).sum(), world)
+    _megatron_backward(model, (model(latents, t, labels, **kw) * w).sum(), world)
     (ref(latents, t, labels, **kw) * w).sum().backward()
     _check_grads(f"{label} gathered-output loss", model, ref, world)
     shape = (1,) + LATENT[1:]

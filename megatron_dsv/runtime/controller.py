@@ -19,8 +19,9 @@ to dense (logged) and may return when it recovers.
 
 Statistics are averaged over microbatches, gathered over tensor-parallel ranks (heads are split
 there) and averaged over the ``stats_group`` (Megatron's data+context-parallel group), so every rank
-computes the same numbers and takes the same decisions. The state lives in each layer's
-``_extra_state`` and is saved and restored with Megatron's checkpoints.
+computes the same numbers and takes the same decisions. The controller reads each layer's
+``LayerStats`` and proposes its ``LayerState`` through ``layer.apply``; the state lives in each
+layer's ``_extra_state`` and is saved and restored with Megatron's checkpoints.
 
 Call :meth:`DSVController.on_iteration_start` before an iteration's first forward and
 :meth:`DSVController.on_iteration_end` after the optimizer step.
@@ -28,11 +29,7 @@ Call :meth:`DSVController.on_iteration_start` before an iteration's first forwar
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -40,86 +37,28 @@ import torch.distributed as dist
 
 from megatron_dsv.config import DSVConfig
 from megatron_dsv.layers.attention import DSVCoreAttention, dsv_attention_layers
-from megatron_dsv.ops._utils import log_once
+from megatron_dsv.layers.state import STATS, StepControl
+from megatron_dsv.runtime.lr import check_predictor_groups, set_predictor_lr_scale
+from megatron_dsv.runtime.speed_table import SpeedTable
+from megatron_dsv.runtime.writers import StatsWriter, print_rank_0, status_line
 
 logger = logging.getLogger("megatron_dsv")
-
-STATS = ("loss", "sparsity", "recall")
-
-
-@dataclass
-class SpeedTable:
-    """Where sparse attention beats dense, from the kernel benchmark.
-
-    ``rows``: dicts with ``S``, ``D``, ``density`` (fraction of pairs computed) and ``speedup``
-    (dense time / sparse time, selection included). Without rows, sparse is taken to be faster
-    at ``density <= default_max_density``.
-    """
-
-    rows: List[Dict] = field(default_factory=list)
-    default_max_density: float = 0.5
-
-    @classmethod
-    def from_json(cls, path: str, kv_block: Optional[int] = None) -> "SpeedTable":
-        """Read ``benchmarks/attention.py`` output: rows (under ``rows``) with ``kind`` starting
-        with ``dsv``, ``S``, ``D``, ``sparsity`` (or ``density``), ``speedup_fwd_bwd`` (vs cuDNN
-        dense, selection included) and ``kv_block``; only rows of ``kv_block`` when given."""
-        with open(path) as f:
-            data = json.load(f)
-        raw = data.get("rows", data.get("results", [])) if isinstance(data, dict) else data
-        rows = []
-        for r in raw:
-            if not str(r.get("kind", "dsv")).startswith("dsv"):
-                continue
-            if kv_block is not None and r.get("kv_block", kv_block) != kv_block:
-                continue
-            speed = r.get("speedup_fwd_bwd", r.get("speedup"))
-            dens = r.get("density", None if r.get("sparsity") is None else 1 - r["sparsity"])
-            if speed is None or dens is None or "S" not in r or "D" not in r:
-                continue
-            rows.append({"S": int(r["S"]), "D": int(r["D"]), "density": float(dens), "speedup": float(speed)})
-        if not rows:
-            raise ValueError(
-                f"{path} holds no DSV rows with S, D, sparsity and speedup_fwd_bwd"
-                + (f" for kv_block={kv_block}" if kv_block is not None else "")
-                + "; write one with benchmarks/attention.py."
-            )
-        return cls(rows)
-
-    def sparse_faster(self, seq_len: int, head_dim: int, density: float) -> bool:
-        if not self.rows:
-            log_once(
-                logging.WARNING,
-                f"DSV: no --dsv-speed-table; assuming sparse attention is faster at density <= "
-                f"{self.default_max_density}. Run benchmarks/attention.py on your GPU for a table.",
-            )
-            return density <= self.default_max_density
-        d_best = min({r["D"] for r in self.rows}, key=lambda d: abs(d - head_dim))
-        rows = [r for r in self.rows if r["D"] == d_best]
-        s_best = min({r["S"] for r in rows}, key=lambda s: abs(math.log(s / seq_len)))
-        pts = sorted((r["density"], r["speedup"]) for r in rows if r["S"] == s_best)
-        if density <= pts[0][0]:
-            return pts[0][1] > 1.0
-        if density >= pts[-1][0]:
-            return pts[-1][1] > 1.0 and density <= pts[-1][0] * 1.05
-        for (d0, v0), (d1, v1) in zip(pts, pts[1:]):
-            if d0 <= density <= d1:
-                return v0 + (v1 - v0) * (density - d0) / (d1 - d0) > 1.0
-        return False
 
 
 class DSVController:
     """Runs the two-stage schedule over every DSV layer of ``model`` (a module or list of chunks).
 
     Args:
-        model: module(s) containing DSVCoreAttention layers.
+        model: module(s) containing DSVCoreAttention layers; at least one must have a predictor
+            (a model built without the DSV spec, or with ``--dsv-mode dense``, is refused).
         stats_group: process group over which statistics are averaged (Megatron's data-parallel
             group with context parallel); None = this process alone.
         speed_table: :class:`SpeedTable`; default from ``--dsv-speed-table``.
-        optimizer: optimizer whose predictor parameter groups get the stage-2 LR scale; see
-            :meth:`attach_optimizer`.
+        optimizer: a torch optimizer whose predictor parameter groups (their own groups, see
+            ``megatron_dsv.runtime.lr.predictor_param_groups``) follow the stage's learning rate.
+            Megatron runs leave it out: ``megatron_dsv.runtime.megatron`` drives Megatron's groups.
         tb_writer / wandb_writer: Megatron's TensorBoard / W&B writers, if configured.
-        log: where the compact status lines go (default: the ``megatron_dsv`` logger).
+        log: where decisions and status lines go (default: printed on rank 0).
     """
 
     def __init__(
@@ -136,7 +75,15 @@ class DSVController:
         self.layers: List[DSVCoreAttention] = [
             a for m in chunks for a in dsv_attention_layers(m) if a.predictor is not None
         ]
-        self.cfg: DSVConfig = self.layers[0].dsv if self.layers else DSVConfig(dsv_mode="dense")
+        if not self.layers:
+            found = sum(len(dsv_attention_layers(m)) for m in chunks)
+            raise ValueError(
+                f"DSVController found no DSV layer with a predictor in the model ({found} DSV "
+                "attention modules, none trainable sparse): build the model with a DSV spec "
+                "(--spec megatron_dsv.specs dsv_gpt_layer_spec, or VideoDiT) and --dsv-mode auto "
+                "or sparse; with --dsv-mode dense there is nothing to control."
+            )
+        self.cfg: DSVConfig = self.layers[0].dsv
         self.stats_group = stats_group
         if speed_table is None:
             speed_table = (
@@ -144,16 +91,17 @@ class DSVController:
                 if self.cfg.dsv_speed_table else SpeedTable()
             )
         self.speed_table = speed_table
-        self.tb_writer, self.wandb_writer = tb_writer, wandb_writer
-        self.log = log or logger.info
-        sched = self.layers[0].schedule_state if self.layers else {}
+        self.writer = StatsWriter(tb_writer, wandb_writer, self.cfg.dsv_stats_log)
+        self.log = log or print_rank_0
+        sched = self.layers[0].state.schedule
         initial = {"auto": 1, "sparse": 2}.get(self.cfg.dsv_mode, 0)
         self.stage: int = sched.get("stage", initial)
         self.switch_iteration: Optional[int] = sched.get("switch_iteration")
         self.cp_policy = None  # the CP planner's per-layer plans (--dsv-cp-split auto)
-        self.optimizer = None
+        self.optimizer = optimizer
         if optimizer is not None:
-            self.attach_optimizer(optimizer)
+            check_predictor_groups(optimizer, [p for l in self.layers for p in l.predictor.parameters()])
+            self._sync_predictor_lr()
 
     # ------------------------------------------------------------------ schedule
     def profile_due(self, iteration: int) -> bool:
@@ -161,18 +109,14 @@ class DSVController:
         return iteration % every == 0
 
     def on_iteration_start(self, iteration: int) -> None:
-        """Set sampling offsets and what each layer measures/trains this iteration."""
+        """Tell every layer what this iteration does: sampled rows, predictor training, profiling."""
         due = self.profile_due(iteration)
+        control = StepControl(iteration=iteration, train_predictor=self.stage == 1 or due, collect_stats=due)
         for layer in self.layers:
-            layer.set_iteration(iteration)
-            layer.collect_stats = due
-            layer.train_predictor = self.stage == 1 or due
-            layer.pending_stats = []
+            layer.begin_iteration(control)
 
     def on_iteration_end(self, iteration: int) -> Dict:
         """Aggregate this iteration's statistics, update decisions, log. Returns a summary."""
-        if not self.layers:
-            return {}
         measured = self._gather()
         events = []
         if measured is not None:
@@ -188,15 +132,15 @@ class DSVController:
         for e in events:
             self.log(e)
         if events or (measured is not None and (interval == 0 or iteration % interval == 0)):
-            self.log(self.status_line(iteration, summary))
+            self.log(status_line(summary))
         if measured is not None:
-            self._write(iteration, summary)
+            self.writer.write(summary)
         summary["events"] = events
         return summary
 
     def _switch_due(self, iteration: int) -> bool:
         cfg = self.cfg
-        if iteration < cfg.dsv_switch_min_iters or not all(l.stats_ema for l in self.layers):
+        if iteration < cfg.dsv_switch_min_iters or not all(l.state.stats_ema for l in self.layers):
             return iteration >= cfg.dsv_switch_max_iters
         loss, recall = self._mean("loss"), self._mean("recall")
         good = loss < cfg.dsv_switch_loss_threshold and recall >= cfg.dsv_switch_recall_target
@@ -207,31 +151,31 @@ class DSVController:
         why = (
             f"predictor loss {self._mean('loss'):.4f} (threshold {self.cfg.dsv_switch_loss_threshold}), "
             f"recall {self._mean('recall'):.3f} (target {self.cfg.dsv_switch_recall_target})"
-            if all(l.stats_ema for l in self.layers) else "no statistics yet"
+            if all(l.state.stats_ema for l in self.layers) else "no statistics yet"
         )
         if iteration >= self.cfg.dsv_switch_max_iters:
             why += f"; reached --dsv-switch-max-iters {self.cfg.dsv_switch_max_iters}"
         events = [f"DSV stage switch at iteration {iteration}: {why}"]
         events += self._redecide(switching=True)
-        self._scale_predictor_lr()
+        self._sync_predictor_lr()
         return events
 
     def _redecide(self, switching: bool = False) -> List[str]:
         events = []
         for layer in self.layers:
-            if not layer.stats_ema:
+            state = layer.state
+            if not state.stats_ema:
                 continue
             sparse, k, reason = self._decide(layer)
-            if sparse != layer.sparse or switching:
+            if sparse != state.sparse or switching:
                 events.append(f"DSV layer {layer.layer_number}: {'sparse' if sparse else 'dense'} ({reason})")
-            layer.set_sparse(sparse, k if sparse else None)
-            layer.decision = reason
+            layer.apply(state.replace(sparse=sparse, kv_units=k if sparse else state.kv_units, reason=reason))
         return events
 
     def _decide(self, layer: DSVCoreAttention):
         cfg = self.cfg
-        ema = layer.stats_ema
-        s_len = getattr(layer, "last_seq_len", None)
+        ema = layer.state.stats_ema
+        s_len = layer.last_seq_len
         if s_len is None:
             return False, None, "no forward seen yet"
         units = s_len // cfg.dsv_kv_block
@@ -254,21 +198,15 @@ class DSVController:
         layers = [l for l in self.layers if l.cp_groups is not None]
         if not layers or self.cfg.dsv_cp_split != "auto" or any(l.last_seq_len is None for l in layers):
             return []
-        from megatron_dsv.cp.planner import AttentionShape, CostModel, DEFAULT_BENCHMARK, ReplanPolicy, check_plans_agree
+        from megatron_dsv.cp.cost_model import AttentionShape, CostModel
+        from megatron_dsv.cp.planner import ReplanPolicy, check_plans_agree
 
         cfg = self.cfg
         if self.cp_policy is None:
-            table = cfg.dsv_speed_table or DEFAULT_BENCHMARK
-            try:
-                cost = CostModel.from_benchmark(
-                    table, intra_node_gbps=cfg.dsv_cp_intra_node_gbps, inter_node_gbps=cfg.dsv_cp_inter_node_gbps
-                )
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"--dsv-cp-split auto needs kernel timings for its cost model: {table} is missing. "
-                    "Pass --dsv-speed-table with a benchmarks/attention.py JSON, or a fixed "
-                    "--dsv-cp-split (head, seq or HxS)."
-                ) from None
+            cost = CostModel.from_benchmark(
+                cfg.dsv_speed_table or None,
+                intra_node_gbps=cfg.dsv_cp_intra_node_gbps, inter_node_gbps=cfg.dsv_cp_inter_node_gbps,
+            )
             shapes = [
                 AttentionShape(l.last_seq_len, l.num_heads, l.head_dim, l.num_kv_heads, batch=l.last_batch)
                 for l in layers
@@ -279,7 +217,7 @@ class DSVController:
                 min_interval=cfg.dsv_cp_replan_interval,
             )
         sparsity = [
-            l.stats_ema["sparsity"][l.head_slice()].tolist() if l.sparse and "sparsity" in l.stats_ema else None
+            l.state.stats_ema["sparsity"][l.head_slice()].tolist() if l.sparse and "sparsity" in l.state.stats_ema else None
             for l in layers
         ]
         changed = self.cp_policy.maybe_replan(iteration, sparsity, sparse=[l.sparse for l in layers])
@@ -289,7 +227,7 @@ class DSVController:
         events = []
         for i in changed:
             plan = self.cp_policy.plans[i]
-            layers[i].cp_plan = plan
+            layers[i].apply(layers[i].state.replace(cp_plan=plan))
             events.append(
                 f"DSV layer {layers[i].layer_number}: CP plan {plan.head_size}x{plan.seq_size} "
                 f"(head-parallel x sequence-parallel), heads per rank {[len(h) for h in plan.slots]}, "
@@ -300,13 +238,11 @@ class DSVController:
     # ------------------------------------------------------------------ statistics
     def _gather(self) -> Optional[torch.Tensor]:
         """[L, 1 + 2H] (loss, sparsity per head, recall per head) over all ranks, or None."""
-        if not self.layers[0].pending_stats:
-            for layer in self.layers:
-                layer.pending_stats = []
+        pending = [layer.pop_stats() for layer in self.layers]
+        if not pending[0]:
             return None
         rows = []
-        for layer in self.layers:
-            pend, layer.pending_stats = layer.pending_stats, []
+        for pend in pending:
             mean = {n: torch.stack([p[n].float().reshape(-1) for p in pend]).mean(0) for n in STATS}
             rows.append(torch.cat([mean["loss"], mean["sparsity"], mean["recall"]]))
         local = torch.stack(rows)  # [L, 1 + 2 H_local]
@@ -325,99 +261,41 @@ class DSVController:
         for layer, row in zip(self.layers, measured):
             h = layer.num_heads_global
             new = {"loss": row[0], "sparsity": row[1 : 1 + h], "recall": row[1 + h :]}
-            old = layer.stats_ema
-            layer.stats_ema = {
-                n: v if n not in old else decay * old[n] + (1 - decay) * v for n, v in new.items()
-            }
-            layer.last_measured = new
+            old = layer.state.stats_ema
+            ema = {n: v if n not in old else decay * old[n] + (1 - decay) * v for n, v in new.items()}
+            layer.apply(layer.state.replace(stats_ema=ema))
 
     def _mean(self, name: str) -> float:
-        return float(torch.stack([l.stats_ema[name].float().mean() for l in self.layers]).mean())
+        return float(torch.stack([l.state.stats_ema[name].float().mean() for l in self.layers]).mean())
 
     # ------------------------------------------------------------------ optimizer
-    def attach_optimizer(self, optimizer) -> None:
-        """Remember a torch optimizer's predictor parameter groups for the stage-2 LR scale.
-
-        Put the predictors in a group of their own (mixed groups are rejected: scaling them
-        would slow the model). Megatron runs do not pass an optimizer here: Megatron's scheduler
-        recomputes each group's lr from ``max_lr``/``min_lr`` every step, so
-        :class:`megatron_dsv.hooks.DSVHooks` sets those from the stage instead.
-        """
-        pred = {id(p) for l in self.layers for p in l.predictor.parameters()}
-        groups = []
-        for g in optimizer.param_groups:
-            ids = {id(p) for p in g["params"]}
-            if ids & pred and not ids <= pred:
-                raise ValueError(
-                    "an optimizer parameter group mixes predictor and model parameters; give the "
-                    "predictors their own group (see is_predictor_param)."
-                )
-            if ids and ids <= pred:
-                groups.append(g)
-        self.optimizer, self._pred_groups = optimizer, groups
-        if self.stage == 2 and self.switch_iteration is not None:  # resumed after the switch
-            self._scale_predictor_lr()
-
-    def _scale_predictor_lr(self) -> None:
-        if self.optimizer is None:
-            return
-        scale = self.cfg.dsv_stage2_predictor_lr_scale
-        for g in self._pred_groups:
-            if g.get("dsv_stage2_scaled"):  # restored with the optimizer's state on resume
-                continue
-            g["lr"] *= scale
-            g["dsv_stage2_scaled"] = True
+    def _sync_predictor_lr(self) -> None:
+        """Predictor groups at ``--dsv-stage2-predictor-lr-scale`` times their base rates in stage 2,
+        at the base rates before (recomputed from the stage, so a resumed run agrees)."""
+        if self.optimizer is not None:
+            scale = self.cfg.dsv_stage2_predictor_lr_scale if self.stage == 2 else 1.0
+            set_predictor_lr_scale(self.optimizer, scale)
 
     # ------------------------------------------------------------------ state and output
     def _store_schedule(self) -> None:
-        state = {"stage": self.stage, "switch_iteration": self.switch_iteration}
+        schedule = {"stage": self.stage, "switch_iteration": self.switch_iteration}
         for layer in self.layers:
-            layer.schedule_state = dict(state)
+            layer.apply(layer.state.replace(schedule=dict(schedule)))
 
     def summary(self, iteration: int) -> Dict:
         layers = []
         for l in self.layers:
-            ema = l.stats_ema
+            st = l.state
             layers.append({
                 "layer": l.layer_number,
-                "sparse": l.sparse,
-                "k": None if l.kv_units_global is None else l.kv_units_global.tolist(),
-                **{n: (ema[n].tolist() if n in ema else None) for n in STATS},
+                "sparse": st.sparse,
+                "k": None if st.kv_units is None else st.kv_units.tolist(),
+                **{n: (st.stats_ema[n].tolist() if n in st.stats_ema else None) for n in STATS},
             })
         return {"iteration": iteration, "stage": self.stage, "switch_iteration": self.switch_iteration, "layers": layers}
 
     def status_line(self, iteration: int, summary: Dict) -> str:
-        n_sparse = sum(l["sparse"] for l in summary["layers"])
-        if not all(l.stats_ema for l in self.layers):
-            return f"DSV it {iteration} stage {self.stage} | sparse layers {n_sparse}/{len(self.layers)}"
-        return (
-            f"DSV it {iteration} stage {self.stage} | predictor loss {self._mean('loss'):.4f} | "
-            f"recall {self._mean('recall'):.3f} | sparsity {self._mean('sparsity'):.3f} | "
-            f"sparse layers {n_sparse}/{len(self.layers)}"
-        )
-
-    def _write(self, iteration: int, summary: Dict) -> None:
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        scalars = {"dsv/stage": self.stage, "dsv/sparse_layers": sum(l["sparse"] for l in summary["layers"])}
-        for l in summary["layers"]:
-            if l["loss"] is None:
-                continue
-            n = l["layer"]
-            scalars[f"dsv/predictor_loss/layer{n}"] = l["loss"]
-            for stat in ("sparsity", "recall"):
-                scalars[f"dsv/{stat}/layer{n}"] = sum(l[stat]) / len(l[stat])
-                for h, v in enumerate(l[stat]):
-                    scalars[f"dsv/{stat}_heads/layer{n}/head{h}"] = v
-        if self.tb_writer is not None:
-            for k, v in scalars.items():
-                self.tb_writer.add_scalar(k, v, iteration)
-        if self.wandb_writer is not None:
-            self.wandb_writer.log(scalars, iteration)
-        if self.cfg.dsv_stats_log:
-            os.makedirs(os.path.dirname(os.path.abspath(self.cfg.dsv_stats_log)), exist_ok=True)
-            with open(self.cfg.dsv_stats_log, "a") as f:
-                f.write(json.dumps(summary) + "\n")
+        return status_line(summary)
 
 
 def merge_tp_rows(parts: List[torch.Tensor]) -> torch.Tensor:
@@ -428,9 +306,4 @@ def merge_tp_rows(parts: List[torch.Tensor]) -> torch.Tensor:
     return torch.cat([loss] + [p[:, 1 : 1 + h] for p in parts] + [p[:, 1 + h :] for p in parts], dim=1)
 
 
-def is_predictor_param(name: str, param: torch.nn.Parameter) -> bool:
-    """True for DSV predictor parameters (for optimizer parameter groups)."""
-    return ".predictor.weight_" in name or name.startswith("predictor.weight_")
-
-
-__all__ = ["DSVController", "SpeedTable", "is_predictor_param", "merge_tp_rows"]
+__all__ = ["DSVController", "SpeedTable", "merge_tp_rows"]

@@ -8,7 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_dsv.layers.attention import dsv_attention_layers
-from megatron_dsv.layers.controller import DSVController, SpeedTable, is_predictor_param
+from megatron_dsv.runtime.controller import DSVController, SpeedTable
+from megatron_dsv.runtime.lr import is_predictor_param
 from tests.megatron_shim import free_port, init_megatron_state, tiny_config
 
 THW = (4, 4, 8)
@@ -144,7 +145,7 @@ def test_mixed_optimizer_groups_rejected(megatron_state):
 
 
 def test_merge_tp_rows_orders_heads_by_rank():
-    from megatron_dsv.layers.controller import merge_tp_rows
+    from megatron_dsv.runtime.controller import merge_tp_rows
 
     # 2 layers, 2 ranks with 2 heads each: loss, sparsity of heads (2r, 2r+1), recall likewise
     parts = [
