@@ -71,10 +71,12 @@ class FakeCuda:
 )
 def test_support_rule(monkeypatch, cap, dtype, d, hkv, g, kvb, importable, expect):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
-    if importable:
-        install_fake_package(monkeypatch, calls=[])
-    else:
-        monkeypatch.setitem(sys.modules, "cudnn", None)  # import raises ImportError
+    install_fake_package(monkeypatch, calls=[])
+    if not importable:
+        # None in sys.modules makes the import raise ImportError, also where the real package
+        # was imported before (its submodules are cached under their full names)
+        for name in [n for n in sys.modules if n == "cudnn" or n.startswith("cudnn.")]:
+            monkeypatch.setitem(sys.modules, name, None)
     index = block_index(1, 4, 256, 2, g=g, kvb=kvb)
     ok, reason = cb.cudnn_supported(FakeCuda((1, 4, 256, d), dtype), FakeCuda((1, hkv, 256, d), dtype), index)
     if expect is None:

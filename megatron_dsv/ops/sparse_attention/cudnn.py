@@ -74,9 +74,9 @@ def cudnn_supported(q: torch.Tensor, k: torch.Tensor, index: SparseIndex) -> Tup
         )
     try:
         _load()
+        version = getattr(importlib.import_module("cudnn"), "__version__", "unknown")
     except ImportError as err:
         return False, f"the cuDNN frontend's block-sparse attention is not importable ({err}); {INSTALL_HINT}"
-    version = getattr(importlib.import_module("cudnn"), "__version__", "unknown")
     return True, f"cuDNN frontend {version} block-sparse attention (SM90, bf16, D=128, MHA, {BLOCK}x{BLOCK} blocks)"
 
 
