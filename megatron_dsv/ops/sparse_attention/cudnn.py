@@ -8,6 +8,11 @@ first ``q2k_block_nums [B, H, S_q/64]`` entries of each row valid (the rest are 
 ``kv_idx`` is the block index and ``kv_count`` broadcast over the groups is the count. Its LSE is the
 natural-log log-sum-exp in fp32, the same quantity as ``naive.py``'s.
 
+Measured on an H200 (B=1, H=16, S=64k, D=128, bf16, same index, selection included, vs cuDNN dense
+fwd+bwd 218 ms; ``benchmarks/results/cudnn_block_sparse_h200_20261130.json``): 90% sparsity x7.49
+(fwd 7.0 ms, bwd 21.3 ms) against x6.08 for our Triton kernel (9.2, 25.4); 95% x13.55 against x11.64.
+Its fwd+bwd peaks 2.5 GiB above the memory allocated before it there (Triton 1.0 GiB, dense 1.5).
+
 Which cases this backend serves is decided in one place, :func:`cudnn_supported`. The package is
 imported only when that function or a kernel call needs it, so this module imports without it.
 """
@@ -112,7 +117,8 @@ def _forward(q, k, v, q2k, nums, scale: float, out_sbhd: bool):
     api = _load()
     q, k, v = (_conform(t) for t in (q, k, v))
     if out_sbhd and q.shape[0] == 1:
-        # layout="bshd" makes the kernel write out as [1, S, H, D], which is [S, 1, H, D] memory.
+        # layout="bshd" makes the kernel write out as [1, S, H, D], which is [S, 1, H, D] memory:
+        # fwd+bwd 28.71 ms in the layer's layout vs 28.66 in bhsd (S=64k, H=16, 90%, H200).
         res = api.block_sparse_attention_forward(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), q2k, q2k_block_nums=nums,
             sparse_block_size=BLOCK, softmax_scale=scale, layout="bshd",
@@ -123,7 +129,8 @@ def _forward(q, k, v, q2k, nums, scale: float, out_sbhd: bool):
     )
     out = res["o_tensor"]
     if out_sbhd:
-        # B > 1: the kernel writes [B, H, S, D] or [B, S, H, D] only, so [S, B, H, D] is a copy.
+        # B > 1: the kernel writes [B, H, S, D] or [B, S, H, D] only, so [S, B, H, D] is a copy
+        # (0.33 ms per [S=64k, H=16, D=128] sample on an H200).
         out = out.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
     return out, res["lse_tensor"]
 
