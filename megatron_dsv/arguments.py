@@ -97,6 +97,12 @@ def validate_dsv_args(args) -> DSVConfig:
             kv = args.num_query_groups if getattr(args, "group_query_attention", False) else num_heads
             fixed_plan(split, cp, num_heads // tp, max(1, kv // tp))
     if cfg.enabled:
+        if cp > 1 and cfg.dsv_backend == "cudnn":
+            raise ValueError(
+                "--dsv-backend cudnn serves one rank's whole sequence; context parallelism's "
+                "selective key/value exchange runs the Triton kernels. Use --dsv-backend auto "
+                "(cuDNN where a layer runs without CP, Triton under CP) or triton."
+            )
         if cp > 1 and cfg.dsv_predictor_input == "hidden":
             raise ValueError(
                 "--dsv-predictor-input hidden is not supported with context parallelism (the layer "

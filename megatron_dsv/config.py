@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 
 MODES = ("dense", "sparse", "auto")
 PREDICTOR_INPUTS = ("qk", "hidden")
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "cudnn", "triton", "reference")
 DENSE_BACKENDS = ("auto", "sdpa", "te")
 
 
@@ -303,7 +303,9 @@ class DSVConfig:
 
     # What changes speed only.
     dsv_backend: str = knob("auto", Choice(BACKENDS))
-    """Sparse kernels: ``auto`` (Triton on GPU, reference on CPU), ``triton`` or ``reference``."""
+    """Sparse kernels: ``auto`` (cuDNN's block-sparse attention where installed and the case is
+    served, else Triton on GPU, the reference on CPU), ``cudnn``, ``triton`` or ``reference``.
+    Selection always runs on Triton (or the reference on CPU)."""
 
     dsv_dense_backend: str = knob("auto", Choice(DENSE_BACKENDS))
     """Dense attention: ``auto`` (TE when importable, else SDPA), ``sdpa`` or ``te``."""

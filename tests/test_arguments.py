@@ -136,6 +136,7 @@ def test_cp_split_against_heads():
         ([], dict(calculate_per_token_loss=True), ValueError, "--calculate-per-token-loss is not supported with DSV.*Drop the flag"),
         ([], dict(attention_dropout=0.1), ValueError, r"set --attention-dropout 0 \(got 0.1\)"),
         (["--dsv-predictor-input", "hidden"], dict(context_parallel_size=2), ValueError, "use --dsv-predictor-input qk"),
+        (["--dsv-backend", "cudnn"], dict(context_parallel_size=2), ValueError, "Use --dsv-backend auto"),
     ],
 )
 def test_flags_dsv_cannot_run_with(argv, megatron, exc, fix):

@@ -41,8 +41,9 @@ from megatron_dsv.cp.plan import LayerPlan, fixed_plan
 from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
 from megatron_dsv.layers.profiler import sample_rows, sampled_attention_stats
 from megatron_dsv.layers.state import LayerState, LayerStats, StepControl
-from megatron_dsv.ops._utils import check_head_dim, log_once
+from megatron_dsv.ops._utils import BackendChoice, check_head_dim, choose_backend, log_once
 from megatron_dsv.ops.selection import select_topk
+from megatron_dsv.ops.sparse_attention import attention_backend
 from megatron_dsv.ops.sparse_index import k_from_sparsity, num_groups
 
 logger = logging.getLogger("megatron_dsv")
@@ -195,6 +196,7 @@ class DSVCoreAttention(MegatronModule):
         self._layer_input: Optional[Tensor] = None
         self._cp_groups: Optional[CPGroups] = None
         self._exchange = None
+        self._kernels: Optional[BackendChoice] = None  # what the last sparse forward ran, and why
 
         self.dense_backend = self._resolve_dense_backend()
         self.te_attention = None
@@ -389,7 +391,11 @@ class DSVCoreAttention(MegatronModule):
         if self._state.sparse:
             k = self._state.kv_units
             ks = "fixed sparsity %.2f" % self.dsv.dsv_fixed_sparsity if k is None else f"K/head={k.tolist()}"
-            return f"layer {self.layer_number}: DSV sparse ({self.dsv.dsv_backend} kernels, {ks})"
+            kernels = (
+                f"--dsv-backend {self.dsv.dsv_backend}, resolved at the first sparse forward" if self._kernels is None
+                else f"{self._kernels.name} kernels: {self._kernels.reason}"
+            )
+            return f"layer {self.layer_number}: DSV sparse ({ks}; {kernels})"
         why = self._state.reason or "DSV stage 1, predictor training"
         return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
 
@@ -458,9 +464,13 @@ class DSVCoreAttention(MegatronModule):
                 lowrank = self._project(cp, q, k)
                 index = select_topk(
                     lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len),
-                    kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
+                    kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend,
                 )
-            out = cp.sparse(q, k, v, index, self.softmax_scale, self.dsv.dsv_backend)
+            self._kernels = (
+                attention_backend(self.dsv.dsv_backend, q, k, index) if cp.seq_group is None
+                else choose_backend(self._selection_backend, q.device, what="DSV selective exchange")
+            )
+            out = cp.sparse(q, k, v, index, self.softmax_scale, self._kernels.name)
             self._exchange = cp.exchange
         else:
             local = lambda q_, k_, v_: self._dense_forward(q_, k_, v_, attention_mask, mask_type)  # noqa: E731
@@ -501,6 +511,11 @@ class DSVCoreAttention(MegatronModule):
                 "choose a latent shape whose token count is a multiple of CP size x query group, "
                 "and shard contiguous runs of whole cubes (VideoDiT does)."
             )
+
+    @property
+    def _selection_backend(self) -> str:
+        """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``."""
+        return "auto" if self.dsv.dsv_backend == "cudnn" else self.dsv.dsv_backend
 
     def _kv_count_for(self, cp: CPAttention, seq_len_kv: int, for_recall: bool = False) -> Tensor:
         """K per head of the heads ``cp`` gives this rank, on their device."""
@@ -583,7 +598,7 @@ class DSVCoreAttention(MegatronModule):
         q_lr_groups = q_lr.view(b, h, gq, g, r)[:, :, groups].flatten(2, 3)
         index = select_topk(
             q_lr_groups, k_lr, g, self._kv_count_for(cp, k_full.shape[2], for_recall=True).to(q.device),
-            kv_block=self.dsv.dsv_kv_block, backend=self.dsv.dsv_backend,
+            kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend,
         )
         stats = sampled_attention_stats(
             q[:, :, rows], k_full, self.softmax_scale, self.dsv.dsv_critical_mass,

@@ -214,3 +214,12 @@ def test_dsv_does_not_shift_the_model_initialisation(megatron_state):
             assert torch.equal(v, a[k]), k
     p1, p2 = (dsv_attention_layers(auto)[i].predictor.weight_q for i in (0, 1))
     assert not torch.equal(p1, p2)  # each layer its own sketch
+
+
+def test_describe_names_the_kernels_that_ran(megatron_state):
+    block = build(dsv_mode="sparse", dsv_fixed_sparsity=0.75)
+    a = dsv_attention_layers(block)[0]
+    assert "resolved at the first sparse forward" in a.describe()
+    with torch.no_grad():
+        block(torch.randn(S, B, HID), attention_mask=None)
+    assert "reference kernels: auto: cpu tensors run the PyTorch reference" in a.describe()

@@ -187,3 +187,18 @@ def test_autograd_without_lse_gradient_runs_one_backward(monkeypatch):
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) < 1e-10
     assert [c[0] for c in calls] == ["fwd", "bwd"]
+
+
+def test_the_attention_backend_is_decided_in_one_place_and_says_why():
+    from megatron_dsv.ops.selection import select_topk
+    from megatron_dsv.ops.sparse_attention import attention_backend, sparse_attention
+
+    q = torch.randn(1, 2, 128, 16)
+    index = select_topk(torch.randn(1, 2, 128, 4), torch.randn(1, 2, 128, 4), 64, [1, 2], kv_block=64,
+                        backend="reference")
+    auto = attention_backend("auto", q, q, index)
+    assert auto.name == "reference" and "cpu tensors run the PyTorch reference" in auto.reason
+    with pytest.raises(ValueError, match="backend='cudnn' cannot run this case: tensors are on cpu.*'triton'"):
+        attention_backend("cudnn", q, q, index)
+    with pytest.raises(ValueError, match="backend='cudnn' cannot run this case"):
+        sparse_attention(q, q, q, index, backend="cudnn")
