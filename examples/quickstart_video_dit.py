@@ -56,8 +56,10 @@ def main():
         normalization="RMSNorm", qk_layernorm=True,
         dsv_mode="auto", dsv_query_group=(2, 2, 4), dsv_profile_stride=8, dsv_min_keys=16, dsv_k_multiple=16,
         dsv_profile_interval_stage1=2, dsv_profile_interval_stage2=5, dsv_switch_min_iters=20,
-        dsv_switch_max_iters=args.steps // 2, dsv_switch_loss_threshold=0.05, dsv_switch_recall_target=0.8,
-        dsv_min_sparsity=0.5, dsv_recall_floor=0.6, dsv_log_interval=20,
+        dsv_switch_max_iters=args.steps // 2,
+        # A tiny model trained for 60 steps on CPU: its attention holds 90% of the mass only at
+        # density ~0.7 (measured), so the demo targets recall 0.75; real runs keep 0.9.
+        dsv_critical_mass=0.75, dsv_min_sparsity=0.3, dsv_recall_floor=0.6, dsv_log_interval=20,
     )
     model = VideoDiT(cfg, in_channels=c, patch=(1, 2, 2), num_classes=8).to(args.device)
     named = list(model.named_parameters())

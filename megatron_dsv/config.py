@@ -243,10 +243,13 @@ class DSVConfig:
     """Key granularity: 1 selects single keys, n selects contiguous blocks of n keys."""
 
     dsv_critical_mass: float = knob(0.9, Real(0.0, 1.0, lo_open=True))
-    """Attention mass a query's critical keys must hold; sparsity is measured against it."""
+    """Target recall: K per head is the fewest key units whose selection, as the layer really
+    selects (query groups x key units ranked by the predictor), holds this fraction of the sampled
+    rows' exact attention mass. Token-level sparsity is reported against it too."""
 
     dsv_min_sparsity: float = knob(0.8, Real(0.0, 1.0))
-    """A layer goes sparse only when its measured sparsity is at least this."""
+    """A layer goes sparse only when the density K/units chosen for the target recall leaves at
+    least this fraction of key units out (1 - density >= this)."""
 
     dsv_fixed_sparsity: float = knob(0.9, Real(0.0, 1.0, hi_open=True))
     """Per-head sparsity used when no profile exists (``sparse`` mode from scratch, or a head the
@@ -259,6 +262,13 @@ class DSVConfig:
     dsv_k_multiple: int = knob(64, Int(1))
     """Keys per head are rounded up to a multiple of this (the kernels' key tile), in keys; with
     key blocks, to whole blocks."""
+
+    dsv_predictor_fit: str = knob("closed_form", Choice(("closed_form", "gradient")))
+    """How the predictor learns. ``closed_form``: on every profiling iteration the sampled rows'
+    score moments (summed over data- and context-parallel ranks) are fitted by weighted
+    reduced-rank regression, a [D, D] problem per head, no autograd, no optimizer (the predictor's
+    weights are not trainable parameters). ``gradient``: the predictor loss is back-propagated
+    through Megatron's auxiliary-loss path and an optimizer group of its own (the paper's way)."""
 
     dsv_predictor_loss_coeff: float = knob(1.0, Real(0.0))
     """Scale of the predictor loss gradient (it reaches only predictor parameters)."""
@@ -279,11 +289,15 @@ class DSVConfig:
     dsv_stats_ema: float = knob(0.9, Real(0.0, 1.0, hi_open=True))
     """Decay of the exponential moving average of sparsity, recall and predictor loss."""
 
-    dsv_switch_loss_threshold: float = knob(0.01, Real(0.0, lo_open=True, hint="the paper uses 0.01"))
-    """Stage switch: mean predictor loss must be below this (paper: 0.01)."""
+    dsv_switch_relative_recall: float = knob(0.95, Real(0.0, 1.0, lo_open=True))
+    """Stage switch: the predictor's recall at the chosen K, relative to what the same selection
+    rule gets from exact q/k, must reach this (mean over layers and heads) and have plateaued.
+    The absolute loss of the paper (0.01) is not a gate: it sits below what a rank-16 predictor
+    reaches on RoPE'd 64-dim heads and does not track recall (measured, issue 13)."""
 
-    dsv_switch_recall_target: float = knob(0.9, Real(0.0, 1.0))
-    """Stage switch: mean predictor recall (exact attention mass captured) at least this."""
+    dsv_switch_plateau: float = knob(0.01, Real(0.0, 1.0))
+    """Stage switch: the relative recall has plateaued when its last 3 profiling measurements lie
+    within this of each other."""
 
     dsv_switch_min_iters: int = knob(100, Int(0))
     """Never switch to sparse before this many iterations of stage 1."""
@@ -292,7 +306,15 @@ class DSVConfig:
     """Switch to sparse at this iteration even if the predictor has not converged."""
 
     dsv_recall_floor: float = knob(0.8, Real(0.0, 1.0))
-    """In stage 2 a layer whose recall falls below this goes back to dense."""
+    """In stage 2 a layer whose recall at its K falls below this goes back to dense (its K is cleared)."""
+
+    dsv_recall_margin: float = knob(0.05, Real(0.0, 1.0))
+    """Hysteresis: a layer that fell back to dense returns only when its recall reaches the floor
+    plus this, its relative recall reaches ``--dsv-switch-relative-recall`` and it has been dense
+    for ``--dsv-min-dwell`` iterations."""
+
+    dsv_min_dwell: int = knob(100, Int(0))
+    """Hysteresis: iterations a layer that fell back to dense stays dense at least."""
 
     dsv_stage2_predictor_lr_scale: float = knob(0.1, Real(0.0, 1.0, lo_open=True))
     """Predictor learning-rate multiplier in stage 2."""
@@ -357,6 +379,16 @@ class DSVConfig:
                 f"--dsv-switch-max-iters ({self.dsv_switch_max_iters}) must be >= "
                 f"--dsv-switch-min-iters ({self.dsv_switch_min_iters})."
             )
+        if self.dsv_recall_floor + self.dsv_recall_margin > 1.0:
+            raise ValueError(
+                f"--dsv-recall-floor ({self.dsv_recall_floor}) + --dsv-recall-margin "
+                f"({self.dsv_recall_margin}) must be <= 1 (recall cannot exceed 1): lower one of them."
+            )
+        if self.dsv_predictor_fit == "closed_form" and self.dsv_predictor_input == "hidden":
+            raise ValueError(
+                "--dsv-predictor-fit closed_form fits the 'qk' predictor (q W_q (k W_k)^T to q k^T); "
+                "with --dsv-predictor-input hidden use --dsv-predictor-fit gradient."
+            )
 
     @property
     def group_size(self) -> int:
@@ -397,7 +429,8 @@ _RETUNABLE_ON_RESUME = {
     "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps", "dsv_on_resume",
     # the schedule may be retuned when resuming; the layers' decisions are what is restored
     "dsv_profile_interval_stage1", "dsv_profile_interval_stage2", "dsv_switch_max_iters",
-    "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_loss_threshold", "dsv_switch_recall_target",
+    "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_relative_recall", "dsv_switch_plateau",
+    "dsv_recall_margin", "dsv_min_dwell",
     "dsv_recall_floor", "dsv_stage2_predictor_lr_scale", "dsv_min_sparsity", "dsv_predictor_lr",
 }
 

@@ -37,7 +37,7 @@ def test_every_field_has_a_flag_help_and_rule():
         (["--dsv-kv-block", "0"], "must be an integer in [1, 1024]; got 0"),
         (["--dsv-mode", "fast"], "must be one of dense, sparse, auto; got 'fast'"),
         (["--dsv-cp-split", "3y"], "must be auto, head, seq or HxS such as 4x2"),
-        (["--dsv-switch-loss-threshold", "0"], "must be a number > 0 (the paper uses 0.01)"),
+        (["--dsv-switch-relative-recall", "0"], "must be a number in (0, 1]; got 0.0"),
     ],
 )
 def test_bad_flags_fail_at_parse_time_with_the_fix(argv, fix, capsys):
@@ -135,7 +135,7 @@ def test_cp_split_against_heads():
     [
         ([], dict(calculate_per_token_loss=True), ValueError, "--calculate-per-token-loss is not supported with DSV.*Drop the flag"),
         ([], dict(attention_dropout=0.1), ValueError, r"set --attention-dropout 0 \(got 0.1\)"),
-        (["--dsv-predictor-input", "hidden"], dict(context_parallel_size=2), ValueError, "use --dsv-predictor-input qk"),
+        (["--dsv-predictor-input", "hidden", "--dsv-predictor-fit", "gradient"], dict(context_parallel_size=2), ValueError, "use --dsv-predictor-input qk"),
         (["--dsv-backend", "cudnn"], dict(context_parallel_size=2), ValueError, "Use --dsv-backend auto"),
     ],
 )

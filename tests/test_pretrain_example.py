@@ -40,7 +40,8 @@ out, loss_func = p.forward_step(iter([batch]), model)
 loss, count, report = loss_func(out)
 assert out.shape == (2, 128, 16) and count.item() == out.numel() and count.dtype == torch.int  # [B, tokens, patch]
 loss.backward()
-assert layers[0].predictor.weight_q.grad is not None
+# the default closed-form predictor fit: the training forward profiled and kept its score moments
+assert layers[0].predictor.moments is not None and len(layers[0].pending_stats) == 1
 print("OK", float(loss / count))
 """
 
@@ -83,7 +84,8 @@ def _example_cp_rank(rank, world, root):
     argv = ["--dit-config", "tiny", "--latent-shape", "4x4x8x16", "--micro-batch-size", "2",
             "--train-iters", "3", "--lr", "1e-3", "--dsv-query-group", "2x2x4", "--use-cpu-initialization",
             "--dit-num-classes", "3", "--dsv-predictor-rank", "8", "--context-parallel-size", str(world),
-            "--dsv-cp-split", "auto", "--num-workers", "0"]
+            "--dsv-cp-split", "auto", "--num-workers", "0",
+            "--dsv-predictor-fit", "gradient"]  # the predictor's auxiliary-loss gradient under CP
     defaults, extra = p._pre_parse(argv)
     sys.argv = ["pretrain_video_dit.py"] + argv + extra
     args = parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)

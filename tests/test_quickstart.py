@@ -18,13 +18,15 @@ def test_quickstart_switches_to_sparse(megatron_state, monkeypatch, capsys):
     result = quickstart.main()
     out = capsys.readouterr().out
     layers = result["layers"]
-    # the controller switched on the predictor loss threshold (0.01), not at the iteration cap
+    # the controller switched on the predictor's relative recall, not at the iteration cap
     switch = [line for line in result["log"] if "stage switch" in line]
     assert len(switch) == 1 and "max-iters" not in switch[0]
     assert result["summary"]["stage"] == 2
-    # layer 1 learned sparse heads and went sparse with per-head K; layer 2 is not sparse enough
+    # layer 1 learned sparse heads and went sparse with per-head K chosen for recall 0.9 (the
+    # recall of the selection it runs, at that K); layer 2 is not sparse enough
+    first = result["summary"]["layers"][0]
     assert float(layers[0].stats_ema["sparsity"].mean()) > 0.78
-    assert float(layers[0].stats_ema["recall"].mean()) > 0.85
+    assert min(first["recall_at_k"]) >= 0.9 - 1e-3 and min(first["relative_recall"]) > 0.95
     assert layers[0].sparse and len(set(layers[0].kv_units_global.tolist())) > 1
     assert not layers[1].sparse and "min-sparsity" in layers[1].decision
     assert "DSV sparse" in out

@@ -39,12 +39,12 @@ from megatron_dsv.cp.context import CPAttention
 from megatron_dsv.cp.groups import CPGroups
 from megatron_dsv.cp.plan import LayerPlan, fixed_plan
 from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
-from megatron_dsv.layers.profiler import sample_rows, sampled_attention_stats
+from megatron_dsv.layers.profiler import RecallCurve, recall_curve, sample_rows, sampled_attention_stats
 from megatron_dsv.layers.state import LayerState, LayerStats, StepControl
 from megatron_dsv.ops._utils import BackendChoice, check_head_dim, choose_backend, log_once
 from megatron_dsv.ops.selection import select_topk
 from megatron_dsv.ops.sparse_attention import attention_backend
-from megatron_dsv.ops.sparse_index import k_from_sparsity, num_groups
+from megatron_dsv.ops.sparse_index import k_from_sparsity
 
 logger = logging.getLogger("megatron_dsv")
 
@@ -187,7 +187,12 @@ class DSVCoreAttention(MegatronModule):
                 seed=(torch.initial_seed() * 1_000_003 + self.layer_number) % (2**63),
             )
             self.predictor.tp_group = pg_collection.tp
-            self.loss_scale = predictor_loss_scale(config)
+            if self.dsv.dsv_predictor_fit == "closed_form":
+                # Fitted in closed form, never by an optimizer: Megatron's DDP and optimizer skip
+                # parameters that do not require grad, so no master copy overwrites a fit.
+                self.predictor.requires_grad_(False)
+            else:
+                self.loss_scale = predictor_loss_scale(config)
         sparse = self.dsv.dsv_mode == "sparse" and self.predictor is not None
         self._state = LayerState(sparse=sparse)
         self._control = StepControl(train_predictor=self.predictor is not None, collect_stats=self.predictor is not None)
@@ -351,26 +356,18 @@ class DSVCoreAttention(MegatronModule):
         units = seq_len_kv // self.dsv.dsv_kv_block
         return k_from_sparsity(sparsity, units, multiple=self.dsv.multiple_units(), floor=self.dsv.min_units(units))
 
-    def kv_count_global(self, seq_len_kv: int, for_recall: bool = False) -> Tensor:
-        """K per head of the layer (all TP ranks) in key units, int32 ``[H]``.
-
-        From the state's K, else from ``dsv_fixed_sparsity``. For measuring recall in stage 1 it
-        is what the head would get when switched: K from its measured sparsity (EMA), so recall
-        answers "would the predictor's top-K hold the mass?".
-        """
+    def kv_count_global(self, seq_len_kv: int) -> Tensor:
+        """K per head of the layer (all TP ranks) in key units, int32 ``[H]``: the state's K (chosen
+        by the runtime for the target recall), else from ``dsv_fixed_sparsity``."""
         state = self._state
+        units = seq_len_kv // self.dsv.dsv_kv_block
         if state.kv_units is not None:
-            units = seq_len_kv // self.dsv.dsv_kv_block
             return state.kv_units.clamp(min=self.dsv.min_units(units), max=units)
-        if for_recall and not state.sparse and "sparsity" in state.stats_ema:
-            sparsity = state.stats_ema["sparsity"].cpu()
-        else:
-            sparsity = torch.full((self.num_heads_global,), self.dsv.dsv_fixed_sparsity)
-        return self.k_for_sparsity(sparsity, seq_len_kv)
+        return self.k_for_sparsity(torch.full((self.num_heads_global,), self.dsv.dsv_fixed_sparsity), seq_len_kv)
 
-    def kv_count(self, seq_len_kv: int, for_recall: bool = False) -> Tensor:
+    def kv_count(self, seq_len_kv: int) -> Tensor:
         """K per local head in key units, int32 ``[H_local]`` (see :meth:`kv_count_global`)."""
-        return self.kv_count_global(seq_len_kv, for_recall)[self.head_slice()]
+        return self.kv_count_global(seq_len_kv)[self.head_slice()]
 
     # ---------------------------------------------------------------- description
     def describe(self) -> str:
@@ -446,16 +443,16 @@ class DSVCoreAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         trains = self._trains_now()
         sparse = self._state.sparse
-        if sparse or trains:
+        if sparse or trains or self._profiles_now():
             self._check_bidirectional(mask_type, attention_mask)
         sq, b, np_, hn = query.shape
         cp = self._attention_plan(sq, mask_type)
         self._seen = (key.shape[0] * cp.cp_size, b)
         if self.te_attention is not None and not sparse:
             out = self.te_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
-            if trains:
+            if trains or self._profiles_now():
                 q, k, _ = cp.to_heads(query, key, value)
-                out = PredictorLossAutoScaler.apply(out, self._predictor_step(cp, q, k, None), self.loss_scale)
+                out = self._learn(out, cp, q, k, None)
             return out
         q, k, v = cp.to_heads(query, key, value)  # [b, H_slot, S/seq_size, hn]
         lowrank = None
@@ -478,8 +475,8 @@ class DSVCoreAttention(MegatronModule):
                 q, k, v, self.softmax_scale, self.dsv.group_size, self.dsv.dsv_kv_block,
                 self.dsv.dsv_backend, local,
             )
-        if trains:
-            out = PredictorLossAutoScaler.apply(out, self._predictor_step(cp, q, k, lowrank), self.loss_scale)
+        if trains or self._profiles_now():
+            out = self._learn(out, cp, q, k, lowrank)
         return cp.from_heads(out).reshape(sq, b, np_ * hn)
 
     def _attention_plan(self, s_local: int, mask_type) -> CPAttention:
@@ -517,9 +514,9 @@ class DSVCoreAttention(MegatronModule):
         """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``."""
         return "auto" if self.dsv.dsv_backend == "cudnn" else self.dsv.dsv_backend
 
-    def _kv_count_for(self, cp: CPAttention, seq_len_kv: int, for_recall: bool = False) -> Tensor:
-        """K per head of the heads ``cp`` gives this rank, on their device."""
-        kv = self.kv_count(seq_len_kv, for_recall)
+    def _kv_count_for(self, cp: CPAttention, seq_len_kv: int) -> Tensor:
+        """K per head of the heads ``cp`` gives this rank."""
+        kv = self.kv_count(seq_len_kv)
         return kv if cp.is_local else kv[list(cp.heads)]
 
     def _project(self, cp: CPAttention, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
@@ -530,86 +527,112 @@ class DSVCoreAttention(MegatronModule):
         q_lr, k_lr = self.predictor.project(q, k, heads=heads)
         return q_lr, cp.gather_keys(k_lr)
 
-    def _predictor_step(self, cp: CPAttention, q: Tensor, k: Tensor, lowrank) -> Tensor:
-        """Predictor loss on sampled rows (gradient to the predictor only); statistics if asked.
-
-        Rows are the single-process sample restricted to this rank's chunk; under CP the Gram
-        matrices are summed over the sequence group and the loss is this rank's share of the
-        single-process loss. Megatron's schedule multiplies auxiliary-loss scales by the CP size
-        and averages gradients over the data x context-parallel group, so the predictor's gradient
-        equals the single-process one. Statistics are summed over the CP group per head and row,
-        so every CP rank reports the single-process values. ``lowrank``: the forward's projection
-        when it made one (sparse layers), reused by the profiler.
-        """
-        s_chunk = q.shape[2]
-        s_total = s_chunk * cp.seq_size
-        lo, hi = cp.chunk_range(s_chunk)
-        rows = sample_rows(s_total, self.dsv.dsv_profile_stride, self._control.iteration + 7 * self.layer_number, q.device)
-        n_total = rows.numel()
-        if not cp.is_local:
-            rows = rows[(rows >= lo) & (rows < hi)] - lo
+    def _learn(self, out: Tensor, cp: CPAttention, q: Tensor, k: Tensor, lowrank) -> Tensor:
+        """The predictor's share of a training forward: its gradient loss attached to ``out``
+        (``gradient`` fit), its score moments accumulated (``closed_form``), statistics on
+        profiling iterations. ``lowrank``: the forward's projection when it made one (sparse
+        layers), reused here, so nothing is projected or selected twice."""
+        rows, n_total = self._sampled_rows(cp, q)
         heads = None if cp.is_local else list(cp.heads)
-        x = self._layer_input_bsh() if self.dsv.dsv_predictor_input == "hidden" else None
         norm = q.shape[0] * self.num_heads * n_total
-        with torch.enable_grad():
+        x = self._layer_input_bsh() if self.dsv.dsv_predictor_input == "hidden" else None
+        gradient = self._trains_now()
+        with torch.enable_grad() if gradient else torch.no_grad():
             u_rows = self.predictor.project_queries(q[:, :, rows] if x is None else x[:, rows], torch.float32, heads=heads)
             loss_sum = predictor_loss(
                 self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
                 self.dsv.dsv_predictor_cosine_weight, x=None if x is None else x.detach(), heads=heads,
                 group=cp.seq_group, reduction="sum",
             )
-        loss = loss_sum / norm
-        if self._control.collect_stats:
+        if self._profiles_now():
             # Once per microbatch: with activation recompute the first forward has autograd off
-            # (no predictor step) and only the recompute reaches here.
+            # and only the recompute reaches here.
+            if self.dsv.dsv_predictor_fit == "closed_form":
+                self.predictor.accumulate_moments(q[:, :, rows], k, heads=heads, group=cp.seq_group)
             self._pending.append(self._measure(cp, q, k, lowrank, rows, loss_sum.detach(), norm, n_total))
-        return loss * self.dsv.dsv_predictor_loss_coeff
+        if not gradient:
+            return out
+        # Under CP the loss is this rank's share of the single-process loss: Megatron's schedule
+        # multiplies auxiliary-loss scales by the CP size and averages gradients over the
+        # data x context-parallel group, so the predictor's gradient equals the single-process one.
+        return PredictorLossAutoScaler.apply(out, loss_sum / norm * self.dsv.dsv_predictor_loss_coeff, self.loss_scale)
+
+    def _sampled_rows(self, cp: CPAttention, q: Tensor) -> Tuple[Tensor, int]:
+        """The single-process sample of query rows restricted to this rank's chunk (chunk-local
+        positions), and the sample's size over the whole sequence."""
+        s_chunk = q.shape[2]
+        rows = sample_rows(
+            s_chunk * cp.seq_size, self.dsv.dsv_profile_stride, self._control.iteration + 7 * self.layer_number, q.device
+        )
+        n_total = rows.numel()
+        if not cp.is_local:
+            lo, hi = cp.chunk_range(s_chunk)
+            rows = rows[(rows >= lo) & (rows < hi)] - lo
+        return rows, n_total
 
     @torch.no_grad()
     def _measure(self, cp: CPAttention, q, k, lowrank, rows, loss_sum, norm, n_total) -> LayerStats:
-        """Sparsity and recall of the sampled rows, summed over the CP group (profiling iterations).
+        """Token sparsity and the selection's recall curve of the sampled rows, summed over the CP
+        group per head (every CP rank reports the single-process values).
 
-        Exact sampled rows need every key: under CP, profiling iterations (every 10 in stage 1,
-        every 50 in stage 2 by default) all-gather this slot's keys over the sequence group."""
-        heads = list(cp.heads)
+        The curve ranks key units per row as selection does (the predictor's group score) and by
+        the same rule on exact q/k, so the runtime reads the recall of any K, and the predictor's
+        recall relative to exact q/k, from it. Exact sampled rows need every key: under CP,
+        profiling iterations (every 10 in stage 1, every 50 in stage 2 by default) all-gather
+        this slot's keys over the sequence group."""
+        h = self.num_heads
+        heads = torch.as_tensor(list(cp.heads), device=q.device)
         k_full = cp.gather_keys(k.detach())
         q_lr, k_lr = self._project(cp, q, k) if lowrank is None else lowrank
-        rep = len(heads) // k_full.shape[1]
-        k_full = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
-        h = self.num_heads
-        if cp.is_local:
-            part = self._row_stats(cp, q, k_full, q_lr, k_lr, rows)
-            return LayerStats(loss_sum.float() / norm, part["sparsity"], part["recall"], self.last_seq_len)
-        local = torch.zeros(1 + 2 * h, device=q.device, dtype=torch.float32)
-        local[0] = loss_sum.float()
+        units = k_full.shape[2] // self.dsv.dsv_kv_block
+        curve = torch.zeros(4, h, units, dtype=torch.float64, device=q.device)
+        sparsity = torch.zeros(h, dtype=torch.float64, device=q.device)
         if rows.numel():
-            part = self._row_stats(cp, q, k_full, q_lr, k_lr, rows)
-            idx = torch.as_tensor(heads, device=q.device)
-            local[1 + idx] = part["sparsity"].float() * rows.numel()
-            local[1 + h + idx] = part["recall"].float() * rows.numel()
-        torch.distributed.all_reduce(local, group=self._cp_groups.cp_group)
-        return LayerStats(local[0] / norm, local[1 : 1 + h] / n_total, local[1 + h :] / n_total, self.last_seq_len)
+            rep = len(cp.heads) // k_full.shape[1]
+            k_exp = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
+            sp = sampled_attention_stats(q[:, :, rows], k_exp, self.softmax_scale, self.dsv.dsv_critical_mass)
+            sparsity[heads] = sp["sparsity"].sum(0).double() * rows.numel()
+            part = recall_curve(
+                q, k_full, q_lr, k_lr, rows, group_size=self.dsv.group_size, kv_block=self.dsv.dsv_kv_block,
+                scale=self.softmax_scale, critical_mass=self.dsv.dsv_critical_mass,
+            )
+            curve[:, heads] = torch.stack(list(part._fields()))
+        packed = torch.cat([loss_sum.double().reshape(1), sparsity, curve.flatten()])
+        if not cp.is_local:
+            torch.distributed.all_reduce(packed, group=self._cp_groups.cp_group)
+        b = q.shape[0]
+        loss = packed[0] / norm
+        sparsity = packed[1 : 1 + h] / (b * n_total)
+        full = RecallCurve(*packed[1 + h :].view(4, h, units).unbind(0), critical_mass=self.dsv.dsv_critical_mass)
+        recall = full.recall(self.kv_count(self.last_seq_len).clamp(max=units))
+        return LayerStats(loss.float(), sparsity.float(), recall, self.last_seq_len, full)
 
-    def _row_stats(self, cp: CPAttention, q, k_full, q_lr, k_lr, rows) -> Dict[str, Tensor]:
-        g = self.dsv.group_size
-        gq = num_groups(q.shape[2], g)
-        groups, row_group = torch.unique(rows // g, return_inverse=True)
-        b, h, _, r = q_lr.shape
-        q_lr_groups = q_lr.view(b, h, gq, g, r)[:, :, groups].flatten(2, 3)
-        index = select_topk(
-            q_lr_groups, k_lr, g, self._kv_count_for(cp, k_full.shape[2], for_recall=True).to(q.device),
-            kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend,
-        )
-        stats = sampled_attention_stats(
-            q[:, :, rows], k_full, self.softmax_scale, self.dsv.dsv_critical_mass,
-            row_groups=row_group, index=index,
-        )
-        return {name: val.mean(0) for name, val in stats.items()}  # per local head
+    def refit_predictor(self, group=None) -> Optional[Tensor]:
+        """Closed-form fit of the predictor to the score moments accumulated since the last fit,
+        summed over ``group`` (default this layer's CP group; the runtime passes the data x
+        context-parallel group so every rank writes the same weights). Returns the fit's residual
+        per head, or None when nothing was accumulated (no profiling forward since the last fit)."""
+        if self.predictor is None or self.predictor.moments is None:
+            return None
+        if group is None and self._cp_groups is not None:
+            group = self._cp_groups.cp_group
+        return self.predictor.refit(group=group)
 
     def _trains_now(self) -> bool:
+        """The gradient fit's predictor step runs on this forward."""
         return (
             self.predictor is not None
+            and self.dsv.dsv_predictor_fit == "gradient"
             and self._control.train_predictor
+            and self.training
+            and torch.is_grad_enabled()
+        )
+
+    def _profiles_now(self) -> bool:
+        """This forward measures statistics (and, closed-form, accumulates score moments)."""
+        return (
+            self.predictor is not None
+            and self._control.collect_stats
             and self.training
             and torch.is_grad_enabled()
         )

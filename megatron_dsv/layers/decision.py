@@ -44,8 +44,8 @@ def hysteresis_decision(
 
     NaN statistics (nothing measured) keep the current state.
     """
-    if not 0.0 < floor <= 1.0:
-        raise ValueError(f"floor must be in (0, 1], got {floor}.")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1] (0: never leave sparse), got {floor}.")
     if margin < 0.0 or floor + margin > 1.0:
         raise ValueError(
             f"margin must be >= 0 with floor + margin <= 1 (recall cannot exceed 1); got floor {floor}, "

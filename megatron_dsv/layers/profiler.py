@@ -257,6 +257,17 @@ class RecallCurve:
             k = reached.double().argmax(-1) + 1
         return k.clamp(1, self.num_units).to(torch.int32)
 
+    def k_for_recall(self, target: float) -> torch.Tensor:
+        """Per head, the fewest units whose predictor-ranked selection holds ``target`` of the
+        sampled rows' mass on average (the recall the layer gets at that K): int32 ``[H]``."""
+        if not 0 < target <= 1:
+            raise ValueError(f"target recall must be in (0, 1], got {target}.")
+        rows = self._check_rows()
+        # 1e-6: a curve summed in fp32 (a restored checkpoint) reaches 1.0 only up to rounding
+        reached = self.mass_by_rank.cumsum(-1) / rows.unsqueeze(-1) >= target - 1e-6
+        k = torch.where(reached.any(-1), reached.double().argmax(-1) + 1, torch.full_like(rows, self.num_units))
+        return k.clamp(1, self.num_units).to(torch.int32)
+
     def choose(self, quantile="mean") -> KChoice:
         """K per head for the critical mass (predictor ranking) and the recalls at that K."""
         k = self.units_needed(quantile)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from megatron_dsv.cp.plan import LayerPlan
+from megatron_dsv.layers.profiler import RecallCurve
 
 STATS = ("loss", "sparsity", "recall")
 """The statistics a profiling forward reports: predictor loss (scalar), sparsity and recall per head."""
@@ -41,6 +42,10 @@ class LayerState:
         schedule: the run's stage (``{"stage": int, "switch_iteration": int | None}``).
         cp_plan: the layer's head x sequence split under context parallelism (not checkpointed:
             it is re-derived from the statistics).
+        changed_at: iteration of the last sparse/dense change (hysteresis), None before one.
+
+    ``stats_ema`` also holds the recall curve (``megatron_dsv.layers.profiler.RecallCurve``
+    fields, ``[H, units]``): the selection's recall at every K, from which K is chosen.
     """
 
     sparse: bool = False
@@ -49,6 +54,7 @@ class LayerState:
     stats_ema: Dict[str, Tensor] = field(default_factory=dict)
     schedule: Dict[str, Any] = field(default_factory=dict)
     cp_plan: Optional[LayerPlan] = None
+    changed_at: Optional[int] = None
 
     def replace(self, **changes) -> "LayerState":
         """A copy with ``changes`` (the way the runtime proposes a new state)."""
@@ -64,6 +70,7 @@ class LayerState:
             "stats_ema": {k: v.float().cpu().tolist() for k, v in self.stats_ema.items()},
             "schedule": dict(self.schedule),
             "decision": self.reason,
+            "changed_at": self.changed_at,
         }
 
     @classmethod
@@ -103,16 +110,17 @@ class LayerState:
         except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{layer}: DSV _extra_state holds malformed values ({exc}); {fix}") from None
         for name, value in ema.items():
-            if name != "loss" and value.numel() != num_heads:
+            heads = value.shape[0] if value.dim() else 1
+            if name != "loss" and heads != num_heads:
                 raise ValueError(
-                    f"{layer}: the checkpoint's {name} statistics cover {value.numel()} heads, this "
+                    f"{layer}: the checkpoint's {name} statistics cover {heads} heads, this "
                     f"layer has {num_heads}; {fix}"
                 )
         if kv is not None and kv.numel() != num_heads:
             raise ValueError(f"{layer}: the checkpoint's K covers {kv.numel()} heads, this layer has {num_heads}; {fix}")
         return cls(
             sparse=bool(state["sparse"]), kv_units=kv, reason=str(state.get("decision", "")),
-            stats_ema=ema, schedule=schedule,
+            stats_ema=ema, schedule=schedule, changed_at=state.get("changed_at"),
         )
 
 
@@ -133,14 +141,16 @@ class StepControl:
 class LayerStats:
     """One profiling forward's measurements (per microbatch).
 
-    ``loss``: scalar predictor loss; ``sparsity`` / ``recall``: ``[H_local]`` per local head;
-    ``seq_len``: the full sequence length the layer attended over.
+    ``loss``: scalar predictor loss; ``sparsity`` (token level) / ``recall`` (at the K in use):
+    ``[H_local]`` per local head; ``seq_len``: the full sequence length the layer attended over;
+    ``curve``: the selection's recall curve of the sampled rows (``RecallCurve``, per local head).
     """
 
     loss: Tensor
     sparsity: Tensor
     recall: Tensor
     seq_len: int
+    curve: Optional["RecallCurve"] = None
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in STATS:

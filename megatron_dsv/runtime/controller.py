@@ -1,19 +1,26 @@
 """The DSV stage machine: when to go sparse, which layers, how many keys per head.
 
-Stage 1 (``--dsv-mode auto``): every layer runs dense; predictors train every iteration; the
-profiler measures per-head sparsity, predictor recall and loss every
-``--dsv-profile-interval-stage1`` iterations. The controller switches to stage 2 when the mean
-predictor loss is below ``--dsv-switch-loss-threshold`` and the mean recall reaches
-``--dsv-switch-recall-target`` (never before ``--dsv-switch-min-iters``), or at
-``--dsv-switch-max-iters``.
+Every profiling iteration (``--dsv-profile-interval-stage1`` / ``-stage2``) each layer reports, for
+sampled query rows, the recall curve of its real selection: key units ranked per query group by the
+predictor (and by the same rule on exact q/k), the rows' exact attention mass read in that order.
+From its EMA the controller chooses, per head, the fewest key units whose recall reaches
+``--dsv-critical-mass`` (K for a target recall, not K from token-level sparsity, which overstates
+what query groups x key blocks can skip by about 2x), and reads the predictor's recall relative to
+exact q/k at that K.
 
-Stage 2: a layer runs sparse when its sparsity reaches ``--dsv-min-sparsity``, its recall is at
-least ``--dsv-recall-floor`` and the speed table says sparse is faster at its length and density;
-K per head follows that head's sparsity (rounded up to ``--dsv-k-multiple``, at least
-``--dsv-min-keys``). Predictors train, and the profiler measures, every
-``--dsv-profile-interval-stage2`` iterations, with the predictor learning rate scaled by
-``--dsv-stage2-predictor-lr-scale``. A sparse layer whose recall falls below the floor goes back
-to dense (logged) and may return when it recovers.
+Stage 1 (``--dsv-mode auto``): every layer runs dense while the predictor learns (closed-form refit
+of the sampled rows' score moments on every profiling iteration, or by gradient). The switch to
+stage 2 fires when the mean relative recall reaches ``--dsv-switch-relative-recall`` and has
+plateaued (last 3 measurements within ``--dsv-switch-plateau``), never before
+``--dsv-switch-min-iters``, or at ``--dsv-switch-max-iters``.
+
+Stage 2: a layer runs sparse at its K when the density K/units leaves at least
+``--dsv-min-sparsity`` of the key units out, the speed table says sparse is faster at that
+density, and its recall holds (hysteresis, ``megatron_dsv.layers.decision``): a sparse layer
+whose recall falls below ``--dsv-recall-floor`` goes dense at once and its K is cleared; it
+returns after ``--dsv-min-dwell`` iterations when its recall reaches the floor plus
+``--dsv-recall-margin`` and its relative recall the switch target. K follows the curve at every
+profiling iteration. Every change and its reason is logged.
 
 ``--dsv-mode sparse`` keeps every layer sparse with ``--dsv-fixed-sparsity`` and only measures.
 
@@ -37,12 +44,20 @@ import torch.distributed as dist
 
 from megatron_dsv.config import DSVConfig
 from megatron_dsv.layers.attention import DSVCoreAttention, dsv_attention_layers
+from megatron_dsv.layers.decision import hysteresis_decision
+from megatron_dsv.layers.profiler import RecallCurve
 from megatron_dsv.layers.state import STATS, StepControl
 from megatron_dsv.runtime.lr import check_predictor_groups, set_predictor_lr_scale
 from megatron_dsv.runtime.speed_table import SpeedTable
 from megatron_dsv.runtime.writers import StatsWriter, print_rank_0, status_line
 
 logger = logging.getLogger("megatron_dsv")
+
+CURVE = ("mass_by_rank", "mass_by_rank_exact", "need_count", "need_count_exact")
+"""The recall-curve fields kept (as EMAs, ``[H, units]``) beside the per-head statistics."""
+
+PLATEAU_POINTS = 3
+"""Profiling measurements of the relative recall that must agree within ``--dsv-switch-plateau``."""
 
 
 class DSVController:
@@ -97,6 +112,7 @@ class DSVController:
         initial = {"auto": 1, "sparse": 2}.get(self.cfg.dsv_mode, 0)
         self.stage: int = sched.get("stage", initial)
         self.switch_iteration: Optional[int] = sched.get("switch_iteration")
+        self.relative_history: List[float] = list(sched.get("relative_recall_history", []))
         self.cp_policy = None  # the CP planner's per-layer plans (--dsv-cp-split auto)
         self.optimizer = optimizer
         if optimizer is not None:
@@ -121,10 +137,15 @@ class DSVController:
         events = []
         if measured is not None:
             self._update_ema(measured)
+            self._refit()
+            if self.stage == 1:
+                rel = self._mean_relative_recall()
+                if rel is not None:
+                    self.relative_history = (self.relative_history + [rel])[-PLATEAU_POINTS:]
         if self.stage == 1 and self._switch_due(iteration):
             events += self._switch(iteration)
         elif self.stage == 2 and measured is not None and self.cfg.dsv_mode == "auto":
-            events += self._redecide()
+            events += self._redecide(iteration)
         events += self._replan(iteration)
         self._store_schedule()
         summary = self.summary(iteration)
@@ -140,55 +161,102 @@ class DSVController:
 
     def _switch_due(self, iteration: int) -> bool:
         cfg = self.cfg
-        if iteration < cfg.dsv_switch_min_iters or not all(l.state.stats_ema for l in self.layers):
-            return iteration >= cfg.dsv_switch_max_iters
-        loss, recall = self._mean("loss"), self._mean("recall")
-        good = loss < cfg.dsv_switch_loss_threshold and recall >= cfg.dsv_switch_recall_target
-        return good or iteration >= cfg.dsv_switch_max_iters
+        if iteration >= cfg.dsv_switch_max_iters:
+            return True
+        hist = self.relative_history
+        if iteration < cfg.dsv_switch_min_iters or len(hist) < PLATEAU_POINTS:
+            return False
+        return hist[-1] >= cfg.dsv_switch_relative_recall and max(hist) - min(hist) <= cfg.dsv_switch_plateau
 
     def _switch(self, iteration: int) -> List[str]:
         self.stage, self.switch_iteration = 2, iteration
+        hist = self.relative_history
         why = (
-            f"predictor loss {self._mean('loss'):.4f} (threshold {self.cfg.dsv_switch_loss_threshold}), "
-            f"recall {self._mean('recall'):.3f} (target {self.cfg.dsv_switch_recall_target})"
-            if all(l.state.stats_ema for l in self.layers) else "no statistics yet"
+            f"relative recall {hist[-1]:.3f} (target {self.cfg.dsv_switch_relative_recall}), last "
+            f"{len(hist)} within {max(hist) - min(hist):.3f} (plateau {self.cfg.dsv_switch_plateau})"
+            if hist else "no statistics yet"
         )
         if iteration >= self.cfg.dsv_switch_max_iters:
             why += f"; reached --dsv-switch-max-iters {self.cfg.dsv_switch_max_iters}"
         events = [f"DSV stage switch at iteration {iteration}: {why}"]
-        events += self._redecide(switching=True)
+        events += self._redecide(iteration, switching=True)
         self._sync_predictor_lr()
         return events
 
-    def _redecide(self, switching: bool = False) -> List[str]:
+    def _redecide(self, iteration: int, switching: bool = False) -> List[str]:
         events = []
         for layer in self.layers:
             state = layer.state
             if not state.stats_ema:
                 continue
-            sparse, k, reason = self._decide(layer)
-            if sparse != state.sparse or switching:
+            sparse, k, reason = self._decide(layer, iteration)
+            changed = sparse != state.sparse
+            if changed or switching:
                 events.append(f"DSV layer {layer.layer_number}: {'sparse' if sparse else 'dense'} ({reason})")
-            layer.apply(state.replace(sparse=sparse, kv_units=k if sparse else state.kv_units, reason=reason))
+            layer.apply(state.replace(
+                sparse=sparse, kv_units=k if sparse else None, reason=reason,
+                changed_at=iteration if changed else state.changed_at,
+            ))
         return events
 
-    def _decide(self, layer: DSVCoreAttention):
-        cfg = self.cfg
+    def choose_k(self, layer: DSVCoreAttention) -> Optional[Dict]:
+        """K per head for the target recall from the layer's recall-curve EMA, and what it gives:
+        ``{"k": int32 [H], "recall", "recall_exact", "relative_recall": fp32 [H], "density": float,
+        "curve": RecallCurve}``; None before the layer has a curve."""
         ema = layer.state.stats_ema
+        if any(n not in ema for n in CURVE):
+            return None
+        cfg = self.cfg
+        curve = RecallCurve(*(ema[n].double() for n in CURVE), critical_mass=cfg.dsv_critical_mass)
+        units = curve.num_units
+        k = curve.k_for_recall(cfg.dsv_critical_mass).long()
+        m = cfg.multiple_units()
+        k = ((k + m - 1) // m * m).clamp(min=cfg.min_units(units), max=units).to(torch.int32)
+        recall, exact = curve.recall(k), curve.recall_exact(k)
+        relative = recall / exact.clamp(min=torch.finfo(torch.float32).tiny)
+        return {"k": k, "recall": recall, "recall_exact": exact, "relative_recall": relative,
+                "density": float(k.double().mean()) / units, "curve": curve}
+
+    def _decide(self, layer: DSVCoreAttention, iteration: int):
+        cfg = self.cfg
+        c = self.choose_k(layer)
         s_len = layer.last_seq_len
-        if s_len is None:
-            return False, None, "no forward seen yet"
-        units = s_len // cfg.dsv_kv_block
-        k = layer.k_for_sparsity(ema["sparsity"], s_len)
-        sparsity, recall = float(ema["sparsity"].mean()), float(ema["recall"].mean())
-        density = float(k.float().mean()) / units
-        if sparsity < cfg.dsv_min_sparsity:
-            return False, k, f"sparsity {sparsity:.3f} < --dsv-min-sparsity {cfg.dsv_min_sparsity}"
-        if recall < cfg.dsv_recall_floor:
-            return False, k, f"recall {recall:.3f} < --dsv-recall-floor {cfg.dsv_recall_floor}"
+        if c is None or s_len is None:
+            return False, None, "no recall curve measured yet"
+        k, density = c["k"], c["density"]
+        recall, relative = float(c["recall"].mean()), float(c["relative_recall"].mean())
+        in_use = layer.state.kv_units
+        if layer.state.sparse and in_use is not None and in_use.numel() == k.numel():
+            # the recall the layer gets now, at the K it runs with (chosen on an older curve)
+            recall = float(c["curve"].recall(in_use.clamp(max=c["curve"].num_units)).mean())
+        stats = f"K/head {k.tolist()} (density {density:.3f}) for recall {cfg.dsv_critical_mass}"
+        if 1 - density < cfg.dsv_min_sparsity:
+            return False, k, f"{stats}: sparsity {1 - density:.3f} < --dsv-min-sparsity {cfg.dsv_min_sparsity}"
         if not self.speed_table.sparse_faster(s_len, layer.head_dim, density):
-            return False, k, f"speed table: dense is faster at S={s_len}, density {density:.3f}"
-        return True, k, f"sparsity {sparsity:.3f}, recall {recall:.3f}, K/head {k.tolist()}"
+            return False, k, f"{stats}: speed table: dense is faster at S={s_len}, density {density:.3f}"
+        first = layer.state.changed_at is None  # never changed: no dwell to serve
+        since = cfg.dsv_min_dwell if first else iteration - layer.state.changed_at
+        d = hysteresis_decision(
+            layer.state.sparse, recall, relative, since, floor=cfg.dsv_recall_floor,
+            margin=cfg.dsv_recall_margin, min_dwell=cfg.dsv_min_dwell,
+            min_relative_recall=cfg.dsv_switch_relative_recall,
+        )
+        reason = d.reason.replace(f" after {since} iterations", "") if first else d.reason
+        return d.sparse, k, f"{stats}; {reason}"
+
+    def _mean_relative_recall(self) -> Optional[float]:
+        chosen = [self.choose_k(l) for l in self.layers]
+        if any(c is None for c in chosen):
+            return None
+        return float(torch.stack([c["relative_recall"].mean() for c in chosen]).mean())
+
+    def _refit(self) -> None:
+        """Closed-form fit of every predictor to this iteration's score moments (summed over the
+        statistics group, so every rank writes the same weights)."""
+        if self.cfg.dsv_predictor_fit != "closed_form":
+            return
+        for layer in self.layers:
+            layer.refit_predictor(self.stats_group)
 
     # ------------------------------------------------------------------ context parallelism
     def _replan(self, iteration: int) -> List[str]:
@@ -217,7 +285,7 @@ class DSVController:
                 min_interval=cfg.dsv_cp_replan_interval,
             )
         sparsity = [
-            l.state.stats_ema["sparsity"][l.head_slice()].tolist() if l.sparse and "sparsity" in l.state.stats_ema else None
+            (1.0 - l.kv_count(l.last_seq_len).double() / (l.last_seq_len // cfg.dsv_kv_block)).tolist() if l.sparse else None
             for l in layers
         ]
         changed = self.cp_policy.maybe_replan(iteration, sparsity, sparse=[l.sparse for l in layers])
@@ -236,33 +304,52 @@ class DSVController:
         return events
 
     # ------------------------------------------------------------------ statistics
-    def _gather(self) -> Optional[torch.Tensor]:
-        """[L, 1 + 2H] (loss, sparsity per head, recall per head) over all ranks, or None."""
+    def _gather(self) -> Optional[List[Dict[str, torch.Tensor]]]:
+        """Per layer ``{"loss": [], "sparsity": [H], "recall": [H], <CURVE>: [H, units]}`` for all
+        heads, averaged over microbatches and the statistics group; None without measurements."""
         pending = [layer.pop_stats() for layer in self.layers]
         if not pending[0]:
             return None
-        rows = []
+        flats, shapes = [], []
         for pend in pending:
-            mean = {n: torch.stack([p[n].float().reshape(-1) for p in pend]).mean(0) for n in STATS}
-            rows.append(torch.cat([mean["loss"], mean["sparsity"], mean["recall"]]))
-        local = torch.stack(rows)  # [L, 1 + 2 H_local]
+            n = float(len(pend))
+            h, units = pend[0].curve.mass_by_rank.shape
+            parts = [torch.stack([p.loss.double().reshape(()) for p in pend]).mean().reshape(1)]
+            parts += [torch.stack([p[s].double() for p in pend]).mean(0) for s in ("sparsity", "recall")]
+            parts += [sum(getattr(p.curve, f) for p in pend).double().flatten() / n for f in CURVE]
+            flats.append(torch.cat(parts))
+            shapes.append((h, units))
+        local = torch.cat(flats)
         tp = self.layers[0].pg_collection.tp
+        ranks = [local]
         if tp is not None and tp.size() > 1:
-            parts = [torch.empty_like(local) for _ in range(tp.size())]
-            dist.all_gather(parts, local.contiguous(), group=tp)
-            local = merge_tp_rows(parts)
+            ranks = [torch.empty_like(local) for _ in range(tp.size())]
+            dist.all_gather(ranks, local.contiguous(), group=tp)
+        per_rank = [_split(r, shapes) for r in ranks]
+        merged = torch.cat([_merge_heads([pr[i] for pr in per_rank], *shapes[i]) for i in range(len(shapes))])
         if self.stats_group is not None and dist.get_world_size(self.stats_group) > 1:
-            dist.all_reduce(local, group=self.stats_group)
-            local = local / dist.get_world_size(self.stats_group)
-        return local.cpu()
+            dist.all_reduce(merged, group=self.stats_group)
+            merged = merged / dist.get_world_size(self.stats_group)
+        merged = merged.cpu()
+        out, offset = [], 0
+        for h, units in shapes:
+            h_all = h * len(ranks)
+            size = 1 + 2 * h_all + 4 * h_all * units
+            out.append(_unpack(merged[offset : offset + size], h_all, units))
+            offset += size
+        return out
 
-    def _update_ema(self, measured: torch.Tensor) -> None:
+    def _update_ema(self, measured: List[Dict[str, torch.Tensor]]) -> None:
+        """EMA of every statistic (float32, the precision checkpoints keep, so a resumed run
+        continues bit for bit); a curve of another length (a new sequence length) restarts."""
         decay = self.cfg.dsv_stats_ema
-        for layer, row in zip(self.layers, measured):
-            h = layer.num_heads_global
-            new = {"loss": row[0], "sparsity": row[1 : 1 + h], "recall": row[1 + h :]}
+        for layer, new in zip(self.layers, measured):
             old = layer.state.stats_ema
-            ema = {n: v if n not in old else decay * old[n] + (1 - decay) * v for n, v in new.items()}
+            ema = {}
+            for n, v in new.items():
+                v = v.float()
+                keep = n in old and old[n].shape == v.shape
+                ema[n] = (decay * old[n] + (1 - decay) * v).float() if keep else v
             layer.apply(layer.state.replace(stats_ema=ema))
 
     def _mean(self, name: str) -> float:
@@ -278,7 +365,8 @@ class DSVController:
 
     # ------------------------------------------------------------------ state and output
     def _store_schedule(self) -> None:
-        schedule = {"stage": self.stage, "switch_iteration": self.switch_iteration}
+        schedule = {"stage": self.stage, "switch_iteration": self.switch_iteration,
+                    "relative_recall_history": list(self.relative_history)}
         for layer in self.layers:
             layer.apply(layer.state.replace(schedule=dict(schedule)))
 
@@ -286,11 +374,17 @@ class DSVController:
         layers = []
         for l in self.layers:
             st = l.state
+            c = self.choose_k(l)
             layers.append({
                 "layer": l.layer_number,
                 "sparse": st.sparse,
                 "k": None if st.kv_units is None else st.kv_units.tolist(),
                 **{n: (st.stats_ema[n].tolist() if n in st.stats_ema else None) for n in STATS},
+                "k_for_recall": None if c is None else c["k"].tolist(),
+                "density": None if c is None else c["density"],
+                "recall_at_k": None if c is None else c["recall"].tolist(),
+                "recall_exact_at_k": None if c is None else c["recall_exact"].tolist(),
+                "relative_recall": None if c is None else c["relative_recall"].tolist(),
             })
         return {"iteration": iteration, "stage": self.stage, "switch_iteration": self.switch_iteration, "layers": layers}
 
@@ -298,12 +392,29 @@ class DSVController:
         return status_line(summary)
 
 
-def merge_tp_rows(parts: List[torch.Tensor]) -> torch.Tensor:
-    """Per-rank ``[L, 1 + 2h]`` rows (loss, h sparsities, h recalls of the rank's heads, in
-    tensor-parallel rank order) -> ``[L, 1 + 2 h tp]`` for all heads; loss averaged."""
-    h = (parts[0].shape[1] - 1) // 2
-    loss = torch.stack([p[:, 0] for p in parts]).mean(0, keepdim=True).T
-    return torch.cat([loss] + [p[:, 1 : 1 + h] for p in parts] + [p[:, 1 + h :] for p in parts], dim=1)
+def _split(flat: torch.Tensor, shapes) -> List[torch.Tensor]:
+    sizes = [1 + 2 * h + 4 * h * u for h, u in shapes]
+    return list(flat.split(sizes))
 
 
-__all__ = ["DSVController", "SpeedTable", "merge_tp_rows"]
+def _unpack(flat: torch.Tensor, h: int, units: int) -> Dict[str, torch.Tensor]:
+    out = {"loss": flat[0], "sparsity": flat[1 : 1 + h], "recall": flat[1 + h : 1 + 2 * h]}
+    for i, name in enumerate(CURVE):
+        start = 1 + 2 * h + i * h * units
+        out[name] = flat[start : start + h * units].view(h, units)
+    return out
+
+
+def _merge_heads(parts: List[torch.Tensor], h: int, units: int) -> torch.Tensor:
+    """One layer's packed statistics from each tensor-parallel rank (its ``h`` heads, in rank
+    order) -> the packing for all heads; the loss averaged over ranks."""
+    if len(parts) == 1:
+        return parts[0]
+    un = [_unpack(p, h, units) for p in parts]
+    merged = [torch.stack([u["loss"] for u in un]).mean().reshape(1)]
+    merged += [torch.cat([u[s] for u in un]) for s in ("sparsity", "recall")]
+    merged += [torch.cat([u[n] for u in un]).flatten() for n in CURVE]
+    return torch.cat(merged)
+
+
+__all__ = ["CURVE", "DSVController", "SpeedTable"]

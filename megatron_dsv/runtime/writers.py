@@ -39,11 +39,14 @@ def status_line(summary: Dict) -> str:
     loss = layer_means(summary, "loss")
     if loss is None:
         return f"DSV it {it} stage {stage} | sparse layers {n_sparse}/{n}"
-    return (
+    line = (
         f"DSV it {it} stage {stage} | predictor loss {loss:.4f} | "
-        f"recall {layer_means(summary, 'recall'):.3f} | sparsity {layer_means(summary, 'sparsity'):.3f} | "
-        f"sparse layers {n_sparse}/{n}"
+        f"recall {layer_means(summary, 'recall'):.3f} | token sparsity {layer_means(summary, 'sparsity'):.3f}"
     )
+    rel, density = layer_means(summary, "relative_recall"), layer_means(summary, "density")
+    if rel is not None:
+        line += f" | density for target recall {density:.3f} | relative recall {rel:.3f}"
+    return line + f" | sparse layers {n_sparse}/{n}"
 
 
 class StatsWriter:
@@ -62,6 +65,9 @@ class StatsWriter:
                 continue
             n = l["layer"]
             scalars[f"dsv/predictor_loss/layer{n}"] = l["loss"]
+            if l.get("relative_recall") is not None:
+                scalars[f"dsv/density/layer{n}"] = l["density"]
+                scalars[f"dsv/relative_recall/layer{n}"] = sum(l["relative_recall"]) / len(l["relative_recall"])
             for stat in ("sparsity", "recall"):
                 scalars[f"dsv/{stat}/layer{n}"] = sum(l[stat]) / len(l[stat])
                 for h, v in enumerate(l[stat]):

@@ -4,7 +4,9 @@ Each rank feeds its contiguous token shard; outputs and input gradients are comp
 slice, parameter gradients (averaged over the CP group, as Megatron's data x context-parallel
 gradient reduction does, with each rank's loss multiplied by the CP size as Megatron's losses
 are) against the single-process block, and the DSV statistics every rank reports against the
-single-process ones. Dense (DSV stage 1: predictor training and profiling) and sparse modes.
+single-process ones. Dense (DSV stage 1: predictor training and profiling) and sparse modes, with
+the gradient predictor fit; ``auto_cf``: stage 1 with the closed-form fit, whose recall curves and
+refitted predictor weights must equal the single-process ones.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def _bad_inputs_raise(world):
         return layer
 
     with pytest.raises(NotImplementedError, match="--dsv-predictor-input qk"):
-        core(dsv_predictor_input="hidden")
+        core(dsv_predictor_input="hidden", dsv_predictor_fit="gradient")
     with pytest.raises(ValueError, match="--context-parallel-size 4"):
         core(dsv_cp_split="2x2")
     with pytest.raises(ValueError, match="whole query groups"):
@@ -96,13 +98,15 @@ def _block_case(rank, world, mode, split, uneven, out_path):
     from megatron_dsv.layers.attention import dsv_attention_layers
     from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
     from megatron_dsv.layers.state import STATS, StepControl
+    from megatron_dsv.runtime.controller import CURVE
     from megatron_dsv.specs import dsv_gpt_layer_spec
     from tests.megatron_shim import tiny_config
 
     torch.manual_seed(7)
+    fit = "closed_form" if mode.endswith("_cf") else "gradient"
     cfg = dict(
-        context_parallel_size=world, dsv_mode=mode, dsv_cp_split=split, dsv_fixed_sparsity=0.8,
-        num_query_groups=2,
+        context_parallel_size=world, dsv_mode=mode.removesuffix("_cf"), dsv_cp_split=split, dsv_fixed_sparsity=0.8,
+        num_query_groups=2, dsv_predictor_fit=fit,
     )
     block = TransformerBlock(tiny_config(**cfg), dsv_gpt_layer_spec)
     apply_dsv_context_parallel(block)
@@ -120,16 +124,26 @@ def _block_case(rank, world, mode, split, uneven, out_path):
     out = block(x_local, attention_mask=None)
     # Megatron's convention: the main loss carries the CP factor (its loss functions) and the
     # auxiliary-loss scale gets it from the schedule; gradients are then averaged over CP.
-    block.config.experimental_attention_variant_loss_scale_func(torch.tensor(float(world)))
+    if fit == "gradient":  # the closed-form fit attaches no auxiliary loss, so installs no scale hook
+        block.config.experimental_attention_variant_loss_scale_func(torch.tensor(float(world)))
     (world * (out * w[sl]).sum()).backward()
     grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
     for g in grads.values():
         dist.all_reduce(g, group=ps.get_context_parallel_group())
         g /= world
-    stats = [{k: layer.pending_stats[0][k].tolist() for k in STATS} for layer in layers] if mode == "auto" else []
+    stats = []
+    if mode != "sparse":
+        for layer in layers:
+            st = layer.pending_stats[0]
+            stats.append({**{k: st[k].tolist() for k in STATS}, **{f: getattr(st.curve, f).tolist() for f in CURVE}})
+    weights = []
+    if fit == "closed_form":
+        for layer in layers:
+            layer.refit_predictor()  # moments summed over the CP group: the same weights everywhere
+            weights.append([layer.predictor.weight_q.tolist(), layer.predictor.weight_k.tolist()])
     result = {
         "out": out.detach().tolist(), "dx": (x_local.grad / world).tolist(),
-        "grads": {n: g.tolist() for n, g in grads.items()}, "stats": stats,
+        "grads": {n: g.tolist() for n, g in grads.items()}, "stats": stats, "weights": weights,
         "plans": [list(map(list, l.cp_plan.slots)) if l.cp_plan else None for l in layers],
         "exchange": [None if l.cp_exchange is None else l.cp_exchange.ratio for l in layers],
     }
@@ -138,9 +152,10 @@ def _block_case(rank, world, mode, split, uneven, out_path):
 
 
 CASES = {
-    1: [(mode, "auto", False) for mode in ("auto", "sparse")],
-    2: [(mode, split, False) for mode in ("auto", "sparse") for split in ("head", "seq")],
-    4: [(mode, split, split == "2x2") for mode in ("auto", "sparse") for split in ("2x2", "seq")],
+    1: [(mode, "auto", False) for mode in ("auto", "sparse", "auto_cf")],
+    2: [(mode, split, False) for mode in ("auto", "sparse", "auto_cf") for split in ("head", "seq")],
+    4: [(mode, split, split == "2x2") for mode in ("auto", "sparse") for split in ("2x2", "seq")]
+    + [("auto_cf", "2x2", True)],
 }
 
 
@@ -176,6 +191,10 @@ def _compare(ref, ranks, world, mode, split, uneven):
         for layer_got, layer_ref in zip(res["stats"], ref["stats"]):
             for k in layer_ref:
                 _close(f"{label} rank {r} stat {k}", layer_got[k], layer_ref[k])
+        assert len(res["weights"]) == len(ref["weights"])
+        for i, (got, want) in enumerate(zip(res["weights"], ref["weights"])):
+            _close(f"{label} rank {r} layer {i} refitted W_q", got[0], want[0])
+            _close(f"{label} rank {r} layer {i} refitted W_k", got[1], want[1])
     if uneven:
         assert ranks[0]["plans"][0] == [[1], [0, 2, 3]]
     if mode == "sparse" and split == "seq":

@@ -17,6 +17,7 @@ def build(**cfg):
     from megatron_dsv.specs import dsv_gpt_layer_spec
 
     torch.manual_seed(0)
+    cfg.setdefault("dsv_predictor_fit", "gradient")  # these tests are about the auxiliary-loss path
     return TransformerBlock(tiny_config(**cfg), dsv_gpt_layer_spec)
 
 
@@ -146,7 +147,7 @@ def test_aux_loss_follows_main_loss_scale(megatron_state):
 
 
 def test_hidden_predictor_variant(megatron_state):
-    block = build(dsv_mode="sparse", dsv_predictor_input="hidden")
+    block = build(dsv_mode="sparse", dsv_predictor_input="hidden", dsv_predictor_fit="gradient")
     _, _, grads = run(block, torch.randn(S, B, HID))
     assert dsv_attention_layers(block)[0].predictor.weight_q.shape == (4, HID, 16)
     assert grads["layers.0.self_attention.core_attention.predictor.weight_q"].abs().sum() > 0

@@ -45,7 +45,7 @@ def test_a_noisy_recall_around_the_floor_does_not_flap():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(floor=0.0, margin=0.1, min_dwell=1), "floor"),
+        (dict(floor=-0.1, margin=0.1, min_dwell=1), "floor must be in \\[0, 1\\]"),
         (dict(floor=0.95, margin=0.1, min_dwell=1), "floor \\+ margin <= 1"),
         (dict(floor=0.8, margin=-0.1, min_dwell=1), "margin"),
         (dict(floor=0.8, margin=0.1, min_dwell=-1), "min_dwell"),

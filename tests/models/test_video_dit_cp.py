@@ -37,6 +37,7 @@ def _config(cp, mode, split):
     return tiny_config(
         context_parallel_size=cp, dsv_mode=mode, dsv_cp_split=split, dsv_fixed_sparsity=0.75,
         dsv_query_group=(2, 2, 4), normalization="RMSNorm", qk_layernorm=True, num_query_groups=2,
+        dsv_predictor_fit="gradient",  # the predictor's gradient under CP is checked too
     )
 
 
