@@ -328,3 +328,63 @@ def test_predictor_lr_flag_sets_the_predictor_groups_base():
     assert predictor_base_lr(cfg, None) == (3e-4, 3e-5)
     max_lr, min_lr = predictor_base_lr(cfg, SimpleNamespace(dsv_predictor_lr=3e-3))
     assert max_lr == 3e-3 and abs(min_lr - 3e-4) < 1e-12
+
+
+def _tiny_gpt(spec, **dsv):
+    from megatron.core.models.gpt import GPTModel
+
+    from tests.megatron_shim import tiny_config
+
+    cfg = tiny_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, **dsv)
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=64,
+                    position_embedding_type="learned_absolute")
+
+
+@pytest.mark.parametrize("mode", ["auto", "dense", "sparse"])
+def test_gpt_with_the_dsv_spec_is_refused_when_built(megatron_state, mode):
+    """pretrain_gpt.py --spec megatron_dsv.specs dsv_gpt_layer_spec: a causal LM with bidirectional
+    DSV layers sees the tokens it predicts; refused where the model is built (patch 03 and our
+    runtime wrapper both call install_dsv_hooks there), before any iteration, in every mode."""
+    from types import SimpleNamespace
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+
+    model = _tiny_gpt(dsv_gpt_layer_spec, dsv_mode=mode)
+    args = SimpleNamespace(dsv_runtime="stale")
+    with pytest.raises(ValueError, match="causal language model") as e:
+        hooks.install_dsv_hooks([model], None, args, log=lambda msg: None)
+    msg = str(e.value)
+    assert "examples/pretrain_video_dit.py" in msg and "causal DSV attention does not exist yet" in msg
+    assert f"DSV mode {mode}" in msg and "no_mask" in msg
+    assert args.dsv_runtime == "stale"  # refused before anything was installed
+    wrapped = type("Float16Module", (torch.nn.Module,), {})()  # Megatron wraps chunks; found inside too
+    wrapped.module = model
+    with pytest.raises(ValueError, match="causal language model"):
+        hooks.install_dsv_hooks(wrapped, None, args, log=lambda msg: None)
+
+
+def test_gpt_refusal_spares_causal_dense_and_plain_models(megatron_state):
+    """The rule, not a blanket ban: a GPT whose DSV layers are causal and have no predictor (dense
+    mode) computes plain causal attention and is let through; with a predictor it is refused; a
+    GPT without DSV layers runs with DSV off."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+
+    attn = dsv_gpt_layer_spec.submodules.self_attention
+    causal_attn = ModuleSpec(module=attn.module, params=dict(attn.params, attn_mask_type=AttnMaskType.causal),
+                             submodules=attn.submodules)
+    causal = dataclasses.replace(
+        dsv_gpt_layer_spec, submodules=dataclasses.replace(dsv_gpt_layer_spec.submodules, self_attention=causal_attn)
+    )
+    logs = []
+    runtime = hooks.install_dsv_hooks([_tiny_gpt(causal, dsv_mode="dense")], None, None, log=logs.append)
+    assert runtime is not None and runtime.controller is None  # no predictor: nothing to schedule
+    with pytest.raises(ValueError, match="attn_mask_type causal, DSV mode auto"):
+        hooks.install_dsv_hooks([_tiny_gpt(causal, dsv_mode="auto")], None, None, log=logs.append)
+    assert hooks.install_dsv_hooks([_tiny_gpt(get_gpt_layer_local_spec())], None, None, log=logs.append) is None
+    assert "DSV is off for this run" in logs[-1]
