@@ -15,9 +15,13 @@ a NullTokenizer (Megatron validates a tokenizer even for non-text models), selec
 transformer implementation and the fusions that need neither Transformer Engine nor apex
 (``--transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
 --no-masked-softmax-fusion``; TE is used when installed and ``--transformer-impl
-transformer_engine`` is passed), and installs ``megatron_dsv.runtime.megatron`` hooks: predictor
-optimizer groups, the DSV stage controller around ``train_step``, and a no-op for the C++
-dataset-helper compile step that the megatron-core wheel cannot run.
+transformer_engine`` is passed; without TE and apex Megatron's local layers refuse persist-layer-norm
+and gradient-accumulation fusion), and calls ``megatron_dsv.runtime.megatron.install()``: on the
+megatron-core wheel it wraps ``megatron.training.training`` (predictor optimizer groups, the DSV
+stage controller around ``train_step``) and no-ops the C++ dataset-helper compile step that the
+wheel cannot run. On a Megatron-LM clone patched with ``patches/apply.py`` (the clone's ``megatron``
+first on ``PYTHONPATH``) the patches call the same runtime, so ``install()`` wraps nothing there
+(it detects ``megatron.training.training.dsv_hooks``) and only no-ops the helper compile.
 
 Context parallelism (``--context-parallel-size N``, ``--dsv-cp-split auto|head|seq|HxS``; see
 ``examples/scripts/pretrain_cp.sh``): Megatron's sampler shards the data by data-parallel rank
@@ -214,7 +218,13 @@ def main(argv=None):
 
     from megatron_dsv.runtime import megatron as dsv_runtime
 
+    import megatron.training.training as megatron_training
+
     args = parse_and_validate_args(extra_args_provider=add_video_args, args_defaults=defaults)
+    if args.rank == 0:
+        patched = getattr(megatron_training, "dsv_hooks", None) is not None
+        print(f"megatron.training from {os.path.dirname(megatron_training.__file__)} "
+              f"({'patched Megatron-LM' if patched else 'not patched: megatron_dsv wraps it'})", flush=True)
     validate_dsv_args(args)  # cross-flag checks (CP split, speed table) before the model is built
     dsv_runtime.install()
     cfg = pretrain_cfg_container_from_args(args)

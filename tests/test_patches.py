@@ -241,6 +241,112 @@ def test_patched_modules_import_fire_hooks_and_count_flops(checkout, tmp_path):
     assert r.returncode == 0 and "PATCHED-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
 
 
+EXAMPLE_ON_PATCHED_SCRIPT = r"""
+import sys
+from pathlib import Path
+
+ROOT, REPO = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+sys.path.insert(0, str(REPO / "examples"))
+import torch
+from tests.megatron_shim import init_megatron_state
+
+init_megatron_state()
+import megatron.core.datasets.utils as D
+import megatron.training.argument_utils as U
+import megatron.training.arguments as A
+import megatron.training.training as T
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_dsv import hooks
+from megatron_dsv.layers.attention import dsv_attention_layers
+from megatron_dsv.layers.transformer_config import DSVTransformerConfig
+from megatron_dsv.runtime import megatron as dsv_runtime
+
+for mod in (T, A, U):  # the patched copy shadows the installed package
+    assert Path(mod.__file__).resolve().is_relative_to(ROOT), mod.__file__
+    assert mod.dsv_hooks is hooks
+import pretrain_video_dit as p
+
+# (a) the patched parse_args takes the example's flags (its provider adds --dsv-*, the patch does not again)
+argv = ["--dit-config", "tiny", "--latent-shape", "4x4x8x16", "--micro-batch-size", "2", "--global-batch-size", "2",
+        "--train-iters", "4", "--lr", "1e-3", "--dsv-query-group", "2x2x4", "--use-cpu-initialization",
+        "--dit-num-classes", "3", "--dsv-predictor-rank", "8", "--dsv-mode", "auto",
+        "--dsv-switch-min-iters", "0", "--dsv-switch-max-iters", "2", "--dsv-profile-interval-stage1", "1"]
+defaults, extra = p._pre_parse(argv)
+sys.argv = ["pretrain_video_dit.py"] + argv + extra
+args = A.parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)
+p.validate_dsv_args(args)
+assert (args.dsv_mode, args.dsv_switch_max_iters, args.dsv_predictor_rank) == ("auto", 2, 8)
+assert (args.transformer_impl, args.apply_rope_fusion, args.seq_length) == ("local", False, 128)
+
+# (b) the example's install() sees the patched clone: it wraps nothing (the dataset-helper no-op only)
+points = (T.train_step, T.setup_model_and_optimizer, T.get_megatron_optimizer_config)
+compile_helpers = D.compile_helpers
+dsv_runtime.install()
+assert (T.train_step, T.setup_model_and_optimizer, T.get_megatron_optimizer_config) == points
+assert not getattr(T.train_step, "__dsv_wrapped__", False) and D.compile_helpers is not compile_helpers
+_, overrides = T.get_megatron_optimizer_config(args)  # patch 04: predictor groups
+assert [v for v in overrides.values() if v.get(hooks.PREDICTOR_GROUP_KEY)], overrides
+
+# (c) the example's model, built through the patched config path, under the patched train_step
+args.curr_iteration = 0
+model = p.model_provider()
+assert type(model.config) is DSVTransformerConfig and len(dsv_attention_layers(model)) == 2
+model.model_type = ModelType.encoder_or_decoder  # what Megatron's get_model sets
+model.pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+model.zero_grad_buffer, model.force_all_reduce = model.zero_grad, False  # Megatron's DDP has these
+runtime = T.dsv_hooks.install_dsv_hooks([model], None, args)  # the call patch 03 makes
+assert args.dsv_runtime is runtime and runtime.controller is not None
+# Megatron allocates these two on the CUDA device; over one rank they return their input
+T.logical_and_across_model_parallel_group = lambda x, group: x
+T.reduce_max_stat_across_model_parallel_group = lambda x, group: x
+train, _, _ = p.datasets_provider([10, 2, 0])
+batch = torch.utils.data.default_collate([train[0], train[1]])
+sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
+class Opt:
+    def zero_grad(self): sgd.zero_grad()
+    def step(self):
+        sgd.step()
+        return True, 0.0, 0
+class Sched:
+    def step(self, increment): pass
+def forward_backward(forward_step_func, data_iterator, model, **kw):
+    # Megatron's forward_backward_no_pipelining allocates on the CUDA device: one microbatch here
+    out, loss_func = forward_step_func(data_iterator, model[0])
+    loss, count, report = loss_func(out)
+    (loss / count).backward()
+    return [report]
+stages, losses = [], []
+for it in range(4):
+    args.curr_iteration = it
+    loss = T.train_step(p.forward_step, iter([batch]), [model], Opt(), Sched(), model.config, forward_backward, iteration=it)[0]
+    stages.append(runtime.controller.stage)
+    losses.append(float(loss["flow loss"]))
+assert stages == [1, 1, 2, 2], stages  # the switch at --dsv-switch-max-iters 2, through the patch's events
+assert all(0 < l < 10 for l in losses), losses
+torch.distributed.destroy_process_group()  # else gloo's threads may abort the exit (SIGABRT)
+print("EXAMPLE-PATCHED-OK", losses)
+"""
+
+
+def test_example_runs_on_the_patched_modules(checkout, tmp_path):
+    """The video DiT example on a patched copy: the patched ``parse_args`` takes its flags, its
+    ``install()`` wraps nothing (the patches drive DSV), its model is built through the patched
+    config path, and the patched ``train_step`` switches its stage. pretrain() needs CUDA; the
+    pieces around it that need the GPU are replaced (forward_backward, two reductions)."""
+    assert run_cli("apply", "--megatron", str(checkout)).returncode == 0
+    script = tmp_path / "example_on_patched.py"
+    script.write_text(EXAMPLE_ON_PATCHED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), str(REPO), os.environ.get("PYTHONPATH", "")]),
+               WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", TRITON_INTERPRET="1")
+    for var in ("MASTER_PORT", "MASTER_ADDR"):  # the parent's gloo store may hold its port
+        env.pop(var, None)
+    r = subprocess.run([sys.executable, str(script), str(checkout), str(REPO)], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0 and "EXAMPLE-PATCHED-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
+
+
 # ---------------------------------------------------------------- megatron_dsv side, in process
 def test_flops_hand_computation():
     s, d = 1024, 64
@@ -328,3 +434,63 @@ def test_predictor_lr_flag_sets_the_predictor_groups_base():
     assert predictor_base_lr(cfg, None) == (3e-4, 3e-5)
     max_lr, min_lr = predictor_base_lr(cfg, SimpleNamespace(dsv_predictor_lr=3e-3))
     assert max_lr == 3e-3 and abs(min_lr - 3e-4) < 1e-12
+
+
+def _tiny_gpt(spec, **dsv):
+    from megatron.core.models.gpt import GPTModel
+
+    from tests.megatron_shim import tiny_config
+
+    cfg = tiny_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, **dsv)
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=64,
+                    position_embedding_type="learned_absolute")
+
+
+@pytest.mark.parametrize("mode", ["auto", "dense", "sparse"])
+def test_gpt_with_the_dsv_spec_is_refused_when_built(megatron_state, mode):
+    """pretrain_gpt.py --spec megatron_dsv.specs dsv_gpt_layer_spec: a causal LM with bidirectional
+    DSV layers sees the tokens it predicts; refused where the model is built (patch 03 and our
+    runtime wrapper both call install_dsv_hooks there), before any iteration, in every mode."""
+    from types import SimpleNamespace
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+
+    model = _tiny_gpt(dsv_gpt_layer_spec, dsv_mode=mode)
+    args = SimpleNamespace(dsv_runtime="stale")
+    with pytest.raises(ValueError, match="causal language model") as e:
+        hooks.install_dsv_hooks([model], None, args, log=lambda msg: None)
+    msg = str(e.value)
+    assert "examples/pretrain_video_dit.py" in msg and "causal DSV attention does not exist yet" in msg
+    assert f"DSV mode {mode}" in msg and "no_mask" in msg
+    assert args.dsv_runtime == "stale"  # refused before anything was installed
+    wrapped = type("Float16Module", (torch.nn.Module,), {})()  # Megatron wraps chunks; found inside too
+    wrapped.module = model
+    with pytest.raises(ValueError, match="causal language model"):
+        hooks.install_dsv_hooks(wrapped, None, args, log=lambda msg: None)
+
+
+def test_gpt_refusal_spares_causal_dense_and_plain_models(megatron_state):
+    """The rule, not a blanket ban: a GPT whose DSV layers are causal and have no predictor (dense
+    mode) computes plain causal attention and is let through; with a predictor it is refused; a
+    GPT without DSV layers runs with DSV off."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+
+    attn = dsv_gpt_layer_spec.submodules.self_attention
+    causal_attn = ModuleSpec(module=attn.module, params=dict(attn.params, attn_mask_type=AttnMaskType.causal),
+                             submodules=attn.submodules)
+    causal = dataclasses.replace(
+        dsv_gpt_layer_spec, submodules=dataclasses.replace(dsv_gpt_layer_spec.submodules, self_attention=causal_attn)
+    )
+    logs = []
+    runtime = hooks.install_dsv_hooks([_tiny_gpt(causal, dsv_mode="dense")], None, None, log=logs.append)
+    assert runtime is not None and runtime.controller is None  # no predictor: nothing to schedule
+    with pytest.raises(ValueError, match="attn_mask_type causal, DSV mode auto"):
+        hooks.install_dsv_hooks([_tiny_gpt(causal, dsv_mode="auto")], None, None, log=logs.append)
+    assert hooks.install_dsv_hooks([_tiny_gpt(get_gpt_layer_local_spec())], None, None, log=logs.append) is None
+    assert "DSV is off for this run" in logs[-1]

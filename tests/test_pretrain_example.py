@@ -1,6 +1,7 @@
 """The Megatron pretraining example up to pretrain() (which needs CUDA): argument handling with
-Megatron's parser and validation, the config container, the model provider, the dataset provider
-and one forward step, on CPU, in a fresh process (Megatron keeps global args)."""
+Megatron's parser and validation, the config container, the runtime wrappers on the unpatched
+wheel, the model provider, the dataset provider and one forward step, on CPU, in a fresh process
+(Megatron keeps global args). The example on a patched clone: tests/test_patches.py."""
 
 import os
 import subprocess
@@ -25,6 +26,11 @@ from megatron.training.arguments import parse_and_validate_args
 from megatron.training.argument_utils import pretrain_cfg_container_from_args
 args = parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)
 cfg = pretrain_cfg_container_from_args(args)
+import megatron.training.training as tr
+from megatron_dsv.runtime import megatron as dsv_runtime
+assert not hasattr(tr, "dsv_hooks")  # the installed wheel is not patched: the example wraps it
+dsv_runtime.install()
+assert tr.train_step.__dsv_wrapped__ and tr.setup_model_and_optimizer.__wrapped__ is not None
 assert (args.num_layers, args.hidden_size, args.seq_length, args.transformer_impl) == (2, 128, 128, "local")
 assert args.dsv_predictor_rank == 8 and args.dit_patch == (1, 2, 2)
 args.curr_iteration = 0
@@ -42,6 +48,10 @@ assert out.shape == (2, 128, 16) and count.item() == out.numel() and count.dtype
 loss.backward()
 # the default closed-form predictor fit: the training forward profiled and kept its score moments
 assert layers[0].predictor.moments is not None and len(layers[0].pending_stats) == 1
+# gloo groups must not outlive the interpreter's finalisation (tests/cp/distributed.py says why)
+import gc
+from megatron.core import parallel_state as ps
+ps.destroy_model_parallel(); torch.distributed.destroy_process_group(); del model, layers; gc.collect()
 print("OK", float(loss / count))
 """
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Small video-DiT pretraining with DSV on one GPU, embedded procedural data (minutes on an H100).
 # Extra arguments are passed through (e.g. --save/--load, --tensorboard-dir, --dsv-* flags).
+# On a Megatron-LM clone patched with patches/apply.py, put the clone first on the path
+# (PYTHONPATH=/path/to/Megatron-LM bash ...): the patches then drive DSV; the example wraps nothing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 torchrun --nproc-per-node 1 examples/pretrain_video_dit.py \

@@ -8,6 +8,8 @@
 # each layer is printed at start and on every change.
 #   NGPUS=8 examples/scripts/pretrain_cp.sh            (default: every visible GPU)
 # Extra arguments are passed through (e.g. --save/--load, --dsv-cp-split 4x2, --latent-shape).
+# On a Megatron-LM clone patched with patches/apply.py, put the clone first on the path
+# (PYTHONPATH=/path/to/Megatron-LM bash ...): the patches then drive DSV; the example wraps nothing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}
