@@ -15,7 +15,10 @@ import re
 
 IT = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*elapsed time per iteration \(ms\): ([\d.]+) \|.*flow loss: ([\d.E+-]+)")
 VAL = re.compile(r"validation loss at iteration (\d+) \| flow loss value: ([\d.E+-]+)")
-DSV = re.compile(r"DSV it (\d+) stage (\d) \| predictor loss ([\d.]+) \| recall ([\d.]+) \| sparsity ([\d.]+) \| sparse layers (\d+)/(\d+)")
+DSV = re.compile(
+    r"DSV it (\d+) stage (\d) \| predictor loss ([\d.]+) \| recall ([\d.]+) \| (?:token )?sparsity ([\d.]+) \|"
+    r"(?: density for target recall [\d.]+ \| relative recall [\d.]+ \|)? sparse layers (\d+)/(\d+)"
+)
 
 
 def parse(path: str) -> dict:
