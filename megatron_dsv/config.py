@@ -355,12 +355,22 @@ class DSVConfig:
     dsv_cp_gpus_per_node: int = knob(8, Int(1))
     """GPUs per node, for the planner's choice of intra-node (all-to-all) vs inter-node links."""
 
+    dsv_cp_calibration: str = knob("", Text())
+    """With ``--dsv-cp-split auto``: a calibration JSON of the CP links (bandwidth and latency of
+    all-to-all and point-to-point, inside and across nodes), written once per cluster with
+    ``torchrun ... -m megatron_dsv.tools.calibrate_cp --out cal.json``; the planner's cost model
+    uses it. Empty: every rank measures the links on its CP group at the first plan, at the
+    message sizes a layer sends (a few hundred ms on GPUs). Either way the numbers are logged."""
+
     dsv_cp_intra_node_gbps: float = knob(150.0, Real(0.0, lo_open=True))
-    """Planner: per-GPU all-to-all bandwidth inside a node, GB/s (NVLink; an assumption until
-    measured on the cluster)."""
+    """Planner fallback: per-GPU bandwidth, GB/s, of links inside a node when the calibration has
+    none (measured at start-up or ``--dsv-cp-calibration``: only when every rank it measured sat on
+    a node of its own) and the plans use them; logged as assumed. Measured links replace it."""
 
     dsv_cp_inter_node_gbps: float = knob(40.0, Real(0.0, lo_open=True))
-    """Planner: per-GPU point-to-point bandwidth across nodes, GB/s (400 Gb/s InfiniBand)."""
+    """Planner fallback: per-GPU bandwidth, GB/s, of links across nodes (400 Gb/s InfiniBand)
+    when the calibration has none (it was measured on one node) and the CP group spans nodes
+    (``--dsv-cp-gpus-per-node`` < CP size); logged as assumed. Measured links replace it."""
 
     dsv_stats_log: str = knob("", Text())
     """Append per-layer, per-head statistics as JSON lines to this file (rank 0), for
@@ -426,7 +436,7 @@ class DSVConfig:
 _RETUNABLE_ON_RESUME = {
     "dsv_backend", "dsv_dense_backend", "dsv_log_interval", "dsv_speed_table", "dsv_stats_log",
     "dsv_cp_split", "dsv_cp_replan_interval", "dsv_cp_replan_threshold", "dsv_cp_gpus_per_node",
-    "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps", "dsv_on_resume",
+    "dsv_cp_calibration", "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps", "dsv_on_resume",
     # the schedule may be retuned when resuming; the layers' decisions are what is restored
     "dsv_profile_interval_stage1", "dsv_profile_interval_stage2", "dsv_switch_max_iters",
     "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_relative_recall", "dsv_switch_plateau",

@@ -180,6 +180,7 @@ def measure_links(
         "world_size": n,
         "nodes": len(set(node)),
         "ranks_per_node": [node.count(x) for x in sorted(set(node))],
+        "node_of_rank": list(node),
         "backend": str(dist.get_backend(group)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

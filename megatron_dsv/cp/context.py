@@ -18,6 +18,7 @@ Without context parallelism (:meth:`CPAttention.local`) the same calls are the s
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 from torch import Tensor
@@ -108,7 +109,8 @@ class CPAttention:
             layout = "sbhd" if self.is_local else "bhsd"
             out, _ = sparse_attention(q, k, v, index, scale, backend=backend, out_layout=layout)
             return out
-        out, _, self.exchange = selective_sparse_attention(q, k, v, index, scale, self.seq_group, backend)
+        out, _, stats = selective_sparse_attention(q, k, v, index, scale, self.seq_group, backend)
+        self.exchange = dataclasses.replace(stats, kv_heads=tuple(self.kv_slots[self.slot]))
         return out
 
 

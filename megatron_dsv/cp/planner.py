@@ -6,8 +6,8 @@ each head slot a set of heads balanced by per-head work (LPT, :func:`balance_hea
 layer's attention time (forward + backward) with a :class:`~megatron_dsv.cp.cost_model.CostModel`
 and keeps the fastest (:func:`plan_layer`, :func:`compare_plans`). :class:`ReplanPolicy` re-plans a
 layer when the profiler's sparsity moved, at a bounded cadence; :func:`check_plans_agree` proves
-every rank holds the same plans, and :func:`synced_union_density` makes a measured key union the
-same on every rank before it is planned with. The simulator for clusters we do not have is
+every rank holds the same plans, and :func:`synced_union_densities` makes measured key unions the
+same on every rank before they are planned with. The simulator for clusters we do not have is
 ``python -m megatron_dsv.tools.simulate_cp``.
 """
 
@@ -206,6 +206,41 @@ class ReplanPolicy:
         self.last_replan: List[Optional[int]] = [None] * n
         self.replans = 0
 
+    @staticmethod
+    def _density(sparsity: Optional[Sequence[float]], sparse: Optional[bool]) -> Optional[Tuple[float, ...]]:
+        if sparsity is None or (sparse is not None and not sparse):
+            return None
+        return tuple(1.0 - float(x) for x in sparsity)
+
+    def due(
+        self,
+        iteration: int,
+        sparsity: Sequence[Optional[Sequence[float]]],
+        sparse: Optional[Sequence[bool]] = None,
+    ) -> List[int]:
+        """Indices of the layers :meth:`maybe_replan` would plan now with these arguments (never
+        planned, switched between dense and sparse, or density moved past ``threshold`` after
+        ``min_interval``), ascending. Pure: lets a caller gather the measured inputs of a re-plan
+        (a collective) only when one happens, identically on every rank."""
+        n = len(self.shapes)
+        if len(sparsity) != n or (sparse is not None and len(sparse) != n):
+            raise ValueError(f"maybe_replan needs one sparsity entry and sparse flag per layer ({n}).")
+        out = []
+        for i in range(n):
+            dens = self._density(sparsity[i], None if sparse is None else sparse[i])
+            if self.plans[i] is not None:
+                was = self.planned_density[i]
+                if (was is None) == (dens is None):
+                    if dens is None:
+                        continue
+                    if len(was) != len(dens):
+                        raise ValueError(f"layer {i}: {len(dens)} heads now, {len(was)} when planned.")
+                    moved = max(abs(a - b) for a, b in zip(dens, was))
+                    if moved <= self.threshold or iteration - self.last_replan[i] < self.min_interval:
+                        continue
+            out.append(i)
+        return out
+
     def maybe_replan(
         self,
         iteration: int,
@@ -220,30 +255,20 @@ class ReplanPolicy:
             sparsity: per layer, per query head sparsity ``[H]``, or None (dense / not profiled).
             sparse: per layer, whether it runs sparse (False forces dense); None: every layer with
                 a sparsity profile is sparse.
-            union_density: per layer measured union densities ``[H_kv]`` or None.
+            union_density: per layer the measured union density of remote key blocks ``[H_kv]``
+                (synchronised: :func:`synced_union_densities`), or None for the cost model's
+                assumption.
 
         Returns:
             Indices of layers whose plan (``LayerPlan.key()``) changed, ascending.
         """
         n = len(self.shapes)
-        if len(sparsity) != n or (sparse is not None and len(sparse) != n):
-            raise ValueError(f"maybe_replan needs one sparsity entry and sparse flag per layer ({n}).")
+        if union_density is not None and len(union_density) != n:
+            raise ValueError(f"maybe_replan needs one union_density entry (or None) per layer ({n}).")
         changed = []
-        for i in range(n):
-            dens = None
-            if sparsity[i] is not None and (sparse is None or sparse[i]):
-                dens = tuple(1.0 - float(x) for x in sparsity[i])
+        for i in self.due(iteration, sparsity, sparse):
+            dens = self._density(sparsity[i], None if sparse is None else sparse[i])
             old = self.plans[i]
-            if old is not None:
-                was = self.planned_density[i]
-                if (was is None) == (dens is None):
-                    if dens is None:
-                        continue
-                    if len(was) != len(dens):
-                        raise ValueError(f"layer {i}: {len(dens)} heads now, {len(was)} when planned.")
-                    moved = max(abs(a - b) for a, b in zip(dens, was))
-                    if moved <= self.threshold or iteration - self.last_replan[i] < self.min_interval:
-                        continue
             ud = union_density[i] if union_density is not None else None
             plan = plan_layer(self.cost, self.shapes[i], dens, union_density=ud, **self.kw)
             self.plans[i], self.planned_density[i], self.last_replan[i] = plan, dens, iteration
@@ -302,14 +327,34 @@ def check_plans_agree(plans: Sequence[Optional[LayerPlan]], group=None) -> str:
     return digest
 
 
+def _device(group):
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else "cpu"
+
+
+def _check_distributed(what: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{what} needs an initialised torch.distributed process group.")
+
+
+def _remote_union(stats) -> List[float]:
+    """The per key/value head union of remote blocks of an ``ExchangeStats``, or the values given."""
+    values = getattr(stats, "remote_union_density", stats)
+    u = [float(x) for x in values]
+    if not u or not all(0.0 <= x <= 1.0 for x in u):
+        raise ValueError(f"union_density needs one value in [0, 1] per key/value head, got {u}.")
+    return u
+
+
 def synced_union_density(union_density, group) -> List[float]:
     """A measured key-block union made identical on every rank of ``group``, for the planner.
 
-    The union a rank's selective exchange fetched (``ExchangeStats.union_density`` of
-    :mod:`megatron_dsv.cp.seq_parallel`, per key/value head, ``[H_kv]``) is rank-local: plans made
-    from it would differ across ranks. This all-reduces the per-head **maximum** over ``group``
-    (the fetch lasts as long as the rank fetching most), in float64 so every rank gets the same
-    bits. Collective: every rank of ``group`` calls it with the same number of heads.
+    The union of remote key blocks a rank's selective exchange fetched
+    (``ExchangeStats.remote_union_density`` of :mod:`megatron_dsv.cp.seq_parallel`, per key/value
+    head, ``[H_kv]``) is rank-local: plans made from it would differ across ranks. This
+    all-reduces the per-head **maximum** over ``group`` (the fetch lasts as long as the rank
+    fetching most), in float64 so every rank gets the same bits. Collective: every rank of
+    ``group`` calls it with the same number of heads, in the same head order (a sequence-only
+    split; for several layers or hybrid splits see :func:`synced_union_densities`).
 
     Args:
         union_density: an ``ExchangeStats`` or a sequence of per key/value head unions in [0, 1].
@@ -319,13 +364,9 @@ def synced_union_density(union_density, group) -> List[float]:
         Per key/value head union density, the same list on every rank; pass it per layer as
         ``ReplanPolicy.maybe_replan(..., union_density=...)`` or ``plan_layer(..., union_density=...)``.
     """
-    values = getattr(union_density, "union_density", union_density)
-    u = [float(x) for x in values]
-    if not u or not all(0.0 <= x <= 1.0 for x in u):
-        raise ValueError(f"union_density needs one value in [0, 1] per key/value head, got {u}.")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("synced_union_density needs an initialised torch.distributed process group.")
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else "cpu"
+    u = _remote_union(union_density)
+    _check_distributed("synced_union_density")
+    device = _device(group)
     n = torch.tensor([len(u)], dtype=torch.int64, device=device)
     lo, hi = n.clone(), n.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
@@ -333,15 +374,76 @@ def synced_union_density(union_density, group) -> List[float]:
     if int(lo) != int(hi):
         raise ValueError(
             f"ranks hold {int(lo)} to {int(hi)} key/value heads' unions: every rank must pass the same layer's "
-            "per key/value head union (ExchangeStats.union_density of the same layer and step)."
+            "per key/value head union (ExchangeStats.remote_union_density of the same layer and step)."
         )
     t = torch.tensor(u, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.cpu().tolist()
 
 
+def synced_union_densities(exchanges: Sequence, num_kv_heads: Sequence[int], group) -> List[Optional[List[float]]]:
+    """Every layer's measured remote key-block union, identical on every rank of ``group``, in one
+    collective.
+
+    Each rank's ``ExchangeStats`` covers the key/value heads of its head slot
+    (``ExchangeStats.kv_heads``; a hybrid split gives slots different heads, and a GQA group split
+    over slots repeats a key/value head). Entries are placed at their layer's key/value head, and
+    the per-head **maximum** over ``group`` (the fetch lasts as long as the rank fetching most) is
+    all-reduced in float64 beside a mask of the heads some rank covered, so every rank gets the same bits.
+    A layer for which some rank has no statistics (``None``: it ran no selective exchange), or
+    whose heads no rank covered, gets None: plan it with the cost model's assumption. Collective:
+    every rank of ``group`` calls it with the same layers.
+
+    Args:
+        exchanges: per layer an ``ExchangeStats`` (its last selective exchange on this rank) or None.
+        num_kv_heads: per layer its key/value heads ``H_kv`` (the same on every rank).
+        group: the CP group; None: the default group.
+
+    Returns:
+        Per layer ``[H_kv]`` union densities or None; pass as ``ReplanPolicy.maybe_replan(...,
+        union_density=...)``.
+    """
+    if len(exchanges) != len(num_kv_heads):
+        raise ValueError(f"one num_kv_heads per layer: {len(exchanges)} exchanges, {len(num_kv_heads)} head counts.")
+    _check_distributed("synced_union_densities")
+    layers = len(exchanges)
+    total = sum(int(h) for h in num_kv_heads)
+    missing = torch.zeros(layers, dtype=torch.float64)
+    covered = torch.zeros(total, dtype=torch.float64)
+    values = torch.zeros(total, dtype=torch.float64)
+    offset = 0
+    for i, (ex, hkv) in enumerate(zip(exchanges, num_kv_heads)):
+        hkv = int(hkv)
+        if ex is None:
+            missing[i] = 1.0
+        else:
+            u = _remote_union(ex)
+            heads = tuple(getattr(ex, "kv_heads", ())) or tuple(range(len(u)))
+            if len(heads) != len(u) or not all(0 <= h < hkv for h in heads):
+                raise ValueError(
+                    f"layer {i}: {len(u)} union entries for key/value heads {list(heads)} of a layer with {hkv}: "
+                    "pass the layer's own ExchangeStats (its kv_heads name the layer's key/value heads)."
+                )
+            for h, x in zip(heads, u):
+                values[offset + h] = max(float(values[offset + h]), x)
+                covered[offset + h] = 1.0
+        offset += hkv
+    packed = torch.cat([missing, covered, values]).to(_device(group))
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    packed = packed.cpu()
+    missing, covered, values = packed[:layers], packed[layers:layers + total], packed[layers + total:]
+    out: List[Optional[List[float]]] = []
+    offset = 0
+    for i, hkv in enumerate(num_kv_heads):
+        hkv = int(hkv)
+        whole = bool(missing[i] == 0) and bool((covered[offset:offset + hkv] > 0).all())
+        out.append(values[offset:offset + hkv].tolist() if whole else None)
+        offset += hkv
+    return out
+
+
 __all__ = [
     "AttentionShape", "CostModel", "PlanCost", "PlanComparison",
     "feasible_head_sizes", "check_tokens", "compare_plans", "plan_layer", "ReplanPolicy",
-    "plans_digest", "check_plans_agree", "synced_union_density",
+    "plans_digest", "check_plans_agree", "synced_union_density", "synced_union_densities",
 ]

@@ -204,6 +204,12 @@ class ExchangeStats:
     fetched_bytes: int = 0
     allgather_bytes: int = 0  # what an all-gather of the remote keys/values would have received
     union_density: List[float] = field(default_factory=list)  # per key/value head, of all blocks
+    remote_union_density: List[float] = field(default_factory=list)
+    """Per key/value head, the fraction of the *remote* key blocks (other ranks' chunks) fetched,
+    averaged over the batch: the ``u`` of the cost model (:mod:`megatron_dsv.cp.cost_model`)."""
+    kv_heads: Tuple[int, ...] = ()
+    """The layer's key/value head of each entry (this rank's head slot, ``kv_send_heads`` order);
+    empty: entry ``i`` is key/value head ``i`` (a sequence-only exchange over all heads)."""
 
     @property
     def ratio(self) -> float:
@@ -271,6 +277,9 @@ class _KVPlan:
         if index.verified:
             _mark_valid(self.index)
         self.union_density = (counts.float().mean(0) / n_total).tolist()
+        mine = union[..., self.me * self.n_loc:(self.me + 1) * self.n_loc].sum(-1)
+        remote = max(1, n_total - self.n_loc)
+        self.remote_union_density = ((counts - mine).double().mean(0) / remote).tolist()
 
     def _rows(self, x: Tensor, trip: Tensor) -> Tensor:
         """Blocks ``trip`` (b, head, owner-local block) of ``x [B, Hkv, s, D]`` -> ``[n, kvb, D]``."""
@@ -321,7 +330,7 @@ class _KVPlan:
         fetched = sum(self.fetch_count) * elem
         b, hkv, s, _ = k.shape
         allgather = (self.g - 1) * b * hkv * (s // self.kvb) * elem
-        return ExchangeStats(fetched, allgather, self.union_density)
+        return ExchangeStats(fetched, allgather, self.union_density, self.remote_union_density)
 
 
 def _local(trip: Tensor, me: int, n_loc: int) -> Tensor:

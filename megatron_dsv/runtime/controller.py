@@ -261,47 +261,139 @@ class DSVController:
     # ------------------------------------------------------------------ context parallelism
     def _replan(self, iteration: int) -> List[str]:
         """``--dsv-cp-split auto``: re-plan each layer's head x sequence split and head assignment
-        from its measured sparsity (bounded cadence, see ``ReplanPolicy``). The inputs are the
-        synchronised EMA statistics, so every rank computes the same plans (checked)."""
+        from its measured sparsity (bounded cadence, see ``ReplanPolicy``). The cost model is built
+        at the first plan from the links measured on the CP group (or ``--dsv-cp-calibration``);
+        a layer whose last sparse forward ran the selective exchange is planned with the key union
+        it fetched. Every input is synchronised over the CP group (the statistics EMA, the slowest
+        rank's link times, the largest union per key/value head), so every rank computes the same
+        plans (checked)."""
         layers = [l for l in self.layers if l.cp_groups is not None]
         if not layers or self.cfg.dsv_cp_split != "auto" or any(l.last_seq_len is None for l in layers):
             return []
-        from megatron_dsv.cp.cost_model import AttentionShape, CostModel
-        from megatron_dsv.cp.planner import ReplanPolicy, check_plans_agree
+        from megatron_dsv.cp.planner import check_plans_agree, synced_union_densities
 
         cfg = self.cfg
+        group = layers[0].cp_groups.cp_group
         if self.cp_policy is None:
-            cost = CostModel.from_benchmark(
-                cfg.dsv_speed_table or None,
-                intra_node_gbps=cfg.dsv_cp_intra_node_gbps, inter_node_gbps=cfg.dsv_cp_inter_node_gbps,
-            )
-            shapes = [
-                AttentionShape(l.last_seq_len, l.num_heads, l.head_dim, l.num_kv_heads, batch=l.last_batch)
-                for l in layers
-            ]
-            self.cp_policy = ReplanPolicy(
-                cost, shapes, cp_size=layers[0].cp_size, gpus_per_node=cfg.dsv_cp_gpus_per_node,
-                granule=cfg.group_size, threshold=cfg.dsv_cp_replan_threshold,
-                min_interval=cfg.dsv_cp_replan_interval,
-            )
+            self.cp_policy = self._cp_policy(layers, group)
         sparsity = [
             (1.0 - l.kv_count(l.last_seq_len).double() / (l.last_seq_len // cfg.dsv_kv_block)).tolist() if l.sparse else None
             for l in layers
         ]
-        changed = self.cp_policy.maybe_replan(iteration, sparsity, sparse=[l.sparse for l in layers])
+        sparse = [l.sparse for l in layers]
+        union = None
+        # the union is a collective: gathered only when a layer is re-planned now (due() is a pure
+        # function of synchronised inputs, so every rank of the CP group takes this branch alike)
+        if self.cp_policy.due(iteration, sparsity, sparse):
+            union = synced_union_densities(
+                [l.cp_exchange if l.sparse else None for l in layers], [l.num_kv_heads for l in layers], group,
+            )
+        changed = self.cp_policy.maybe_replan(iteration, sparsity, sparse=sparse, union_density=union)
         if not changed:
             return []
-        check_plans_agree(self.cp_policy.plans, group=layers[0].cp_groups.cp_group)
+        check_plans_agree(self.cp_policy.plans, group=group)
         events = []
         for i in changed:
             plan = self.cp_policy.plans[i]
             layers[i].apply(layers[i].state.replace(cp_plan=plan))
+            u = union[i] if union is not None and sparse[i] else None
             events.append(
                 f"DSV layer {layers[i].layer_number}: CP plan {plan.head_size}x{plan.seq_size} "
                 f"(head-parallel x sequence-parallel), heads per rank {[len(h) for h in plan.slots]}, "
                 f"predicted {plan.predicted_ms:.2f} ms"
+                + ("" if u is None else f" with the measured key union {[round(x, 4) for x in u]}")
             )
         return events
+
+    def _cp_policy(self, layers: List[DSVCoreAttention], group):
+        """The planner of ``--dsv-cp-split auto``, its cost model on calibrated links (logged once)."""
+        from megatron_dsv.cp.cost_model import CostModel, Links
+        from megatron_dsv.cp.planner import ReplanPolicy
+
+        cfg = self.cfg
+        shapes = [self._cp_shape(l) for l in layers]
+        cp_size = layers[0].cp_size
+        calibration, origin = self._cp_calibration(shapes, cp_size, group)
+        # link kinds the calibration lacks keep these (logged as assumed where a plan can use them)
+        fallback = Links.assumed(intra_node_gbps=cfg.dsv_cp_intra_node_gbps, inter_node_gbps=cfg.dsv_cp_inter_node_gbps)
+        cost = CostModel.from_benchmark(cfg.dsv_speed_table or None, links=fallback, calibration=calibration)
+        self.log(self._cp_calibration_line(cost, calibration, origin, cp_size))
+        return ReplanPolicy(
+            cost, shapes, cp_size=cp_size, gpus_per_node=cfg.dsv_cp_gpus_per_node,
+            granule=cfg.group_size, threshold=cfg.dsv_cp_replan_threshold,
+            min_interval=cfg.dsv_cp_replan_interval,
+        )
+
+    def _cp_shape(self, layer: DSVCoreAttention):
+        """The layer as the planner sees it: its last forward's length and batch, its heads on this
+        tensor-parallel rank, the element size of its activations and the predictor's rank."""
+        from megatron_dsv.cp.cost_model import AttentionShape
+
+        return AttentionShape(
+            layer.last_seq_len, layer.num_heads, layer.head_dim, layer.num_kv_heads, batch=layer.last_batch,
+            bytes_per_elem=torch.empty((), dtype=layer.config.params_dtype).element_size(),
+            predictor_rank=self.cfg.dsv_predictor_rank,
+        )
+
+    def _cp_calibration(self, shapes, cp_size: int, group):
+        """``(Calibration, where it came from)``: ``--dsv-cp-calibration``'s file, or the links of
+        ``group`` measured now at the message sizes the layers send (collective; every rank gets
+        the slowest rank's times)."""
+        from megatron_dsv.cp.calibration import layer_message_bytes, measure_links
+        from megatron_dsv.cp.cost_model import Calibration
+
+        cfg = self.cfg
+        path = cfg.dsv_cp_calibration
+        if path:
+            try:
+                return Calibration.load(path), f"from {path}"
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(
+                    f"--dsv-cp-calibration {path}: not a readable calibration ({e}). Write one with `torchrun "
+                    "--nproc-per-node N -m megatron_dsv.tools.calibrate_cp --out cal.json`, or leave the flag empty "
+                    "to measure the links at start-up."
+                ) from e
+        sizes = sorted({b for shape in dict.fromkeys(shapes) for b in layer_message_bytes(shape, cp_size)})
+        calibration = measure_links(group, message_bytes=sizes)
+        node, gpn = calibration.env["node_of_rank"], cfg.dsv_cp_gpus_per_node
+        assumed = [r // gpn for r in range(cp_size)]
+        if node != assumed:
+            per = calibration.env["ranks_per_node"]
+            fits = len(set(per)) == 1 and node == [r // per[0] for r in range(cp_size)]
+            fix = (f"set --dsv-cp-gpus-per-node {per[0]} (the CP group's ranks per node)" if fits else
+                   "launch so that each node's CP ranks are consecutive (the planner places CP rank r on node "
+                   "r // --dsv-cp-gpus-per-node)")
+            raise ValueError(
+                f"the CP group's ranks run on nodes {node} (by host name), but --dsv-cp-gpus-per-node {gpn} "
+                f"places them on nodes {assumed}: {fix}."
+            )
+        return calibration, "measured on the CP group"
+
+    def _cp_calibration_line(self, cost, calibration, origin: str, cp_size: int) -> str:
+        """One line: where the links came from and every link kind's numbers, measured, assumed
+        (a fallback flag, where a plan can use the kind) or unused."""
+        from megatron_dsv.cp.cost_model import LINK_KINDS
+
+        gpn = self.cfg.dsv_cp_gpus_per_node
+        used = {"intra": min(gpn, cp_size) > 1, "inter": cp_size > gpn}
+        env = calibration.env
+        where = ", ".join(str(x) for x in (
+            f"{env.get('world_size', '?')} ranks", f"{env.get('nodes', '?')} node(s)", env.get("backend", "?"),
+            env.get("device", "?"), env.get("date_utc", "?"),
+        ))
+        parts = []
+        for kind in LINK_KINDS:
+            link, cls = getattr(cost.links, kind), kind.split("_")[0]
+            if link.measured:
+                parts.append(f"{kind} {link.gbps:.4g} GB/s + {link.latency_ms:.4g} ms")
+            elif used[cls]:
+                parts.append(f"{kind} assumed {link.gbps:.4g} GB/s + {link.latency_ms:.4g} ms "
+                             f"(--dsv-cp-{cls}-node-gbps: not in the calibration)")
+            else:
+                parts.append(f"{kind} unused")
+        sizes = env.get("message_bytes")
+        return (f"DSV CP calibration {origin} ({where}"
+                + (f"; per-peer messages {sizes} bytes" if sizes else "") + "): " + "; ".join(parts))
 
     # ------------------------------------------------------------------ statistics
     def _gather(self) -> Optional[List[Dict[str, torch.Tensor]]]:

@@ -272,7 +272,7 @@ def _union_worker(rank, world):
     from megatron_dsv.cp.seq_parallel import ExchangeStats
 
     mine = [0.25, 0.5] if rank == 0 else [0.75, 0.125]  # multiples of 1/8: exact in float32 and 64
-    got = synced_union_density(ExchangeStats(10, 20, mine), None)
+    got = synced_union_density(ExchangeStats(10, 20, remote_union_density=mine), None)
     assert got == [0.75, 0.5]  # per key/value head maximum, on every rank
     assert synced_union_density(mine, None) == got
     everyone = [None] * world
