@@ -479,7 +479,7 @@ class Bench:
                 layer.apply(layer.state.replace(cp_plan=seq))
             with torch.no_grad():
                 self.cp_block(x_loc, attention_mask=None)
-            u = torch.tensor([l.cp_exchange.union_density for l in layers], dtype=torch.float64, device=self.dev)
+            u = torch.tensor([l.cp_exchange.remote_union_density for l in layers], dtype=torch.float64, device=self.dev)
             dist.all_reduce(u, op=dist.ReduceOp.MAX)
             union = u.max(0).values.tolist()  # [H_kv], worst layer and rank
             cmp = compare_plans(self.cost, shape, density, granule=self.group, union_density=union, **kw)

@@ -7,10 +7,12 @@ For each sequence length, on the same input, one forward+backward of a Transform
 (hidden 2048, 16 heads of 128, ffn 8192, ``--layers`` layers, B=1) is timed with do_bench (median):
 
 * ``dense``: ``--dsv-mode dense`` (cuDNN SDPA), the baseline;
-* ``stage1``: dense attention + predictor loss on sampled rows (every stage-1 iteration);
-* ``stage1_profile``: the same + profiler statistics (every ``--dsv-profile-interval-stage1``);
+* ``stage1``: dense attention + the predictor's work on every stage-1 iteration (the gradient
+  fit's loss; nothing for the closed-form fit, ``--fit``);
+* ``stage1_profile``: the same + profiling (recall curve, token sparsity, score moments) and, for
+  the closed-form fit, the refit (every ``--dsv-profile-interval-stage1``);
 * ``sparse``: stage-2 sparse attention at ``--sparsity`` with no predictor work;
-* ``sparse_profile``: the same + predictor loss + profiler (every ``--dsv-profile-interval-stage2``).
+* ``sparse_profile``: the same + profiling, predictor step or refit (every ``--dsv-profile-interval-stage2``).
 
 The stage-2 overhead per step is ``(sparse_profile - sparse) / interval2``, reported against the
 dense step (target < 5%). ``dense_opt`` / ``sparse_opt`` time the whole training step, forward +
@@ -49,6 +51,7 @@ def main():
     p.add_argument("--kv-block", type=int, default=64)
     p.add_argument("--interval1", type=int, default=10)
     p.add_argument("--interval2", type=int, default=50)
+    p.add_argument("--fit", default="closed_form", choices=("closed_form", "gradient"))
     p.add_argument("--out", default=None)
     args = p.parse_args()
     init_megatron("cuda")
@@ -63,7 +66,7 @@ def main():
                 hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
                 gradient_accumulation_fusion=False, bf16=True, params_dtype=torch.bfloat16,
                 dsv_mode=mode, dsv_query_group=(4, 4, 4), dsv_kv_block=args.kv_block,
-                dsv_fixed_sparsity=args.sparsity, dsv_profile_stride=32,
+                dsv_fixed_sparsity=args.sparsity, dsv_profile_stride=32, dsv_predictor_fit=args.fit,
             )
             torch.manual_seed(0)
             blocks[mode] = TransformerBlock(cfg, dsv_gpt_layer_spec).cuda().bfloat16()
@@ -78,8 +81,17 @@ def main():
                 a.set_sparse(sparse)
                 a.begin_iteration(StepControl(train_predictor=train, collect_stats=stats))
 
-        def step(block):
-            return lambda: block(x, attention_mask=None).backward(gy)
+        def step(block, flags=None):
+            if flags is None or not flags[2]:
+                return lambda: block(x, attention_mask=None).backward(gy)
+
+            def profiled():  # a profiling iteration: one measured microbatch, then the refit
+                for a in attn:
+                    a.begin_iteration(StepControl(train_predictor=flags[1], collect_stats=True))
+                block(x, attention_mask=None).backward(gy)
+                for a in attn:
+                    a.refit_predictor()
+            return profiled
 
         variants = {
             "dense": (blocks["dense"], None),
@@ -93,7 +105,7 @@ def main():
             if flags is not None:
                 setup(*flags)
             torch.cuda.reset_peak_memory_stats()
-            res[f"{name}_ms"] = do_bench(step(block), warmup=100, rep=500, return_mode="median", grad_to_none=params)
+            res[f"{name}_ms"] = do_bench(step(block, flags), warmup=100, rep=500, return_mode="median", grad_to_none=params)
             res[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         for name, block, flags in (("dense_opt", blocks["dense"], None), ("sparse_opt", blocks["auto"], (True, False, False))):
             if flags is not None:

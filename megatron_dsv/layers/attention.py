@@ -48,6 +48,10 @@ from megatron_dsv.ops.sparse_index import k_from_sparsity
 
 logger = logging.getLogger("megatron_dsv")
 
+TOKEN_SPARSITY_EVERY = 8
+"""Token-level sparsity (reported only) is measured on every n-th sampled row: it sorts S scores
+per row, the most expensive part of profiling at long sequences."""
+
 try:
     from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAttention
 except ImportError:  # pragma: no cover - TE is optional
@@ -202,6 +206,7 @@ class DSVCoreAttention(MegatronModule):
         self._cp_groups: Optional[CPGroups] = None
         self._exchange = None
         self._kernels: Optional[BackendChoice] = None  # what the last sparse forward ran, and why
+        self._profiled = False  # this iteration's one profiled microbatch is done
 
         self.dense_backend = self._resolve_dense_backend()
         self.te_attention = None
@@ -318,6 +323,7 @@ class DSVCoreAttention(MegatronModule):
         """What this iteration does (before its first forward); drops unread statistics."""
         self._control = control
         self._pending = []
+        self._profiled = False
 
     def pop_stats(self) -> List[LayerStats]:
         """The statistics measured since :meth:`begin_iteration`, handed over once."""
@@ -545,11 +551,13 @@ class DSVCoreAttention(MegatronModule):
                 group=cp.seq_group, reduction="sum",
             )
         if self._profiles_now():
-            # Once per microbatch: with activation recompute the first forward has autograd off
-            # and only the recompute reaches here.
+            # One microbatch per profiling iteration (its sampled rows are enough: the EMA over
+            # profiling iterations smooths them); with activation recompute the first forward has
+            # autograd off and only the recompute reaches here.
             if self.dsv.dsv_predictor_fit == "closed_form":
                 self.predictor.accumulate_moments(q[:, :, rows], k, heads=heads, group=cp.seq_group)
             self._pending.append(self._measure(cp, q, k, lowrank, rows, loss_sum.detach(), norm, n_total))
+            self._profiled = True
         if not gradient:
             return out
         # Under CP the loss is this rank's share of the single-process loss: Megatron's schedule
@@ -557,13 +565,13 @@ class DSVCoreAttention(MegatronModule):
         # data x context-parallel group, so the predictor's gradient equals the single-process one.
         return PredictorLossAutoScaler.apply(out, loss_sum / norm * self.dsv.dsv_predictor_loss_coeff, self.loss_scale)
 
-    def _sampled_rows(self, cp: CPAttention, q: Tensor) -> Tuple[Tensor, int]:
-        """The single-process sample of query rows restricted to this rank's chunk (chunk-local
-        positions), and the sample's size over the whole sequence."""
+    def _sampled_rows(self, cp: CPAttention, q: Tensor, every: int = 1) -> Tuple[Tensor, int]:
+        """Every ``every``-th row of the single-process sample of query rows, restricted to this
+        rank's chunk (chunk-local positions), and the sample's size over the whole sequence."""
         s_chunk = q.shape[2]
         rows = sample_rows(
             s_chunk * cp.seq_size, self.dsv.dsv_profile_stride, self._control.iteration + 7 * self.layer_number, q.device
-        )
+        )[::every]
         n_total = rows.numel()
         if not cp.is_local:
             lo, hi = cp.chunk_range(s_chunk)
@@ -587,23 +595,28 @@ class DSVCoreAttention(MegatronModule):
         units = k_full.shape[2] // self.dsv.dsv_kv_block
         curve = torch.zeros(4, h, units, dtype=torch.float64, device=q.device)
         sparsity = torch.zeros(h, dtype=torch.float64, device=q.device)
-        if rows.numel():
+        tok_rows = torch.zeros(h, dtype=torch.float64, device=q.device)  # rows x batch measured per head
+        # Token sparsity is reported, not decided on: it sorts each row's S scores, so it is
+        # measured on every 8th row of the sample (64 of 512 at 16k tokens).
+        tok, _ = self._sampled_rows(cp, q, every=TOKEN_SPARSITY_EVERY)
+        if tok.numel():
             rep = len(cp.heads) // k_full.shape[1]
             k_exp = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
-            sp = sampled_attention_stats(q[:, :, rows], k_exp, self.softmax_scale, self.dsv.dsv_critical_mass)
-            sparsity[heads] = sp["sparsity"].sum(0).double() * rows.numel()
+            sp = sampled_attention_stats(q[:, :, tok], k_exp, self.softmax_scale, self.dsv.dsv_critical_mass)
+            sparsity[heads] = sp["sparsity"].sum(0).double() * tok.numel()
+            tok_rows[heads] = float(q.shape[0] * tok.numel())
+        if rows.numel():
             part = recall_curve(
                 q, k_full, q_lr, k_lr, rows, group_size=self.dsv.group_size, kv_block=self.dsv.dsv_kv_block,
                 scale=self.softmax_scale, critical_mass=self.dsv.dsv_critical_mass,
             )
             curve[:, heads] = torch.stack(list(part._fields()))
-        packed = torch.cat([loss_sum.double().reshape(1), sparsity, curve.flatten()])
+        packed = torch.cat([loss_sum.double().reshape(1), tok_rows, sparsity, curve.flatten()])
         if not cp.is_local:
             torch.distributed.all_reduce(packed, group=self._cp_groups.cp_group)
-        b = q.shape[0]
         loss = packed[0] / norm
-        sparsity = packed[1 : 1 + h] / (b * n_total)
-        full = RecallCurve(*packed[1 + h :].view(4, h, units).unbind(0), critical_mass=self.dsv.dsv_critical_mass)
+        sparsity = packed[1 + h : 1 + 2 * h] / packed[1 : 1 + h].clamp(min=1)
+        full = RecallCurve(*packed[1 + 2 * h :].view(4, h, units).unbind(0), critical_mass=self.dsv.dsv_critical_mass)
         recall = full.recall(self.kv_count(self.last_seq_len).clamp(max=units))
         return LayerStats(loss.float(), sparsity.float(), recall, self.last_seq_len, full)
 
@@ -633,6 +646,7 @@ class DSVCoreAttention(MegatronModule):
         return (
             self.predictor is not None
             and self._control.collect_stats
+            and not self._profiled
             and self.training
             and torch.is_grad_enabled()
         )

@@ -224,3 +224,17 @@ def test_describe_names_the_kernels_that_ran(megatron_state):
     with torch.no_grad():
         block(torch.randn(S, B, HID), attention_mask=None)
     assert "reference kernels: auto: cpu tensors run the PyTorch reference" in a.describe()
+
+
+@pytest.mark.parametrize("fit", ["gradient", "closed_form"])
+def test_one_profiled_microbatch_per_iteration(megatron_state, fit):
+    """Several microbatches in one profiling iteration: the first is measured, the others only
+    train (gradient) or run plain (closed form); the next iteration measures again."""
+    block = build(dsv_mode="auto", dsv_predictor_fit=fit)
+    layers = dsv_attention_layers(block)
+    for it in range(2):
+        for a in layers:
+            a.begin_iteration(StepControl(iteration=it))
+        for _ in range(3):
+            run(block, torch.randn(S, B, HID))
+        assert all(len(a.pending_stats) == 1 for a in layers)

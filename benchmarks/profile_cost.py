@@ -1,0 +1,87 @@
+"""What one profiled microbatch of one DSV layer costs, piece by piece (GPU, bf16).
+
+    python benchmarks/profile_cost.py --shapes 16x16384x128,8x16384x64 --out benchmarks/results/profile_cost.json
+
+For q, k of ``[1, H, S, D]`` (random, bf16) and the low-rank projections of a rank-16 predictor,
+times with do_bench (median) the parts a profiling forward runs: the recall curve over the sampled
+rows (``recall_curve``), token sparsity on all sampled rows and on every 8th (``sampled_attention_stats``),
+the score moments (``accumulate_moments``), the predictor loss without grad (``predictor_loss``),
+and the closed-form refit (``refit``), beside a dense cuDNN forward+backward of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main():
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    from benchmarks.dense_path import env_info
+    from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
+    from megatron_dsv.layers.profiler import recall_curve, sample_rows, sampled_attention_stats
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="16x16384x128,8x16384x64,16x65536x128")
+    p.add_argument("--stride", type=int, default=32)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows_out = []
+    for shape in args.shapes.split(","):
+        h, s, d = (int(v) for v in shape.split("x"))
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        pred = LowRankPredictor(h, d, 16, device="cuda").requires_grad_(False)
+        q_lr, k_lr = pred.project(q, k)
+        rows = sample_rows(s, args.stride, 3, q.device)
+        scale = d ** -0.5
+        res = {"H": h, "S": s, "D": d, "rows": rows.numel()}
+        bench = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")  # noqa: E731
+
+        def dense():
+            qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(qq, kk, vv).sum().backward()
+
+        res["dense_fwd_bwd_ms"] = bench(dense)
+        res["recall_curve_ms"] = bench(lambda: recall_curve(q, k, q_lr, k_lr, rows, group_size=64, kv_block=64,
+                                                            scale=scale, critical_mass=0.9))
+        res["token_sparsity_all_rows_ms"] = bench(lambda: sampled_attention_stats(q[:, :, rows], k, scale, 0.9))
+        res["token_sparsity_every8_ms"] = bench(lambda: sampled_attention_stats(q[:, :, rows[::8]], k, scale, 0.9))
+
+        def moments():
+            pred.reset_moments()
+            pred.accumulate_moments(q[:, :, rows], k)
+
+        res["moments_ms"] = bench(moments)
+        with torch.no_grad():
+            u = pred.project_queries(q[:, :, rows], torch.float32)
+            res["predictor_loss_ms"] = bench(lambda: predictor_loss(pred, q[:, :, rows], u, k, scale))
+
+        def refit():
+            pred.accumulate_moments(q[:, :, rows], k)
+            pred.refit()
+
+        res["moments_and_refit_ms"] = bench(refit)
+        res["profile_total_ms"] = (res["recall_curve_ms"] + res["token_sparsity_every8_ms"] + res["moments_ms"]
+                                   + res["predictor_loss_ms"] + res["moments_and_refit_ms"] - res["moments_ms"])
+        res["profile_vs_dense_step"] = res["profile_total_ms"] / res["dense_fwd_bwd_ms"]
+        rows_out.append(res)
+        print(json.dumps(res), flush=True)
+    out = {"env": env_info(), "args": vars(args), "rows": rows_out}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
