@@ -170,3 +170,93 @@ def test_dataset_form_matches_evaluate_fixed(megatron_state):
     assert math.isclose(per.double().mean().item(), res["loss"], rel_tol=1e-5)
     with pytest.raises(ValueError, match="num_videos"):
         FixedValidationDataset(base, num_videos=6)
+
+
+EXAMPLE = r"""
+import os, sys, torch
+sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "examples"))
+from tests.megatron_shim import init_megatron_state
+init_megatron_state()
+import pretrain_video_dit as p
+from megatron.training.arguments import parse_and_validate_args
+
+argv = ["--dit-config", "tiny", "--latent-shape", "4x4x8x16", "--micro-batch-size", "2",
+        "--train-iters", "3", "--lr", "1e-3", "--dsv-query-group", "2x2x4", "--use-cpu-initialization",
+        "--dit-num-classes", "3", "--num-workers", "0", "--eval-iters", "8"]  # 16 items = 2 videos x 8 t
+defaults, extra = p._pre_parse(argv)
+sys.argv = ["pretrain_video_dit.py"] + argv + extra
+args = parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)
+
+# the set's size is checked with the flags that fix it (Megatron's args are global: copies here)
+import copy
+bad = copy.copy(args); bad.eval_iters = 3
+try:
+    p.validation_videos(bad); raise SystemExit("6 items over 8 quantiles accepted")
+except ValueError as e:
+    assert "--val-t-quantiles" in str(e), e
+bad = copy.copy(args); bad.data = "latents"
+try:
+    p.data_source(bad); raise SystemExit("--data latents without --data-path accepted")
+except ValueError as e:
+    assert "--data-path" in str(e), e
+
+for source in ("procedural", "natural"):
+    args.data = source
+    args.curr_iteration = 0
+    assert p.validation_videos(args) == 2
+    torch.manual_seed(0)
+    model = p.model_provider()
+    with torch.no_grad():  # leave adaLN-zero's identity start
+        g = torch.Generator().manual_seed(3)
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn(prm.shape, generator=g))
+    train, valid, _ = p.datasets_provider([10, 48, 0])  # 3 evaluations of 16 items
+    assert len(valid) == 48 and valid.size == 16
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+    from megatron_dsv.models.evaluation import evaluate_fixed, stack_videos
+
+    model.eval()
+    losses = []
+    for consumed in (0, 16, 32):  # where Megatron's sampler starts each evaluation
+        loader = iter(build_pretraining_data_loader(valid, consumed_samples=consumed))
+        total, report_sum = torch.zeros(2), {}
+        with torch.no_grad():
+            for _ in range(8):
+                out, lf = p.forward_step(loader, model)
+                loss, count, report = lf(out)
+                for k, v in report.items():
+                    report_sum[k] = report_sum.get(k, 0) + v
+        assert len(report_sum) == 9  # the overall loss and 8 t buckets
+        losses.append({k: float(v[0] / v[1]) for k, v in report_sum.items()})
+    assert losses[0] == losses[1] == losses[2], losses  # every evaluation sees the same items
+    x, y = stack_videos(valid.videos, 2)
+    ref = evaluate_fixed(model, x, labels=y, seed=args.seed)
+    assert abs(losses[0]["flow loss"] - ref["loss"]) <= 1e-5 * ref["loss"], (losses[0], ref)
+    buckets = [v for k, v in losses[0].items() if k.startswith("flow loss t=")]
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(buckets, ref["loss_by_t"]))
+    # a training batch still draws t and noise from the iteration
+    out, lf = p.forward_step(iter([torch.utils.data.default_collate([train[0], train[1]])]), model)
+    assert len(lf(out)[2]) == 1
+import gc
+from megatron.core import parallel_state as ps
+ps.destroy_model_parallel(); torch.distributed.destroy_process_group(); gc.collect()
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_pretraining_example_validates_on_the_fixed_set():
+    """examples/pretrain_video_dit.py: Megatron's validation loader over the fixed set, at three
+    evaluation points, gives the same per-bucket losses, equal to evaluate_fixed's; the set's
+    size and the data flags are checked first (a fresh process: Megatron keeps global args)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", TRITON_INTERPRET="1")
+    for var in ("MASTER_PORT", "MASTER_ADDR"):
+        env.pop(var, None)
+    res = subprocess.run([sys.executable, "-c", "ROOT = " + repr(root) + "\n" + EXAMPLE], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
