@@ -218,19 +218,27 @@ def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
 
 
 class _RandomScores(torch.nn.Module):
-    """Stands in for a layer's predictor in the positive control: Gaussian low-rank "projections"
-    of q and k, so selection keeps K uniformly random key blocks per query group and head (the
-    same K the layer's state says). Benchmark-only: the library never builds one."""
+    """Stands in for a layer's predictor in the positive control: low-rank "projections" that make
+    selection keep K uniformly random key blocks per query group and head (the K the layer's state
+    says), independently across groups. Each query group and each key block gets one random unit
+    vector in ``rank`` dimensions (the same for all its tokens, so selection's mean pooling returns
+    it): with raw Gaussian tokens a block's pooled norm would decide how many groups pick it
+    (measured: 0 to 3x the uniform frequency at rank 8). Benchmark-only: the library never builds one."""
 
-    def __init__(self, num_heads: int, generator: torch.Generator, rank: int = 8):
+    def __init__(self, generator: torch.Generator, group_size: int, kv_block: int, rank: int = 64):
         super().__init__()
-        self.num_heads, self.generator, self.rank = num_heads, generator, rank
+        self.generator, self.group_size, self.kv_block, self.rank = generator, group_size, kv_block, rank
+
+    def _units(self, b: int, h: int, s: int, per: int, device) -> torch.Tensor:
+        if s % per:
+            raise ValueError(f"{s} tokens are not whole units of {per}.")
+        v = torch.randn((b, h, s // per, self.rank), generator=self.generator, device=device, dtype=torch.float32)
+        return torch.nn.functional.normalize(v, dim=-1).repeat_interleave(per, dim=2)
 
     def project(self, q: torch.Tensor, k: torch.Tensor, heads=None):
-        b, h, s, _ = q.shape
-        shape = (b, h, s, self.rank)
-        q_lr = torch.randn(shape, generator=self.generator, device=q.device, dtype=torch.float32)
-        k_lr = torch.randn((b, h, k.shape[2], self.rank), generator=self.generator, device=q.device, dtype=torch.float32)
+        b, h = q.shape[:2]
+        q_lr = self._units(b, h, q.shape[2], self.group_size, q.device)
+        k_lr = self._units(b, h, k.shape[2], self.kv_block, q.device)
         return q_lr.to(q.dtype), k_lr.to(q.dtype)
 
 
@@ -246,11 +254,26 @@ def random_block_selection(model, generator: torch.Generator):
     saved = [a.predictor for a in layers]
     try:
         for a in layers:
-            a.predictor = _RandomScores(a.num_heads, generator)
+            a.predictor = _RandomScores(generator, a.dsv.group_size, a.dsv.dsv_kv_block)
         yield layers
     finally:
         for a, p in zip(layers, saved):
             a.predictor = p
+
+
+@contextlib.contextmanager
+def _own_draws(layers, seed: int, device):
+    """The control's evaluations draw their random blocks from a generator of their own, seeded
+    the same at every evaluation: evaluating neither changes the training draws nor depends on
+    when it happens. A no-op for layers with real predictors."""
+    saved = [(a.predictor, a.predictor.generator) for a in layers if isinstance(a.predictor, _RandomScores)]
+    try:
+        for scores, _ in saved:
+            scores.generator = torch.Generator(device=device).manual_seed(seed)
+        yield
+    finally:
+        for scores, gen in saved:
+            scores.generator = gen
 
 
 def _sync(device) -> None:
@@ -337,7 +360,8 @@ def train(model, setup: Setup, batches, *, arm: str, noise_seed: int, iters: int
             rec["train_loss"].append(round(loss.item(), 6))
             late = deadline is not None and time.time() > deadline
             if (eval_every and (it + 1) % eval_every == 0) or it == iters - 1 or late:
-                point = {"iteration": it + 1, **_val_point(evaluate(model, setup, val, device, precision, False))}
+                with _own_draws(layers, setup.val_seed, device):
+                    point = {"iteration": it + 1, **_val_point(evaluate(model, setup, val, device, precision, False))}
                 if layers and any(a.sparse for a in layers):
                     point["dense"] = _val_point(evaluate(model, setup, val, device, precision, True))
                 rec["val_curve"].append(point)
