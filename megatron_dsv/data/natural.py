@@ -20,7 +20,7 @@ training photographs). ``split="val"`` films only the held-out photographs
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
