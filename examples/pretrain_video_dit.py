@@ -3,8 +3,10 @@
     torchrun --nproc-per-node 1 examples/pretrain_video_dit.py --dit-config small \\
         --latent-shape 4x16x64x64 --train-iters 2000 --micro-batch-size 2 --lr 2e-4 --bf16
 
-Data: the embedded procedural videos (default, no files) or ``--data-path DIR``, a latent folder
-written by ``python -m megatron_dsv.data.latents write``. The model is
+Data (``--data``): ``procedural`` (default, embedded videos, no files), ``natural`` (scikit-image's
+bundled photographs filmed by a moving camera and encoded by a fixed linear VAE,
+``megatron_dsv.data.natural``) or ``latents`` (``--data-path DIR``, a latent folder written by
+``python -m megatron_dsv.data.latents write``; ``--data-path`` alone selects it). The model is
 ``megatron_dsv.models.VideoDiT`` (named sizes: ``--dit-config tiny|small|dsv-0.8b|dsv-2.7b``);
 the loss is rectified-flow matching. ``--dsv-mode dense`` is the dense baseline with the same
 script, seed and data. All ``--dsv-*`` flags and Megatron's own flags apply.
@@ -23,6 +25,12 @@ wheel cannot run. On a Megatron-LM clone patched with ``patches/apply.py`` (the 
 first on ``PYTHONPATH``) the patches call the same runtime, so ``install()`` wraps nothing there
 (it detects ``megatron.training.training.dsv_hooks``) and only no-ops the helper compile.
 
+Validation is a fixed set (``megatron_dsv.models.evaluation``): ``--eval-iters`` x
+``--eval-global-batch-size`` items = N held-out videos x ``--val-t-quantiles`` logit-normal t
+quantiles, each item with its own fixed noise, the same at every evaluation (Megatron's sampler
+walks on through the validation set; each evaluation consumes exactly one pass of it). Besides
+the overall flow loss, validation reports the loss per t bucket (``flow loss t=0.xxx``).
+
 Context parallelism (``--context-parallel-size N``, ``--dsv-cp-split auto|head|seq|HxS``; see
 ``examples/scripts/pretrain_cp.sh``): Megatron's sampler shards the data by data-parallel rank
 only, so the N CP ranks of a data-parallel rank load the same videos, and :func:`get_batch` seeds
@@ -40,6 +48,7 @@ Blackwell) is set unless already set.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from functools import partial
@@ -60,8 +69,52 @@ def add_video_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--latent-shape", default="4x16x64x64", help="latent video C x T x H x W")
     g.add_argument("--dit-patch", default="1x2x2", type=parse_cube, help="patch size t x h x w")
     g.add_argument("--dit-num-classes", type=int, default=8, help="class conditioning (0: none)")
-    g.add_argument("--num-train-samples", type=int, default=100000, help="procedural dataset size")
+    g.add_argument("--num-train-samples", type=int, default=100000, help="procedural / natural dataset size")
+    g.add_argument("--data", default=None, choices=DATA_SOURCES,
+                   help="training videos: procedural (default), natural (scikit-image photographs filmed by a "
+                        "moving camera) or latents (--data-path; the default when --data-path is given)")
+    g.add_argument("--val-t-quantiles", type=int, default=8,
+                   help="t quantiles of the fixed validation set (eval-iters x eval-global-batch-size items = "
+                        "held-out videos x quantiles)")
     return parser
+
+
+DATA_SOURCES = ("procedural", "natural", "latents")
+
+
+def data_source(args) -> str:
+    """``--data``, defaulting to ``latents`` with ``--data-path`` and ``procedural`` without;
+    a contradiction is refused."""
+    chosen = args.data or ("latents" if args.data_path else "procedural")
+    if chosen == "latents" and not args.data_path:
+        raise ValueError("--data latents reads a latent folder: pass --data-path DIR.")
+    if chosen != "latents" and args.data_path:
+        raise ValueError(f"--data {chosen} generates its videos; drop --data-path {args.data_path[0]} "
+                         "or use --data latents.")
+    return chosen
+
+
+def validation_videos(args) -> int:
+    """Held-out videos of the fixed validation set: eval-iters x eval-global-batch-size items over
+    ``--val-t-quantiles`` t quantiles (0 without validation); checked before any work."""
+    if not args.eval_iters:
+        return 0
+    if getattr(args, "full_validation", False):
+        raise ValueError("the example validates on a fixed set of --eval-iters x --eval-global-batch-size "
+                         "items; drop --full-validation.")
+    if args.dataloader_type == "cyclic":
+        raise ValueError("--dataloader-type cyclic shuffles the validation set, so evaluations would see "
+                         "different items; use --dataloader-type single (the default) for the fixed set.")
+    items = args.eval_iters * args.eval_global_batch_size
+    q = args.val_t_quantiles
+    if q < 1 or items % q:
+        raise ValueError(
+            f"the fixed validation set has --eval-iters x --eval-global-batch-size = {args.eval_iters} x "
+            f"{args.eval_global_batch_size} = {items} items, which must be whole videos x --val-t-quantiles "
+            f"{q}: choose --eval-iters so that the product is a multiple of {q} (e.g. "
+            f"{-(-q // math.gcd(q, args.eval_global_batch_size))} x a whole number), or another --val-t-quantiles."
+        )
+    return items // q
 
 
 def _pre_parse(argv):
@@ -131,37 +184,64 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
 
 def datasets_provider(train_val_test_num_samples):
+    from megatron.core.datasets.utils import Split
     from megatron.training import get_args
 
     from megatron_dsv.data.latents import LatentFolderDataset
+    from megatron_dsv.data.natural import NaturalVideoDataset
     from megatron_dsv.data.procedural import ProceduralVideoDataset
+    from megatron_dsv.models.evaluation import FixedValidationDataset
 
     args = get_args()
     c, t, h, w = (int(v) for v in args.latent_shape.split("x"))
-    if args.data_path:
+    source, n_val = data_source(args), validation_videos(args)
+    classes = max(1, args.dit_num_classes)
+    n_train = max(train_val_test_num_samples[0], args.num_train_samples)
+    if source == "latents":
         full = LatentFolderDataset(args.data_path[0])
         if tuple(full.shape) != (c, t, h, w):
             raise ValueError(f"{args.data_path[0]} holds latents {full.shape}; --latent-shape is {(c, t, h, w)}.")
-        n_val = max(1, len(full) // 100)
-        idx = torch.arange(len(full))
-        return (torch.utils.data.Subset(full, idx[n_val:].tolist()), torch.utils.data.Subset(full, idx[:n_val].tolist()), None)
-    classes = max(1, args.dit_num_classes)
-    make = lambda n, seed: ProceduralVideoDataset(max(1, n), (t, h, w), c, classes, seed=seed)  # noqa: E731
-    train = make(max(train_val_test_num_samples[0], args.num_train_samples), args.seed)
-    valid = make(train_val_test_num_samples[1], args.seed + 1)  # fixed held-out videos
+        if n_val >= len(full):
+            raise ValueError(f"the fixed validation set holds out {n_val} videos but {args.data_path[0]} has "
+                             f"{len(full)}; lower --eval-iters or --eval-global-batch-size.")
+        idx = torch.arange(len(full)).tolist()
+        train, held_out = torch.utils.data.Subset(full, idx[n_val:]), torch.utils.data.Subset(full, idx[:n_val])
+    elif source == "natural":
+        train = NaturalVideoDataset(n_train, (t, h, w), c, classes, seed=args.seed, split="train")
+        held_out = NaturalVideoDataset(max(1, n_val), (t, h, w), c, classes, seed=args.seed + 1, split="val")
+    else:
+        train = ProceduralVideoDataset(n_train, (t, h, w), c, classes, seed=args.seed)
+        held_out = ProceduralVideoDataset(max(1, n_val), (t, h, w), c, classes, seed=args.seed + 1)
+    valid = None
+    if n_val and train_val_test_num_samples[1]:
+        # the same items at every evaluation: Megatron's sampler continues where the last
+        # evaluation stopped, and each evaluation consumes exactly one pass of the set
+        valid = FixedValidationDataset(held_out, n_val, args.val_t_quantiles, seed=args.seed,
+                                       length=train_val_test_num_samples[1])
+        valid.split = Split.valid  # Megatron's loader then uses the eval batch sizes
     return train, valid, None
 
 
 datasets_provider.is_distributed = True  # every rank builds its own (procedural: no I/O)
 
 
-def loss_func(per_sample, output_tensor):
-    """``output_tensor``: squared errors of this rank's tokens. Returns (sum, element count,
-    report); with CP the counts are the local ones (see the module docstring)."""
+def loss_func(buckets, output_tensor):
+    """``output_tensor``: squared errors ``[B, tokens, patch]`` of this rank's tokens. Returns (sum,
+    element count, report); with CP the counts are the local ones (see the module docstring).
+    ``buckets``: None in training; on the fixed validation set ``(t_bucket [B], t values [Q])``,
+    and the report adds ``[sum, count]`` per t bucket."""
     loss_sum = output_tensor.sum()
     # Megatron sums the token counts of microbatches into an int tensor
     count = torch.tensor(output_tensor.numel(), device=output_tensor.device, dtype=torch.int)
-    return loss_sum, count, {"flow loss": torch.cat([loss_sum.detach().view(1), count.view(1).float()])}
+    report = {"flow loss": torch.cat([loss_sum.detach().view(1), count.view(1).float()])}
+    if buckets is not None:
+        bucket, t_values = buckets
+        per_sample = output_tensor.detach().flatten(1).sum(1)
+        per_count = output_tensor[0].numel()
+        for q, tq in enumerate(t_values.tolist()):
+            hit = (bucket == q).to(per_sample.dtype)
+            report[f"flow loss t={tq:.3f}"] = torch.stack([(per_sample * hit).sum(), hit.sum() * per_count]).float()
+    return loss_sum, count, report
 
 
 _draws = {"microbatch": 0}  # microbatches drawn by this process (the same count on every CP rank)
@@ -169,7 +249,8 @@ _draws = {"microbatch": 0}  # microbatches drawn by this process (the same count
 
 def get_batch(data_iterator, device):
     """One microbatch and its flow-matching draws: ``latents [B, C, T, H, W]``, ``labels [B]`` (or
-    None), ``t [B]`` and ``noise``.
+    None), ``t [B]`` and ``noise``; validation items bring their own t, noise and ``t_bucket``
+    (the fixed validation set), so evaluations do not depend on the iteration.
 
     t and the noise depend on (seed, iteration, data-parallel rank, microbatch), never on the
     context-parallel rank: the CP ranks of a sample draw the same ones, data-parallel ranks differ.
@@ -181,6 +262,9 @@ def get_batch(data_iterator, device):
     batch = next(data_iterator)
     latents = batch["latents"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True) if args.dit_num_classes else None
+    if "t" in batch:  # the fixed validation set carries its own t and noise; no training draw is used
+        return {"latents": latents, "labels": labels, "t": batch["t"].to(device), "noise": batch["noise"].to(device),
+                "t_bucket": batch["t_bucket"].to(device)}
     _draws["microbatch"] += 1
     seed = (args.seed * 1_000_003 + args.curr_iteration) * 65_537 + mpu.get_data_parallel_rank() * 257 + _draws["microbatch"]
     g = torch.Generator(device=device).manual_seed(seed % (2**62))
@@ -192,7 +276,9 @@ def get_batch(data_iterator, device):
 def forward_step(data_iterator, model):
     """Flow matching on one microbatch, on this context-parallel rank's tokens."""
     from megatron.core.utils import unwrap_model
+    from megatron.training import get_args
 
+    from megatron_dsv.models.evaluation import logit_normal_quantiles
     from megatron_dsv.models.video_dit import flow_interpolate
 
     batch = get_batch(data_iterator, next(model.parameters()).device)
@@ -200,6 +286,9 @@ def forward_step(data_iterator, model):
     v = model(x_t, batch["t"], batch["labels"], local_tokens=True)  # [B, S/CP, pvol]
     target = unwrap_model(model).shard_tokens(velocity)
     per_elem = (v.float() - target.float()).pow(2)
+    if "t_bucket" in batch:
+        t_values = logit_normal_quantiles(get_args().val_t_quantiles).float()
+        return per_elem, partial(loss_func, (batch["t_bucket"], t_values))
     return per_elem, partial(loss_func, None)
 
 
@@ -226,6 +315,7 @@ def main(argv=None):
         print(f"megatron.training from {os.path.dirname(megatron_training.__file__)} "
               f"({'patched Megatron-LM' if patched else 'not patched: megatron_dsv wraps it'})", flush=True)
     validate_dsv_args(args)  # cross-flag checks (CP split, speed table) before the model is built
+    data_source(args), validation_videos(args)  # data flags and the fixed validation set's size, checked now
     dsv_runtime.install()
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)

@@ -1,0 +1,193 @@
+"""benchmarks/quality.py and quality_report.py: the paired protocol end to end at tiny size on CPU
+(two subprocesses, one per phase, as the device calls run them), and their pieces."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import quality_report as report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=150):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for var in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_protocol_end_to_end_at_tiny_size(tmp_path):
+    """pretrain-dense -> checkpoint files -> every arm over 3 seeds -> report (about 40 s on 2 idle cores)."""
+    out = tmp_path / "procedural"
+    _run(["pretrain-dense", "--size", "tiny", "--iters", "20", "--batch", "4", "--lr", "1e-3", "--warmup", "5",
+          "--eval-every", "10", "--out", str(out)])
+    manifest = json.load(open(out / "ckpt" / "manifest.json"))
+    assert manifest["format"] == "megatron_dsv.quality_ckpt/1" and manifest["iteration"] == 20
+    assert all(os.path.getsize(out / "ckpt" / e["file"]) <= 16 * 2**20 for e in manifest["files"])
+    pre = json.load(open(out / "pretrain.json"))
+    assert [p["iteration"] for p in pre["val_curve"]] == [10, 20] and len(pre["train_loss"]) == 20
+
+    arms_json = tmp_path / "arms.json"
+    _run(["arms", "--ckpt", str(out / "ckpt"), "--iters", "12", "--batch", "2", "--lr", "1e-3", "--warmup", "3",
+          "--eval-every", "6", "--seeds", "0,1,2", "--arms", "control,dense,dsv,aa", "--out", str(arms_json)])
+    res = json.load(open(arms_json))
+    runs = {(r["arm"], r["seed"]): r for r in res["runs"]}
+    assert set(runs) == {(a, s) for a in ("dense", "dsv", "control", "aa") for s in (0, 1, 2)}
+    # each arm starts from the checkpoint: the first evaluation of every arm is close to the checkpoint's
+    for seed in (0, 1, 2):
+        dense, dsv, control, aa = (runs[(a, seed)] for a in ("dense", "dsv", "control", "aa"))
+        switch = dsv["switch_iteration"]
+        assert switch is not None and switch < 12
+        assert any(any(sp for sp, _ in s["layers"]) for s in dsv["schedule"])  # DSV went sparse
+        # same data order and noise: DSV's stage 1 (dense attention) is the dense arm's, step by step
+        assert dsv["train_loss"][: switch + 1] == dense["train_loss"][: switch + 1]
+        # the control replays DSV's schedule with random blocks: dense before, different after
+        assert control["train_loss"][: switch + 1] == dense["train_loss"][: switch + 1]
+        assert control["train_loss"][switch + 1 :] != dsv["train_loss"][switch + 1 :]
+        assert [l["k"] for l in control["layers"]] == [k for _, k in dsv["schedule"][-1]["layers"]]
+        # the A/A repeat draws other data and noise
+        assert aa["data_seed"] == seed + 1000 and aa["train_loss"][0] != dense["train_loss"][0]
+        # per-layer statistics the report reads
+        for layer in dsv["layers"]:
+            assert 0 < layer["density"] <= 1 and len(layer["recall_exact_at_k"]) == 4
+        assert dsv["final"]["iteration"] == 12 and len(dsv["final"]["loss_by_t"]) == 8
+        assert "dense" in dsv["final"] or not dsv["final"]["sparse_layers"]
+        assert dsv["step_time"]["stage2"]["steps"] > 0
+
+    rep = report.main([str(arms_json), "--md", str(tmp_path / "q.md"), "--png", str(tmp_path / "q.png")])
+    text = open(tmp_path / "q.md").read()
+    for label in ("DSV - dense", "DSV forced dense - dense", "control (random blocks) - dense", "A/A dense"):
+        assert label in text
+    assert os.path.getsize(tmp_path / "q.png") > 10_000
+    row = next(r for r in rep["procedural"]["paired"] if r["comparison"] == "DSV - dense")
+    expect = [100 * (runs[("dsv", s)]["final"]["loss"] / runs[("dense", s)]["final"]["loss"] - 1) for s in (0, 1, 2)]
+    assert row["diff_pct"] == pytest.approx(expect) and row["n"] == 3
+
+    # the control alone, in a later call, replays the dsv schedule of the first (and evaluating
+    # less often does not change its training)
+    again = tmp_path / "control.json"
+    _run(["arms", "--ckpt", str(out / "ckpt"), "--iters", "12", "--batch", "2", "--lr", "1e-3", "--warmup", "3",
+          "--seeds", "1", "--arms", "control", "--replay", str(arms_json), "--out", str(again)])
+    assert json.load(open(again))["runs"][0]["train_loss"] == runs[("control", 1)]["train_loss"]
+
+
+def test_t_quantiles():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 61):
+        assert report.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1.5e-3), df
+    with pytest.raises(ValueError, match="degree"):
+        report.t_quantile_975(0)
+
+
+def test_interval_and_verdicts():
+    ci = report.interval([1.0, 2.0, 3.0])
+    # mean 2, sd 1, half-width t(2) / sqrt(3)
+    assert ci["mean"] == 2 and ci["sd"] == 1
+    assert ci["hi"] - 2 == pytest.approx(4.303 / math.sqrt(3))
+    assert report.interval([0.5])["lo"] is None
+    assert report.verdict("dsv", "final", {"lo": -0.4, "hi": 0.9}) == "within +-1%"
+    assert report.verdict("dsv", "final", {"lo": 1.2, "hi": 3.0}) == "outside +-1%"
+    assert report.verdict("dsv", "final", {"lo": -0.5, "hi": 1.5}).startswith("inconclusive")
+    assert report.verdict("control", "final", {"lo": 0.1, "hi": 3.0}).startswith("detected")
+    assert report.verdict("control", "final", {"lo": -0.1, "hi": 3.0}).startswith("NOT detected")
+
+
+def _fake(tmp_path, name, runs, data="procedural"):
+    setup = {"data": data, "num_layers": 2, "hidden_size": 8, "num_heads": 2, "latent_shape": [4, 2, 4, 4]}
+    body = {"phase": "arms", "setup": setup, "iters": 3, "runs": runs}
+    path = tmp_path / name
+    path.write_text(json.dumps(body))
+    return str(path)
+
+
+def _run_rec(arm, seed, loss, dense=None):
+    final = {"iteration": 3, "loss": loss, "loss_by_t": [loss] * 8, "sparse_layers": [1] if dense else []}
+    if dense is not None:
+        final["dense"] = {"loss": dense, "loss_by_t": [dense] * 8, "sparse_layers": []}
+    return {"arm": arm, "seed": seed, "final": final, "val_curve": [final],
+            "step_time": {"all": {"median_ms": 10.0}}}
+
+
+def test_report_pairs_by_seed_across_files(tmp_path):
+    a = _fake(tmp_path, "a.json", [_run_rec("dense", 0, 1.0), _run_rec("dsv", 0, 1.01, dense=1.0)])
+    b = _fake(tmp_path, "b.json", [_run_rec("dense", 1, 2.0), _run_rec("dsv", 1, 2.04, dense=2.02),
+                                   _run_rec("control", 1, 2.2)])
+    rep = report.build([a, b])["procedural"]
+    rows = {r["comparison"]: r for r in rep["paired"]}
+    assert rows["DSV - dense"]["diff_pct"] == pytest.approx([1.0, 2.0])
+    assert rows["DSV forced dense - dense"]["diff_pct"] == pytest.approx([0.0, 1.0])
+    assert rows["control (random blocks) - dense"]["diff_pct"] == pytest.approx([10.0])
+    with pytest.raises(ValueError, match="two files"):
+        report.build([a, a])
+    lone = _fake(tmp_path, "c.json", [_run_rec("dsv", 0, 1.0)], data="natural")
+    with pytest.raises(ValueError, match="no dense arm"):
+        report.build([lone])
+
+
+def test_random_block_control_keeps_k_random_blocks(megatron_state):
+    """The control's stand-in predictor makes selection keep exactly K units per group and head,
+    each unit about equally often; the real predictors are back afterwards."""
+    from benchmarks.quality import _RandomScores, random_block_selection
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.ops.selection import select_topk
+    from tests.megatron_shim import tiny_config
+
+    g = torch.Generator().manual_seed(0)
+    scores = _RandomScores(g, group_size=4, kv_block=8)
+    q = torch.randn(1, 2, 512, 16)
+    q_lr, k_lr = scores.project(q, q)
+    index = select_topk(q_lr, k_lr, group_size=4, k_per_head=[3, 5], kv_block=8, backend="reference")
+    kv, count = index.kv_idx[0], index.kv_count[0]  # [H, groups, Kmax], [H]
+    assert count.tolist() == [3, 5]
+    picks = torch.bincount(kv[1, :, :5].flatten().long(), minlength=64).double()  # 128 groups x 5 of 64 units
+    expect = 128 * 5 / 64
+    chi2 = ((picks - expect) ** 2 / expect).sum()
+    # uniform picks: chi-square with 63 degrees of freedom, mean 63, sd 11.2 (raw Gaussian
+    # scores at rank 8 gave 3x the uniform frequency for some blocks and none for others)
+    assert chi2 < 63 + 4 * 11.2, chi2
+    assert all(len(set(row.tolist())) == 3 for row in kv[0, :, :3])  # no unit twice in a group
+    with pytest.raises(ValueError, match="whole units"):
+        scores.project(torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16))
+
+    from megatron_dsv.models.video_dit import VideoDiT
+
+    model = VideoDiT(tiny_config(dsv_query_group=(2, 2, 4), normalization="RMSNorm", qk_layernorm=True), in_channels=4,
+                     patch=(1, 2, 2))
+    before = [a.predictor for a in dsv_attention_layers(model)]
+    with random_block_selection(model, g) as layers:
+        assert all(isinstance(a.predictor, _RandomScores) for a in layers)
+    assert [a.predictor for a in dsv_attention_layers(model)] == before
+
+
+def test_checkpoint_splits_into_small_files(tmp_path, monkeypatch, megatron_state):
+    from benchmarks import quality
+
+    setup = quality.Setup(size="tiny", data="procedural", num_classes=8, t_quantiles=8, val_seed=0, **quality.SIZES["tiny"])
+    model = quality.build_model(setup, "dense", "cpu")
+    monkeypatch.setattr(quality, "MAX_FILE_BYTES", int(1.4 * 2**20))  # 0.4 MiB of tensors per file
+    manifest = quality.save_checkpoint(model, setup, str(tmp_path / "ck"), {"iteration": 0})
+    assert len(manifest["files"]) >= 3 and all(e["bytes"] <= 1.4 * 2**20 for e in manifest["files"])
+    again, _ = quality.read_manifest(str(tmp_path / "ck"))
+    assert again == setup
+    other = quality.build_model(setup, "auto", "cpu", seed=5)  # the arms' model: predictors and DSV state extra
+    quality.load_checkpoint(other, str(tmp_path / "ck"))
+    loaded = other.state_dict()
+    checked = 0
+    for name, p in model.state_dict().items():
+        if isinstance(p, torch.Tensor) and not name.endswith("_extra_state"):
+            assert torch.equal(p.to(torch.bfloat16).float(), loaded[name]), name
+            checked += 1
+    assert checked == sum(e["tensors"] for e in manifest["files"])
+    monkeypatch.setattr(quality, "MAX_FILE_BYTES", int(1.05 * 2**20))  # the largest tensor no longer fits
+    with pytest.raises(ValueError, match="smaller --size"):
+        quality.save_checkpoint(model, setup, str(tmp_path / "ck2"), {})
