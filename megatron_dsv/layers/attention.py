@@ -611,14 +611,17 @@ class DSVCoreAttention(MegatronModule):
                 scale=self.softmax_scale, critical_mass=self.dsv.dsv_critical_mass,
             )
             curve[:, heads] = torch.stack(list(part._fields()))
-        packed = torch.cat([loss_sum.double().reshape(1), tok_rows, sparsity, curve.flatten()])
+        # NaN/Inf in the sampled q, the keys or the predictor's projections: counted here (no extra
+        # host sync: it travels with the statistics), and the runtime falls back to dense.
+        nonfinite = sum((~torch.isfinite(t)).sum() for t in (q[:, :, rows], k, q_lr, k_lr)).double().reshape(1)
+        packed = torch.cat([loss_sum.double().reshape(1), nonfinite, tok_rows, sparsity, curve.flatten()])
         if not cp.is_local:
             torch.distributed.all_reduce(packed, group=self._cp_groups.cp_group)
         loss = packed[0] / norm
-        sparsity = packed[1 + h : 1 + 2 * h] / packed[1 : 1 + h].clamp(min=1)
-        full = RecallCurve(*packed[1 + 2 * h :].view(4, h, units).unbind(0), critical_mass=self.dsv.dsv_critical_mass)
+        sparsity = packed[2 + h : 2 + 2 * h] / packed[2 : 2 + h].clamp(min=1)
+        full = RecallCurve(*packed[2 + 2 * h :].view(4, h, units).unbind(0), critical_mass=self.dsv.dsv_critical_mass)
         recall = full.recall(self.kv_count(self.last_seq_len).clamp(max=units))
-        return LayerStats(loss.float(), sparsity.float(), recall, self.last_seq_len, full)
+        return LayerStats(loss.float(), sparsity.float(), recall, self.last_seq_len, full, packed[1].float())
 
     def refit_predictor(self, group=None) -> Optional[Tensor]:
         """Closed-form fit of the predictor to the score moments accumulated since the last fit,

@@ -205,7 +205,9 @@ class LowRankPredictor(nn.Module):
             raise RuntimeError("refit needs accumulate_moments first: no score moments are stored.")
         m = self.moments if group is None else self.moments.all_reduce(group)
         trace = lambda c: c.diagonal(dim1=-2, dim2=-1).sum(-1)
-        fit = (m.rows > 0) & (trace(m.c_q) > 0) & (trace(m.c_k) > 0)
+        # Heads whose moments are not finite (NaN/Inf in this iteration's q or k) keep their weights.
+        finite = torch.isfinite(m.c_q).flatten(1).all(-1) & torch.isfinite(m.c_k).flatten(1).all(-1)
+        fit = (m.rows > 0) & (trace(m.c_q) > 0) & (trace(m.c_k) > 0) & finite
         residual = torch.full((self.num_heads,), float("nan"), dtype=torch.float64, device=m.c_q.device)
         if bool(fit.any()):
             idx = torch.nonzero(fit).flatten()

@@ -143,7 +143,8 @@ class LayerStats:
 
     ``loss``: scalar predictor loss; ``sparsity`` (token level) / ``recall`` (at the K in use):
     ``[H_local]`` per local head; ``seq_len``: the full sequence length the layer attended over;
-    ``curve``: the selection's recall curve of the sampled rows (``RecallCurve``, per local head).
+    ``curve``: the selection's recall curve of the sampled rows (``RecallCurve``, per local head);
+    ``nonfinite``: how many NaN/Inf values the sampled q, the keys and their projections held.
     """
 
     loss: Tensor
@@ -151,6 +152,7 @@ class LayerStats:
     recall: Tensor
     seq_len: int
     curve: Optional["RecallCurve"] = None
+    nonfinite: Optional[Tensor] = None
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in STATS:

@@ -113,6 +113,7 @@ class DSVController:
         self.stage: int = sched.get("stage", initial)
         self.switch_iteration: Optional[int] = sched.get("switch_iteration")
         self.relative_history: List[float] = list(sched.get("relative_recall_history", []))
+        self.nonfinite_fallbacks = 0  # layers x profiling iterations dropped for NaN/Inf (logged each)
         self.cp_policy = None  # the CP planner's per-layer plans (--dsv-cp-split auto)
         self.optimizer = optimizer
         if optimizer is not None:
@@ -136,6 +137,7 @@ class DSVController:
         measured = self._gather()
         events = []
         if measured is not None:
+            events += self._nonfinite_fallback(iteration, measured)
             self._update_ema(measured)
             self._refit()
             if self.stage == 1:
@@ -243,6 +245,28 @@ class DSVController:
         )
         reason = d.reason.replace(f" after {since} iterations", "") if first else d.reason
         return d.sparse, k, f"{stats}; {reason}"
+
+    def _nonfinite_fallback(self, iteration: int, measured) -> List[str]:
+        """A layer whose profiled q, keys or predictor projections held NaN/Inf runs dense (K
+        cleared) and its statistics of this iteration are dropped; counted and logged. The
+        selection kernels rank non-finite scores last on every backend, so iterations between
+        profiling ones compute a defined (if poor) selection, never garbage."""
+        events = []
+        for layer, new in zip(self.layers, measured):
+            n = int(float(new["nonfinite"]))
+            if n == 0:
+                continue
+            self.nonfinite_fallbacks += 1
+            reason = (
+                f"{n} non-finite values (NaN/Inf) in the profiled q, keys or predictor projections at "
+                f"iteration {iteration} (fallback #{self.nonfinite_fallbacks}): dense until they are finite; "
+                "check the model's loss scale and learning rate"
+            )
+            state = layer.state
+            layer.apply(state.replace(sparse=False, kv_units=None, reason=reason,
+                                      changed_at=iteration if state.sparse else state.changed_at))
+            events.append(f"DSV layer {layer.layer_number}: dense ({reason})")
+        return events
 
     def _mean_relative_recall(self) -> Optional[float]:
         chosen = [self.choose_k(l) for l in self.layers]
@@ -407,6 +431,7 @@ class DSVController:
             n = float(len(pend))
             h, units = pend[0].curve.mass_by_rank.shape
             parts = [torch.stack([p.loss.double().reshape(()) for p in pend]).mean().reshape(1)]
+            parts += [torch.stack([p.nonfinite.double().reshape(()) for p in pend]).sum().reshape(1)]
             parts += [torch.stack([p[s].double() for p in pend]).mean(0) for s in ("sparsity", "recall")]
             parts += [sum(getattr(p.curve, f) for p in pend).double().flatten() / n for f in CURVE]
             flats.append(torch.cat(parts))
@@ -426,7 +451,7 @@ class DSVController:
         out, offset = [], 0
         for h, units in shapes:
             h_all = h * len(ranks)
-            size = 1 + 2 * h_all + 4 * h_all * units
+            size = 2 + 2 * h_all + 4 * h_all * units
             out.append(_unpack(merged[offset : offset + size], h_all, units))
             offset += size
         return out
@@ -436,6 +461,9 @@ class DSVController:
         continues bit for bit); a curve of another length (a new sequence length) restarts."""
         decay = self.cfg.dsv_stats_ema
         for layer, new in zip(self.layers, measured):
+            new = dict(new)
+            if float(new.pop("nonfinite")) > 0:  # see _nonfinite_fallback: these statistics are void
+                continue
             old = layer.state.stats_ema
             ema = {}
             for n, v in new.items():
@@ -485,14 +513,14 @@ class DSVController:
 
 
 def _split(flat: torch.Tensor, shapes) -> List[torch.Tensor]:
-    sizes = [1 + 2 * h + 4 * h * u for h, u in shapes]
+    sizes = [2 + 2 * h + 4 * h * u for h, u in shapes]
     return list(flat.split(sizes))
 
 
 def _unpack(flat: torch.Tensor, h: int, units: int) -> Dict[str, torch.Tensor]:
-    out = {"loss": flat[0], "sparsity": flat[1 : 1 + h], "recall": flat[1 + h : 1 + 2 * h]}
+    out = {"loss": flat[0], "nonfinite": flat[1], "sparsity": flat[2 : 2 + h], "recall": flat[2 + h : 2 + 2 * h]}
     for i, name in enumerate(CURVE):
-        start = 1 + 2 * h + i * h * units
+        start = 2 + 2 * h + i * h * units
         out[name] = flat[start : start + h * units].view(h, units)
     return out
 
@@ -504,6 +532,7 @@ def _merge_heads(parts: List[torch.Tensor], h: int, units: int) -> torch.Tensor:
         return parts[0]
     un = [_unpack(p, h, units) for p in parts]
     merged = [torch.stack([u["loss"] for u in un]).mean().reshape(1)]
+    merged += [torch.stack([u["nonfinite"] for u in un]).sum().reshape(1)]
     merged += [torch.cat([u[s] for u in un]) for s in ("sparsity", "recall")]
     merged += [torch.cat([u[n] for u in un]).flatten() for n in CURVE]
     return torch.cat(merged)

@@ -157,12 +157,13 @@ def test_tensor_parallel_statistics_are_merged_in_rank_order():
     h, units = 2, 3
 
     def packed(r):
-        parts = [torch.tensor([1.0 + r]), torch.tensor([10.0 + 2 * r, 11 + 2 * r]), torch.tensor([20.0 + 2 * r, 21 + 2 * r])]
+        parts = [torch.tensor([1.0 + r]), torch.tensor([float(r)]),  # loss, non-finite count
+                 torch.tensor([10.0 + 2 * r, 11 + 2 * r]), torch.tensor([20.0 + 2 * r, 21 + 2 * r])]
         parts += [torch.arange(h * units, dtype=torch.float32) + 100 * i + 1000 * r for i in range(len(CURVE))]
         return torch.cat(parts)
 
     merged = _unpack(_merge_heads([packed(0), packed(1)], h, units), 2 * h, units)
-    assert merged["loss"].item() == 1.5  # averaged
+    assert merged["loss"].item() == 1.5 and merged["nonfinite"].item() == 1  # averaged; summed
     assert merged["sparsity"].tolist() == [10, 11, 12, 13] and merged["recall"].tolist() == [20, 21, 22, 23]
     curve = merged["need_count"]
     assert curve.shape == (4, 3) and curve[0].tolist() == [200, 201, 202] and curve[2].tolist() == [1200, 1201, 1202]
@@ -312,3 +313,26 @@ def test_fallback_clears_k_and_hysteresis_holds_it_dense(megatron_state):
     assert not layer.sparse and "stay dense" in layer.decision
     ctl._redecide(130)
     assert layer.sparse and layer.kv_units_global.tolist() == [10] * 4 and layer.state.changed_at == 130
+
+
+def test_nonfinite_profile_falls_back_to_dense_and_is_counted(megatron_state):
+    """NaN in a layer's q on a profiling iteration: that layer goes dense with K cleared, its
+    statistics of the iteration are dropped (the EMA stays finite), the event is logged."""
+    model, opt = build(dsv_mode="sparse")
+    logs = []
+    ctl = DSVController(model, optimizer=opt, log=logs.append, speed_table=TOY_TABLE)
+    layer = ctl.layers[0]
+    task = make_task()
+    train(model, opt, ctl, task, 0, 4)  # profiling iterations: 0, then every 4 in stage 2
+    ema_before = {k: v.clone() for k, v in layer.state.stats_ema.items()}
+    assert layer.sparse
+    layer.set_sparse(True, [4, 4, 4, 4])
+    hook = layer.register_forward_pre_hook(lambda m, args: (args[0].clone().fill_(float("nan")),) + tuple(args[1:]))
+    try:
+        train(model, opt, ctl, task, 4, 5)
+    finally:
+        hook.remove()
+    assert not layer.sparse and layer.kv_units_global is None and "non-finite" in layer.decision
+    # the NaN output of layer 1 reaches layer 2 too: both fall back, each counted
+    assert ctl.nonfinite_fallbacks == 2 and sum("non-finite" in line for line in logs) == 2
+    assert all(torch.equal(layer.state.stats_ema[k], v) for k, v in ema_before.items())
