@@ -57,6 +57,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_dsv.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # megatron-core's TE/apex fallback notices; never our own warnings
+
 from megatron_dsv.arguments import add_dsv_args, validate_dsv_args  # noqa: E402
 from megatron_dsv.config import parse_cube  # noqa: E402
 from megatron_dsv.models.video_dit import DIT_CONFIGS  # noqa: E402

@@ -28,6 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_dsv.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # megatron-core's TE/apex fallback notices; never our own warnings
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
