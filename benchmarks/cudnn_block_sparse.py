@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -62,12 +61,9 @@ def _version(dist):
 
 
 def env_info():
-    commit = os.environ.get("DSV_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-        except Exception:
-            commit = "unknown"
+    from benchmarks.dense_path import git_commit
+
+    commit = git_commit()
     return {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "cudnn_backend_torch": torch.backends.cudnn.version(),
