@@ -16,7 +16,7 @@ For each sequence length, on the same input, one forward+backward of a Transform
 
 The stage-2 overhead per step is ``(sparse_profile - sparse) / interval2``, reported against the
 dense step (target < 5%). ``dense_opt`` / ``sparse_opt`` time the whole training step, forward +
-backward + a fused AdamW step over the block's parameters (TARGETS.md's end-to-end step), with
+backward + a fused AdamW step over the block's parameters (the end-to-end step of the project's targets), with
 peak memory including the optimizer state; each optimizer is freed before the next variant.
 """
 

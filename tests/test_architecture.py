@@ -1,4 +1,4 @@
-"""The direction of imports (DESIGN.md section 2), read from the source with ``ast``.
+"""The direction of imports (docs/architecture.md), read from the source with ``ast``.
 
 ``ops`` <- ``cp`` <- ``layers`` <- ``runtime`` <- examples, and ``layers`` <- ``models``: ``ops`` and
 ``cp`` import nothing from ``layers``, ``runtime`` or Megatron; ``layers`` and ``models`` nothing

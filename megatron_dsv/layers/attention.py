@@ -701,8 +701,9 @@ class DSVCoreAttention(MegatronModule):
 
 
 def _sdpa_backends(x: Tensor):
-    """SDPA with cuDNN first on GPU (fastest on H100: 629 vs 360 TF/s for flash at D=128,
-    TARGETS.md), then flash, efficient and math; the math kernel on CPU."""
+    """SDPA with cuDNN first on GPU (its forward ran at 628 TF/s at 32k tokens, D=128, on the H100:
+    benchmarks/results/dense_path_h100_20261124.json), then flash, efficient and math; the math
+    kernel on CPU."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not x.is_cuda:
