@@ -203,7 +203,6 @@ def ring_attention(
     return _RingAttention.apply(q, k, v, scale, group, group_size, kv_block, backend)
 
 
-# ----------------------------------------------------------------------------- selective exchange
 @dataclass
 class ExchangeStats:
     """What one selective exchange moved, counted in bytes (forward; the backward mirrors it)."""

@@ -217,7 +217,6 @@ class DSVCoreAttention(MegatronModule):
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection,
             )
 
-    # ---------------------------------------------------------------- what the runtime reads
     @property
     def state(self) -> LayerState:
         """This layer's :class:`LayerState` (read it; change it with :meth:`apply`)."""
@@ -283,7 +282,6 @@ class DSVCoreAttention(MegatronModule):
         rank = self.pg_collection.tp.rank()
         return slice(rank * self.num_heads, (rank + 1) * self.num_heads)
 
-    # ---------------------------------------------------------------- how the runtime changes it
     def apply(self, state: LayerState) -> None:
         """Adopt ``state`` (the runtime's decision, or a restored checkpoint), checked first."""
         if state.sparse and self.predictor is None:
@@ -355,7 +353,6 @@ class DSVCoreAttention(MegatronModule):
         """Layer input ``[s, b, h]`` for the ``hidden`` predictor variant (set by DSVSelfAttention)."""
         self._layer_input = hidden_states
 
-    # ---------------------------------------------------------------- K per head
     def k_for_sparsity(self, sparsity: Tensor, seq_len_kv: int) -> Tensor:
         """Key units per head for per-head ``sparsity``: ``ceil((1 - s) * units)`` rounded up to
         ``--dsv-k-multiple``, at least ``--dsv-min-keys``, at most all units (int32)."""
@@ -375,7 +372,6 @@ class DSVCoreAttention(MegatronModule):
         """K per local head in key units, int32 ``[H_local]`` (see :meth:`kv_count_global`)."""
         return self.kv_count_global(seq_len_kv)[self.head_slice()]
 
-    # ---------------------------------------------------------------- description
     def describe(self) -> str:
         """One line naming the kernels this layer uses and why (and its CP split)."""
         line = self._describe_path()
@@ -402,7 +398,6 @@ class DSVCoreAttention(MegatronModule):
         why = self._state.reason or "DSV stage 1, predictor training"
         return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
 
-    # ---------------------------------------------------------------- checkpoint
     def get_extra_state(self):
         """This layer's :class:`LayerState` for all heads (identical on every rank, so Megatron's
         replicated ShardedObject handling of ``_extra_state`` is exact)."""
@@ -425,7 +420,6 @@ class DSVCoreAttention(MegatronModule):
         sparse = restored.sparse and self.predictor is not None
         self.apply(restored.replace(sparse=sparse, cp_plan=self._state.cp_plan))
 
-    # ---------------------------------------------------------------- forward
     def forward(
         self,
         query: Tensor,

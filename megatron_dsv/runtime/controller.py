@@ -120,7 +120,6 @@ class DSVController:
             check_predictor_groups(optimizer, [p for l in self.layers for p in l.predictor.parameters()])
             self._sync_predictor_lr()
 
-    # ------------------------------------------------------------------ schedule
     def profile_due(self, iteration: int) -> bool:
         every = self.cfg.dsv_profile_interval_stage1 if self.stage == 1 else self.cfg.dsv_profile_interval_stage2
         return iteration % every == 0
@@ -282,7 +281,6 @@ class DSVController:
         for layer in self.layers:
             layer.refit_predictor(self.stats_group)
 
-    # ------------------------------------------------------------------ context parallelism
     def _replan(self, iteration: int) -> List[str]:
         """``--dsv-cp-split auto``: re-plan each layer's head x sequence split and head assignment
         from its measured sparsity (bounded cadence, see ``ReplanPolicy``). The cost model is built
@@ -419,7 +417,6 @@ class DSVController:
         return (f"DSV CP calibration {origin} ({where}"
                 + (f"; per-peer messages {sizes} bytes" if sizes else "") + "): " + "; ".join(parts))
 
-    # ------------------------------------------------------------------ statistics
     def _gather(self) -> Optional[List[Dict[str, torch.Tensor]]]:
         """Per layer ``{"loss": [], "sparsity": [H], "recall": [H], <CURVE>: [H, units]}`` for all
         heads, averaged over microbatches and the statistics group; None without measurements."""
@@ -475,7 +472,6 @@ class DSVController:
     def _mean(self, name: str) -> float:
         return float(torch.stack([l.state.stats_ema[name].float().mean() for l in self.layers]).mean())
 
-    # ------------------------------------------------------------------ optimizer
     def _sync_predictor_lr(self) -> None:
         """Predictor groups at ``--dsv-stage2-predictor-lr-scale`` times their base rates in stage 2,
         at the base rates before (recomputed from the stage, so a resumed run agrees)."""
@@ -483,7 +479,6 @@ class DSVController:
             scale = self.cfg.dsv_stage2_predictor_lr_scale if self.stage == 2 else 1.0
             set_predictor_lr_scale(self.optimizer, scale)
 
-    # ------------------------------------------------------------------ state and output
     def _store_schedule(self) -> None:
         schedule = {"stage": self.stage, "switch_iteration": self.switch_iteration,
                     "relative_recall_history": list(self.relative_history)}

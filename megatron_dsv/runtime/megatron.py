@@ -62,7 +62,6 @@ class DSVRuntime:
         # the model and process groups, which must not travel there: it pickles as None.
         return (_no_runtime, ())
 
-    # ---------------------------------------------------------------- events
     def _check_event(self, event: str) -> None:
         if event not in self._callbacks:
             raise ValueError(f"unknown megatron_dsv hook event {event!r}; events: {', '.join(EVENTS)}.")
@@ -92,7 +91,6 @@ class DSVRuntime:
         self._check_event(event)
         return [fn(*args, **kwargs) for fn in tuple(self._callbacks[event])]
 
-    # ---------------------------------------------------------------- DSV's own callbacks
     def on_iteration_start(self, iteration: int) -> None:
         self.controller.on_iteration_start(iteration)
 
