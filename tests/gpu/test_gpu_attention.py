@@ -34,6 +34,7 @@ def test_sparse_attention_bf16_matches_fp32_reference():
 
 
 def build_block(mode, **kw):
+    """A bf16 block on the GPU; the gradient predictor fit unless ``dsv_predictor_fit`` is given."""
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_dsv.specs import dsv_gpt_layer_spec
@@ -42,7 +43,8 @@ def build_block(mode, **kw):
     cfg = tiny_config(
         dsv_mode=mode, use_cpu_initialization=False, bf16=True, params_dtype=torch.bfloat16,
         num_attention_heads=8, hidden_size=1024, ffn_hidden_size=2048,
-        dsv_query_group=(2, 4, 4), dsv_min_keys=64, dsv_profile_stride=32, **kw,
+        dsv_query_group=(2, 4, 4), dsv_min_keys=64, dsv_profile_stride=32,
+        **{"dsv_predictor_fit": "gradient", **kw},
     )
     torch.manual_seed(0)
     # Megatron's Float16Module casts every parameter (norms and predictor included) to bf16.
@@ -62,6 +64,25 @@ def test_block_bf16(megatron_state, mode):
         if mode != "dense":
             assert a.predictor.weight_q.grad.abs().sum() > 0
             assert float(a.pending_stats[-1].loss) > 0
+
+
+def test_closed_form_profile_and_refit_bf16(megatron_state):
+    """The default closed-form fit on a bf16 block: a profiling forward gives a finite recall
+    curve, and the refit writes finite bf16 weights that differ from the sketch."""
+    from megatron_dsv.layers.attention import dsv_attention_layers
+
+    block = build_block("auto", dsv_predictor_fit="closed_form", dsv_kv_block=64)
+    x = torch.randn(4096, 2, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    block(x, attention_mask=None).float().square().mean().backward()
+    for a in dsv_attention_layers(block):
+        stats = a.pending_stats[-1]
+        assert torch.isfinite(stats.curve.mass_by_rank).all() and float(stats.nonfinite) == 0
+        assert 0 < float(stats.recall.mean()) <= 1
+        before = a.predictor.weight_q.detach().clone()
+        residual = a.refit_predictor()
+        assert residual is not None and torch.isfinite(residual).all()
+        assert a.predictor.weight_q.dtype == torch.bfloat16 and torch.isfinite(a.predictor.weight_q.float()).all()
+        assert not torch.equal(before, a.predictor.weight_q)
 
 
 def test_block_bf16_sparse_all_keys_close_to_dense(megatron_state):
