@@ -122,6 +122,22 @@ def validate_dsv_args(args) -> DSVConfig:
             )
     if cfg.dsv_speed_table:
         _check_speed_table(cfg.dsv_speed_table, cfg.dsv_kv_block)
+    if cfg.dsv_cp_calibration:
+        from megatron_dsv.cp.cost_model import Calibration
+
+        if not os.path.isfile(cfg.dsv_cp_calibration):
+            raise FileNotFoundError(
+                f"--dsv-cp-calibration {cfg.dsv_cp_calibration}: no such file. Write one per cluster with "
+                "torchrun ... -m megatron_dsv.tools.calibrate_cp --out FILE, or drop the flag to measure "
+                "the links at the first plan."
+            )
+        try:
+            Calibration.load(cfg.dsv_cp_calibration)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # json.JSONDecodeError is a ValueError
+            raise ValueError(
+                f"--dsv-cp-calibration {cfg.dsv_cp_calibration} is not a calibration file ({err}); "
+                "write it with python -m megatron_dsv.tools.calibrate_cp."
+            ) from None
     return cfg
 
 

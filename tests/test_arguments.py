@@ -192,3 +192,12 @@ def test_megatron_parse_args_and_config(monkeypatch):
     from megatron_dsv.specs import dsv_gpt_layer_spec
 
     assert spec is dsv_gpt_layer_spec
+
+
+def test_cp_calibration_file_is_checked_before_the_model_is_built(tmp_path):
+    with pytest.raises(FileNotFoundError, match="calibrate_cp --out FILE"):
+        validate_dsv_args(namespace(["--dsv-cp-calibration", str(tmp_path / "missing.json")], context_parallel_size=2))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="is not a calibration file.*calibrate_cp"):
+        validate_dsv_args(namespace(["--dsv-cp-calibration", str(bad)], context_parallel_size=2))
