@@ -242,6 +242,13 @@ class DSVConfig:
     dsv_kv_block: int = knob(1, Int(1, 1024))
     """Key granularity: 1 selects single keys, n selects contiguous blocks of n keys."""
 
+    dsv_causal_chunk: int = knob(0, Int(0))
+    """Chunk-causal attention for autoregressive video: tokens attend fully inside a chunk of this
+    many latent frames (after patching) and causally to earlier chunks; 0 = off (bidirectional,
+    or token-causal where the spec says ``attn_mask_type=causal``). A multiple of the query
+    group's t, so a chunk is whole layers of cubes, a contiguous token range in cube-major order.
+    Sparse attention with it runs on ``--dsv-backend reference`` only for now (issue 19)."""
+
     dsv_critical_mass: float = knob(0.9, Real(0.0, 1.0, lo_open=True))
     """Target recall: K per head is the fewest key units whose selection, as the layer really
     selects (query groups x key units ranked by the predictor), holds this fraction of the sampled
@@ -393,6 +400,13 @@ class DSVConfig:
             raise ValueError(
                 f"--dsv-recall-floor ({self.dsv_recall_floor}) + --dsv-recall-margin "
                 f"({self.dsv_recall_margin}) must be <= 1 (recall cannot exceed 1): lower one of them."
+            )
+        if self.dsv_causal_chunk % self.dsv_query_group[0]:
+            raise ValueError(
+                f"--dsv-causal-chunk {self.dsv_causal_chunk} frames cuts the query-group cubes "
+                f"({self.dsv_query_group[0]} frames deep, --dsv-query-group): in cube-major order a "
+                "chunk is a contiguous token range only when it is whole layers of cubes. Use a "
+                f"multiple of {self.dsv_query_group[0]}."
             )
         if self.dsv_predictor_fit == "closed_form" and self.dsv_predictor_input == "hidden":
             raise ValueError(

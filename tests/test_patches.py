@@ -460,8 +460,7 @@ def test_gpt_with_the_dsv_spec_is_refused_when_built(megatron_state, mode):
     with pytest.raises(ValueError, match="causal language model") as e:
         hooks.install_dsv_hooks([model], None, args, log=lambda msg: None)
     msg = str(e.value)
-    assert "examples/pretrain_video_dit.py" in msg and "causal DSV attention does not exist yet" in msg
-    assert f"DSV mode {mode}" in msg and "no_mask" in msg
+    assert "examples/pretrain_video_dit.py" in msg and "dsv_gpt_causal_layer_spec" in msg and "no_mask" in msg
     assert args.dsv_runtime == "stale"  # refused before anything was installed
     wrapped = type("Float16Module", (torch.nn.Module,), {})()  # Megatron wraps chunks; found inside too
     wrapped.module = model
@@ -469,28 +468,19 @@ def test_gpt_with_the_dsv_spec_is_refused_when_built(megatron_state, mode):
         hooks.install_dsv_hooks(wrapped, None, args, log=lambda msg: None)
 
 
-def test_gpt_refusal_spares_causal_dense_and_plain_models(megatron_state):
-    """The rule, not a blanket ban: a GPT whose DSV layers are causal and have no predictor (dense
-    mode) computes plain causal attention and is let through; with a predictor it is refused; a
-    GPT without DSV layers runs with DSV off."""
-    import dataclasses
-
+def test_gpt_refusal_spares_causal_and_plain_models(megatron_state):
+    """The rule, not a blanket ban: a GPT whose DSV layers are causal (the causal spec) is let
+    through in every mode, with a stage controller where it has predictors; a GPT without DSV
+    layers runs with DSV off."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from megatron_dsv.specs import dsv_gpt_layer_spec
+    from megatron_dsv.specs import dsv_gpt_causal_layer_spec
 
-    attn = dsv_gpt_layer_spec.submodules.self_attention
-    causal_attn = ModuleSpec(module=attn.module, params=dict(attn.params, attn_mask_type=AttnMaskType.causal),
-                             submodules=attn.submodules)
-    causal = dataclasses.replace(
-        dsv_gpt_layer_spec, submodules=dataclasses.replace(dsv_gpt_layer_spec.submodules, self_attention=causal_attn)
-    )
     logs = []
-    runtime = hooks.install_dsv_hooks([_tiny_gpt(causal, dsv_mode="dense")], None, None, log=logs.append)
+    runtime = hooks.install_dsv_hooks([_tiny_gpt(dsv_gpt_causal_layer_spec, dsv_mode="dense")], None, None, log=logs.append)
     assert runtime is not None and runtime.controller is None  # no predictor: nothing to schedule
-    with pytest.raises(ValueError, match="attn_mask_type causal, DSV mode auto"):
-        hooks.install_dsv_hooks([_tiny_gpt(causal, dsv_mode="auto")], None, None, log=logs.append)
+    for mode in ("auto", "sparse"):
+        runtime = hooks.install_dsv_hooks([_tiny_gpt(dsv_gpt_causal_layer_spec, dsv_mode=mode)], None, None, log=logs.append)
+        assert runtime is not None and runtime.controller is not None
     assert hooks.install_dsv_hooks([_tiny_gpt(get_gpt_layer_local_spec())], None, None, log=logs.append) is None
     assert "DSV is off for this run" in logs[-1]

@@ -234,6 +234,11 @@ class _KVPlan:
     """Who needs which key blocks: built from a SparseIndex over the whole sequence's blocks."""
 
     def __init__(self, index: SparseIndex, num_kv_heads: int, s_local: int, group):
+        if index.mask is not None:
+            raise NotImplementedError(
+                f"the selective key/value exchange does not carry a causal mask ({index.mask.kind}) yet "
+                "(issue 19): its compacted index would compute disallowed pairs."
+            )
         self.g, self.me = dist.get_world_size(group), dist.get_rank(group)
         self.group = group
         b, h = index.batch_size, index.num_heads

@@ -10,6 +10,14 @@ packed_seq_params=)``, expecting ``[s, b, np*hn]`` back. This module answers tha
 * the sparse path: low-rank predictor -> per-head top-K selection per query group -> sparse
   attention over the selected keys (``megatron_dsv.ops``).
 
+Masks: ``attn_mask_type=no_mask`` is bidirectional (video DiTs); ``causal`` is token-causal (a
+causal language model; a given ``attention_mask`` is ignored, as Megatron's causal kernels do);
+``--dsv-causal-chunk T`` (with ``no_mask``) is chunk-causal over chunks of T latent frames, whose
+size in tokens the model gives with :meth:`DSVCoreAttention.set_frame_tokens`. Both paths apply
+the mask: dense through SDPA (``is_causal`` or a boolean block mask), sparse through a
+:class:`~megatron_dsv.ops.mask.CausalMask` on the selection and the index, which runs on the
+reference kernels only for now, and not under context parallelism (issue 19).
+
 While the predictor trains, its loss on sampled query rows (against exact, detached scores) is
 attached to the output with :class:`PredictorLossAutoScaler`, Megatron's auxiliary-loss pattern:
 the forward returns the output unchanged, the backward injects the loss's gradient, which reaches
@@ -42,6 +50,7 @@ from megatron_dsv.layers.predictor import LowRankPredictor, predictor_loss
 from megatron_dsv.layers.profiler import RecallCurve, recall_curve, sample_rows, sampled_attention_stats
 from megatron_dsv.layers.state import LayerState, LayerStats, StepControl
 from megatron_dsv.ops._utils import BackendChoice, check_head_dim, choose_backend, log_once
+from megatron_dsv.ops.mask import CausalMask
 from megatron_dsv.ops.selection import select_topk
 from megatron_dsv.ops.sparse_attention import attention_backend
 from megatron_dsv.ops.sparse_index import k_from_sparsity
@@ -203,6 +212,7 @@ class DSVCoreAttention(MegatronModule):
         self._pending: List[LayerStats] = []
         self._seen: Optional[Tuple[int, int]] = None  # (sequence length, batch) of the last forward
         self._layer_input: Optional[Tensor] = None
+        self._frame_tokens: Optional[int] = None  # tokens per latent frame, for --dsv-causal-chunk
         self._cp_groups: Optional[CPGroups] = None
         self._exchange = None
         self._kernels: Optional[BackendChoice] = None  # what the last sparse forward ran, and why
@@ -349,6 +359,43 @@ class DSVCoreAttention(MegatronModule):
         self._cp_groups = groups
         self.apply(self._state.replace(cp_plan=plan))
 
+    def set_frame_tokens(self, tokens: int) -> None:
+        """Tokens per latent frame (H*W of the patch grid), which ``--dsv-causal-chunk`` frames
+        are counted in; the model calls it before the forward."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens per frame must be a positive int (H*W of the patch grid), got {tokens!r}.")
+        self._frame_tokens = tokens
+
+    def causal_mask(self, mask_type: Optional[AttnMaskType] = None) -> Optional[CausalMask]:
+        """The :class:`CausalMask` this layer applies for ``mask_type`` (default: its own), None
+        when bidirectional or for other Megatron masks (which the dense path passes to SDPA)."""
+        mask_type = self.attn_mask_type if mask_type is None else mask_type
+        chunk = self.dsv.dsv_causal_chunk
+        if not self.is_self_attention:
+            return None  # cross-attention keys are another sequence; its masks go to SDPA as given
+        if chunk:
+            if mask_type != AttnMaskType.no_mask:
+                raise ValueError(
+                    f"--dsv-causal-chunk {chunk} is a chunk-causal mask of its own; layer "
+                    f"{self.layer_number} has attn_mask_type={mask_type.name}. Use the bidirectional DSV "
+                    "spec (attn_mask_type=no_mask) with it, or --dsv-causal-chunk 0."
+                )
+            if self._frame_tokens is None:
+                raise ValueError(
+                    f"--dsv-causal-chunk {chunk} counts frames, but layer {self.layer_number} does not know "
+                    "the tokens per frame: call layer.set_frame_tokens(H * W of the patch grid) before "
+                    "the forward (a VideoDiT with chunk-causal attention will, issue 19)."
+                )
+            return CausalMask.from_frames(chunk, self._frame_tokens, self.dsv.dsv_query_group[0])
+        return CausalMask("causal") if mask_type == AttnMaskType.causal else None
+
+    def _forced_units(self, seq_len_kv: int) -> int:
+        """Key units a causal mask makes every group keep (0 without one): a floor on K."""
+        if self.dsv.dsv_causal_chunk and self._frame_tokens is None:
+            return 0  # not known before the model gives the frame size; the forward then raises
+        mask = self.causal_mask()
+        return 0 if mask is None else mask.max_forced(seq_len_kv, self.dsv.group_size, self.dsv.dsv_kv_block)
+
     def set_layer_input(self, hidden_states: Optional[Tensor]) -> None:
         """Layer input ``[s, b, h]`` for the ``hidden`` predictor variant (set by DSVSelfAttention)."""
         self._layer_input = hidden_states
@@ -361,12 +408,15 @@ class DSVCoreAttention(MegatronModule):
 
     def kv_count_global(self, seq_len_kv: int) -> Tensor:
         """K per head of the layer (all TP ranks) in key units, int32 ``[H]``: the state's K (chosen
-        by the runtime for the target recall), else from ``dsv_fixed_sparsity``."""
+        by the runtime for the target recall), else from ``dsv_fixed_sparsity``. Under a causal mask
+        at least the units every group must keep (its diagonal, :meth:`CausalMask.max_forced`)."""
         state = self._state
         units = seq_len_kv // self.dsv.dsv_kv_block
+        floor = max(self.dsv.min_units(units), min(units, self._forced_units(seq_len_kv)))
         if state.kv_units is not None:
-            return state.kv_units.clamp(min=self.dsv.min_units(units), max=units)
-        return self.k_for_sparsity(torch.full((self.num_heads_global,), self.dsv.dsv_fixed_sparsity), seq_len_kv)
+            return state.kv_units.clamp(min=floor, max=units)
+        k = self.k_for_sparsity(torch.full((self.num_heads_global,), self.dsv.dsv_fixed_sparsity), seq_len_kv)
+        return k.clamp(min=floor)
 
     def kv_count(self, seq_len_kv: int) -> Tensor:
         """K per local head in key units, int32 ``[H_local]`` (see :meth:`kv_count_global`)."""
@@ -443,16 +493,17 @@ class DSVCoreAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         trains = self._trains_now()
         sparse = self._state.sparse
-        if sparse or trains or self._profiles_now():
+        causal = self.causal_mask(mask_type)
+        if (sparse or trains or self._profiles_now()) and causal is None:
             self._check_bidirectional(mask_type, attention_mask)
         sq, b, np_, hn = query.shape
-        cp = self._attention_plan(sq, mask_type)
+        cp = self._attention_plan(sq, mask_type, causal)
         self._seen = (key.shape[0] * cp.cp_size, b)
         if self.te_attention is not None and not sparse:
             out = self.te_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
             if trains or self._profiles_now():
                 q, k, _ = cp.to_heads(query, key, value)
-                out = self._learn(out, cp, q, k, None)
+                out = self._learn(out, cp, q, k, None, causal)
             return out
         q, k, v = cp.to_heads(query, key, value)  # [b, H_slot, S/seq_size, hn]
         lowrank = None
@@ -460,8 +511,8 @@ class DSVCoreAttention(MegatronModule):
             with torch.no_grad():
                 lowrank = self._project(cp, q, k)
                 index = select_topk(
-                    lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len),
-                    kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend,
+                    lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len, causal),
+                    kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend, mask=causal,
                 )
             self._kernels = (
                 attention_backend(self.dsv.dsv_backend, q, k, index) if cp.seq_group is None
@@ -470,16 +521,16 @@ class DSVCoreAttention(MegatronModule):
             out = cp.sparse(q, k, v, index, self.softmax_scale, self._kernels.name)
             self._exchange = cp.exchange
         else:
-            local = lambda q_, k_, v_: self._dense_forward(q_, k_, v_, attention_mask, mask_type)  # noqa: E731
+            local = lambda q_, k_, v_: self._dense_forward(q_, k_, v_, attention_mask, mask_type, causal)  # noqa: E731
             out = cp.dense(
                 q, k, v, self.softmax_scale, self.dsv.group_size, self.dsv.dsv_kv_block,
                 self.dsv.dsv_backend, local,
             )
         if trains or self._profiles_now():
-            out = self._learn(out, cp, q, k, lowrank)
+            out = self._learn(out, cp, q, k, lowrank, causal)
         return cp.from_heads(out).reshape(sq, b, np_ * hn)
 
-    def _attention_plan(self, s_local: int, mask_type) -> CPAttention:
+    def _attention_plan(self, s_local: int, mask_type, causal: Optional[CausalMask] = None) -> CPAttention:
         """How this call's heads and tokens are laid out: the CP plan, or the size-1 case."""
         cp_group = getattr(self.pg_collection, "cp", None)
         if self._cp_groups is None:
@@ -491,6 +542,12 @@ class DSVCoreAttention(MegatronModule):
                     "(the pretraining example does)."
                 )
             return CPAttention.local(self.num_heads, self.num_kv_heads)
+        if causal is not None:
+            raise NotImplementedError(
+                f"DSV context parallelism does not support causal masks yet ({causal.kind}; issue 19): "
+                "run causal and chunk-causal DSV layers without --context-parallel-size, or "
+                "bidirectional (attn_mask_type=no_mask, --dsv-causal-chunk 0) under CP."
+            )
         if mask_type != AttnMaskType.no_mask:
             raise ValueError(
                 "DSV context parallelism is for bidirectional attention without a mask (video DiTs); "
@@ -514,9 +571,14 @@ class DSVCoreAttention(MegatronModule):
         """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``."""
         return "auto" if self.dsv.dsv_backend == "cudnn" else self.dsv.dsv_backend
 
-    def _kv_count_for(self, cp: CPAttention, seq_len_kv: int) -> Tensor:
-        """K per head of the heads ``cp`` gives this rank."""
+    def _kv_count_for(self, cp: CPAttention, seq_len_kv: int, causal: Optional[CausalMask] = None) -> Tensor:
+        """K per head of the heads ``cp`` gives this rank; under this forward's causal mask at
+        least its forced units (the same floor as :meth:`kv_count_global` where the forward's
+        mask type is the layer's own)."""
         kv = self.kv_count(seq_len_kv)
+        if causal is not None:
+            units = seq_len_kv // self.dsv.dsv_kv_block
+            kv = kv.clamp(min=min(units, causal.max_forced(seq_len_kv, self.dsv.group_size, self.dsv.dsv_kv_block)))
         return kv if cp.is_local else kv[list(cp.heads)]
 
     def _project(self, cp: CPAttention, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
@@ -527,7 +589,7 @@ class DSVCoreAttention(MegatronModule):
         q_lr, k_lr = self.predictor.project(q, k, heads=heads)
         return q_lr, cp.gather_keys(k_lr)
 
-    def _learn(self, out: Tensor, cp: CPAttention, q: Tensor, k: Tensor, lowrank) -> Tensor:
+    def _learn(self, out: Tensor, cp: CPAttention, q: Tensor, k: Tensor, lowrank, causal: Optional[CausalMask]) -> Tensor:
         """The predictor's share of a training forward: its gradient loss attached to ``out``
         (``gradient`` fit), its score moments accumulated (``closed_form``), statistics on
         profiling iterations. ``lowrank``: the forward's projection when it made one (sparse
@@ -550,7 +612,7 @@ class DSVCoreAttention(MegatronModule):
             # autograd off and only the recompute reaches here.
             if self.dsv.dsv_predictor_fit == "closed_form":
                 self.predictor.accumulate_moments(q[:, :, rows], k, heads=heads, group=cp.seq_group)
-            self._pending.append(self._measure(cp, q, k, lowrank, rows, loss_sum.detach(), norm, n_total))
+            self._pending.append(self._measure(cp, q, k, lowrank, rows, loss_sum.detach(), norm, n_total, causal))
             self._profiled = True
         if not gradient:
             return out
@@ -573,7 +635,7 @@ class DSVCoreAttention(MegatronModule):
         return rows, n_total
 
     @torch.no_grad()
-    def _measure(self, cp: CPAttention, q, k, lowrank, rows, loss_sum, norm, n_total) -> LayerStats:
+    def _measure(self, cp: CPAttention, q, k, lowrank, rows, loss_sum, norm, n_total, causal=None) -> LayerStats:
         """Token sparsity and the selection's recall curve of the sampled rows, summed over the CP
         group per head (every CP rank reports the single-process values).
 
@@ -596,13 +658,15 @@ class DSVCoreAttention(MegatronModule):
         if tok.numel():
             rep = len(cp.heads) // k_full.shape[1]
             k_exp = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
-            sp = sampled_attention_stats(q[:, :, tok], k_exp, self.softmax_scale, self.dsv.dsv_critical_mass)
+            sp = sampled_attention_stats(
+                q[:, :, tok], k_exp, self.softmax_scale, self.dsv.dsv_critical_mass, mask=causal, rows=tok
+            )
             sparsity[heads] = sp["sparsity"].sum(0).double() * tok.numel()
             tok_rows[heads] = float(q.shape[0] * tok.numel())
         if rows.numel():
             part = recall_curve(
                 q, k_full, q_lr, k_lr, rows, group_size=self.dsv.group_size, kv_block=self.dsv.dsv_kv_block,
-                scale=self.softmax_scale, critical_mass=self.dsv.dsv_critical_mass,
+                scale=self.softmax_scale, critical_mass=self.dsv.dsv_critical_mass, mask=causal,
             )
             curve[:, heads] = torch.stack(list(part._fields()))
         # NaN/Inf in the sampled q, the keys or the predictor's projections: counted here (no extra
@@ -651,14 +715,17 @@ class DSVCoreAttention(MegatronModule):
     def _check_bidirectional(self, mask_type, attention_mask) -> None:
         if mask_type not in (AttnMaskType.no_mask,) or attention_mask is not None:
             raise ValueError(
-                f"DSV sparse attention is bidirectional without a mask (got attn_mask_type="
-                f"{mask_type.name}, mask {'given' if attention_mask is not None else 'None'}); use "
-                "the DSV specs (attn_mask_type=no_mask) for video DiTs, or --dsv-mode dense."
+                f"DSV sparse attention supports no mask, attn_mask_type=causal and --dsv-causal-chunk "
+                f"(got attn_mask_type={mask_type.name}, mask {'given' if attention_mask is not None else 'None'}); "
+                "use the DSV specs (no_mask for video DiTs, get_dsv_gpt_layer_spec(causal=True) for causal "
+                "models), or --dsv-mode dense."
             )
 
-    def _dense_forward(self, q, k, v, attention_mask, mask_type) -> Tensor:
+    def _dense_forward(self, q, k, v, attention_mask, mask_type, causal_mask: Optional[CausalMask] = None) -> Tensor:
         mask, causal = None, False
-        if mask_type == AttnMaskType.causal:
+        if causal_mask is not None and causal_mask.kind == "chunk_causal":
+            mask = causal_mask.dense(q.shape[2], device=q.device)
+        elif mask_type == AttnMaskType.causal:
             causal = True
         elif attention_mask is not None and mask_type != AttnMaskType.no_mask:
             mask = ~attention_mask  # Megatron: True = masked out; SDPA: True = attend
@@ -685,8 +752,13 @@ class DSVCoreAttention(MegatronModule):
                 "--dsv-dense-backend te needs Transformer Engine, which is not importable; "
                 "install it or use --dsv-dense-backend sdpa."
             )
+        if choice == "te" and self.dsv.dsv_causal_chunk:
+            raise NotImplementedError(
+                "--dsv-causal-chunk applies its chunk-causal mask through SDPA; use --dsv-dense-backend sdpa."
+            )
         if choice == "auto":
-            choice = "te" if HAVE_TE and self.pg_collection_cp_size() == 1 else "sdpa"
+            te_ok = HAVE_TE and self.pg_collection_cp_size() == 1 and not self.dsv.dsv_causal_chunk
+            choice = "te" if te_ok else "sdpa"
         return choice
 
     def pg_collection_cp_size(self) -> int:

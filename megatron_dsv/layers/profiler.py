@@ -14,6 +14,11 @@ per key unit read in the order of the row's query-group score, so K can be chose
 mass in key units per group (:meth:`RecallCurve.choose`), not from token-level sparsity, which
 undercounts the units a group needs by about 2x (issue 13). The same rule with exact q/k gives
 the recall the predictor could reach at best (``relative_recall``).
+
+Under a causal mask (``ops/mask.py``) a row's mass is its softmax over the keys it may read, its
+sparsity counts only those keys, and units are ranked as masked selection ranks them: the
+group's forced units first, then its other allowed units by score; disallowed units rank last
+and hold no mass.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_dsv.ops.mask import CausalMask
 from megatron_dsv.ops.selection import group_proxies, pool_keys
 from megatron_dsv.ops.sparse_attention.naive import gather_token_index
 from megatron_dsv.ops.sparse_index import SparseIndex
@@ -44,6 +50,9 @@ def sampled_attention_stats(
     critical_mass: float,
     row_groups: Optional[torch.Tensor] = None,
     index: Optional[SparseIndex] = None,
+    *,
+    mask: Optional[CausalMask] = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Sparsity (and recall when ``index`` is given) of sampled query rows.
 
@@ -52,6 +61,8 @@ def sampled_attention_stats(
         k: ``[B, H, S, D]`` all keys (GQA expanded).
         row_groups: int64 ``[N]`` group of ``index`` that each sampled row belongs to.
         index: the selection of the rows' query groups.
+        mask: optional causal mask (queries and keys one sequence); needs ``rows``.
+        rows: int64 ``[N]`` positions of the sampled rows (with ``mask``).
 
     Returns:
         ``{"sparsity": [B, H], "recall": [B, H]}`` in fp32 (recall only with ``index``).
@@ -60,13 +71,21 @@ def sampled_attention_stats(
     s = k.shape[2]
     chunk = max(1, _CHUNK_ELEMS // max(1, b * h * s))
     kf = k.float()
+    if mask is not None and (rows is None or rows.numel() != n):
+        raise ValueError(f"a masked profile needs the positions of the {n} sampled rows (rows=[N]).")
+    # keys each row may read: S without a mask
+    readable = torch.full((n,), s, device=k.device) if mask is None else (mask.limit(rows) + 1).clamp(max=s)
     need = torch.empty(b, h, n, device=k.device)
     recall = torch.empty(b, h, n, device=k.device) if index is not None else None
     if index is not None:
         tok, valid = gather_token_index(index)
         tok = tok.masked_fill(~valid, s)  # padding scatters into a spare column
     for i in range(0, n, chunk):
-        p = torch.softmax(torch.einsum("bhnd,bhsd->bhns", q_rows[:, :, i : i + chunk].float(), kf) * scale, -1)
+        logits = torch.einsum("bhnd,bhsd->bhns", q_rows[:, :, i : i + chunk].float(), kf) * scale
+        if mask is not None:
+            keys = torch.arange(s, device=k.device)
+            logits = logits.masked_fill(~mask.allowed(rows[i : i + chunk].view(-1, 1), keys), float("-inf"))
+        p = torch.softmax(logits, -1)
         csum = p.sort(dim=-1, descending=True).values.cumsum(-1)
         need[:, :, i : i + chunk] = (csum < critical_mass).sum(-1).float() + 1
         if index is not None:
@@ -74,7 +93,8 @@ def sampled_attention_stats(
             sel = torch.zeros(b, h, groups.numel(), s + 1, device=k.device, dtype=p.dtype)
             sel.scatter_(-1, tok[:, :, groups], 1.0)
             recall[:, :, i : i + chunk] = (p * sel[..., :s]).sum(-1)
-    out = {"sparsity": 1.0 - need.clamp(max=s).mean(-1) / s}
+    readable = readable.float()
+    out = {"sparsity": 1.0 - (torch.minimum(need, readable) / readable).mean(-1)}
     if recall is not None:
         out["recall"] = recall.mean(-1)
     return out
@@ -294,6 +314,7 @@ def recall_curve(
     kv_block: int,
     scale: float,
     critical_mass: float,
+    mask: Optional[CausalMask] = None,
 ) -> RecallCurve:
     """:class:`RecallCurve` of sampled rows under the selection rule of ``select_topk``.
 
@@ -313,6 +334,8 @@ def recall_curve(
         kv_block: tokens per key unit; ``S_kv % kv_block == 0``.
         scale: softmax scale of the exact attention.
         critical_mass: fraction of a row's mass its units must hold, in (0, 1].
+        mask: optional :class:`CausalMask` (``S_q == S_kv``, one sequence): mass over the keys a
+            row may read; forced units rank first, disallowed units last (as masked selection).
     """
     if q.dim() != 4 or k.dim() != 4 or q_lr.dim() != 4 or k_lr.dim() != 4:
         raise ValueError("q, k, q_lr and k_lr must be [B, H, S, D or r].")
@@ -333,6 +356,8 @@ def recall_curve(
         raise ValueError(f"critical_mass must be in (0, 1], got {critical_mass}.")
     if rows.dim() != 1 or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= s_q:
         raise ValueError(f"rows must be a non-empty int64 [N] of positions in [0, {s_q}).")
+    if mask is not None and s_q != s_kv:
+        raise ValueError(f"a causal mask needs S_q == S_kv (one sequence); got {s_q} and {s_kv}.")
     rep, g, r, n_units = h // h_kv, group_size, q_lr.shape[3], s_kv // kv_block
     groups, row_group = torch.unique(rows // g, return_inverse=True)
     gq = s_q // g
@@ -346,10 +371,19 @@ def recall_curve(
     for i in range(0, rows.numel(), chunk):
         r_c, g_c = rows[i : i + chunk], row_group[i : i + chunk]
         q_c = q[:, :, r_c].float().view(b, h_kv, rep, -1, d)
-        p = torch.softmax(torch.einsum("bgjnd,bgsd->bgjns", q_c, kf) * scale, -1)
+        logits = torch.einsum("bgjnd,bgsd->bgjns", q_c, kf) * scale
+        if mask is not None:
+            keys = torch.arange(s_kv, device=q.device)
+            logits = logits.masked_fill(~mask.allowed(r_c.view(-1, 1), keys), float("-inf"))
+        p = torch.softmax(logits, -1)
         unit_mass = p.flatten(1, 2).view(b, h, -1, n_units, kv_block).sum(-1)
         scores = torch.einsum("bhnr,bhur->bhnu", proxy[:, :, g_c], units)
         scores_x = torch.einsum("bgjnd,bgud->bgjnu", proxy_x[:, :, :, g_c], units_x).flatten(1, 2)
+        if mask is not None:
+            allowed, forced = mask.unit_classes(groups[g_c], g, kv_block, n_units)
+            scores, scores_x = (
+                torch.where(forced, float("inf"), x.masked_fill(~allowed, float("-inf"))) for x in (scores, scores_x)
+            )
         part = RecallCurve.from_unit_mass(unit_mass, scores, scores_x, critical_mass)
         sums = part if sums is None else sums + part
     return sums

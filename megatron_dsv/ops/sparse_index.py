@@ -12,6 +12,12 @@ built (``select_topk``, the context-parallel plans) carries proof of validity, s
 hot path pays nothing; any other index is checked once, with a host synchronisation, by
 :meth:`SparseIndex.ensure_valid` before a kernel reads it. The proof records the tensors'
 version counters, so an in-place edit of ``kv_idx``/``kv_count`` voids it.
+
+Causal masks (``mask``, a :class:`~megatron_dsv.ops.mask.CausalMask`). The index lists units,
+the mask says which token pairs inside them count: attention drops every disallowed pair, on
+partial (diagonal) units token-wise. The contract above is unchanged: a group with fewer allowed
+units than its head's K still lists K distinct units, the rest being disallowed units that the
+mask removes entirely (so ``computed_pairs`` counts them; kernels that support masks skip them).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
+
+from megatron_dsv.ops.mask import CausalMask
 
 PAD = -1
 
@@ -51,6 +59,8 @@ class SparseIndex:
         kv_block: tokens per key unit (1 = token granularity).
         seq_len_q: number of query tokens S_q.
         seq_len_kv: number of key tokens S_kv; ``seq_len_kv % kv_block == 0``.
+        mask: optional :class:`CausalMask` (self-attention: ``seq_len_q == seq_len_kv``); pairs
+            it disallows are not computed, whatever units are listed.
     """
 
     kv_idx: torch.Tensor
@@ -59,6 +69,7 @@ class SparseIndex:
     kv_block: int
     seq_len_q: int
     seq_len_kv: int
+    mask: Optional[CausalMask] = None
     # Version counters of (kv_idx, kv_count) when the values were known valid; set only by the
     # library (_mark_valid) and by ensure_valid, never by the constructor.
     _proof: Optional[Tuple[int, ...]] = field(default=None, init=False, repr=False, compare=False)
@@ -138,6 +149,17 @@ class SparseIndex:
             raise ValueError(
                 f"seq_len_kv={self.seq_len_kv} is not a multiple of kv_block={self.kv_block}."
             )
+        if self.mask is not None:
+            if not isinstance(self.mask, CausalMask):
+                raise TypeError(
+                    f"SparseIndex.mask must be a megatron_dsv.ops.mask.CausalMask or None, got "
+                    f"{type(self.mask).__name__}."
+                )
+            if self.seq_len_q != self.seq_len_kv:
+                raise ValueError(
+                    f"a causal mask needs queries and keys of one sequence (self-attention); got "
+                    f"S_q={self.seq_len_q}, S_kv={self.seq_len_kv}."
+                )
         if idx.shape[3] > self.num_kv_units or idx.shape[3] < 1:
             raise ValueError(
                 f"Kmax={idx.shape[3]} must be in [1, {self.num_kv_units}] (the number of key units)."
@@ -213,19 +235,23 @@ class SparseIndex:
         return int(self.kv_count.long().sum()) * self.kv_block * self.seq_len_q
 
     def to_dense_mask(self) -> torch.Tensor:
-        """Bool ``[B, H, S_q, S_kv]`` mask of computed pairs; for tests on small inputs only."""
+        """Bool ``[B, H, S_q, S_kv]`` mask of computed pairs (the causal mask applied); for tests
+        on small inputs only."""
         b, h, gq, _ = self.kv_idx.shape
         units = torch.zeros(b, h, gq, self.num_kv_units + 1, dtype=torch.bool, device=self.kv_idx.device)
         idx = self.kv_idx.long().clone()
         idx[idx < 0] = self.num_kv_units  # padding writes into the spare column
         units.scatter_(-1, idx, True)
         units = units[..., :-1].repeat_interleave(self.kv_block, dim=-1)
-        return units.repeat_interleave(self.group_size, dim=2)
+        pairs = units.repeat_interleave(self.group_size, dim=2)
+        if self.mask is not None:
+            pairs = pairs & self.mask.dense(self.seq_len_q, device=pairs.device)
+        return pairs
 
     def to(self, device: torch.device) -> "SparseIndex":
         moved = SparseIndex(
             self.kv_idx.to(device), self.kv_count.to(device), self.group_size, self.kv_block,
-            self.seq_len_q, self.seq_len_kv,
+            self.seq_len_q, self.seq_len_kv, self.mask,
         )
         return _mark_valid(moved) if self.verified else moved
 

@@ -211,11 +211,11 @@ def install_dsv_hooks(model, optimizer, args, *, stats_group=None, tb_writer=Non
     predictor optimizer groups at the stage's learning rate and clips the predictors by their own
     gradient norm. A previous runtime on ``args`` is replaced.
 
-    Refused (ValueError, before any iteration): DSV layers inside a causal language model
-    (``GPTModel``, ``HybridModel``), e.g. Megatron-LM's ``pretrain_gpt.py --spec megatron_dsv.specs
-    dsv_gpt_layer_spec``. DSV's spec is bidirectional (``no_mask``), so such a model sees the tokens
-    it predicts, and DSV's predictor and sparse path have no causal form; ``--dsv-mode dense`` does
-    not help (the spec stays bidirectional).
+    Refused (ValueError, before any iteration): bidirectional DSV layers inside a causal language
+    model (``GPTModel``, ``HybridModel``), e.g. Megatron-LM's ``pretrain_gpt.py --spec
+    megatron_dsv.specs dsv_gpt_layer_spec``: such a model sees the tokens it predicts, also with
+    ``--dsv-mode dense``. Causal DSV layers (``dsv_gpt_causal_layer_spec``,
+    ``get_dsv_gpt_layer_spec(causal=True)``, ``attn_mask_type=causal``) are accepted, sparse or dense.
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -226,19 +226,17 @@ def install_dsv_hooks(model, optimizer, args, *, stats_group=None, tb_writer=Non
     log = log or print_rank_0
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for lm in (m for c in chunks for m in c.modules() if isinstance(m, (GPTModel, HybridModel))):
-        # A DSV layer that is causal and has no predictor (dense mode) computes plain causal attention.
-        wrong = [l for l in dsv_attention_layers(lm) if l.attn_mask_type != AttnMaskType.causal or l.predictor is not None]
+        # Causal DSV layers mask their dense and sparse paths token-causally (ops/mask.py).
+        wrong = [l for l in dsv_attention_layers(lm) if l.is_self_attention and l.attn_mask_type != AttnMaskType.causal]
         if wrong:
             masks = sorted({l.attn_mask_type.name for l in wrong})
             raise ValueError(
                 f"DSV refuses this model: {type(lm).__name__} is a causal language model, but "
-                f"{len(wrong)} of its attention layers are DSV attention (attn_mask_type "
-                f"{'/'.join(masks)}, DSV mode {wrong[0].dsv.dsv_mode}). DSV attention is bidirectional: "
-                "each token would see the tokens it is trained to predict (a loss that falls and means "
-                "nothing), also with --dsv-mode dense; causal DSV attention does not exist yet. DSV is "
-                "for video DiTs: train with examples/pretrain_video_dit.py (megatron_dsv.models.VideoDiT; "
-                "it runs on a patched Megatron-LM clone too), and drop --spec megatron_dsv.specs "
-                "dsv_gpt_layer_spec from language-model runs (pretrain_gpt.py)."
+                f"{len(wrong)} of its DSV attention layers are not causal (attn_mask_type "
+                f"{'/'.join(masks)}): each token would see the tokens it is trained to predict (a loss "
+                "that falls and means nothing), also with --dsv-mode dense. Use the causal DSV spec: "
+                "--spec megatron_dsv.specs dsv_gpt_causal_layer_spec (or get_dsv_gpt_layer_spec(causal=True)); "
+                "the bidirectional dsv_gpt_layer_spec is for video DiTs (examples/pretrain_video_dit.py)."
             )
     layers = [l for m in chunks for l in dsv_attention_layers(m) if l.is_self_attention]
     if not layers:

@@ -186,8 +186,8 @@ def test_bad_inputs_raise(megatron_state):
         make_core(attention_dropout=0.1)
     core = make_core(dsv_mode="sparse")
     q = torch.randn(S, B, 4, 32)
-    with pytest.raises(ValueError, match="bidirectional"):
-        core(q, q, q, None, attn_mask_type=AttnMaskType.causal)
+    with pytest.raises(ValueError, match="supports no mask, attn_mask_type=causal"):
+        core(q, q, q, torch.zeros(B, 1, S, S, dtype=torch.bool), attn_mask_type=AttnMaskType.padding)
     with pytest.raises(ValueError, match="not a multiple of the query group size"):
         core(q[:60], q[:60], q[:60], None)
     with pytest.raises(NotImplementedError, match="packed"):

@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from megatron_dsv.ops._utils import check_finite, resolve_backend
+from megatron_dsv.ops.mask import CausalMask
 from megatron_dsv.ops.options import KernelOptions, resolve_options
 from megatron_dsv.ops.selection.naive import group_proxies, pool_keys, select_topk_reference
 from megatron_dsv.ops.sparse_index import SparseIndex, _int_arg, _mark_valid, num_groups
@@ -77,6 +78,7 @@ def select_topk(
     backend: str = "auto",
     *,
     options: Optional[KernelOptions] = None,
+    mask: Optional[CausalMask] = None,
 ) -> SparseIndex:
     """Pick each query group's critical key units from low-rank projections.
 
@@ -95,6 +97,13 @@ def select_topk(
             need ``TRITON_INTERPRET=1``) or ``"reference"``.
         options: Triton kernel variant (:class:`~megatron_dsv.ops.options.KernelOptions`);
             ``None`` = the defaults. The reference ignores it.
+        mask: optional :class:`~megatron_dsv.ops.mask.CausalMask` (self-attention, ``S_q ==
+            S_kv``): each group keeps its forced units (partial/diagonal ones and those holding
+            its own queries; K must be at least :meth:`CausalMask.max_forced`), then its best
+            allowed units; a group with fewer allowed units than K keeps all of them and fills up
+            with disallowed units, which attention drops (see ``selection/naive.py``). The index
+            carries the mask. Reference backend only for now (issue 19): ``"triton"``, or
+            ``"auto"`` on CUDA tensors, raises NotImplementedError.
 
     Returns:
         :class:`SparseIndex` with ``kv_idx [B, H, S_q/G, max K]`` sorted ascending, marked as
@@ -121,8 +130,22 @@ def select_topk(
             f"key length {s_kv} is not a multiple of kv_block={kv_block}; choose a kv_block that "
             "divides the sequence length (--dsv-kv-block)."
         )
+    if mask is not None:
+        if not isinstance(mask, CausalMask):
+            raise TypeError(f"mask must be a megatron_dsv.ops.mask.CausalMask or None, got {type(mask).__name__}.")
+        if s_q != s_kv:
+            raise ValueError(f"a causal mask needs S_q == S_kv (self-attention); got {s_q} and {s_kv}.")
+        if backend == "triton" or (backend == "auto" and q_lr.is_cuda):
+            raise NotImplementedError(
+                "masked (causal) selection runs on the reference backend only for now (issue 19): the "
+                "Triton selection kernel does not apply CausalMask. Pass backend='reference'."
+            )
     backend = resolve_backend(backend, q_lr, "megatron_dsv.ops.selection.triton", "selection")
     kv_count = normalize_k_per_head(k_per_head, b, h, s_kv // kv_block, q_lr.device)
+    if mask is not None:
+        mask.check_k(int(kv_count.min()), s_q, group_size, kv_block)
+        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, mask=mask)
+        return _mark_valid(index)
     if backend == "triton":
         from megatron_dsv.ops.selection.triton import select_topk_triton
 

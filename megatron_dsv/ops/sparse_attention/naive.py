@@ -5,6 +5,9 @@ Every query of group g attends, with softmax, to the keys of the units listed fo
 ``lse_i = log sum_j exp(scale * q_i . k_j)`` (natural log), which lets context parallelism merge
 partial results. Computed in fp32 (fp64 for fp64 inputs, for gradient checks) by gathering each group's keys; memory is ``S x K x D``, never
 ``S x S``. Autograd provides the backward.
+
+With a causal mask on the index (``index.mask``) a pair the mask disallows is dropped like
+padding: on a partial (diagonal) unit token by token, on a disallowed filler unit entirely.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ def gather_token_index(index: SparseIndex) -> Tuple[torch.Tensor, torch.Tensor]:
     offs = torch.arange(index.kv_block, device=units.device)
     tok = (units.clamp(min=0).unsqueeze(-1) * index.kv_block + offs).flatten(-2)
     return tok, valid
+
+
+def pair_mask(index: SparseIndex, tok: torch.Tensor, valid: torch.Tensor, g0: int) -> torch.Tensor:
+    """Pairs computed for groups ``g0 ..`` of a chunk: bool ``[B, H, c, G, Kt]`` (validity, and the
+    causal mask when the index carries one)."""
+    keep = valid.unsqueeze(3)
+    if index.mask is None:
+        return keep
+    c, g = tok.shape[2], index.group_size
+    q_pos = torch.arange(g0 * g, (g0 + c) * g, device=tok.device).view(1, 1, c, g, 1)
+    return keep & index.mask.allowed(q_pos, tok.unsqueeze(3))
 
 
 def sparse_attention_reference(
@@ -52,7 +66,7 @@ def sparse_attention_reference(
         k_sel = k[bi, hi, t].to(acc).where(keep, 0.0)  # [B, H, c, Kt, D]
         v_sel = v[bi, hi, t].to(acc).where(keep, 0.0)
         scores = torch.einsum("bhgqd,bhgkd->bhgqk", qg[:, :, g0 : g0 + chunk], k_sel) * scale
-        scores = scores.masked_fill(~valid[:, :, g0 : g0 + chunk].unsqueeze(3), float("-inf"))
+        scores = scores.masked_fill(~pair_mask(index, t, valid[:, :, g0 : g0 + chunk], g0), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         p = torch.exp(scores - lse.unsqueeze(-1))
         outs.append(torch.einsum("bhgqk,bhgkd->bhgqd", p, v_sel))
@@ -113,9 +127,10 @@ def sparse_attention_backward_reference(
         keep = valid[:, :, sl].unsqueeze(-1)
         k_sel, v_sel = k_full[bi, hi, t].where(keep, 0.0), v_full[bi, hi, t].where(keep, 0.0)  # [B, H, c, Kt, D]
         scores = torch.einsum("bhgqd,bhgkd->bhgqk", qg[:, :, sl], k_sel) * scale
-        p = torch.exp(scores - lseg[:, :, sl].unsqueeze(-1)).masked_fill(~valid[:, :, sl].unsqueeze(3), 0.0)
+        pairs = pair_mask(index, t, valid[:, :, sl], g0)
+        p = torch.exp(scores - lseg[:, :, sl].unsqueeze(-1)).masked_fill(~pairs, 0.0)
         dp = torch.einsum("bhgqd,bhgkd->bhgqk", dog[:, :, sl], v_sel)
-        ds = (p * (dp - delta[:, :, sl].unsqueeze(-1))).masked_fill(~valid[:, :, sl].unsqueeze(3), 0.0)
+        ds = (p * (dp - delta[:, :, sl].unsqueeze(-1))).masked_fill(~pairs, 0.0)
         dq[:, :, sl] = torch.einsum("bhgqk,bhgkd->bhgqd", ds, k_sel) * scale
         # padding scatters into token 0: add exact zeros there, even when a row is NaN
         dk_sel = (torch.einsum("bhgqk,bhgqd->bhgkd", ds, qg[:, :, sl]) * scale).where(keep, 0.0)

@@ -1,0 +1,140 @@
+"""Causal attention masks in SparseIndex terms: token-causal and chunk-causal.
+
+Both masks allow key token ``j`` for query token ``i`` iff ``j <= limit(i)``, with ``limit``
+non-decreasing:
+
+* ``causal``: ``limit(i) = i`` (a causal language model);
+* ``chunk_causal`` with chunks of ``T`` tokens: ``limit(i) = (i // T + 1) * T - 1``: full
+  attention inside a chunk, causal across chunks (autoregressive video generated chunk by chunk).
+
+Against a query group ``g`` (tokens ``[g*G, (g+1)*G)``) a key unit ``u`` (tokens
+``[u*kvb, (u+1)*kvb)``) is *full* (every query of the group may read every key of the unit),
+*partial* (some pairs allowed: the unit needs the token-wise mask) or *disallowed*.
+
+Video token order. VideoDiT orders tokens cube-major (``ops/layout.py``): cubes sorted by
+``(t // ct, h // ch, w // cw)``, time slowest. All tokens of frames ``[c*ct, (c+1)*ct)`` (one
+layer of cubes) therefore form one contiguous run of ``ct * H * W`` tokens, and a chunk of ``f``
+frames with ``f % ct == 0`` is ``f / ct`` consecutive cube layers: the contiguous token range
+``[c*f*H*W, (c+1)*f*H*W)``. A chunk whose frame count is not a multiple of the cube's ``t``
+would cut cubes, whose tokens interleave frames, so :meth:`CausalMask.from_frames` refuses it.
+
+Selection keeps the *forced* units of a group first: its partial units and the units holding its
+own queries. Then every query reads at least its own key (no empty softmax row) and the
+diagonal is always attended. A head's K must therefore be at least :meth:`CausalMask.max_forced`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("causal", "chunk_causal")
+
+
+@dataclass(frozen=True)
+class CausalMask:
+    """Which (query, key) token pairs attention may compute; see the module docstring.
+
+    Attributes:
+        kind: ``"causal"`` (key ``j`` allowed for query ``i`` iff ``j <= i``) or
+            ``"chunk_causal"`` (iff ``j // chunk_tokens <= i // chunk_tokens``).
+        chunk_tokens: tokens per chunk for ``chunk_causal`` (>= 1); must be 0 for ``causal``.
+
+    Queries and keys are the same sequence (self-attention): token ``i`` of the queries is token
+    ``i`` of the keys.
+    """
+
+    kind: str
+    chunk_tokens: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"CausalMask kind must be one of {KINDS}, got {self.kind!r}.")
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
+            raise TypeError(f"chunk_tokens must be an int, got {self.chunk_tokens!r}.")
+        if self.kind == "chunk_causal" and self.chunk_tokens < 1:
+            raise ValueError(
+                f"a chunk_causal mask needs chunk_tokens >= 1 (tokens per chunk), got {self.chunk_tokens}."
+            )
+        if self.kind == "causal" and self.chunk_tokens != 0:
+            raise ValueError(
+                f"a causal mask has no chunks: pass chunk_tokens=0 (got {self.chunk_tokens}), or "
+                "kind='chunk_causal'."
+            )
+
+    @classmethod
+    def from_frames(cls, frames: int, frame_tokens: int, cube_t: int) -> "CausalMask":
+        """Chunk-causal mask over chunks of ``frames`` frames of ``frame_tokens`` (= H*W) tokens
+        each, for tokens in cube-major order with cubes ``cube_t`` frames deep."""
+        if frames < 1 or frame_tokens < 1 or cube_t < 1:
+            raise ValueError(f"frames ({frames}), frame_tokens ({frame_tokens}) and cube_t ({cube_t}) must be >= 1.")
+        if frames % cube_t:
+            raise ValueError(
+                f"a causal chunk of {frames} frames cuts the query-group cubes ({cube_t} frames deep): "
+                "in cube-major order a cube's tokens interleave its frames, so a chunk is a contiguous "
+                f"token range only when its frame count is a multiple of {cube_t}. Set --dsv-causal-chunk "
+                f"to a multiple of the cube's t ({cube_t}) or change --dsv-query-group."
+            )
+        return cls("chunk_causal", frames * frame_tokens)
+
+    def limit(self, pos: torch.Tensor) -> torch.Tensor:
+        """Last key token each query position may read (same shape and dtype as ``pos``)."""
+        if self.kind == "causal":
+            return pos
+        return (pos // self.chunk_tokens + 1) * self.chunk_tokens - 1
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bool, broadcast of ``q_pos`` and ``k_pos``: key ``k_pos`` allowed for query ``q_pos``."""
+        return k_pos <= self.limit(q_pos)
+
+    def dense(self, seq_len: int, device=None) -> torch.Tensor:
+        """Bool ``[S, S]`` keep-mask (SDPA's convention: True = attend); S x S memory."""
+        pos = torch.arange(seq_len, device=device)
+        return self.allowed(pos.view(-1, 1), pos.view(1, -1))
+
+    def unit_classes(self, groups: torch.Tensor, group_size: int, kv_block: int, num_units: int):
+        """``(allowed, forced)``, bool ``[N, U]`` for query groups ``groups`` (int64 ``[N]``):
+        ``allowed``: the unit holds a key some query of the group may read (full or partial);
+        ``forced``: partial units and the units holding the group's own queries, which selection
+        always keeps."""
+        first = groups.view(-1, 1) * group_size
+        last = first + group_size - 1
+        u = torch.arange(num_units, device=groups.device).view(1, -1)
+        lo, hi = u * kv_block, (u + 1) * kv_block - 1
+        full = hi <= self.limit(first)
+        allowed = lo <= self.limit(last)
+        own = (lo <= last) & (hi >= first)
+        return allowed, (allowed & ~full) | own
+
+    def forced_count(self, seq_len: int, group_size: int, kv_block: int) -> torch.Tensor:
+        """Forced units of every query group, int64 ``[S / G]``, from interval arithmetic (no
+        ``[Gq, U]`` table): the own units ``[first // kvb, last // kvb]`` and the partial units
+        ``[(limit(first) + 1) // kvb, limit(last) // kvb]``, clipped to the sequence."""
+        units = seq_len // kv_block
+        first = torch.arange(0, seq_len, group_size, dtype=torch.int64)
+        last = first + group_size - 1
+        a0, a1 = first // kv_block, last // kv_block + 1
+        b0 = (self.limit(first) + 1) // kv_block
+        b1 = torch.clamp(self.limit(last) // kv_block + 1, max=units)
+        len_b = (b1 - b0).clamp(min=0)
+        overlap = (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0)
+        return (a1 - a0) + len_b - overlap
+
+    def max_forced(self, seq_len: int, group_size: int, kv_block: int) -> int:
+        """The smallest K (key units per head) that holds every group's forced units."""
+        return int(self.forced_count(seq_len, group_size, kv_block).max())
+
+    def check_k(self, k_min: int, seq_len: int, group_size: int, kv_block: int) -> None:
+        """Raise unless K = ``k_min`` holds every group's forced units."""
+        need = self.max_forced(seq_len, group_size, kv_block)
+        if k_min < need:
+            raise ValueError(
+                f"with a {self.kind} mask every query group keeps its partial (diagonal) key units and "
+                f"the units holding its own queries, up to {need} units here (group size {group_size}, "
+                f"kv_block {kv_block}); K per head = {k_min} is too small. Raise K to at least {need} "
+                "(--dsv-min-keys) or use a kv_block that aligns with the query groups."
+            )
+
+
+__all__ = ["CausalMask", "KINDS"]
