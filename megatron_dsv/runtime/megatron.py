@@ -239,6 +239,18 @@ def install_dsv_hooks(model, optimizer, args, *, stats_group=None, tb_writer=Non
                 "the bidirectional dsv_gpt_layer_spec is for video DiTs (examples/pretrain_video_dit.py)."
             )
     layers = [l for m in chunks for l in dsv_attention_layers(m) if l.is_self_attention]
+    masked_gpu = [
+        l for l in layers
+        if l.predictor is not None and l.predictor.weight_q.is_cuda and l.dsv.dsv_backend != "reference"
+        and (l.attn_mask_type == AttnMaskType.causal or l.dsv.dsv_causal_chunk)
+    ]
+    if masked_gpu:
+        raise ValueError(
+            f"{len(masked_gpu)} causal DSV layers would run sparse on the GPU, but only the reference "
+            "kernels take a causal mask yet (the Triton and cuDNN kernels refuse one; issue 19). Train "
+            "them with --dsv-mode dense (exact causal attention through the DSV spec), or check the "
+            "sparse path with --dsv-backend reference (plain PyTorch, slow)."
+        )
     if not layers:
         msg = (
             "DSV: the model has no DSV self-attention layer, so DSV is off for this run; build a video "
