@@ -19,6 +19,13 @@ taken on the rank's own tokens (``forward(..., local_tokens=True)``, :func:`flow
 ``forward()`` without it all-gathers the output so every rank holds the whole video (sampling).
 The timestep, the noise and the conditioning must be identical on the CP ranks of one sample (draw
 them from generators seeded per data-parallel rank, not per CP rank).
+
+Chunk-causal attention (autoregressive video, issue 19): with the config's ``dsv_causal_chunk = f``
+(``--dsv-causal-chunk``, in frames of the patch grid) every self-attention layer attends fully
+inside a chunk of ``f`` patch-grid frames and causally to earlier chunks. Time is the slowest axis
+of cube-major order and ``f`` is a multiple of the query group's ``t``, so a chunk is a contiguous
+token range ``f * H/ph * W/pw`` tokens long; the forward tells each DSV self-attention layer the
+tokens per frame of its input. Cross-attention to text stays unmasked. Not under CP yet.
 """
 
 from __future__ import annotations
@@ -196,6 +203,10 @@ class VideoDiT(MegatronModule):
         pg_collection: Megatron's process groups (``tp``, ``cp``); None = Megatron's
             ``parallel_state``. A CP group of size N > 1 makes each rank compute its own contiguous
             1/N of the tokens (see the module docstring).
+
+    Chunk-causal self-attention comes from ``config.dsv_causal_chunk`` (frames of the patch grid,
+    0 = bidirectional), the one setting the DSV layers read too; :attr:`chunk_causal` reports it.
+    The latent's frame count after patching must be a multiple of it, and CP must be 1.
     """
 
     def __init__(self, config, in_channels: int = 4, patch: Sequence[int] = (1, 2, 2), num_classes: int = 0,
@@ -205,6 +216,12 @@ class VideoDiT(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.cp_group = getattr(pg_collection, "cp", None)
+        if self.chunk_causal and self.cp_size > 1:
+            raise ValueError(
+                f"a chunk-causal VideoDiT (dsv_causal_chunk={self.chunk_causal}) does not run under context "
+                f"parallelism yet (CP size {self.cp_size}; DSV's CP exchange takes no mask, issue 19): "
+                "train it with --context-parallel-size 1, or set --dsv-causal-chunk 0 for a bidirectional model."
+            )
         self.in_channels, self.patch = in_channels, tuple(patch)
         self.cube = tuple(config.dsv_query_group)
         self.head_dim = h // config.num_attention_heads
@@ -245,6 +262,30 @@ class VideoDiT(MegatronModule):
         g = (t // pt, hh // ph, ww // pw)
         check_divisible(g, self.cube)
         return g
+
+    @property
+    def chunk_causal(self) -> int:
+        """Frames (of the patch grid) per causal chunk, from ``config.dsv_causal_chunk``; 0 = off."""
+        return int(getattr(self.config, "dsv_causal_chunk", 0))
+
+    def set_causal_grid(self, grid: Sequence[int]) -> None:
+        """Tell every DSV self-attention layer the tokens per frame (H * W of the patch ``grid``),
+        which its chunk of ``dsv_causal_chunk`` frames is counted in; a no-op when bidirectional.
+        Raises unless the chunk divides the grid's frame count."""
+        chunk = self.chunk_causal
+        if not chunk:
+            return
+        if grid[0] % chunk:
+            raise ValueError(
+                f"the latent has {grid[0]} frames after patching (patch t = {self.patch[0]}), not a multiple "
+                f"of the causal chunk of {chunk} frames (dsv_causal_chunk): choose a latent frame count that "
+                f"is a multiple of {chunk * self.patch[0]}, or a --dsv-causal-chunk that divides {grid[0]}."
+            )
+        from megatron_dsv.layers.attention import dsv_attention_layers
+
+        for layer in self.layers:
+            for attn in dsv_attention_layers(layer.self_attention):
+                attn.set_frame_tokens(grid[1] * grid[2])
 
     @property
     def cp_size(self) -> int:
@@ -346,6 +387,7 @@ class VideoDiT(MegatronModule):
         if c != self.in_channels:
             raise ValueError(f"model expects {self.in_channels} latent channels, got {c}.")
         grid = self.grid((tt, hh, ww))
+        self.set_causal_grid(grid)
         lo, hi = self.token_range(grid)
         perm = cube_major_permutation(grid, self.cube, latents.device)
         # embed only this rank's tokens (all of them without CP), already in cube-major order
