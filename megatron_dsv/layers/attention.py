@@ -757,11 +757,11 @@ class DSVCoreAttention(MegatronModule):
                 "--dsv-causal-chunk applies its chunk-causal mask through SDPA; use --dsv-dense-backend sdpa."
             )
         if choice == "auto":
-            te_ok = HAVE_TE and self.pg_collection_cp_size() == 1 and not self.dsv.dsv_causal_chunk
+            te_ok = HAVE_TE and self._cp_group_size() == 1 and not self.dsv.dsv_causal_chunk
             choice = "te" if te_ok else "sdpa"
         return choice
 
-    def pg_collection_cp_size(self) -> int:
+    def _cp_group_size(self) -> int:
         cp = getattr(self.pg_collection, "cp", None)
         return 1 if cp is None else cp.size()
 

@@ -503,9 +503,6 @@ class DSVController:
             })
         return {"iteration": iteration, "stage": self.stage, "switch_iteration": self.switch_iteration, "layers": layers}
 
-    def status_line(self, iteration: int, summary: Dict) -> str:
-        return status_line(summary)
-
 
 def _split(flat: torch.Tensor, shapes) -> List[torch.Tensor]:
     sizes = [2 + 2 * h + 4 * h * u for h, u in shapes]

@@ -51,8 +51,9 @@ def predictor_param_groups(model: torch.nn.Module, lr: float, predictor_lr: Opti
 
 
 def predictor_groups(optimizer) -> List[Dict]:
-    """The optimizer's predictor groups: marked ones, or (plain torch) groups holding only
-    predictor parameters of ``model`` are not guessed: mark them with :data:`PREDICTOR_GROUP_KEY`."""
+    """The optimizer's parameter groups marked :data:`PREDICTOR_GROUP_KEY` (Megatron's overrides and
+    :func:`predictor_param_groups` mark them; :func:`check_predictor_groups` marks a plain torch
+    group that holds only predictor parameters)."""
     return [g for g in getattr(optimizer, "param_groups", []) if g.get(PREDICTOR_GROUP_KEY)]
 
 
