@@ -483,7 +483,16 @@ def run_arms(args) -> Dict:
         "iters": args.iters, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "precision": args.precision,
         "dsv_config": overrides, "environment": environment(args.device), "runs": []}
     t_start = time.time()
-    for seed in seeds:
+    seed_s = 0.0
+    for n_done, seed in enumerate(seeds):
+        left = t_start + 60 * args.max_minutes - time.time() if args.max_minutes else None
+        if left is not None and n_done and seed_s > left:
+            out["seeds_skipped"] = seeds[n_done:]
+            print(f"seeds {seeds[n_done:]} skipped: a seed took {seed_s:.0f} s, {left:.0f} s of --max-minutes left",
+                  flush=True)
+            _write(out, args.out)
+            break
+        t_seed = time.time()
         cache: Dict[int, list] = {}
         for arm in arms:
             other = seed + AA_SEED_OFFSET
@@ -511,6 +520,7 @@ def run_arms(args) -> Dict:
             del model
             if torch.device(args.device).type == "cuda":
                 torch.cuda.empty_cache()
+        seed_s = max(seed_s, time.time() - t_seed)
     return out
 
 
@@ -564,6 +574,8 @@ def main(argv=None):
                         % AA_SEED_OFFSET)
     b.add_argument("--dsv", action="append", default=[], metavar="KEY=VALUE",
                    help="DSV config override, e.g. --dsv critical_mass=0.9 (repeatable)")
+    b.add_argument("--max-minutes", type=float, default=0.0,
+                   help="start no further seed once the slowest seed so far would not fit in this budget")
     b.add_argument("--out", required=True, help="arms JSON")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
