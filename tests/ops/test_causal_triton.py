@@ -168,3 +168,30 @@ def test_backend_choice_for_masked_indexes():
     assert attention_backend("auto", q, q, index).name == "reference"  # CPU tensors
     if INTERPRET:
         assert attention_backend("triton", q, q, index).name == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mask", [CAUSAL, chunk(320)], ids=["causal", "chunk320"])
+@pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (16, 32, 64)])
+def test_masked_bf16_gpu(mask, kvb, g, d, poisoned):
+    """bf16 at S=2048: error vs an fp32 reference at most 2x that of a bf16 PyTorch run (+1e-4)."""
+    from tests.ops.test_sparse_attention_triton import _lowp_reference
+
+    torch.manual_seed(3)
+    b, h, hkv, s = 2, 4, 2, 2048
+    dt = torch.bfloat16
+    q = torch.randn(b, h, s, d, device="cuda", dtype=dt)
+    k, v = (torch.randn(b, hkv, s, d, device="cuda", dtype=dt) for _ in range(2))
+    units = s // kvb
+    index = _index(b, h, s, g, kvb, ["need", units // 10, units // 5, "all"], mask)
+    do = torch.randn(b, h, s, d, device="cuda")
+    zero = torch.zeros(b, h, s, device="cuda")
+    got = _grads(q, k, v, lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=poisoned), do, zero)
+    ref = _grads(q.float(), k.float(), v.float(), lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="reference"), do, zero)
+    low = _lowp_reference(q, k, v, index, do)
+    for name, a, r, lw in zip(["out", "dq", "dk", "dv"], [got[0]] + got[2:], [ref[0]] + ref[2:], low):
+        assert torch.isfinite(a).all(), name
+        err = (a.float() - r.float()).abs().max().item()
+        err_low = (lw.float() - r.float()).abs().max().item()
+        assert err <= 2 * err_low + 1e-4, f"{name}: {err:.3e} > 2 * {err_low:.3e}"
