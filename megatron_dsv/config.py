@@ -247,7 +247,8 @@ class DSVConfig:
     many latent frames (after patching) and causally to earlier chunks; 0 = off (bidirectional,
     or token-causal where the spec says ``attn_mask_type=causal``). A multiple of the query
     group's t, so a chunk is whole layers of cubes, a contiguous token range in cube-major order.
-    Sparse attention with it runs on ``--dsv-backend reference`` only for now (issue 19)."""
+    Sparse attention with it runs on the Triton or reference kernels; ``--dsv-backend cudnn`` is
+    refused (cuDNN's block-sparse attention has no token mask)."""
 
     dsv_critical_mass: float = knob(0.9, Real(0.0, 1.0, lo_open=True))
     """Target recall: K per head is the fewest key units whose selection, as the layer really

@@ -3,8 +3,8 @@
 * ``dsv_gpt_layer_spec``: Megatron's local (pure megatron-core) GPT layer with DSV core attention,
   bidirectional (``attn_mask_type=no_mask``), as video DiTs attend.
 * ``dsv_gpt_causal_layer_spec``: the same, token-causal (``attn_mask_type=causal``), for causal
-  language models such as Megatron-LM's ``pretrain_gpt.py`` (sparse on the reference kernels
-  only for now, issue 19).
+  language models such as Megatron-LM's ``pretrain_gpt.py`` (sparse on the masked Triton or the
+  reference kernels, not cuDNN).
 * ``dsv_gpt_layer_te_spec``: the same on Transformer Engine's linear/norm modules; defined only
   when Transformer Engine imports.
 

@@ -484,3 +484,16 @@ def test_gpt_refusal_spares_causal_and_plain_models(megatron_state):
         assert runtime is not None and runtime.controller is not None
     assert hooks.install_dsv_hooks([_tiny_gpt(get_gpt_layer_local_spec())], None, None, log=logs.append) is None
     assert "DSV is off for this run" in logs[-1]
+
+
+def test_causal_gpt_is_refused_only_with_cudnn(megatron_state):
+    """Causal DSV layers run sparse on the Triton kernels (and the reference); cuDNN's block-sparse
+    attention has no token mask, so --dsv-backend cudnn is refused before any iteration."""
+    from megatron_dsv.specs import dsv_gpt_causal_layer_spec
+
+    for backend in ("auto", "triton", "reference"):
+        model = _tiny_gpt(dsv_gpt_causal_layer_spec, dsv_mode="sparse", dsv_backend=backend)
+        assert hooks.install_dsv_hooks([model], None, None, log=lambda msg: None) is not None
+    model = _tiny_gpt(dsv_gpt_causal_layer_spec, dsv_mode="sparse", dsv_backend="cudnn")
+    with pytest.raises(ValueError, match="no token-wise mask. Use --dsv-backend auto or triton"):
+        hooks.install_dsv_hooks([model], None, None, log=lambda msg: None)

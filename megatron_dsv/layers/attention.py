@@ -15,8 +15,9 @@ causal language model; a given ``attention_mask`` is ignored, as Megatron's caus
 ``--dsv-causal-chunk T`` (with ``no_mask``) is chunk-causal over chunks of T latent frames, whose
 size in tokens the model gives with :meth:`DSVCoreAttention.set_frame_tokens`. Both paths apply
 the mask: dense through SDPA (``is_causal`` or a boolean block mask), sparse through a
-:class:`~megatron_dsv.ops.mask.CausalMask` on the selection and the index, which runs on the
-reference kernels only for now, and not under context parallelism (issue 19).
+:class:`~megatron_dsv.ops.mask.CausalMask` on the selection and the index. Masked sparse
+attention runs on the Triton kernels or the reference (not cuDNN, whose block-sparse API has no
+token mask), masked selection on the reference, and not under context parallelism (issue 19).
 
 While the predictor trains, its loss on sampled query rows (against exact, detached scores) is
 attached to the output with :class:`PredictorLossAutoScaler`, Megatron's auxiliary-loss pattern:
@@ -512,12 +513,16 @@ class DSVCoreAttention(MegatronModule):
                 lowrank = self._project(cp, q, k)
                 index = select_topk(
                     lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len, causal),
-                    kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend, mask=causal,
+                    kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend(causal), mask=causal,
                 )
             self._kernels = (
                 attention_backend(self.dsv.dsv_backend, q, k, index) if cp.seq_group is None
-                else choose_backend(self._selection_backend, q.device, what="DSV selective exchange")
+                else choose_backend(self._selection_backend(), q.device, what="DSV selective exchange")
             )
+            if causal is not None and self.dsv.dsv_backend != "reference":
+                note = "masked selection on the reference (the Triton selection kernel takes no mask yet, issue 19)"
+                log_once(logging.INFO, f"DSV: {note}.")
+                self._kernels = BackendChoice(self._kernels.name, f"{self._kernels.reason}; {note}")
             out = cp.sparse(q, k, v, index, self.softmax_scale, self._kernels.name)
             self._exchange = cp.exchange
         else:
@@ -566,9 +571,12 @@ class DSVCoreAttention(MegatronModule):
                 "and shard contiguous runs of whole cubes (VideoDiT does)."
             )
 
-    @property
-    def _selection_backend(self) -> str:
-        """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``."""
+    def _selection_backend(self, causal: Optional[CausalMask] = None) -> str:
+        """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``. A
+        masked selection runs the reference: the Triton selection kernel takes no mask yet
+        (issue 19); :meth:`describe` says so."""
+        if causal is not None:
+            return "reference"
         return "auto" if self.dsv.dsv_backend == "cudnn" else self.dsv.dsv_backend
 
     def _kv_count_for(self, cp: CPAttention, seq_len_kv: int, causal: Optional[CausalMask] = None) -> Tensor:

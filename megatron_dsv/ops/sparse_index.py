@@ -17,7 +17,10 @@ Causal masks (``mask``, a :class:`~megatron_dsv.ops.mask.CausalMask`). The index
 the mask says which token pairs inside them count: attention drops every disallowed pair, on
 partial (diagonal) units token-wise. The contract above is unchanged: a group with fewer allowed
 units than its head's K still lists K distinct units, the rest being disallowed units that the
-mask removes entirely (so ``computed_pairs`` counts them; kernels that support masks skip them).
+mask removes entirely (so ``computed_pairs`` counts them; the Triton kernels never read them).
+A masked index must also give every query a key it may read: the value check refuses a group
+whose lowest unit starts past its first query's limit (selection always keeps the units holding
+a group's own queries).
 """
 
 from __future__ import annotations
@@ -224,6 +227,28 @@ class SparseIndex:
                 f"valid kv_idx entries must be distinct and ascending: {at(b, h, g)} {what}. "
                 f"Sort and deduplicate each group's entries (torch.unique sorts them) and lower "
                 f"kv_count to match, or {_FIX_BUILD}."
+            )
+        if self.mask is not None:
+            self._check_masked(idx)
+
+    def _check_masked(self, idx: torch.Tensor) -> None:
+        """Every query must keep a key under the mask, or its softmax is empty (0/0). ``limit``
+        is non-decreasing and a group's units ascend, so it suffices that the group's lowest unit
+        starts at or before its first query's limit; the kernels rely on it (the first key tile a
+        query tile reads then holds a key every row of it may read)."""
+        first = torch.arange(idx.shape[2]) * self.group_size
+        lowest = idx[..., 0] * self.kv_block
+        bad = lowest > self.mask.limit(first)
+        if bool(bad.any()):
+            b, h, g = (int(i) for i in bad.nonzero()[0].tolist())
+            q0 = g * self.group_size
+            raise ValueError(
+                f"under the {self.mask.kind} mask, (batch {b}, head {h}, group {g}) lists no key its "
+                f"first query (token {q0}) may read: its lowest key unit {int(idx[b, h, g, 0])} starts "
+                f"at token {int(lowest[b, h, g])}, past that query's last allowed key "
+                f"{int(self.mask.limit(torch.tensor(q0)))}. A masked index must list the units holding "
+                "each group's own queries (select_topk(..., mask=) keeps them); build it with "
+                "select_topk or add those units."
             )
 
     def density(self) -> torch.Tensor:

@@ -215,7 +215,8 @@ def install_dsv_hooks(model, optimizer, args, *, stats_group=None, tb_writer=Non
     model (``GPTModel``, ``HybridModel``), e.g. Megatron-LM's ``pretrain_gpt.py --spec
     megatron_dsv.specs dsv_gpt_layer_spec``: such a model sees the tokens it predicts, also with
     ``--dsv-mode dense``. Causal DSV layers (``dsv_gpt_causal_layer_spec``,
-    ``get_dsv_gpt_layer_spec(causal=True)``, ``attn_mask_type=causal``) are accepted, sparse or dense.
+    ``get_dsv_gpt_layer_spec(causal=True)``, ``attn_mask_type=causal``) are accepted, sparse or dense,
+    except sparse with ``--dsv-backend cudnn`` (no token mask in cuDNN's block-sparse attention).
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -239,17 +240,16 @@ def install_dsv_hooks(model, optimizer, args, *, stats_group=None, tb_writer=Non
                 "the bidirectional dsv_gpt_layer_spec is for video DiTs (examples/pretrain_video_dit.py)."
             )
     layers = [l for m in chunks for l in dsv_attention_layers(m) if l.is_self_attention]
-    masked_gpu = [
+    masked_cudnn = [
         l for l in layers
-        if l.predictor is not None and l.predictor.weight_q.is_cuda and l.dsv.dsv_backend != "reference"
+        if l.predictor is not None and l.dsv.dsv_backend == "cudnn"
         and (l.attn_mask_type == AttnMaskType.causal or l.dsv.dsv_causal_chunk)
     ]
-    if masked_gpu:
+    if masked_cudnn:
         raise ValueError(
-            f"{len(masked_gpu)} causal DSV layers would run sparse on the GPU, but only the reference "
-            "kernels take a causal mask yet (the Triton and cuDNN kernels refuse one; issue 19). Train "
-            "them with --dsv-mode dense (exact causal attention through the DSV spec), or check the "
-            "sparse path with --dsv-backend reference (plain PyTorch, slow)."
+            f"{len(masked_cudnn)} causal DSV layers would run sparse with --dsv-backend cudnn, but "
+            "cuDNN's block-sparse attention takes whole 64x64 blocks and no token-wise mask. Use "
+            "--dsv-backend auto or triton (the Triton kernels apply the causal mask), or --dsv-mode dense."
         )
     if not layers:
         msg = (

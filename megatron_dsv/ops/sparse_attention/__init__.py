@@ -52,8 +52,8 @@ def sparse_attention(
         index: :class:`SparseIndex` with ``[B, H, S_q/G, Kmax]`` key units. One that the library
             did not build (``select_topk``) has its values checked on first use (one host sync;
             ValueError naming the bad (batch, head, group)). An index with a causal ``mask``
-            runs on the reference only for now (issue 19): ``"cudnn"``, ``"triton"``, or
-            ``"auto"`` on CUDA tensors, raise NotImplementedError.
+            runs on Triton or the reference; cuDNN's block-sparse attention has no token mask,
+            so ``"auto"`` skips it and ``"cudnn"`` raises ValueError.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"`` (NVIDIA cuDNN's block-sparse attention where
             :func:`~megatron_dsv.ops.sparse_attention.cudnn.cudnn_supported` says it serves the
@@ -104,7 +104,6 @@ def sparse_attention_fwd(
     """
     options = resolve_options(options)
     _validate(q, k, v, index)
-    _refuse_masked_kernels(backend, q, index)
     backend = _backend(backend, q)
     index.ensure_valid()
     if backend == "triton":
@@ -128,7 +127,6 @@ def sparse_attention_bwd(
     """
     options = resolve_options(options)
     _validate(q, k, v, index)
-    _refuse_masked_kernels(backend, q, index)
     backend = _backend(backend, q)
     index.ensure_valid()
     if backend == "triton":
@@ -145,10 +143,9 @@ def attention_backend(backend: str, q: torch.Tensor, k: torch.Tensor, index: Spa
     64x64 blocks, ``nvidia-cudnn-frontend`` installed: x7.49 vs Triton's x6.08 over cuDNN dense at
     90% sparsity, x13.55 vs x11.64 at 95%, H200, 64k tokens; it takes 2.52 GiB peak vs Triton's
     1.01 GiB there, so pin ``"triton"`` where memory binds), else as :func:`choose_backend`.
-    ``"cudnn"`` on a case it does not serve is an error that names why. Logged once per reason.
-    An index with a causal mask gets the reference or a NotImplementedError (issue 19).
+    ``"cudnn"`` on a case it does not serve is an error that names why (an index with a causal
+    mask is one: cuDNN's block-sparse API has no token mask). Logged once per reason.
     """
-    _refuse_masked_kernels(backend, q, index)
     if backend in ("auto", "cudnn"):
         from megatron_dsv.ops.sparse_attention.cudnn import cudnn_supported
 
@@ -160,16 +157,6 @@ def attention_backend(backend: str, q: torch.Tensor, k: torch.Tensor, index: Spa
         if backend == "cudnn":
             raise ValueError(f"backend='cudnn' cannot run this case: {why}. Use backend='auto' or 'triton'.")
     return choose_backend(backend, q.device, what="DSV sparse attention")
-
-
-def _refuse_masked_kernels(backend: str, q: torch.Tensor, index: SparseIndex) -> None:
-    """The kernels do not apply a causal mask yet: refuse them rather than compute unmasked pairs."""
-    if index.mask is not None and (backend in ("cudnn", "triton") or (backend == "auto" and q.is_cuda)):
-        raise NotImplementedError(
-            f"sparse attention with a causal mask ({index.mask.kind}) runs on the reference backend only "
-            f"for now (issue 19); backend={backend!r} would pick kernels that ignore the mask. Pass "
-            "backend='reference' (--dsv-backend reference)."
-        )
 
 
 def _backend(backend: str, q: torch.Tensor) -> str:

@@ -50,10 +50,19 @@ def cudnn_supported(q: torch.Tensor, k: torch.Tensor, index: SparseIndex) -> Tup
 
     Served: CUDA tensors on an SM90 GPU (H100/H200, the architecture it was tested on), bf16,
     head dim 128, as many key/value heads as query heads (MHA), query groups of 64 tokens and key
-    blocks of 64 tokens, with the package importable. The limits are the package's backward on
-    SM90 (bf16, D=128, MHA only); its forward alone covers more (fp16, D=64/96, GQA), which a
-    training step cannot use. Returns ``(True, what runs)`` or ``(False, what rules it out)``.
+    blocks of 64 tokens, no causal mask on the index, with the package importable. The limits are
+    the package's backward on SM90 (bf16, D=128, MHA only); its forward alone covers more (fp16,
+    D=64/96, GQA), which a training step cannot use. A causal or chunk-causal index is not served:
+    the block-sparse API takes a list of whole 64x64 blocks and no token-wise mask, so the
+    diagonal blocks would compute disallowed pairs (our Triton kernels apply the mask).
+    Returns ``(True, what runs)`` or ``(False, what rules it out)``.
     """
+    if index.mask is not None:
+        return False, (
+            f"the index carries a {index.mask.kind} mask; cuDNN's block-sparse attention takes whole "
+            "64x64 blocks and no token-wise mask, so its diagonal blocks would compute disallowed "
+            "pairs (the Triton kernels apply the mask: --dsv-backend triton or auto)"
+        )
     if not q.is_cuda:
         return False, f"tensors are on {q.device.type}; cuDNN block-sparse attention runs on CUDA GPUs only"
     major, minor = torch.cuda.get_device_capability(q.device)

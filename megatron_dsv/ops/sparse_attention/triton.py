@@ -25,6 +25,19 @@ Backward:
   The same atomic path can be forced for blocks (``KernelOptions.force_atomic_dkdv``) to compare
   the two.
 
+Causal masks (``index.mask``, ``ops/mask.py``): key ``j`` is allowed for query ``i`` iff
+``j <= limit(i)`` (causal ``i``, chunk-causal ``(i // T + 1) * T - 1``), with ``limit``
+non-decreasing. A masked index compiles a separate specialisation (``MASK`` constexpr 1 or 2); the
+unmasked one (``MASK=0``) is the code above, unchanged. A group's key list ascends, so for one
+query tile it splits into three runs: keys at or below the tile's first row's limit (every pair
+allowed), keys up to its last row's limit (token-wise mask), and keys past it (filler units that a
+group with fewer allowed units than K lists; never read). Two binary searches over the group's
+units find the boundaries, then the query-major kernels run one mask-free loop and one masked
+loop, as FlashAttention's causal kernels do, so fully allowed units pay nothing per tile. The
+key-major dk/dv kernel does the same per key tile over its (head, group) list: groups whose last
+row's limit is below the tile read none of it, groups whose first row's limit covers the tile
+read all of it, each found by a binary search per query head sharing the key head.
+
 Kernel variants (atomic paths, tiles, poisoned outputs for tests) are chosen by a
 :class:`~megatron_dsv.ops.options.KernelOptions` passed down from the public functions.
 """
@@ -58,6 +71,53 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _new(shape, like: torch.Tensor, options: KernelOptions, dtype=None) -> torch.Tensor:
     t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     return t.fill_(float("nan")) if options.poison_outputs else t
+
+
+@triton.jit
+def _limit(pos, MASK: tl.constexpr, CHUNK):
+    """Last key token query ``pos`` may read: MASK 1 causal (``pos``), 2 chunk-causal (the last
+    token of its chunk of ``CHUNK`` tokens); ``CausalMask.limit``."""
+    if MASK == 1:
+        lim = pos
+    else:
+        lim = (pos // CHUNK + 1) * CHUNK - 1
+    return lim
+
+
+@triton.jit
+def _first_reader(key, MASK: tl.constexpr, CHUNK):
+    """First query whose limit reaches key token ``key`` (``limit`` is non-decreasing)."""
+    if MASK == 1:
+        pos = key
+    else:
+        pos = key // CHUNK * CHUNK
+    return pos
+
+
+@triton.jit
+def _lower_bound(p, lo, hi, target):
+    """First position in ``[lo, hi)`` of the ascending array ``p`` whose value is ``>= target``
+    (``hi`` if none); ``lo``/``hi`` int64 scalars."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(p + mid).to(tl.int64) < target
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def _mask_split(p_idx_row, n_units, o_first, o_last, MASK: tl.constexpr, CHUNK, KVB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """List positions of query rows ``[o_first, o_last]`` under a mask: ``(n_free, n_end)``.
+
+    Positions below ``n_free`` (whole BLOCK_N tiles) hold keys every row may read; positions from
+    ``n_end`` on hold units past the last row's limit (read by no row); between them the
+    token-wise mask applies. The group's units ascend, so each boundary is a binary search.
+    """
+    zero = n_units * 0
+    u_free = _lower_bound(p_idx_row, zero, n_units, (_limit(o_first, MASK, CHUNK) + 1) // KVB)
+    u_end = _lower_bound(p_idx_row, u_free, n_units, _limit(o_last, MASK, CHUNK) // KVB + 1)
+    return u_free * KVB // BLOCK_N * BLOCK_N, u_end * KVB
 
 
 @triton.jit
@@ -103,15 +163,19 @@ def _load_rows(x, o_rows, m_rows, o_d, m_d, D, FULL: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(
-    k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
-    KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
+    k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
+    KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One online-softmax step over list positions ``[start, start + BLOCK_N)``."""
+    """One online-softmax step over list positions ``[start, start + BLOCK_N)``; MASKED: keep
+    key ``j`` for row ``i`` only if ``j <= b_lim[i]``. Every row keeps a key in the first tile it
+    sees (the group's lowest unit, validated), so its running max is finite after it."""
     o_tok, m_p = _kv_rows(p_idx_row, start, n_tok, KVB, BLOCK_N, CONTIG)
     b_k = _load_rows(k, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
     b_v = _load_rows(v, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-    if not CONTIG:
+    if MASKED:
+        b_s = tl.where(m_p[None, :] & (o_tok[None, :] <= b_lim[:, None]), b_s, float("-inf"))
+    elif not CONTIG:
         b_s = tl.where(m_p[None, :], b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     b_alpha = tl.exp2(b_m - b_m_new)
@@ -123,12 +187,36 @@ def _fwd_tile(
 
 
 @triton.jit
+def _fwd_loop(
+    k, v, b_q, b_m, b_l, b_acc, p_idx_row, lo, hi, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
+    INTERPRET: tl.constexpr, KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr,
+    EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Online softmax over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N)."""
+    if INTERPRET:
+        start = lo
+        while start < hi:
+            b_m, b_l, b_acc = _fwd_tile(
+                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
+                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED,
+            )
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            b_m, b_l, b_acc = _fwd_tile(
+                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
+                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED,
+            )
+    return b_m, b_l, b_acc
+
+
+@triton.jit
 def _fwd_kernel(
     q, k, v, o, lse, kv_idx, kv_count,
     scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, STRIDE_OB, STRIDE_OH, STRIDE_OS,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, STRIDE_OB, STRIDE_OH, STRIDE_OS, CHUNK,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_gm = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -145,27 +233,31 @@ def _fwd_kernel(
     p_q = q + (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
     b_q = tl.load(p_q, mask=m_d[None, :], other=0.0)
 
-    n_tok = tl.load(kv_count + i_bh).to(tl.int64) * KVB
+    n_units = tl.load(kv_count + i_bh).to(tl.int64)
+    n_tok = n_units * KVB
     p_idx_row = kv_idx + (i_bh * NUM_GROUPS + i_g) * K_MAX
     kv_base = (i_b * HKV + i_hkv) * S_KV
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if INTERPRET:
-        start = 0
-        while start < n_tok:
-            b_m, b_l, b_acc = _fwd_tile(
-                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
-                KVB, BLOCK_N, CONTIG, EVEN_D,
-            )
-            start += BLOCK_N
+    if MASK:
+        o_first = i_g * G + i_mt * BLOCK_M
+        b_lim = _limit(o_m, MASK, CHUNK)
+        n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, KVB, BLOCK_N)
+        b_m, b_l, b_acc = _fwd_loop(
+            k, v, b_q, b_m, b_l, b_acc, p_idx_row, 0, n_free, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False,
+        )
+        b_m, b_l, b_acc = _fwd_loop(
+            k, v, b_q, b_m, b_l, b_acc, p_idx_row, n_free, n_tok, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, True,
+        )
     else:
-        for start in range(0, n_tok, BLOCK_N):
-            b_m, b_l, b_acc = _fwd_tile(
-                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2,
-                KVB, BLOCK_N, CONTIG, EVEN_D,
-            )
+        b_m, b_l, b_acc = _fwd_loop(
+            k, v, b_q, b_m, b_l, b_acc, p_idx_row, 0, n_tok, n_tok, kv_base, o_d, m_d, D, scale_log2, o_m,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False,
+        )
     b_acc = b_acc / b_l[:, None]
     p_o = o + i_b * STRIDE_OB + i_h * STRIDE_OH + o_m[:, None] * STRIDE_OS + o_d[None, :]
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_d[None, :])
@@ -195,17 +287,20 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dq_tile(
     k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-    o_d, m_d, D, scale, scale_log2,
+    o_d, m_d, D, scale, scale_log2, b_lim,
     KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """dq over list positions ``[start, start + BLOCK_N)``; optionally scatter dk/dv partials."""
+    """dq over list positions ``[start, start + BLOCK_N)``; optionally scatter dk/dv partials.
+    MASKED: pairs with key ``j > b_lim[i]`` get ``P = 0`` (so ``dS = 0``)."""
     o_tok, m_p = _kv_rows(p_idx_row, start, n_tok, KVB, BLOCK_N, CONTIG)
     b_k = _load_rows(k, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
     b_v = _load_rows(v, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
     b_p = tl.exp2(b_s - b_lse2[:, None])
-    if not CONTIG:
+    if MASKED:
+        b_p = tl.where(m_p[None, :] & (o_tok[None, :] <= b_lim[:, None]), b_p, 0.0)
+    elif not CONTIG:
         b_p = tl.where(m_p[None, :], b_p, 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
@@ -221,18 +316,44 @@ def _bwd_dq_tile(
 
 
 @triton.jit
+def _bwd_dq_loop(
+    k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, lo, hi, n_tok, kv_base,
+    o_d, m_d, D, scale, scale_log2, b_lim,
+    INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, CONTIG: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """dq over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N)."""
+    if INTERPRET:
+        start = lo
+        while start < hi:
+            b_dq = _bwd_dq_tile(
+                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
+                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED,
+            )
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            b_dq = _bwd_dq_tile(
+                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
+                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED,
+            )
+    return b_dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dq_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale_log2,
-        H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
-        G, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
+        H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK,
+        G, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, MASK, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
 
@@ -241,9 +362,10 @@ def _bwd_dq_program(
     i_gm, i_bh,
     q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq of query tile ``i_gm`` (of G / BLOCK_M per group) of ``(b, h) = i_bh``."""
     i_b = i_bh // H
@@ -262,37 +384,43 @@ def _bwd_dq_program(
     b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * _LOG2E
     b_delta = tl.load(delta + i_bh * S_Q + o_m)
 
-    n_tok = tl.load(kv_count + i_bh).to(tl.int64) * KVB
+    n_units = tl.load(kv_count + i_bh).to(tl.int64)
+    n_tok = n_units * KVB
     p_idx_row = kv_idx + (i_bh * NUM_GROUPS + i_g) * K_MAX
     kv_base = (i_b * HKV + i_hkv) * S_KV
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if INTERPRET:
-        start = 0
-        while start < n_tok:
-            b_dq = _bwd_dq_tile(
-                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N,
-            )
-            start += BLOCK_N
+    if MASK:
+        o_first = i_g * G + i_mt * BLOCK_M
+        b_lim = _limit(o_m, MASK, CHUNK)
+        n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, KVB, BLOCK_N)
+        b_dq = _bwd_dq_loop(
+            k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, 0, n_free, n_tok, kv_base,
+            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False,
+        )
+        b_dq = _bwd_dq_loop(
+            k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, n_free, n_tok, n_tok, kv_base,
+            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, True,
+        )
     else:
-        for start in range(0, n_tok, BLOCK_N):
-            b_dq = _bwd_dq_tile(
-                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-                o_d, m_d, D, scale, scale_log2, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N,
-            )
+        b_dq = _bwd_dq_loop(
+            k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, 0, n_tok, n_tok, kv_base,
+            o_d, m_d, D, scale, scale_log2, o_m, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False,
+        )
     tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_d[None, :])
 
 
 @triton.jit
 def _bwd_dkdv_step(
     q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-    NUM_GROUPS, o_d, m_d, D, scale, scale_log2,
+    NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
     G: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Accumulate query tile ``it % (G / BLOCK_M)`` of list entry ``it // (G / BLOCK_M)`` into dk/dv.
 
-    An entry is one (query head, query group) that selected this key tile.
+    An entry is one (query head, query group) that selected this key tile (keys ``o_n``).
+    MASKED: pairs with key ``j > limit(i)`` get ``P = 0`` (so ``dS = 0``).
     """
     n_mt: tl.constexpr = G // BLOCK_M
     rep = H // HKV
@@ -312,6 +440,8 @@ def _bwd_dkdv_step(
     b_delta = tl.load(delta + i_bh * S_Q + o_m)
     b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
     b_pt = tl.exp2(b_st - b_lse2[None, :])
+    if MASKED:
+        b_pt = tl.where(o_n[:, None] <= _limit(o_m, MASK, CHUNK)[None, :], b_pt, 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
     b_dpt = tl.dot(b_v, tl.trans(b_do))
     b_dst = b_pt * (b_dpt - b_delta[None, :])
@@ -323,18 +453,48 @@ def _bwd_dkdv_step(
 
 
 @triton.jit
+def _bwd_dkdv_loop(
+    q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, lo, hi, i_b, i_hkv, H, HKV, S_Q,
+    NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+    G: tl.constexpr, INTERPRET: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Steps ``[lo, hi)`` of the flat (entry, query tile) loop.
+
+    One flat loop: Triton software-pipelines only innermost loops, and with BLOCK_M == G a nested
+    per-entry loop has one trip, so the q/dO loads of the next entry would not overlap this
+    entry's matmuls.
+    """
+    if INTERPRET:
+        it = lo
+        while it < hi:
+            b_dk, b_dv = _bwd_dkdv_step(
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
+            )
+            it += 1
+    else:
+        for it in range(lo, hi):
+            b_dk, b_dv = _bwd_dkdv_step(
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
+            )
+    return b_dk, b_dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dkdv_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry, scale, scale_log2,
-        H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D,
-        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
+        H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK,
+        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
 
@@ -343,9 +503,9 @@ def _bwd_dkdv_program(
     i_un, i_bhkv,
     q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk/dv of key tile ``i_un`` (of KVB / BLOCK_N per unit) of ``(b, h_kv) = i_bhkv``."""
     i_b = i_bhkv // HKV
@@ -369,23 +529,35 @@ def _bwd_dkdv_program(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # One flat loop over (entry, query tile): Triton software-pipelines only innermost loops, and
-    # with BLOCK_M == G a nested per-entry loop has one trip, so the q/dO loads of the next entry
-    # would not overlap this entry's matmuls.
-    if INTERPRET:
-        it = e_start * n_mt
-        while it < e_end * n_mt:
-            b_dk, b_dv = _bwd_dkdv_step(
-                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, EVEN_D, BLOCK_M,
+    if MASK:
+        # Entries ascend by (query head, group), and within a head the groups' limits ascend:
+        # per head, groups below g_read read none of this tile (filler units), groups from
+        # g_free on read all of it, those between need the token-wise mask.
+        g_read = _first_reader(i_u * KVB + i_sub * BLOCK_N, MASK, CHUNK) // G
+        g_free = (_first_reader(i_u * KVB + i_sub * BLOCK_N + BLOCK_N - 1, MASK, CHUNK) + G - 1) // G
+        e_head = e_start
+        i_rep = e_start * 0  # a while loop: the interpreter cannot bound ``range`` by H // HKV
+        while i_rep < H // HKV:
+            e_read = _lower_bound(p_entry, e_head, e_end, i_rep * NUM_GROUPS + g_read)
+            e_free = _lower_bound(p_entry, e_read, e_end, i_rep * NUM_GROUPS + g_free)
+            e_head = _lower_bound(p_entry, e_free, e_end, (i_rep + 1) * NUM_GROUPS)
+            b_dk, b_dv = _bwd_dkdv_loop(
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_read * n_mt, e_free * n_mt,
+                i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True,
             )
-            it += 1
+            b_dk, b_dv = _bwd_dkdv_loop(
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_free * n_mt, e_head * n_mt,
+                i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False,
+            )
+            i_rep += 1
     else:
-        for it in range(e_start * n_mt, e_end * n_mt):
-            b_dk, b_dv = _bwd_dkdv_step(
-                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, G, DQ_ATOMIC, EVEN_D, BLOCK_M,
-            )
+        b_dk, b_dv = _bwd_dkdv_loop(
+            q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_start * n_mt, e_end * n_mt,
+            i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+            G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False,
+        )
     tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
     tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
 
@@ -513,10 +685,22 @@ def _transpose_index_sort(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.
     return offsets.contiguous(), entries.contiguous()
 
 
-def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale, options: KernelOptions, out_sbhd: bool = False):
+def _mask_args(index: SparseIndex) -> Tuple[int, int]:
+    """``(MASK, CHUNK)`` kernel arguments: 0 unmasked, 1 causal, 2 chunk-causal of CHUNK tokens."""
+    if index.mask is None:
+        return 0, 1
+    if index.mask.kind == "causal":
+        return 1, 1
+    return 2, index.mask.chunk_tokens
+
+
+def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbhd: bool = False):
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
+    kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
+    g, kvb = index.group_size, index.kv_block
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
+    mask, chunk = _mask_args(index)
     # out_sbhd: write [S, B, H, D] memory (returned as its [B, H, S, D] view) so Megatron's
     # [s, b, h*d] output is a free view: the layer then keeps one copy of the output, not two
     # (256 MiB per layer at 64k tokens x 16 heads x 128, bf16).
@@ -526,9 +710,9 @@ def _forward(q, k, v, kv_idx, kv_count, g, kvb, scale, options: KernelOptions, o
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _fwd_kernel[grid](
         q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E.value,
-        h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2),
+        h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2), chunk,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
-        EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return out, lse
 
@@ -565,11 +749,12 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
         block_n = 32
     cfg = _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2), options)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
+    mask, chunk = _mask_args(index)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E.value,
-        h, hkv, s_q, s_kv, gq, kmax, d,
+        h, hkv, s_q, s_kv, gq, kmax, d, chunk,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
-        EVEN_D=triton.next_power_of_2(d) == d, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
@@ -587,11 +772,12 @@ def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, o
     cfg = _dkdv_config(g, kvb, options)
     n_units = index.num_kv_units
     grid = (n_units * (kvb // cfg["BLOCK_N"]), b * hkv)
+    mask, chunk = _mask_args(index)
     _bwd_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E.value,
-        h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d,
+        h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d, chunk,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, EVEN_D=triton.next_power_of_2(d) == d,
-        BLOCK_D=triton.next_power_of_2(d), **cfg,
+        MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return dq, dk, dv
 
@@ -606,8 +792,7 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, index: SparseIndex, scale: float, out_sbhd: bool, options: KernelOptions):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
-        out, lse = _forward(q, k, v, kv_idx, kv_count, index.group_size, index.kv_block, scale, options, out_sbhd)
+        out, lse = _forward(q, k, v, index, scale, options, out_sbhd)
         ctx.save_for_backward(q, k, v, out, lse)
         # Unused outputs (usually lse) get None instead of a zero-filled gradient: no [B, H, S]
         # fp32 fill and no dLSE read in the delta kernel.
@@ -657,10 +842,7 @@ def sparse_attention_triton_fwd(
     """Forward without autograd: ``out`` (q's dtype), fp32 ``lse``."""
     _check_group(index)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _forward(
-        q, k, v, index.kv_idx.contiguous(), index.kv_count.contiguous(), index.group_size, index.kv_block,
-        float(scale), options,
-    )
+    return _forward(q, k, v, index, float(scale), options)
 
 
 def sparse_attention_triton_bwd(q, k, v, out, lse, do, index: SparseIndex, scale: float, options: KernelOptions = DEFAULT_OPTIONS):
