@@ -22,12 +22,14 @@
 #  attention) benches of ~0.6 s each (100 ms warm-up + 500 ms of repetitions), the single-GPU
 #  references at 64k (26 s on an H100, cp.py's docstring), DiT steps, first-call Triton autotuning
 #  and start-up: an estimate, not a measurement (no timing of cp.py on 2 GPUs is recorded); c1, c2
-#  <= 95 s each, c3, c4 <= 60 s each: the tiny DiT (2 layers, 4 heads of 32) at 131072 tokens is
-#  ~3e13 attention FLOP per layer fwd+bwd, ~0.15-0.2 s a layer on one H200 at an assumed 150-200
-#  TFLOP/s for head dim 32, so ~0.4 s an iteration at CP=1 and about half at CP=2; 120 iterations
-#  ~50 s + ~30 s start-up (Megatron init, first-iteration compiles: 5-7 s in the 16k runs). The
-#  small DiT (8 layers, hidden 512) would take ~3 s an iteration at 128k: too long for ~100
-#  iterations in 90 s. Megatron logs every iteration, so a run cut by its timeout still gives the
+#  <= 95 s each, c3, c4 <= 60 s each. Basis: the small DiT at 16k tokens, global batch 4, took
+#  244 ms an iteration dense and 360 ms in DSV stage 1 on one H200 (algo_v2_h200_20261130.json);
+#  the tiny DiT (2 layers, 4 heads of 32) at 131072 tokens, 1 video an iteration, has 4x the
+#  attention FLOP of one 16k video of the small DiT (64x the pairs, 1/16 the heads x dims x
+#  layers): ~0.15-0.3 s an iteration at CP=1 (~3e13 attention FLOP per layer fwd+bwd at an assumed
+#  150-200 TFLOP/s for head dim 32, x1.5 in stage 1), about half at CP=2; 120 iterations ~40 s +
+#  ~25 s start-up (Megatron init 6 s, first-iteration compiles 3 s in that run). The small DiT
+#  would take ~2 s an iteration at 128k: too long for ~100 iterations in 90 s. Megatron logs every iteration, so a run cut by its timeout still gives the
 #  iterations it finished. The stage switch is forced at SWITCH (--dsv-switch-max-iters); in the
 #  16k small-DiT runs the density for the target recall was still 0.87 at iteration 120, so the
 #  auto runs' layers are expected to stay dense after the switch: c4 measures the sparse path.
