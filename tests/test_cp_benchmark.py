@@ -18,10 +18,18 @@ def _rank(rank, world, argv):
 
 
 def test_cp_benchmark_cpu_smoke(tmp_path):
-    out = tmp_path / "cp.json"
-    argv = ["--device", "cpu", "--tiny", "--seqlens", "64,128", "--check-max-tokens", "64", "--out", str(out)]
+    from megatron_dsv.cp.cost_model import Calibration, Link
+
+    out, cal = tmp_path / "cp.json", tmp_path / "cal.json"
+    Calibration(links={"intra_a2a": Link(33.0, 0.04, True), "intra_p2p": Link(44.0, 0.05, True)},
+                env={"world_size": 2, "nodes": 1, "backend": "gloo", "device": "cpu"}).save(str(cal))
+    argv = ["--device", "cpu", "--tiny", "--seqlens", "64,128", "--check-max-tokens", "64", "--out", str(out),
+            "--calibration", str(cal)]
     run_ranks(_rank, 2, argv)
     res = json.loads(out.read_text())
+    # the planner's cost model runs on the calibration's links
+    assert res["calibration"] == str(cal) and res["cost_model"]["links"]["measured"] == ["intra_a2a", "intra_p2p"]
+    assert res["cost_model"]["links"]["intra_a2a"]["gbps"] == 33.0 and res["refit"]["before"]["intra_node_gbps"] == 33.0
     assert res["world"] == 2 and res["env"]["gpu"].startswith("none")
     assert res["args"]["seqlens"] == "64,128"
     assert [(r["S"], r["profile"]) for r in res["rows"]] == [(64, "hetero"), (64, "uniform"), (128, "hetero"), (128, "uniform")]
@@ -53,6 +61,13 @@ def test_cp_benchmark_cpu_smoke(tmp_path):
     assert fit["with_compute_scale"]["rms_log_err"] <= fit["bandwidth_latency"]["rms_log_err"] + 1e-9
     assert fit["bandwidth_latency"]["rms_log_err"] <= fit["before"]["rms_log_err"] + 1e-9
     assert isinstance(res["target"]["target_met"], bool)
+    for r in res["rows"]:
+        best = min(r["variants"]["head"]["block"]["ms"], r["variants"]["seq"]["block"]["ms"])
+        assert r["target_met"] == (r["variants"]["planner"]["block"]["ms"] <= 1.02 * best)
+    for d in res["dit"]:
+        assert d["target_met"] == (d["variants"]["planner"]["step"]["ms"] <= 1.02 * d["best_pure_ms"])
+    t = res["target"]
+    assert t["as_fast_target_met"] == (all(r["target_met"] for r in res["rows"]) and all(d["target_met"] for d in res["dit"]))
 
 
 def _synthetic_rows(truth, gpn):

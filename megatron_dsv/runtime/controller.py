@@ -134,6 +134,8 @@ class DSVController:
     def on_iteration_end(self, iteration: int) -> Dict:
         """Aggregate this iteration's statistics, update decisions, log. Returns a summary."""
         measured = self._gather()
+        # read before any decision below changes a layer's mode: the forward just run is what moved them
+        exchange = self._exchange_bytes() if measured is not None else None
         events = []
         if measured is not None:
             events += self._nonfinite_fallback(iteration, measured)
@@ -150,6 +152,9 @@ class DSVController:
         events += self._replan(iteration)
         self._store_schedule()
         summary = self.summary(iteration)
+        if exchange is not None:
+            for entry, ex in zip(summary["layers"], exchange):
+                entry["cp_exchange"] = ex
         interval = self.cfg.dsv_log_interval
         for e in events:
             self.log(e)
@@ -327,6 +332,39 @@ class DSVController:
             )
         return events
 
+    def _exchange_bytes(self) -> List[Optional[Dict]]:
+        """Per layer, the bytes its last forward's selective key/value exchange moved, summed
+        over the CP group, next to what an all-gather of the remote keys/values would have
+        received: ``{"fetched_bytes", "allgather_bytes", "ratio", "ranks"}`` (forward; the
+        backward sends the key/value gradients of the same blocks back), None for a layer
+        without CP or without an exchange on any rank (dense, or a head-only split). Collective
+        over the CP group when a layer has one (called on profiling iterations, which every rank
+        of the group runs alike)."""
+        layers = [l for l in self.layers if l.cp_groups is not None]
+        if not layers:
+            return [None] * len(self.layers)
+        counts = torch.zeros(len(layers), 3, dtype=torch.float64)
+        for i, l in enumerate(layers):
+            ex = l.cp_exchange if l.sparse else None
+            if ex is not None:
+                counts[i] = torch.tensor([ex.fetched_bytes, ex.allgather_bytes, 1.0], dtype=torch.float64)
+        group = layers[0].cp_groups.cp_group
+        if dist.get_world_size(group) > 1:
+            nccl = "nccl" in str(dist.get_backend(group))
+            on = counts.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+            dist.all_reduce(on, group=group)
+            counts = on.cpu()
+        by_layer = {id(l): c.tolist() for l, c in zip(layers, counts)}
+        out: List[Optional[Dict]] = []
+        for l in self.layers:
+            c = by_layer.get(id(l))
+            if c is None or c[2] == 0:
+                out.append(None)
+                continue
+            out.append({"fetched_bytes": int(c[0]), "allgather_bytes": int(c[1]),
+                        "ratio": c[0] / max(1.0, c[1]), "ranks": int(c[2])})
+        return out
+
     def _cp_policy(self, layers: List[DSVCoreAttention], group):
         """The planner of ``--dsv-cp-split auto``, its cost model on calibrated links (logged once)."""
         from megatron_dsv.cp.cost_model import CostModel, Links
@@ -493,6 +531,7 @@ class DSVController:
             layers.append({
                 "layer": l.layer_number,
                 "sparse": st.sparse,
+                "cp_plan": None if st.cp_plan is None else f"{st.cp_plan.head_size}x{st.cp_plan.seq_size}",
                 "k": None if st.kv_units is None else st.kv_units.tolist(),
                 **{n: (st.stats_ema[n].tolist() if n in st.stats_ema else None) for n in STATS},
                 "k_for_recall": None if c is None else c["k"].tolist(),

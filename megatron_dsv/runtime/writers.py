@@ -46,7 +46,13 @@ def status_line(summary: Dict) -> str:
     rel, density = layer_means(summary, "relative_recall"), layer_means(summary, "density")
     if rel is not None:
         line += f" | density for target recall {density:.3f} | relative recall {rel:.3f}"
-    return line + f" | sparse layers {n_sparse}/{n}"
+    line += f" | sparse layers {n_sparse}/{n}"
+    ex = [l["cp_exchange"] for l in summary["layers"] if l.get("cp_exchange")]
+    if ex:
+        fetched, full = sum(e["fetched_bytes"] for e in ex), sum(e["allgather_bytes"] for e in ex)
+        line += (f" | CP exchange {fetched / 2**20:.1f} MiB over {len(ex)} layers, "
+                 f"{fetched / max(1, full):.3f} of an all-gather of K/V")
+    return line
 
 
 class StatsWriter:

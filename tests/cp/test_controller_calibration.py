@@ -99,7 +99,16 @@ def _rank(rank, world, cal_path):
         for ex in local:  # the remote union is what was fetched: bytes = sum_h u_h x remote K/V bytes per head
             assert ex.kv_heads == (0, 1) and len(ex.remote_union_density) == 2
             assert ex.fetched_bytes == pytest.approx(sum(ex.remote_union_density) * ex.allgather_bytes / 2, rel=1e-9)
-        ctl.on_iteration_end(0)
+        summary = ctl.on_iteration_end(0)
+        # the summary (stats log) carries each layer's exchange bytes, summed over the CP group
+        fetched = _gather([(ex.fetched_bytes, ex.allgather_bytes) for ex in local], world)
+        for i, entry in enumerate(summary["layers"]):
+            want_f, want_a = (sum(r[i][j] for r in fetched) for j in (0, 1))
+            assert entry["cp_exchange"] == {"fetched_bytes": want_f, "allgather_bytes": want_a,
+                                            "ratio": pytest.approx(want_f / want_a), "ranks": world}, entry
+            assert entry["cp_plan"] == f"1x{world}"
+        assert 0 < want_f < want_a and fetched[0] != fetched[1]
+        assert any(" | CP exchange " in m and "of an all-gather of K/V" in m for m in lines), lines
         for it in (1, 2):
             _step(ctl, block, it, rank, world)
             ctl.on_iteration_end(it)
