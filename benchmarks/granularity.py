@@ -259,11 +259,10 @@ def capture_qkv(model, videos: torch.Tensor, labels: Optional[torch.Tensor], t: 
 
 
 # --------------------------------------------------------------------------------------- timing
-def time_sparse(layer, q, k, v, group_size: int, kv_block: int, k_per_head: torch.Tensor, warmup: int, rep: int) -> float:
-    """Median ms of the runtime's sparse path, forward + backward: the layer's low-rank projection
-    and Triton ``select_topk`` (no grad), Triton sparse attention and its backward."""
-    from triton.testing import do_bench
-
+def sparse_step(layer, q, k, v, group_size: int, kv_block: int, k_per_head: torch.Tensor, backend: str = "triton"):
+    """One forward + backward of the runtime's sparse path on copies of q/k/v: the layer's
+    low-rank projection and ``select_topk`` (no grad), sparse attention and its backward.
+    Returns ``(step, leaves)``: the closure and the tensors whose gradients it writes."""
     from megatron_dsv.ops.selection import select_topk
     from megatron_dsv.ops.sparse_attention import sparse_attention
 
@@ -274,11 +273,19 @@ def time_sparse(layer, q, k, v, group_size: int, kv_block: int, k_per_head: torc
     def step():
         with torch.no_grad():
             q_lr, k_lr = layer.predictor.project(qg, kg)
-            index = select_topk(q_lr, k_lr, group_size, kh, kv_block=kv_block, backend="triton")
-        out, _ = sparse_attention(qg, kg, vg, index, layer.softmax_scale, backend="triton")
+            index = select_topk(q_lr, k_lr, group_size, kh, kv_block=kv_block, backend=backend)
+        out, _ = sparse_attention(qg, kg, vg, index, layer.softmax_scale, backend=backend)
         out.backward(do)
 
-    return do_bench(step, warmup=warmup, rep=rep, return_mode="median", grad_to_none=[qg, kg, vg])
+    return step, [qg, kg, vg]
+
+
+def time_sparse(layer, q, k, v, group_size: int, kv_block: int, k_per_head: torch.Tensor, warmup: int, rep: int) -> float:
+    """Median ms of :func:`sparse_step` with the Triton kernels."""
+    from triton.testing import do_bench
+
+    step, leaves = sparse_step(layer, q, k, v, group_size, kv_block, k_per_head)
+    return do_bench(step, warmup=warmup, rep=rep, return_mode="median", grad_to_none=leaves)
 
 
 def time_dense(q, k, v, scale: float, warmup: int, rep: int) -> float:
