@@ -458,7 +458,7 @@ def main(argv=None):
     p.add_argument("--time-batch", type=int, default=1, help="videos in the timed attention call")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
-    p.add_argument("--deadline-s", type=float, default=140.0,
+    p.add_argument("--deadline-s", type=float, default=120.0,
                    help="stop timing after this many seconds from the start (0: no limit); the rest is listed as skipped")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="capture precision (bf16 on GPU)")

@@ -208,3 +208,43 @@ def test_the_timed_sparse_step_runs_the_triton_path(megatron_state):
     for got, ref in zip(grads["triton"], grads["reference"]):
         assert got.abs().sum() > 0
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_timing_plan_times_each_distinct_k_once_and_honours_the_deadline(megatron_state, monkeypatch, capsys):
+    """The GPU timing loop, with stand-in timers: one dense time, one sparse time per distinct
+    (G, KB, K per head) reused across layers, every ranking in order, the deadline leaving the
+    rest listed as skipped, and the table summing the layers."""
+    import argparse
+
+    from benchmarks import quality
+
+    setup = quality.Setup(size="tiny", data="procedural", num_classes=8, t_quantiles=8, val_seed=0,
+                          **quality.SIZES["tiny"])
+    model = quality.build_model(setup, "auto", "cpu")
+    captured = gran.capture_qkv(model, torch.randn(1, *setup.latent_shape), None, 0.5, 0, "fp32")
+    cubes, kbs = gran.group_cubes([32]), [16, 64]
+    layers = []
+    for layer, q, k, _ in captured:
+        curves = gran.granularity_curves(q, k, group_size=32, kv_blocks=kbs, groups=torch.arange(4),
+                                         scale=layer.softmax_scale, critical_mass=0.9)
+        rec = {"layer": layer.layer_number, "granularity": {"32": {"token_density": [0.5] * 4}}}
+        rec["granularity"]["32"].update({str(kb): gran.summarize(curves[kb]) for kb in kbs})
+        layers.append(rec)
+    # both layers get the same K per head: a distinct K is timed once
+    layers[1]["granularity"]["32"] = layers[0]["granularity"]["32"]
+    calls = []
+    monkeypatch.setattr(gran, "time_dense", lambda *a: 10.0)
+    monkeypatch.setattr(gran, "time_sparse", lambda layer, q, k, v, g, kb, kh, *a: calls.append((g, kb, kh.tolist())) or 1.0 + kb)
+    res = {"layers": layers, "group_cubes": {"32": [2, 4, 4]}, "kv_blocks": kbs, "critical_mass": 0.9, "t": 0.5,
+           "seq_len": 128}
+    args = argparse.Namespace(time_batch=1, time_rule="recall", warmup=1, rep=1, deadline_s=0, out=None)
+    timing = gran.time_all(args, res, captured, cubes, kbs, ["pooled", "oracle"], (4, 4, 8), model.cube, True, 0.0)
+    distinct = {(32, kb, tuple(layers[0]["granularity"]["32"][str(kb)][r]["recall"]["k"])) for kb in kbs
+                for r in ("pooled", "oracle")}
+    assert len(calls) == len(distinct) and timing["dense_ms"] == 10.0 and not timing["skipped"]
+    assert timing["sparse_ms"]["G32_KB64_oracle"] == {"1": 65.0, "2": 65.0}
+    gran.print_table({**res, "timing": timing})
+    assert "| 32 | 64 |" in capsys.readouterr().out.split("| 32 | 16 |")[1]
+    late = gran.time_all(argparse.Namespace(**{**vars(args), "deadline_s": 1e-9}), res, captured, cubes, kbs,
+                         ["pooled"], (4, 4, 8), model.cube, True, 0.0)
+    assert late["sparse_ms"] == {} and len(late["skipped"]) == 4
