@@ -54,6 +54,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_dsv.layers.profiler import RecallCurve  # noqa: E402
+
 RANKINGS = ("oracle", "pooled", "lse")
 RULES = ("recall", "mean", "p75")
 # Query-group cubes by group size: 2x4x4 is the model's default cube, 4x4x4 the cube of the H200
@@ -118,7 +120,7 @@ def granularity_curves(
     scale: float,
     critical_mass: float,
     chunk_elems: int = _CHUNK_ELEMS,
-) -> Dict[int, Dict[str, "RecallCurve"]]:
+) -> Dict[int, Dict[str, RecallCurve]]:
     """Recall curves of the sampled groups' rows under the three rankings.
 
     Args:
@@ -130,8 +132,6 @@ def granularity_curves(
     Returns ``{kv_block: {"pooled": curve, "lse": curve}}``: each a ``RecallCurve`` whose first
     ranking is the named one and whose second (``*_exact``) is the oracle.
     """
-    from megatron_dsv.layers.profiler import RecallCurve
-
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[1] % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D] and [B, H_kv, S, D].")
     b, h, s, d = q.shape
@@ -168,10 +168,8 @@ def granularity_curves(
     return out
 
 
-def oracle_curve(curve) -> "RecallCurve":
+def oracle_curve(curve) -> RecallCurve:
     """The curve whose (first) ranking is ``curve``'s oracle ranking."""
-    from megatron_dsv.layers.profiler import RecallCurve
-
     return RecallCurve(curve.mass_by_rank_exact, curve.mass_by_rank_exact, curve.need_count_exact,
                        curve.need_count_exact, curve.critical_mass)
 
@@ -185,7 +183,7 @@ def choose_units(curve, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown rule {rule!r}; choose from {RULES}.")
 
 
-def summarize(curves: Dict[str, "RecallCurve"]) -> Dict[str, Dict[str, Dict]]:
+def summarize(curves: Dict[str, RecallCurve]) -> Dict[str, Dict[str, Dict]]:
     """``{ranking: {rule: {"k": [H], "density": [H], "mean_density": float, "recall": [H]}}}``:
     the units per head, their fraction of all units, and the mean recall they give."""
     by_rank = {"oracle": oracle_curve(curves["pooled"]), "pooled": curves["pooled"], "lse": curves["lse"]}
