@@ -132,7 +132,15 @@ TAIL=30 step "b cp.py" 190 310 90 "$STAGE/cp_2gpu.log" \
 if [ "$CPU_SMOKE" = 1 ]; then DRY_RUN_SAVED=$DRY_RUN; DRY_RUN=1; echo "(CPU smoke: the pretraining runs need CUDA; printed only)"; fi
 # c. the loss-agreement pair first, then the two timing runs
 pretrain cp2_auto 2 95 215 "$ITERS" --dsv-mode auto --dsv-cp-split auto --dsv-stats-log "$STAGE/dsv_stats_cp2_auto.jsonl"
+# the GPU test suite on GPU 1 while c2 uses GPU 0 only (kernels, CP, layers: pytest -m gpu)
+GPU_TESTS_PID=""
+if [ "$DRY_RUN" != 1 ] && [ "$CPU_SMOKE" != 1 ]; then
+  CUDA_VISIBLE_DEVICES=1 timeout --kill-after=10 ${GPU_TESTS_S:-110} python3 -m pytest -q -m gpu tests \
+    -p no:cacheprovider > "$STAGE/gpu_tests.txt" 2>&1 &
+  GPU_TESTS_PID=$!
+fi
 pretrain cp1_auto 1 95 120 "$ITERS" --dsv-mode auto --dsv-stats-log "$STAGE/dsv_stats_cp1_auto.jsonl"
+if [ -n "$GPU_TESTS_PID" ]; then wait "$GPU_TESTS_PID"; echo "== gpu tests rc=$?"; tail -4 "$STAGE/gpu_tests.txt"; pack; fi
 pretrain cp2_dense 2 60 60 "$TIMING_ITERS" --dsv-mode dense --dsv-cp-split auto
 pretrain cp2_sparse_seq 2 60 0 "$TIMING_ITERS" --dsv-mode sparse --dsv-cp-split 1x2 \
   --dsv-stats-log "$STAGE/dsv_stats_cp2_sparse_seq.jsonl"
