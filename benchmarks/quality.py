@@ -303,10 +303,11 @@ def _layer_state(layers) -> List[Tuple[bool, Optional[List[int]]]]:
 
 def train(model, setup: Setup, batches, *, arm: str, noise_seed: int, iters: int, lr: float, warmup: int,
           device, precision: str, eval_every: int, val, replay: Optional[List[Dict]] = None,
-          deadline: Optional[float] = None, log=print) -> Dict:
+          deadline: Optional[float] = None, stop_after: Optional[int] = None, log=print) -> Dict:
     """Train ``model`` on ``batches`` (``iters`` of them; the learning-rate schedule spans
     ``iters``); returns the arm's record (see the module docstring). With ``deadline``
-    (``time.time()``), training stops at the first evaluation point past it."""
+    (``time.time()``), training stops at the first evaluation point past it; with ``stop_after``,
+    after that many iterations (the schedule still spans ``iters``: a deadline-cut run repeated)."""
     from megatron_dsv.layers.attention import dsv_attention_layers
     from megatron_dsv.layers.state import StepControl
     from megatron_dsv.models.video_dit import flow_matching_loss
@@ -358,7 +359,7 @@ def train(model, setup: Setup, batches, *, arm: str, noise_seed: int, iters: int
             rec["step_ms"].append(round((time.perf_counter() - t0) * 1e3, 3))
             rec["stage"].append(stage)
             rec["train_loss"].append(round(loss.item(), 6))
-            late = deadline is not None and time.time() > deadline
+            late = (deadline is not None and time.time() > deadline) or (stop_after is not None and it + 1 >= stop_after)
             if (eval_every and (it + 1) % eval_every == 0) or it == iters - 1 or late:
                 with _own_draws(layers, setup.val_seed, device):
                     point = {"iteration": it + 1, **_val_point(evaluate(model, setup, val, device, precision, False))}
@@ -429,12 +430,13 @@ def pretrain_dense(args) -> Dict:
     print(f"pretrain-dense: {args.size} ({n_params / 1e6:.2f}M parameters), data {args.data}, latent "
           f"{setup.latent_shape}, {args.iters} iterations of batch {args.batch}", flush=True)
     t_start = time.time()
-    batches = load_batches(make_dataset(setup, args.iters * args.batch, PRETRAIN_DATA_SEED), args.iters, args.batch,
+    n_batches = min(args.iters, args.stop_after or args.iters)
+    batches = load_batches(make_dataset(setup, n_batches * args.batch, PRETRAIN_DATA_SEED), n_batches, args.batch,
                            args.workers)
     deadline = t_start + 60 * args.max_minutes if args.max_minutes else None
     rec = train(model, setup, batches, arm="dense", noise_seed=PRETRAIN_DATA_SEED, iters=args.iters, lr=args.lr,
                 warmup=args.warmup, device=args.device, precision=args.precision, eval_every=args.eval_every,
-                val=validation_videos(setup), deadline=deadline)
+                val=validation_videos(setup), deadline=deadline, stop_after=args.stop_after)
     info = {"iteration": rec["iterations"], "planned_iterations": args.iters, "batch": args.batch, "lr": args.lr,
             "data_seed": PRETRAIN_DATA_SEED, "final": rec["final"], "environment": environment(args.device)}
     manifest = save_checkpoint(model, setup, os.path.join(args.out, "ckpt"), info)
@@ -562,6 +564,9 @@ def main(argv=None):
     a.add_argument("--val-seed", type=int, default=0)
     a.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop at the first evaluation point after this long and save what was reached")
+    a.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many iterations, the schedule still spanning --iters (repeats a run "
+                        "that --max-minutes cut at that iteration)")
     a.add_argument("--out", required=True, help="folder: ckpt/ and pretrain.json")
     b = sub.add_parser("arms", parents=[common], help="the paired arms from a checkpoint")
     b.add_argument("--ckpt", required=True)
