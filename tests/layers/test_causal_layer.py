@@ -181,7 +181,7 @@ def test_causal_gpt_sparse_with_all_units_equals_dense(megatron_state):
     torch.testing.assert_close(later[:, : S // 2], dense[:, : S // 2], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kvb", [1, 16])
+@pytest.mark.parametrize("kvb", [1, 32])
 @pytest.mark.parametrize("spec", [dict(causal=True), dict(causal=False, dsv_causal_chunk=CHUNK_FRAMES)], ids=["causal", "chunk_causal"])
 def test_masked_layer_on_triton_kernels(megatron_state, spec, kvb):
     """--dsv-backend triton with a mask (CPU: the Triton interpreter): the sparse layer at K = all
@@ -204,3 +204,16 @@ def test_masked_layer_on_triton_kernels(megatron_state, spec, kvb):
     torch.testing.assert_close(dx_sparse, dx_dense, rtol=1e-4, atol=1e-5)
     for n in g_dense:
         torch.testing.assert_close(g_sparse[n], g_dense[n], rtol=1e-4, atol=1e-5)
+
+
+def test_masked_layer_refuses_triton_for_blocks_below_the_key_tile(megatron_state):
+    """--dsv-backend triton with a mask and 1 < kv_block < the forward's key tile (16 < 32 for
+    fp32) is an error naming the fix, raised before any attention kernel runs."""
+    from tests.ops.triton_env import INTERPRET
+
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    block = build(causal=True, dsv_mode="sparse", dsv_backend="triton", dsv_query_group=(2, 2, 4), dsv_kv_block=16, num_layers=1)
+    set_k(block, S // 16)
+    with pytest.raises(ValueError, match=r"kv_block 16 < its forward key tile 32 .*Use kv_block 1 or a multiple of 32"):
+        run(block, torch.randn(S, B, HID))

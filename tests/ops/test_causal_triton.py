@@ -11,6 +11,7 @@ from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets 
 triton = pytest.importorskip("triton")
 
 from megatron_dsv.ops.mask import CausalMask  # noqa: E402
+from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import select_topk  # noqa: E402
 from megatron_dsv.ops.sparse_attention import (  # noqa: E402
     attention_backend,
@@ -66,17 +67,19 @@ def _reference(q, k, v, keep, do, dlse):
 
 
 TILES16 = {kind: {"BLOCK_M": 16} for kind in ("fwd", "dq", "dkdv")}
+# A masked index with 1 < kv_block < the forward's key tile is refused (masked_tile_problem):
+# kv_block 16 runs with 16-key forward tiles.
+FWD_N16 = {"fwd": {"BLOCK_N": 16}}
 
 CASES = [
     # b, h, hkv, s, d, g, kv_block, mask, K per head, kernel options
     pytest.param(2, 2, 1, 64, 32, 16, 1, CAUSAL, ["need", 48], {}, id="token-causal-gqa-K>allowed"),
     pytest.param(1, 3, 3, 96, 32, 16, 1, chunk(24), ["need", 40, "all"], {}, id="token-chunk24-Kall"),
-    pytest.param(1, 2, 2, 64, 32, 16, 4, chunk(12), ["need", 10], {}, id="block4-chunk12-atomic"),
-    pytest.param(1, 4, 2, 128, 32, 32, 16, CAUSAL, ["need", 3, 5, "all"], {}, id="block16-causal-keymajor-gqa"),
-    pytest.param(2, 2, 2, 128, 32, 16, 16, chunk(40), ["need", 6], {}, id="block16-chunk40-cuts-units"),
-    pytest.param(1, 2, 1, 128, 32, 32, 16, CAUSAL, ["need", 6], {"tune": TILES16}, id="block16-query-tiles<group"),
-    pytest.param(1, 2, 2, 128, 32, 32, 16, chunk(48), ["need", 5], {"force_atomic_dkdv": True}, id="block16-atomic-dkdv"),
-    pytest.param(1, 2, 2, 128, 32, 32, 16, CAUSAL, ["need", 5], {"fused_dq_atomic": True}, id="block16-fused-dq"),
+    pytest.param(1, 4, 2, 128, 32, 32, 16, CAUSAL, ["need", 3, 5, "all"], {"tune": FWD_N16}, id="block16-causal-keymajor-gqa"),
+    pytest.param(2, 2, 2, 128, 32, 16, 16, chunk(40), ["need", 6], {"tune": FWD_N16}, id="block16-chunk40-cuts-units"),
+    pytest.param(1, 2, 1, 128, 32, 32, 16, CAUSAL, ["need", 6], {"tune": {**TILES16, "fwd": {"BLOCK_M": 16, "BLOCK_N": 16}}}, id="block16-query-tiles<group"),
+    pytest.param(1, 2, 2, 128, 32, 32, 16, chunk(48), ["need", 5], {"force_atomic_dkdv": True, "tune": FWD_N16}, id="block16-atomic-dkdv"),
+    pytest.param(1, 2, 2, 128, 32, 32, 16, CAUSAL, ["need", 5], {"fused_dq_atomic": True, "tune": FWD_N16}, id="block16-fused-dq"),
     pytest.param(1, 2, 1, 128, 32, 32, 32, CAUSAL, ["need", 3], {}, id="block32-contig-causal"),
     pytest.param(1, 2, 2, 128, 48, 32, 32, chunk(64), ["need", "all"], {}, id="block32-chunk64-d48"),
     pytest.param(1, 2, 2, 256, 32, 64, 64, CAUSAL, ["need", 3], {}, id="block64-g64-causal"),
@@ -117,6 +120,7 @@ def test_cases_cover_filler_units():
 @pytest.mark.parametrize("mask,kvb", [(CAUSAL, 1), (chunk(48), 16)])
 def test_forward_backward_blocks_on_masked_index(mask, kvb, poisoned):
     """Context parallelism's building blocks (forward only, backward given out/lse) on Triton."""
+    poisoned = dataclasses.replace(poisoned, tune=FWD_N16)
     torch.manual_seed(1)
     b, h, s, d, g = 1, 2, 96, 32, 16
     q, k, v, do = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(4))
@@ -140,12 +144,13 @@ def test_masked_index_without_a_readable_key_is_refused():
     good = torch.tensor([[[[0], [1], [2], [3]]]], dtype=torch.int32, device=DEVICE)
     count = torch.ones(1, 1, dtype=torch.int32, device=DEVICE)
     index = SparseIndex(good, count, g, kvb, s, s, CAUSAL)
-    sparse_attention(q, q, q, index, backend="triton")  # every group lists its own unit: fine
+    n16 = KernelOptions(tune=FWD_N16)
+    sparse_attention(q, q, q, index, backend="triton", options=n16)  # every group lists its own unit: fine
     bad = good.clone()
     bad[0, 0, 2, 0] = 3  # group 2 (queries 32..47) lists only keys 48..63
     index = SparseIndex(bad, count, g, kvb, s, s, CAUSAL)
     with pytest.raises(ValueError, match=r"group 2\) lists no key its first query \(token 32\)"):
-        sparse_attention(q, q, q, index, backend="triton")
+        sparse_attention(q, q, q, index, backend="triton", options=n16)
     with pytest.raises(ValueError, match="units holding each group's own queries"):
         index.validate()
     # chunk-causal: a query may read its whole chunk, so a later unit of the chunk is enough
@@ -154,6 +159,50 @@ def test_masked_index_without_a_readable_key_is_refused():
     past[0, 0, 0, 0] = 2  # group 0 (chunk 0..31) lists only keys 32..47
     with pytest.raises(ValueError, match="past that query's last allowed key 31"):
         SparseIndex(past, count, g, kvb, s, s, chunk(32)).validate()
+
+
+@CPU_OK
+@pytest.mark.parametrize("mask", [CAUSAL, chunk(48)], ids=["causal", "chunk48"])
+def test_masked_blocks_below_the_forward_tile_are_refused(mask, monkeypatch, caplog):
+    """1 < kv_block < the forward's BLOCK_N under a mask gave a wrong forward on an H200 (kv_block
+    16, BLOCK_N 64, bf16): every Triton entry point refuses it before a kernel runs, ``"triton"``
+    is an error and ``"auto"`` picks the reference with a logged warning, never silently."""
+    import logging
+
+    import megatron_dsv.ops.sparse_attention as sa
+    from megatron_dsv.ops._utils import BackendChoice
+    from megatron_dsv.ops.sparse_attention.triton import masked_tile_problem
+
+    b, h, s, d, g = 1, 2, 96, 32, 16
+    q = torch.randn(b, h, s, d, device=DEVICE)
+    for kvb, tune, refused in [(4, {}, True), (16, {}, True), (16, FWD_N16, False), (32, {}, False), (1, {}, False)]:
+        index = _index(b, h, s, g, kvb, ["need", "all"], mask)
+        opts = KernelOptions(tune=tune)
+        assert (masked_tile_problem(index, d, q.dtype, opts) is not None) == refused, (kvb, tune)
+        calls = [
+            lambda: sparse_attention(q, q, q, index, backend="triton", options=opts),
+            lambda: sparse_attention_fwd(q, q, q, index, d**-0.5, backend="triton", options=opts),
+            lambda: sparse_attention_bwd(q, q, q, q, q[..., 0], q, index, d**-0.5, backend="triton", options=opts),
+        ]
+        if refused:
+            for call in calls:
+                with pytest.raises(ValueError, match=rf"kv_block {kvb} < its forward key tile 32 .*multiple of 32"):
+                    call()
+    # GPU tiles: bf16 at D=64 uses 64-key forward tiles, so kv_block 16 and 32 are refused there
+    for kvb, refused in [(16, True), (32, True), (64, False), (1, False)]:
+        index = _index(1, 2, 128, 32, kvb, ["need", "need"], mask)
+        assert (masked_tile_problem(index, 64, torch.bfloat16, KernelOptions()) is not None) == refused, kvb
+    index = _index(b, h, s, g, 16, ["need", "need"], mask)
+    assert masked_tile_problem(dataclasses.replace(index, mask=None), d, q.dtype, KernelOptions()) is None
+    # the backend decision (CUDA's auto choice faked on CPU tensors)
+    monkeypatch.setattr(sa, "choose_backend", lambda backend, device, what: BackendChoice("triton", "auto: CUDA"))
+    monkeypatch.setattr(sa, "log_once", lambda level, msg: logging.getLogger("test").log(level, msg))
+    with caplog.at_level(logging.WARNING, logger="test"):
+        choice = attention_backend("auto", q, q, index)
+    assert choice.name == "reference" and "kv_block 16 < its forward key tile 32" in choice.reason
+    assert any("reference kernels" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="kv_block 16 < its forward key tile 32"):
+        attention_backend("triton", q, q, index)
 
 
 def test_backend_choice_for_masked_indexes():
@@ -173,7 +222,7 @@ def test_backend_choice_for_masked_indexes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mask", [CAUSAL, chunk(320)], ids=["causal", "chunk320"])
-@pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (16, 32, 64)])
+@pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (64, 32, 64)])
 def test_masked_bf16_gpu(mask, kvb, g, d, poisoned):
     """bf16 at S=2048: error vs an fp32 reference at most 2x that of a bf16 PyTorch run (+1e-4)."""
     from tests.ops.test_sparse_attention_triton import _lowp_reference

@@ -76,7 +76,7 @@ def sparse_attention(
     if out_layout not in ("bhsd", "sbhd"):
         raise ValueError(f"out_layout must be 'bhsd' or 'sbhd', got {out_layout!r}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = attention_backend(backend, q, k, index).name
+    backend = attention_backend(backend, q, k, index, options).name
     index.ensure_valid()
     if backend == "cudnn":
         from megatron_dsv.ops.sparse_attention.cudnn import sparse_attention_cudnn
@@ -136,7 +136,9 @@ def sparse_attention_bwd(
     return sparse_attention_backward_reference(q, k, v, out, lse, do, index, scale)
 
 
-def attention_backend(backend: str, q: torch.Tensor, k: torch.Tensor, index: SparseIndex) -> BackendChoice:
+def attention_backend(
+    backend: str, q: torch.Tensor, k: torch.Tensor, index: SparseIndex, options: Optional[KernelOptions] = None
+) -> BackendChoice:
     """The kernels :func:`sparse_attention` runs for these inputs, and why (the one place that decides).
 
     ``"auto"``: cuDNN's block-sparse attention where it serves the case (SM90, bf16, D=128, MHA,
@@ -144,7 +146,10 @@ def attention_backend(backend: str, q: torch.Tensor, k: torch.Tensor, index: Spa
     90% sparsity, x13.55 vs x11.64 at 95%, H200, 64k tokens; it takes 2.52 GiB peak vs Triton's
     1.01 GiB there, so pin ``"triton"`` where memory binds), else as :func:`choose_backend`.
     ``"cudnn"`` on a case it does not serve is an error that names why (an index with a causal
-    mask is one: cuDNN's block-sparse API has no token mask). Logged once per reason.
+    mask is one: cuDNN's block-sparse API has no token mask). A masked index the Triton kernels
+    refuse (:func:`~megatron_dsv.ops.sparse_attention.triton.masked_tile_problem`, with the tiles
+    of ``options``) is an error for ``"triton"`` and the reference, logged as a warning, for
+    ``"auto"``.
     """
     if backend in ("auto", "cudnn"):
         from megatron_dsv.ops.sparse_attention.cudnn import cudnn_supported
@@ -156,7 +161,17 @@ def attention_backend(backend: str, q: torch.Tensor, k: torch.Tensor, index: Spa
             return choice
         if backend == "cudnn":
             raise ValueError(f"backend='cudnn' cannot run this case: {why}. Use backend='auto' or 'triton'.")
-    return choose_backend(backend, q.device, what="DSV sparse attention")
+    choice = choose_backend(backend, q.device, what="DSV sparse attention")
+    if choice.name == "triton" and index.mask is not None:
+        from megatron_dsv.ops.sparse_attention.triton import masked_tile_problem
+
+        why = masked_tile_problem(index, q.shape[-1], q.dtype, resolve_options(options))
+        if why is not None:
+            if backend != "auto":
+                raise ValueError(why + ".")
+            choice = BackendChoice("reference", f"auto: {why}")
+            log_once(logging.WARNING, f"DSV sparse attention: {choice.name} kernels, {choice.reason}.")
+    return choice
 
 
 def _backend(backend: str, q: torch.Tensor) -> str:

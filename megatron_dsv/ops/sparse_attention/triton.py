@@ -587,6 +587,34 @@ def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int, options: KernelOpt
     return _tuned("fwd", dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages), options)
 
 
+def masked_tile_problem(index: SparseIndex, head_dim: int, dtype: torch.dtype, options: KernelOptions = DEFAULT_OPTIONS):
+    """Why these kernels refuse a masked ``index``, or ``None`` if they run it.
+
+    A masked index with ``1 < kv_block < BLOCK_N`` (the forward's key tile gathers several
+    partial units) gave a wrong forward on an H200 (causal, kv_block 16, G=32, D=64, bf16,
+    BLOCK_N 64: max error 4.1 vs 1.5e-2 for a bf16 PyTorch run), while the CPU interpreter
+    with the same tiles matches the reference (1.3e-6, S=2048). Until the cause is found such
+    cases are refused; kv_block 1 and kv_block >= BLOCK_N passed the same GPU test.
+    """
+    if index.mask is None or index.kv_block == 1:
+        return None
+    block_n = _fwd_config(index.group_size, head_dim, dtype, index.kv_block, options)["BLOCK_N"]
+    if index.kv_block >= block_n:
+        return None
+    return (
+        f"the Triton sparse attention does not run a {index.mask.kind} mask with kv_block "
+        f"{index.kv_block} < its forward key tile {block_n} (head dim {head_dim}, {dtype}): that case "
+        f"gave wrong outputs on a GPU. Use kv_block 1 or a multiple of {block_n} "
+        f"(--dsv-kv-block), or backend='reference'"
+    )
+
+
+def _check_masked_tiles(index: SparseIndex, q: torch.Tensor, options: KernelOptions) -> None:
+    why = masked_tile_problem(index, q.shape[-1], q.dtype, options)
+    if why is not None:
+        raise ValueError(why + ".")
+
+
 def _contig(kvb: int, block_n: int, options: KernelOptions) -> bool:
     return options.contig_loads and kvb % block_n == 0
 
@@ -823,6 +851,7 @@ def sparse_attention_triton(
     use it) to q, k and v.
     """
     _check_group(index)
+    _check_masked_tiles(index, q, options)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _SparseAttention.apply(q, k, v, index, float(scale), bool(out_sbhd), options)
@@ -841,6 +870,7 @@ def sparse_attention_triton_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward without autograd: ``out`` (q's dtype), fp32 ``lse``."""
     _check_group(index)
+    _check_masked_tiles(index, q, options)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _forward(q, k, v, index, float(scale), options)
 
@@ -848,9 +878,10 @@ def sparse_attention_triton_fwd(
 def sparse_attention_triton_bwd(q, k, v, out, lse, do, index: SparseIndex, scale: float, options: KernelOptions = DEFAULT_OPTIONS):
     """dq (fp32), dk, dv (k's dtype) of the pairs in ``index`` given the final ``out``/``lse``."""
     _check_group(index)
+    _check_masked_tiles(index, q, options)
     q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
     dq, dk, dv = _backward(q, k, v, out, lse.contiguous(), do, None, index, float(scale), options)
     return dq.float(), dk, dv
 
 
-__all__ = ["sparse_attention_triton", "sparse_attention_triton_fwd", "sparse_attention_triton_bwd", "transpose_index"]
+__all__ = ["masked_tile_problem", "sparse_attention_triton", "sparse_attention_triton_fwd", "sparse_attention_triton_bwd", "transpose_index"]
