@@ -251,11 +251,17 @@ def autotune_layer(
         local_ms.append(float(ms))
         del step
     del inputs
-    if not all(math.isfinite(x) and x >= 0 for x in local_ms):
-        raise RuntimeError(f"autotune measured non-finite or negative times {local_ms} on CP rank {groups.rank}.")
-    worst = torch.tensor(local_ms, dtype=torch.float64, device=device)
+    # a bad time travels as a flag through the same reduction, so every rank raises (none waits alone)
+    bad = not all(math.isfinite(x) and x >= 0 for x in local_ms)
+    worst = torch.tensor([0.0 if bad else x for x in local_ms] + [float(bad)], dtype=torch.float64, device=device)
     if groups.size > 1:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=groups.cp_group)
+    if worst[-1] > 0:
+        raise RuntimeError(
+            f"autotune measured a non-finite or negative time on some CP rank (this rank {groups.rank}: {local_ms}); "
+            "check the timer, or set --dsv-cp-autotune off."
+        )
+    worst = worst[:-1]
     table = tuple(CandidateTime(c.plan, c.total_ms, float(ms)) for c, ms in zip(timed, worst.cpu().tolist()))
     best = min(table, key=lambda c: (c.measured_ms, -c.plan.head_size))
     return AutotuneResult(best.plan, comparison.best.plan, table)
