@@ -17,6 +17,10 @@ contiguous token shard. Each sparsity profile sets K per head (``layer.set_spars
   ``--calibration``, a ``megatron_dsv.tools.calibrate_cp`` JSON, else assumed) given the per-head density and the
   union of remote key blocks measured on this input (as the runtime's controller passes it);
   ``planner_prior`` is the plan under the model's assumed union (timed only when it differs);
+* ``autotune``: what the runtime picks with ``--dsv-cp-autotune on``: the planner's candidates
+  predicted within 25% of the best, and the pure splits, timed with ``cp.autotune.autotune_layer``
+  (synthetic tensors of the layer's shape and K per head, the slowest rank's median); its table
+  and the seconds it took are in the row's ``autotune``;
 * ``head``: ``fixed_plan("head")`` (largest head split, LPT on density); ``seq``: ``fixed_plan("seq")``;
 * ``dense``: the same block in dense mode with the planner's dense plan (DSV's dense CP path).
 
@@ -76,7 +80,7 @@ SIZES = {
 FP32_RTOL = 1e-4
 BF16_FLOOR = {"out": 1e-3, "dx": 1e-2, "loss": 1e-3}
 TARGET_NOISE = 0.02
-VARIANTS = ("planner", "head", "seq", "dense")
+VARIANTS = ("planner", "autotune", "head", "seq", "dense")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -392,6 +396,7 @@ class Bench:
     def run_length(self, S: int) -> List[Dict]:
         from megatron_dsv.cp.plan import fixed_plan
         from megatron_dsv.cp.cost_model import AttentionShape
+        from megatron_dsv.cp.autotune import autotune_layer
         from megatron_dsv.cp.planner import check_plans_agree, compare_plans, plan_layer
         from megatron_dsv.layers.attention import dsv_attention_layers
         from megatron_dsv.layers.state import StepControl
@@ -489,7 +494,11 @@ class Bench:
             cmp = compare_plans(self.cost, shape, density, granule=self.group, union_density=union, **kw)
             planner = cmp.best.plan
             prior = plan_layer(self.cost, shape, density, granule=self.group, **kw)
-            check_plans_agree([planner, prior, head, seq])
+            t0 = time.perf_counter()
+            tuned = autotune_layer(layers[0].cp_groups, shape, kv.tolist(), cmp, dtype=self.dtype, device=self.dev,
+                                   group_size=self.group, kv_block=s["kv_block"], backend=self.backend)
+            tune_s = _all_max(time.perf_counter() - t0, self.dev)
+            check_plans_agree([planner, prior, head, seq, tuned.best])
 
             def pred(plan, u=union):
                 return self.cost.plan_cost(shape, plan, density, gpus_per_node=self.gpn, union_density=u).total_ms
@@ -497,8 +506,10 @@ class Bench:
             refs = self.references(S, x, gy, setup) if check else None
             row = {"S": S, "N": self.world, "profile": prof, "sparsity": sparsity, "kv_units": kv.tolist(),
                    "density": density, "union_measured": union, "correctness_checked": check,
-                   "shape": dataclasses.asdict(shape), "variants": {}}
-            for name, plan in (("planner", planner), ("head", head), ("seq", seq), ("planner_prior", prior)):
+                   "shape": dataclasses.asdict(shape), "variants": {},
+                   "autotune": {**tuned.to_dict(), "seconds": tune_s}}
+            for name, plan in (("planner", planner), ("autotune", tuned.best), ("head", head), ("seq", seq),
+                               ("planner_prior", prior)):
                 if name == "planner_prior" and prior.key() == planner.key():
                     row["variants"][name] = {"plan": plan_dict(prior, pred(prior), pred(prior, None)), "same_as": "planner"}
                     continue
@@ -514,6 +525,7 @@ class Bench:
                 v = row["variants"]
                 print(json.dumps({"S": S, "profile": prof, **{n: round(v[n]["block"]["ms"], 4) for n in VARIANTS},
                                   "planner_split": f"{planner.head_size}x{planner.seq_size}",
+                                  "autotune_split": f"{tuned.best.head_size}x{tuned.best.seq_size}",
                                   "correct": {n: v[n].get("correct", {}).get("passed") for n in VARIANTS}}), flush=True)
         del self.cp_block, layers, captured
         if self.dev.type == "cuda":
@@ -529,7 +541,11 @@ class Bench:
             row[f"{unit}_planner_speedup_vs_best_pure"] = best / pl
             row[f"{unit}_planner_as_fast"] = pl <= best * (1 + TARGET_NOISE)
             row[f"{unit}_planner_faster"] = pl < best
+            tuned = v["autotune"][unit]["ms"]
+            row[f"{unit}_autotune_speedup_vs_best_pure"] = best / tuned
+            row[f"{unit}_autotune_as_fast"] = tuned <= best * (1 + TARGET_NOISE)
         row["target_met"] = row["block_planner_as_fast"]
+        row["autotune_target_met"] = row["block_autotune_as_fast"]
         # effective attention TFLOP/s per GPU: computed pairs only, fwd+bwd = 3.5x the forward's 4*S^2*D
         s, d = shape.seq_len, shape.head_dim
         for name in VARIANTS:
@@ -603,7 +619,7 @@ class Bench:
         setup(model)
         params = list(model.parameters())
         timed = {}
-        for name in ("planner", "head", "seq"):
+        for name in ("planner", "autotune", "head", "seq"):
             plan = plan_of(name)
             if plan.key() in timed:
                 m = timed[plan.key()]
@@ -633,6 +649,8 @@ class Bench:
         best = min(v["head"]["step"]["ms"], v["seq"]["step"]["ms"])
         res["best_pure_ms"], res["planner_speedup_vs_best_pure"] = best, best / v["planner"]["step"]["ms"]
         res["target_met"] = v["planner"]["step"]["ms"] <= best * (1 + TARGET_NOISE)
+        res["autotune_speedup_vs_best_pure"] = best / v["autotune"]["step"]["ms"]
+        res["autotune_target_met"] = v["autotune"]["step"]["ms"] <= best * (1 + TARGET_NOISE)
         del model
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -837,6 +855,12 @@ def summarise(b: Bench, rows: List[Dict], dits: List[Dict], complete: bool) -> D
     timed_dits = [d for d in dits if "target_met" in d]
     target["dit_as_fast_every_case"] = all(d["target_met"] for d in timed_dits) if timed_dits else None
     target["as_fast_target_met"] = bool(target["as_fast_every_case"] and target["dit_as_fast_every_case"] is not False)
+    # the same rule for what --dsv-cp-autotune on picks (the runtime's default)
+    target["autotune_as_fast_every_case"] = all(r["autotune_target_met"] for r in rows)
+    target["autotune_dit_as_fast_every_case"] = (all(d["autotune_target_met"] for d in timed_dits)
+                                                 if timed_dits else None)
+    target["autotune_target_met"] = bool(target["autotune_as_fast_every_case"]
+                                         and target["autotune_dit_as_fast_every_case"] is not False)
     notes = [
         "inputs are random: query groups select unrelated key blocks, so the union of remote blocks a rank "
         "fetches is near 1 (worst case for the selective exchange); the planner gets the measured union",
@@ -861,29 +885,34 @@ def print_tables(res: Dict) -> None:
     e = res["env"]
     print(f"\n# {res['world']} ranks ({e['gpu']}), torch {e['torch']}, triton {e['triton']}, commit {e['commit']}; "
           f"{res['sizes']['dtype']}, {res['sizes']['layers']} layers; times in ms (fwd+bwd), median of the slowest rank")
-    print("\n| S | profile | planner split | planner | head | seq | dense | planner vs best pure | attn: planner / head / seq / dense (pred. planner) | correct |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| S | profile | planner split | planner | autotune (split) | head | seq | dense | planner / autotune vs best pure "
+          "| attn: planner / autotune / head / seq / dense (pred. planner) | correct |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         v = r["variants"]
         ok = all(v[n].get("correct", {}).get("passed", True) for n in VARIANTS)
-        pp = v["planner"]["plan"]
+        pp, ap = v["planner"]["plan"], v["autotune"]["plan"]
         att = " / ".join(f"{v[n]['attn']['ms']:.3f}" for n in VARIANTS)
         print(f"| {r['S']} | {r['profile']} | {pp['head_size']}x{pp['seq_size']} {pp['heads_per_slot']} | "
-              f"{v['planner']['block']['ms']:.3f} | {v['head']['block']['ms']:.3f} | {v['seq']['block']['ms']:.3f} | "
-              f"{v['dense']['block']['ms']:.3f} | x{r['block_planner_speedup_vs_best_pure']:.3f} | {att} "
+              f"{v['planner']['block']['ms']:.3f} | {v['autotune']['block']['ms']:.3f} ({ap['head_size']}x{ap['seq_size']}) | "
+              f"{v['head']['block']['ms']:.3f} | {v['seq']['block']['ms']:.3f} | "
+              f"{v['dense']['block']['ms']:.3f} | x{r['block_planner_speedup_vs_best_pure']:.3f} / "
+              f"x{r['block_autotune_speedup_vs_best_pure']:.3f} | {att} "
               f"({pp['predicted_attn_ms']:.3f}) | {'yes' if ok else 'NO'}{'' if r['correctness_checked'] else ' (not checked)'} |")
     if res["dit"]:
-        print("\n| DiT S | planner | head | seq | planner vs best pure | loss check |")
-        print("|---|---|---|---|---|---|")
+        print("\n| DiT S | planner | autotune | head | seq | planner / autotune vs best pure | loss check |")
+        print("|---|---|---|---|---|---|---|")
         for d in res["dit"]:
             if "skipped" in d:
-                print(f"| {d['S']} | skipped: {d['skipped']} | | | | |")
+                print(f"| {d['S']} | skipped: {d['skipped']} | | | | | |")
                 continue
             v = d["variants"]
             ok = all(x.get("correct", {}).get("passed", True) for x in v.values())
             checked = any("correct" in x for x in v.values())
-            print(f"| {d['S']} | {v['planner']['step']['ms']:.3f} ({v['planner']['split']}) | {v['head']['step']['ms']:.3f} | "
-                  f"{v['seq']['step']['ms']:.3f} | x{d['planner_speedup_vs_best_pure']:.3f} | "
+            print(f"| {d['S']} | {v['planner']['step']['ms']:.3f} ({v['planner']['split']}) | "
+                  f"{v['autotune']['step']['ms']:.3f} ({v['autotune']['split']}) | {v['head']['step']['ms']:.3f} | "
+                  f"{v['seq']['step']['ms']:.3f} | x{d['planner_speedup_vs_best_pure']:.3f} / "
+                  f"x{d['autotune_speedup_vs_best_pure']:.3f} | "
                   f"{('yes' if ok else 'NO') if checked else 'not checked'} |")
     f = res["refit"]
     print(f"\nre-fit on {f['cases']} attention cases ({f['note']}):")
@@ -897,7 +926,8 @@ def print_tables(res: Dict) -> None:
     print(f"\ncorrectness {'passed' if res['correctness']['passed'] else 'FAILED'} (checked at S in "
           f"{res['correctness']['checked_seqlens']}); target {'met' if t['target_met'] else 'MISSED'} "
           f"(as fast every case: {t['as_fast_every_case']}, faster on hetero: {t['faster_on_hetero']}); "
-          f"as fast on blocks and DiT steps: {'met' if t['as_fast_target_met'] else 'MISSED'}")
+          f"as fast on blocks and DiT steps: {'met' if t['as_fast_target_met'] else 'MISSED'}; "
+          f"autotune as fast on blocks and DiT steps: {'met' if t['autotune_target_met'] else 'MISSED'}")
 
 
 if __name__ == "__main__":

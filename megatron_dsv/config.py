@@ -370,6 +370,13 @@ class DSVConfig:
     uses it. Empty: every rank measures the links on its CP group at the first plan, at the
     message sizes a layer sends (a few hundred ms on GPUs). Either way the numbers are logged."""
 
+    dsv_cp_autotune: str = knob("on", Choice(("on", "off")))
+    """With ``--dsv-cp-split auto``: ``on`` times the planner's candidates (predicted within 25% of
+    the best, and the pure head and sequence splits) with the real CP attention forward + backward
+    on synthetic tensors of the layer's shape and K per head, and keeps the fastest (the slowest
+    rank's time, so every rank agrees); measured once per (length, K per head, shape) and logged
+    next to the predictions. ``off``: the cost model's choice alone."""
+
     dsv_cp_intra_node_gbps: float = knob(150.0, Real(0.0, lo_open=True))
     """Planner fallback: per-GPU bandwidth, GB/s, of links inside a node when the calibration has
     none (measured at start-up or ``--dsv-cp-calibration``: only when every rank it measured sat on
@@ -451,7 +458,7 @@ class DSVConfig:
 _RETUNABLE_ON_RESUME = {
     "dsv_backend", "dsv_dense_backend", "dsv_log_interval", "dsv_speed_table", "dsv_stats_log",
     "dsv_cp_split", "dsv_cp_replan_interval", "dsv_cp_replan_threshold", "dsv_cp_gpus_per_node",
-    "dsv_cp_calibration", "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps", "dsv_on_resume",
+    "dsv_cp_calibration", "dsv_cp_autotune", "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps", "dsv_on_resume",
     # the schedule may be retuned when resuming; the layers' decisions are what is restored
     "dsv_profile_interval_stage1", "dsv_profile_interval_stage2", "dsv_switch_max_iters",
     "dsv_switch_min_iters", "dsv_stats_ema", "dsv_switch_relative_recall", "dsv_switch_plateau",

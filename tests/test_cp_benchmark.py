@@ -35,8 +35,8 @@ def test_cp_benchmark_cpu_smoke(tmp_path):
     assert [(r["S"], r["profile"]) for r in res["rows"]] == [(64, "hetero"), (64, "uniform"), (128, "hetero"), (128, "uniform")]
     for r in res["rows"]:
         v = r["variants"]
-        assert set(v) == {"planner", "head", "seq", "dense", "planner_prior"}
-        for name in ("planner", "head", "seq", "dense"):
+        assert set(v) == {"planner", "autotune", "head", "seq", "dense", "planner_prior"}
+        for name in ("planner", "autotune", "head", "seq", "dense"):
             assert v[name]["block"]["ms"] > 0 and v[name]["attn"]["ms"] > 0
             assert math.isfinite(v[name]["plan"]["predicted_attn_ms"])
             assert ("correct" in v[name]) == (r["S"] == 64)
@@ -45,6 +45,12 @@ def test_cp_benchmark_cpu_smoke(tmp_path):
                 assert c["passed"] and c["out_err"] <= c["out_bound"] == 1e-4 and c["dx_err"] <= 1e-4
         assert v["head"]["plan"]["head_size"] == 2 and v["seq"]["plan"]["seq_size"] == 2
         assert v["dense"]["plan"]["head_size"] * v["dense"]["plan"]["seq_size"] == 2
+        # autotune: both splits timed (the pure ones), its pick the faster of them, timed again as a variant
+        tuned = r["autotune"]
+        assert [c["split"] for c in tuned["candidates"]] == ["1x2", "2x1"] and tuned["seconds"] > 0
+        fastest = min(tuned["candidates"], key=lambda c: (c["measured_ms"], -int(c["split"][0])))
+        assert tuned["best"] == fastest["split"] == "{head_size}x{seq_size}".format(**v["autotune"]["plan"])
+        assert all(c["measured_ms"] > 0 and math.isfinite(c["predicted_ms"]) for c in tuned["candidates"])
         assert len(r["union_measured"]) == 4 and all(0 < u <= 1 for u in r["union_measured"])
         if r["profile"] == "hetero":
             assert len(set(r["density"])) > 1  # heterogeneous K per head
@@ -64,10 +70,14 @@ def test_cp_benchmark_cpu_smoke(tmp_path):
     for r in res["rows"]:
         best = min(r["variants"]["head"]["block"]["ms"], r["variants"]["seq"]["block"]["ms"])
         assert r["target_met"] == (r["variants"]["planner"]["block"]["ms"] <= 1.02 * best)
+        assert r["autotune_target_met"] == (r["variants"]["autotune"]["block"]["ms"] <= 1.02 * best)
     for d in res["dit"]:
         assert d["target_met"] == (d["variants"]["planner"]["step"]["ms"] <= 1.02 * d["best_pure_ms"])
+        assert d["autotune_target_met"] == (d["variants"]["autotune"]["step"]["ms"] <= 1.02 * d["best_pure_ms"])
     t = res["target"]
     assert t["as_fast_target_met"] == (all(r["target_met"] for r in res["rows"]) and all(d["target_met"] for d in res["dit"]))
+    assert t["autotune_target_met"] == (all(r["autotune_target_met"] for r in res["rows"])
+                                        and all(d["autotune_target_met"] for d in res["dit"]))
 
 
 def _synthetic_rows(truth, gpn):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -179,6 +179,10 @@ class ReplanPolicy:
         cp_size, gpus_per_node, granule, head_sizes, memory_budget_gib: as :func:`compare_plans`.
         threshold: density change (absolute, per head) that triggers a re-plan.
         min_interval: iterations between two re-plans of a layer.
+        choose: ``choose(layer_index, comparison) -> LayerPlan`` picks among the planner's ranked
+            candidates (:func:`compare_plans`), e.g. by measuring them
+            (:class:`megatron_dsv.cp.autotune.Autotuner`; then a collective, called alike on every
+            rank because :meth:`due` is); None: the cost model's best.
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class ReplanPolicy:
         min_interval: int = 100,
         head_sizes: Optional[Sequence[int]] = None,
         memory_budget_gib: Optional[float] = None,
+        choose: Optional[Callable[[int, PlanComparison], LayerPlan]] = None,
     ):
         if threshold < 0 or min_interval < 0:
             raise ValueError(f"threshold ({threshold}) and min_interval ({min_interval}) must be >= 0.")
@@ -200,6 +205,7 @@ class ReplanPolicy:
         self.kw = dict(cp_size=cp_size, gpus_per_node=gpus_per_node, granule=granule, head_sizes=head_sizes,
                        memory_budget_gib=memory_budget_gib)
         self.threshold, self.min_interval = float(threshold), int(min_interval)
+        self.choose = choose
         n = len(self.shapes)
         self.plans: List[Optional[LayerPlan]] = [None] * n
         self.planned_density: List[Optional[Tuple[float, ...]]] = [None] * n
@@ -270,7 +276,13 @@ class ReplanPolicy:
             dens = self._density(sparsity[i], None if sparse is None else sparse[i])
             old = self.plans[i]
             ud = union_density[i] if union_density is not None else None
-            plan = plan_layer(self.cost, self.shapes[i], dens, union_density=ud, **self.kw)
+            comparison = compare_plans(self.cost, self.shapes[i], dens, union_density=ud, **self.kw)
+            plan = comparison.best.plan if self.choose is None else self.choose(i, comparison)
+            if plan.key() not in {c.plan.key() for c in comparison.candidates}:
+                raise ValueError(
+                    f"layer {i}: the chooser returned {plan.head_size}x{plan.seq_size} {plan.slots}, not one of "
+                    "the planner's candidates; return a plan of the comparison it was given."
+                )
             self.plans[i], self.planned_density[i], self.last_replan[i] = plan, dens, iteration
             self.replans += 1
             if old is None or old.key() != plan.key():

@@ -115,6 +115,8 @@ class DSVController:
         self.relative_history: List[float] = list(sched.get("relative_recall_history", []))
         self.nonfinite_fallbacks = 0  # layers x profiling iterations dropped for NaN/Inf (logged each)
         self.cp_policy = None  # the CP planner's per-layer plans (--dsv-cp-split auto)
+        self.cp_autotuner = None  # --dsv-cp-autotune on: measured choices, cached per layer signature
+        self._cp_autotuned: Dict = {}  # layer number -> AutotuneResult of this iteration's re-plans
         self.optimizer = optimizer
         if optimizer is not None:
             check_predictor_groups(optimizer, [p for l in self.layers for p in l.predictor.parameters()])
@@ -155,6 +157,10 @@ class DSVController:
         if exchange is not None:
             for entry, ex in zip(summary["layers"], exchange):
                 entry["cp_exchange"] = ex
+        for entry in summary["layers"]:  # the measured table of a layer re-planned now, for the stats log
+            tuned = self._cp_autotuned.pop(entry["layer"], None)
+            if tuned is not None:
+                entry["cp_autotune"] = tuned.to_dict()
         interval = self.cfg.dsv_log_interval
         for e in events:
             self.log(e)
@@ -291,7 +297,9 @@ class DSVController:
         from its measured sparsity (bounded cadence, see ``ReplanPolicy``). The cost model is built
         at the first plan from the links measured on the CP group (or ``--dsv-cp-calibration``);
         a layer whose last sparse forward ran the selective exchange is planned with the key union
-        it fetched. Every input is synchronised over the CP group (the statistics EMA, the slowest
+        it fetched. With ``--dsv-cp-autotune on`` the candidates the model ranks near the best
+        are timed on the real attention path (``cp.autotune``, cached per layer signature) and the
+        fastest measured is kept. Every input is synchronised over the CP group (the statistics EMA, the slowest
         rank's link times, the largest union per key/value head), so every rank computes the same
         plans (checked)."""
         layers = [l for l in self.layers if l.cp_groups is not None]
@@ -324,10 +332,13 @@ class DSVController:
             plan = self.cp_policy.plans[i]
             layers[i].apply(layers[i].state.replace(cp_plan=plan))
             u = union[i] if union is not None and sparse[i] else None
+            tuned = self._cp_autotuned.get(layers[i].layer_number)
+            measured = "" if tuned is None else "".join(
+                f", measured {c.measured_ms:.2f} ms" for c in tuned.table if c.plan.key() == plan.key())
             events.append(
                 f"DSV layer {layers[i].layer_number}: CP plan {plan.head_size}x{plan.seq_size} "
                 f"(head-parallel x sequence-parallel), heads per rank {[len(h) for h in plan.slots]}, "
-                f"predicted {plan.predicted_ms:.2f} ms"
+                f"predicted {plan.predicted_ms:.2f} ms{measured}"
                 + ("" if u is None else f" with the measured key union {[round(x, 4) for x in u]}")
             )
         return events
@@ -378,10 +389,33 @@ class DSVController:
         fallback = Links.assumed(intra_node_gbps=cfg.dsv_cp_intra_node_gbps, inter_node_gbps=cfg.dsv_cp_inter_node_gbps)
         cost = CostModel.from_benchmark(cfg.dsv_speed_table or None, links=fallback, calibration=calibration)
         self.log(self._cp_calibration_line(cost, calibration, origin, cp_size))
+        choose = None
+        if cfg.dsv_cp_autotune == "on":
+            self.cp_autotuner = self._cp_autotuner(layers[0])
+
+            def choose(i, comparison):
+                layer = layers[i]
+                kv = layer.kv_count(layer.last_seq_len) if layer.sparse else None
+                result = self.cp_autotuner.choose(layer.cp_groups, shapes[i], kv, comparison,
+                                                  what=f"layer {layer.layer_number}")
+                self._cp_autotuned[layer.layer_number] = result
+                return result.best
+
         return ReplanPolicy(
             cost, shapes, cp_size=cp_size, gpus_per_node=cfg.dsv_cp_gpus_per_node,
             granule=cfg.group_size, threshold=cfg.dsv_cp_replan_threshold,
-            min_interval=cfg.dsv_cp_replan_interval,
+            min_interval=cfg.dsv_cp_replan_interval, choose=choose,
+        )
+
+    def _cp_autotuner(self, layer: DSVCoreAttention):
+        """``--dsv-cp-autotune on``: times the planner's candidates on the layers' own dtype,
+        device and kernels (one cache for the run, so a signature is measured once)."""
+        from megatron_dsv.cp.autotune import Autotuner
+
+        cfg = self.cfg
+        return Autotuner(
+            dtype=layer.config.params_dtype, device=next(layer.parameters()).device, group_size=cfg.group_size,
+            kv_block=cfg.dsv_kv_block, k_multiple=cfg.multiple_units(), backend=cfg.dsv_backend, log=self.log,
         )
 
     def _cp_shape(self, layer: DSVCoreAttention):
