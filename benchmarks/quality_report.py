@@ -69,7 +69,8 @@ def load_runs(paths: Sequence[str]) -> Dict:
             raise ValueError(f"{path} is not a `benchmarks/quality.py arms` result (phase {d.get('phase')!r}).")
         data = d["setup"]["data"]
         out[data]["meta"].append({k: d.get(k) for k in ("setup", "iters", "batch", "lr", "environment", "checkpoint",
-                                                         "dsv_config")} | {"file": os.path.basename(path)})
+                                                         "dsv_config")}
+                                 | {"file": os.path.basename(path), "seeds": sorted({r["seed"] for r in d["runs"]})})
         for run in d["runs"]:
             key = (run["arm"], run["seed"])
             if key in out[data]["runs"]:
@@ -83,11 +84,31 @@ def load_runs(paths: Sequence[str]) -> Dict:
     return dict(out)
 
 
+def sparse_fraction(run: Dict) -> Optional[float]:
+    """Fraction of (layer, iteration) pairs a DSV run spent sparse, from its schedule (None without one)."""
+    sched, iters = run.get("schedule"), run.get("iterations")
+    if not sched or not iters:
+        return None
+    n_layers = len(sched[0]["layers"])
+    total = 0
+    for cur, nxt in zip(sched, sched[1:] + [{"iteration": iters}]):
+        total += sum(bool(sp) for sp, _ in cur["layers"]) * (min(nxt["iteration"], iters) - cur["iteration"])
+    return total / (iters * n_layers)
+
+
 def paired(runs: Dict) -> List[Dict]:
-    """One row per comparison: per-seed differences (percent of the dense loss) and their interval."""
+    """One row per comparison: per-seed differences (percent of the dense loss) and their interval.
+
+    The control replays its seed's DSV schedule with random key blocks, so in a seed whose DSV arm
+    never ran a layer sparse the control *is* the dense arm: such seeds are listed as vacuous and
+    left out of the control's interval (the control tests sparse attention where it ran)."""
     rows = []
     for arm, which, label in COMPARISONS:
         seeds = sorted(s for (a, s) in runs if a == arm and ("dense", s) in runs and which in runs[(a, s)])
+        vacuous = []
+        if arm == "control":
+            vacuous = [s for s in seeds if not sparse_fraction(runs.get(("dsv", s), {}))]
+            seeds = [s for s in seeds if s not in vacuous]
         if not seeds:
             continue
         diffs = [100 * (runs[(arm, s)][which]["loss"] / runs[("dense", s)]["final"]["loss"] - 1) for s in seeds]
@@ -96,7 +117,8 @@ def paired(runs: Dict) -> List[Dict]:
             varied = sorted({runs[(arm, s)].get("aa_vary", "both") for s in seeds})
             label = f"A/A dense (other {'/'.join(AA_LABELS[v] for v in varied)}) - dense"
         rows.append({"comparison": label, "arm": arm, "evaluation": which, "seeds": seeds, "diff_pct": diffs,
-                     "diff_abs": absd, **interval(diffs), "verdict": verdict(arm, which, interval(diffs))})
+                     "diff_abs": absd, "vacuous_seeds": vacuous, **interval(diffs),
+                     "verdict": verdict(arm, which, interval(diffs))})
     return rows
 
 
@@ -127,8 +149,9 @@ def arm_rows(runs: Dict) -> List[Dict]:
             vals = [r["step_time"][key]["median_ms"] for r in rs if r["step_time"].get(key)]
             st[key] = sum(vals) / len(vals) if vals else None
         switch = [r.get("switch_iteration") for r in rs if r.get("switch_iteration") is not None]
+        frac = [f for f in (sparse_fraction(r) for r in rs) if f is not None]
         rows.append({"arm": arm, "seeds": seeds, **interval([r["final"]["loss"] for r in rs]), "step_ms": st,
-                     "switch_iterations": switch})
+                     "switch_iterations": switch, "sparse_fraction": frac})
     return rows
 
 
@@ -161,25 +184,33 @@ def markdown(report: Dict) -> str:
         meta = rep["meta"][0]
         setup = meta["setup"]
         env = meta.get("environment") or {}
+        files = [f"{m['file']} (seeds {', '.join(map(str, m['seeds']))}; checkpoint at iteration "
+                 f"{(m.get('checkpoint') or {}).get('iteration')}, commit {str((m.get('environment') or {}).get('commit', '?'))[:10]})"
+                 for m in rep["meta"]]
         lines += [f"#### {data} videos: {setup['num_layers']} layers x {setup['hidden_size']} hidden "
                   f"({setup['num_heads']} heads), latent {'x'.join(map(str, setup['latent_shape']))}, "
-                  f"{meta['iters']} iterations per arm from a dense checkpoint at iteration "
-                  f"{(meta.get('checkpoint') or {}).get('iteration')}; {env.get('gpu', env.get('device', '?'))}, "
-                  f"commit {str(env.get('commit', '?'))[:10]}", ""]
+                  f"{meta['iters']} iterations per arm from a dense checkpoint; {env.get('gpu', env.get('device', '?'))}",
+                  "", "From " + "; ".join(files) + (
+                      ". Each file trained its own checkpoint (same recipe); seeds pair within a file." if len(files) > 1
+                      else "."), ""]
         lines += ["| paired difference (final fixed-validation loss) | seeds | per seed (%) | mean (%) | 95% interval (%) | verdict |",
                   "|---|---|---|---|---|---|"]
         for r in rep["paired"]:
             per = ", ".join(f"{d:+.2f}" for d in r["diff_pct"])
+            if r.get("vacuous_seeds"):
+                per += f" (seeds {', '.join(map(str, r['vacuous_seeds']))} left out: their DSV arm ran no layer sparse)"
             ci = "-" if r["lo"] is None else f"[{r['lo']:+.2f}, {r['hi']:+.2f}]"
             lines.append(f"| {r['comparison']} | {r['n']} | {per} | {r['mean']:+.2f} | {ci} | {r['verdict']} |")
-        lines += ["", "| arm | seeds | final loss (mean +- sd) | step ms (median) | stage 1 | stage 2 | switch at |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| arm | seeds | final loss (mean +- sd) | step ms (median) | stage 1 | stage 2 | switch at | "
+                      "sparse layer-iterations |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rep["arms"]:
             sd = "" if r["sd"] is None else f" +- {r['sd']:.5f}"
             st = r["step_ms"]
             lines.append(f"| {r['arm']} | {r['n']} | {r['mean']:.5f}{sd} | {_f(st['all'], '{:.1f}')} | "
                          f"{_f(st['stage1'], '{:.1f}')} | {_f(st['stage2'], '{:.1f}')} | "
-                         f"{', '.join(map(str, r['switch_iterations'])) or '-'} |")
+                         f"{', '.join(map(str, r['switch_iterations'])) or '-'} | "
+                         f"{', '.join(f'{100 * f:.0f}%' for f in r['sparse_fraction']) or '-'} |")
         if rep["layers"]:
             lines += ["", "| DSV layer | sparse (seeds) | token sparsity | chosen density | recall at K | exact-q/k recall | relative |",
                       "|---|---|---|---|---|---|---|"]

@@ -110,23 +110,35 @@ def _fake(tmp_path, name, runs, data="procedural"):
     return str(path)
 
 
-def _run_rec(arm, seed, loss, dense=None):
+def _run_rec(arm, seed, loss, dense=None, sparse_from=None):
     final = {"iteration": 3, "loss": loss, "loss_by_t": [loss] * 8, "sparse_layers": [1] if dense else []}
     if dense is not None:
         final["dense"] = {"loss": dense, "loss_by_t": [dense] * 8, "sparse_layers": []}
-    return {"arm": arm, "seed": seed, "final": final, "val_curve": [final],
-            "step_time": {"all": {"median_ms": 10.0}}}
+    rec = {"arm": arm, "seed": seed, "final": final, "val_curve": [final], "iterations": 3,
+           "step_time": {"all": {"median_ms": 10.0}}}
+    if arm == "dsv":  # two layers; layer 1 sparse from iteration `sparse_from` (never when None)
+        rec["schedule"] = [{"iteration": 0, "layers": [[False, None], [False, None]]}]
+        if sparse_from is not None:
+            rec["schedule"].append({"iteration": sparse_from, "layers": [[True, [2, 2]], [False, None]]})
+    return rec
 
 
 def test_report_pairs_by_seed_across_files(tmp_path):
     a = _fake(tmp_path, "a.json", [_run_rec("dense", 0, 1.0), _run_rec("dsv", 0, 1.01, dense=1.0)])
-    b = _fake(tmp_path, "b.json", [_run_rec("dense", 1, 2.0), _run_rec("dsv", 1, 2.04, dense=2.02),
-                                   _run_rec("control", 1, 2.2)])
+    b = _fake(tmp_path, "b.json", [_run_rec("dense", 1, 2.0), _run_rec("dsv", 1, 2.04, dense=2.02, sparse_from=1),
+                                   _run_rec("control", 1, 2.2),
+                                   _run_rec("dense", 2, 3.0), _run_rec("dsv", 2, 3.0), _run_rec("control", 2, 3.0)])
     rep = report.build([a, b])["procedural"]
     rows = {r["comparison"]: r for r in rep["paired"]}
-    assert rows["DSV - dense"]["diff_pct"] == pytest.approx([1.0, 2.0])
-    assert rows["DSV forced dense - dense"]["diff_pct"] == pytest.approx([0.0, 1.0])
-    assert rows["control (random blocks) - dense"]["diff_pct"] == pytest.approx([10.0])
+    assert rows["DSV - dense"]["diff_pct"] == pytest.approx([1.0, 2.0, 0.0])
+    assert rows["DSV forced dense - dense"]["diff_pct"] == pytest.approx([0.0, 1.0, 0.0])
+    # seed 2's DSV arm never ran sparse, so its control equals dense by construction: left out, named
+    control = rows["control (random blocks) - dense"]
+    assert control["diff_pct"] == pytest.approx([10.0]) and control["vacuous_seeds"] == [2]
+    assert "seeds 2 left out" in report.markdown({"procedural": rep})
+    # layer 1 of 2 sparse for iterations 1-2 of 3: a third of the layer-iterations
+    dsv = next(r for r in rep["arms"] if r["arm"] == "dsv")
+    assert dsv["sparse_fraction"] == pytest.approx([0.0, 1 / 3, 0.0])
     with pytest.raises(ValueError, match="two files"):
         report.build([a, a])
     lone = _fake(tmp_path, "c.json", [_run_rec("dsv", 0, 1.0)], data="natural")
