@@ -18,7 +18,7 @@ KW = dict(floor=0.8, margin=0.05, min_dwell=100)
         (True, 0.79, 0.80, 0, False, "predictor error"),
         (False, 0.84, 1.0, 500, False, "floor + margin"),  # between floor and floor + margin
         (False, 0.90, 1.0, 99, False, "99 < 100"),  # clears the margin but too soon
-        (False, 0.90, 0.90, 500, False, "relative recall < 0.950"),
+        (False, 0.90, 0.90, 500, True, "relative recall 0.900 >= floor + margin"),  # a weak predictor is no gate
         (False, 0.85, 0.95, 100, True, "go sparse"),  # every bound met exactly
         (True, math.nan, 1.0, 0, True, "no recall measured"),
         (False, 0.9, math.nan, 500, False, "no recall measured"),
