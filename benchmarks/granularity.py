@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -54,6 +53,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.json_out import write_json  # noqa: E402
 from megatron_dsv.layers.profiler import RecallCurve  # noqa: E402
 
 RANKINGS = ("oracle", "pooled", "lse")
@@ -362,12 +362,12 @@ def run(args) -> Dict:
         print(f"layer {layer.layer_number}: measured ({time.time() - t_start:.0f} s)", flush=True)
     res["stats_wall_s"] = round(time.time() - t_start, 2)
     if args.out:
-        _write(res, args.out)
+        write_json(res, args.out)
 
     res["timing"] = time_all(args, res, captured, cubes, kv_blocks, rankings, grid, model.cube, cuda, t_start)
     res["wall_s"] = round(time.time() - t_start, 2)
     if args.out:
-        _write(res, args.out)
+        write_json(res, args.out)
     print_table(res)
     return res
 
@@ -400,7 +400,7 @@ def time_all(args, res, captured, cubes, kv_blocks, rankings, grid, model_cube, 
                         done[memo] = time_sparse(layer, qg, kg, vg, g, kb, torch.tensor(kh), args.warmup, args.rep)
                     timing["sparse_ms"].setdefault(key, {})[str(layer.layer_number)] = round(done[memo], 4)
         if args.out:
-            _write({**res, "timing": timing}, args.out)
+            write_json({**res, "timing": timing}, args.out)
     return timing
 
 
@@ -428,14 +428,6 @@ def print_table(res: Dict) -> None:
             dn = f"{n * dense:.2f}" if dense is not None else "-"
             print(f"| {g} | {kb} | {tok:.3f} | {dens['oracle']:.3f} | {dens['pooled']:.3f} | {dens['lse']:.3f} | "
                   f"{ms['pooled']} | {ms['lse']} | {ms['oracle']} | {dn} |")
-
-
-def _write(obj: Dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -49,6 +49,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.json_out import write_json  # noqa: E402
+
 FORMAT = "megatron_dsv.quality_ckpt/1"
 MAX_FILE_BYTES = 16 * 2**20  # what comes back through a device call's $OUT, per file
 PRETRAIN_DATA_SEED = 10_000  # the checkpoint's videos; arms use seeds 0, 1, 2, ... (other videos)
@@ -442,7 +444,7 @@ def pretrain_dense(args) -> Dict:
     manifest = save_checkpoint(model, setup, os.path.join(args.out, "ckpt"), info)
     rec.update(phase="pretrain-dense", setup=dataclasses.asdict(setup), parameters=n_params,
                checkpoint=manifest["files"], wall_s=time.time() - t_start, **info)
-    _write(rec, os.path.join(args.out, "pretrain.json"))
+    write_json(rec, os.path.join(args.out, "pretrain.json"))
     print(f"saved {len(manifest['files'])} files ({sum(e['bytes'] for e in manifest['files']) / 2**20:.1f} MiB) "
           f"under {args.out}/ckpt; fixed-validation loss {rec['final']['loss']:.5f} at iteration "
           f"{rec['iterations']} of {args.iters}", flush=True)
@@ -492,7 +494,7 @@ def run_arms(args) -> Dict:
             out["seeds_skipped"] = seeds[n_done:]
             print(f"seeds {seeds[n_done:]} skipped: a seed took {seed_s:.0f} s, {left:.0f} s of --max-minutes left",
                   flush=True)
-            _write(out, args.out)
+            write_json(out, args.out)
             break
         t_seed = time.time()
         cache: Dict[int, list] = {}
@@ -518,7 +520,7 @@ def run_arms(args) -> Dict:
                 rec["aa_vary"] = args.aa_vary
             out["runs"].append(rec)
             out["wall_s"] = time.time() - t_start
-            _write(out, args.out)  # after every arm: a call cut short keeps what finished
+            write_json(out, args.out)  # after every arm: a call cut short keeps what finished
             del model
             if torch.device(args.device).type == "cuda":
                 torch.cuda.empty_cache()
@@ -533,14 +535,6 @@ def _parse_value(v: str):
         except ValueError:
             pass
     return v
-
-
-def _write(obj: Dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
