@@ -27,6 +27,7 @@ from megatron_dsv.cp.groups import CPGroups, slot_and_chunk
 from megatron_dsv.cp.head_parallel import gather_heads, kv_send_heads, scatter_heads
 from megatron_dsv.cp.plan import LayerPlan
 from megatron_dsv.cp.seq_parallel import ExchangeStats, gather_sequence, ring_attention, selective_sparse_attention
+from megatron_dsv.ops.mask import CausalMask
 from megatron_dsv.ops.sparse_attention import sparse_attention
 from megatron_dsv.ops.sparse_index import SparseIndex
 
@@ -93,12 +94,19 @@ class CPAttention:
         return k if self.seq_group is None else gather_sequence(k, self.seq_group)
 
     def dense(self, q, k, v, scale: float, group_size: int, kv_block: int, backend: str,
-              local: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None) -> Tensor:
-        """Dense attention of the chunk's queries over the whole sequence's keys."""
+              local: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
+              mask: Optional[CausalMask] = None) -> Tensor:
+        """Dense attention of the chunk's queries over the whole sequence's keys, under ``mask``
+        (over the whole sequence) when given; ``local`` (without a sequence split) must apply
+        the same mask."""
         if self.seq_group is None and local is not None:
             return local(q, k, v)
-        out, _ = ring_attention(q, k, v, scale, self.seq_group, group_size, kv_block, backend)
+        out, _ = ring_attention(q, k, v, scale, self.seq_group, group_size, kv_block, backend, mask)
         return out
+
+    def query_offset(self, s_chunk: int, mask: Optional[CausalMask]) -> int:
+        """``q_offset`` for a masked selection of this chunk's queries over the gathered keys."""
+        return 0 if mask is None else self.chunk_range(s_chunk)[0]
 
     def sparse(self, q, k, v, index: SparseIndex, scale: float, backend: str) -> Tensor:
         """Sparse attention with ``index`` over the whole sequence's key blocks.

@@ -20,6 +20,7 @@ floating-point summation order (tests/cp/).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -29,15 +30,19 @@ from torch import Tensor
 
 from megatron_dsv.ops._utils import log_once
 from megatron_dsv.ops.sparse_attention import sparse_attention, sparse_attention_bwd, sparse_attention_fwd
+from megatron_dsv.ops.mask import CausalMask
 from megatron_dsv.ops.sparse_index import PAD, SparseIndex, _mark_valid
 
 
-def full_index(b: int, h: int, s_q: int, s_kv: int, group_size: int, kv_block: int, device) -> SparseIndex:
-    """A SparseIndex selecting every key block: dense attention through the sparse kernels."""
+def full_index(
+    b: int, h: int, s_q: int, s_kv: int, group_size: int, kv_block: int, device, mask: Optional[CausalMask] = None,
+) -> SparseIndex:
+    """A SparseIndex selecting every key block: dense attention through the sparse kernels (under
+    ``mask`` when given: the units past a group's limit are fillers the mask drops)."""
     units = s_kv // kv_block
     idx = torch.arange(units, dtype=torch.int32, device=device).expand(b, h, s_q // group_size, units)
     cnt = torch.full((b, h), units, dtype=torch.int32, device=device)
-    return _mark_valid(SparseIndex(idx.contiguous(), cnt, group_size, kv_block, s_q, s_kv))
+    return _mark_valid(SparseIndex(idx.contiguous(), cnt, group_size, kv_block, s_q, s_kv, mask))
 
 
 def dense_block(s_kv: int, kv_block: int) -> int:
@@ -115,33 +120,61 @@ def _use_cudnn(q: Tensor, k: Tensor, backend: str) -> bool:
     return True
 
 
+def ring_steps(mask: Optional[CausalMask], me: int, g: int, s: int) -> List[Optional[str]]:
+    """What each ring step computes for chunk ``me`` of ``g`` chunks of ``s`` tokens: at step ``t``
+    the rank holds chunk ``(me - t) % g``; ``"full"`` (every pair allowed), ``"masked"`` (its own
+    chunk under the mask's local view, :meth:`CausalMask.local`) or None (no pair allowed: no
+    compute, no LSE contribution; the chunk is still passed on). Pure; shards must pass
+    :meth:`CausalMask.check_shards`, so only the own chunk can be partly masked."""
+    if mask is None:
+        return ["full"] * g
+    mask.check_shards(g * s, s)
+    steps: List[Optional[str]] = []
+    for t in range(g):
+        p = (me - t) % g
+        rel = mask.relation(me * s, (me + 1) * s, p * s, (p + 1) * s)
+        if rel == "partial":
+            rel = "full" if mask.local(me * s, s) is None else "masked"
+        steps.append(None if rel == "none" else rel)
+    return steps
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, group, group_size, kv_block, backend):
-        g = dist.get_world_size(group)
+    def forward(ctx, q, k, v, scale, group, group_size, kv_block, backend, mask):
+        g, me = dist.get_world_size(group), dist.get_rank(group)
         b, h, s, _ = q.shape
         kvb = dense_block(k.shape[2], kv_block)
+        steps = ring_steps(mask, me, g, s)
         cudnn = _use_cudnn(q, k, backend)
-        index = None if cudnn else full_index(b, h, s, k.shape[2], group_size, kvb, q.device)
+        full = None if cudnn else full_index(b, h, s, k.shape[2], group_size, kvb, q.device)
+        # the own chunk is step 0; under a mask it runs on the sparse kernels with the mask's local view
+        own = None
+        if steps[0] == "masked":
+            own = full_index(b, h, s, k.shape[2], group_size, kvb, q.device, mask.local(me * s, s))
         q = q.contiguous()
         k_cur, v_cur = k.contiguous(), v.contiguous()
         out = lse = None
-        aux = []
+        aux: List[object] = []
         for step in range(g):
             reqs, nxt = _ring_pass([k_cur, v_cur], group) if step < g - 1 else ([], None)
-            if cudnn:
+            a = None
+            if steps[step] == "masked":
+                o, l = sparse_attention_fwd(q, k_cur, v_cur, own, scale, backend)
+            elif steps[step] == "full" and cudnn:
                 o, l, a = _CudnnChunk.forward(q, k_cur, v_cur, scale)
-                aux.append(a)
-            else:
-                o, l = sparse_attention_fwd(q, k_cur, v_cur, index, scale, backend)
-            out, lse = _merge(out, lse, o, l)
+            elif steps[step] == "full":
+                o, l = sparse_attention_fwd(q, k_cur, v_cur, full, scale, backend)
+            aux.append(a)
+            if steps[step] is not None:
+                out, lse = _merge(out, lse, o, l)
             for r in reqs:
                 r.wait()
             if nxt is not None:
                 k_cur, v_cur = nxt
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = (scale, group, index, backend, aux if cudnn else None)
+        ctx.cfg = (scale, group, full, own, steps, backend, aux)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -150,7 +183,7 @@ class _RingAttention(torch.autograd.Function):
         if dlse is not None:
             raise RuntimeError("ring_attention: gradients through the log-sum-exp are not supported.")
         q, k, v, out, lse = ctx.saved_tensors
-        scale, group, index, backend, aux = ctx.cfg
+        scale, group, full, own, steps, backend, aux = ctx.cfg
         if dout is None:
             dout = torch.zeros_like(out)
         g = dist.get_world_size(group)
@@ -161,14 +194,17 @@ class _RingAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros_like(dk)
         for step in range(g):
-            if aux is not None:
-                # the chunk held at backward step t is the one of forward step t (same ring order)
-                dq_i, dk_i, dv_i = _CudnnChunk.backward(q, k_cur, v_cur, out, lse, dout, scale, aux[step])
-            else:
-                dq_i, dk_i, dv_i = sparse_attention_bwd(q, k_cur, v_cur, out, lse, dout, index, scale, backend)
-            dq += dq_i
-            dk += dk_i
-            dv += dv_i
+            # the chunk held at backward step t is the one of forward step t (same ring order)
+            grads = None
+            if aux[step] is not None:
+                grads = _CudnnChunk.backward(q, k_cur, v_cur, out, lse, dout, scale, aux[step])
+            elif steps[step] is not None:
+                index = own if steps[step] == "masked" else full
+                grads = sparse_attention_bwd(q, k_cur, v_cur, out, lse, dout, index, scale, backend)
+            if grads is not None:
+                dq += grads[0]
+                dk += grads[1]
+                dv += grads[2]
             # dK/dV travel with the chunk they belong to and reach its owner after g hops.
             send = [dk, dv] + ([k_cur, v_cur] if step < g - 1 else [])
             reqs, recv = _ring_pass(send, group)
@@ -177,12 +213,12 @@ class _RingAttention(torch.autograd.Function):
             dk, dv = recv[0], recv[1]
             if step < g - 1:
                 k_cur, v_cur = recv[2], recv[3]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(
     q: Tensor, k: Tensor, v: Tensor, scale: float, group, group_size: int, kv_block: int = 1,
-    backend: str = "auto",
+    backend: str = "auto", mask: Optional[CausalMask] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Dense attention of local queries over the keys of every rank of ``group``.
 
@@ -191,6 +227,11 @@ def ring_attention(
             rank holds ``s`` tokens).
         group_size: query-group size for the kernels (``s % group_size == 0``).
         kv_block: key block of the kernels' dense steps (used when it divides ``s``).
+        mask: optional :class:`CausalMask` over the gathered sequence (rank ``i`` holds tokens
+            ``[i*s, (i+1)*s)``): steps with no allowed pair are skipped, fully allowed ones run
+            unmasked, and the own chunk runs under the mask's local view on the sparse kernels
+            (:func:`ring_steps`). Shards that cut chunk-causal chunks are refused
+            (:meth:`CausalMask.check_shards`).
 
     Returns:
         ``out [B, H, s, D]`` (q's dtype) and fp32 ``lse [B, H, s]``; differentiable w.r.t. q, k, v
@@ -198,9 +239,9 @@ def ring_attention(
     """
     if group is None or dist.get_world_size(group) == 1:
         kvb = dense_block(k.shape[2], kv_block)
-        index = full_index(q.shape[0], q.shape[1], q.shape[2], k.shape[2], group_size, kvb, q.device)
+        index = full_index(q.shape[0], q.shape[1], q.shape[2], k.shape[2], group_size, kvb, q.device, mask)
         return sparse_attention(q, k, v, index, scale, backend=backend)
-    return _RingAttention.apply(q, k, v, scale, group, group_size, kv_block, backend)
+    return _RingAttention.apply(q, k, v, scale, group, group_size, kv_block, backend, mask)
 
 
 @dataclass
@@ -234,11 +275,6 @@ class _KVPlan:
     """Who needs which key blocks: built from a SparseIndex over the whole sequence's blocks."""
 
     def __init__(self, index: SparseIndex, num_kv_heads: int, s_local: int, group):
-        if index.mask is not None:
-            raise NotImplementedError(
-                f"the selective key/value exchange does not carry a causal mask ({index.mask.kind}) yet "
-                "(issue 19): its compacted index would compute disallowed pairs."
-            )
         self.g, self.me = dist.get_world_size(group), dist.get_rank(group)
         self.group = group
         b, h = index.batch_size, index.num_heads
@@ -252,10 +288,14 @@ class _KVPlan:
         used = torch.zeros(b, h, n_total + 1, dtype=torch.bool, device=dev)
         used.scatter_(2, spare, True)
         union = used[..., :n_total].view(b, num_kv_heads, rep, n_total).any(2)  # [B, Hkv, N]
-        self.pos = union.long().cumsum(-1) - 1  # compact block position of each used block
-        counts = union.sum(-1)
-        self.units_max = max(1, int(counts.max()))
         owner = torch.arange(n_total, device=dev) // self.n_loc
+        self.mask, self.q_offset = None, 0
+        if index.mask is None:
+            self.pos = union.long().cumsum(-1) - 1  # compact block position of each used block
+            self.units_max = max(1, int(union.sum(-1).max()))
+        else:
+            union = self._masked_layout(index, union)
+        counts = union.sum(-1)
         # (b, kv head, block) triples, grouped by owner in rank order
         trip = union.nonzero()
         own = owner[trip[:, 2]]
@@ -283,7 +323,7 @@ class _KVPlan:
         # valid by construction from a valid index: positions are monotone in the global block
         self.index = SparseIndex(
             cidx.to(torch.int32).contiguous(), index.kv_count, index.group_size, self.kvb,
-            index.seq_len_q, self.units_max * self.kvb,
+            index.seq_len_q, self.units_max * self.kvb, self.mask, self.q_offset,
         )
         if index.verified:
             _mark_valid(self.index)
@@ -291,6 +331,51 @@ class _KVPlan:
         mine = union[..., self.me * self.n_loc:(self.me + 1) * self.n_loc].sum(-1)
         remote = max(1, n_total - self.n_loc)
         self.remote_union_density = ((counts - mine).double().mean(0) / remote).tolist()
+
+    def _masked_layout(self, index: SparseIndex, union: Tensor) -> Tensor:
+        """Compact positions under a causal mask; returns the blocks to fetch.
+
+        With shards that pass :meth:`CausalMask.check_shards`, another rank's chunk is either
+        read by every local query or by none, and the local chunk is under the mask's local view
+        (:meth:`CausalMask.local`). The compact buffer keeps one section per owner in rank order,
+        each as long as its largest (batch, key head) share, the local chunk whole and in place,
+        so one mask with one query offset holds for every (batch, head): causal with
+        ``q_offset`` = the local section's first compact token; chunk-causal likewise, the local
+        section moved to a multiple of the chunk by up to one chunk of zero padding; a local chunk
+        inside one chunk reads the allowed sections whole (a chunk-causal mask whose one chunk
+        ends with them). Units of a disallowed chunk (fillers of groups with fewer allowed units
+        than K) keep a compact slot, zero, which the mask drops: they are never fetched.
+        """
+        mask, g, me, n_loc, kvb = index.mask, self.g, self.me, self.n_loc, self.kvb
+        s = n_loc * kvb
+        if index.q_offset != me * s:
+            raise ValueError(
+                f"the selection's queries start at token {index.q_offset}, but this rank's chunk {me} starts at "
+                f"token {me * s}: select with q_offset= the chunk's first token (CPAttention.chunk_range)."
+            )
+        mask.check_shards(g * s, s)
+        read = [p == me or mask.relation(me * s, me * s + s, p * s, p * s + s) == "full" for p in range(g)]
+        union = union.clone()
+        union[..., me * n_loc:(me + 1) * n_loc] = True  # the local chunk whole: the mask's local view holds
+        seg = union.view(*union.shape[:2], g, n_loc)
+        rank_in = seg.long().cumsum(-1) - 1
+        sizes = seg.sum(-1).amax(dim=(0, 1)).tolist()  # per owner, its largest (batch, head) share
+        local = mask.local(me * s, s)
+        pad = 0
+        if local is not None and local.kind == "chunk_causal":
+            start = sum(sizes[:me])
+            period = local.chunk_tokens // math.gcd(kvb, local.chunk_tokens)
+            pad = -start % period  # local section on a chunk boundary (zero blocks, never listed)
+        offs = torch.tensor([sum(sizes[:p]) + (pad if p >= me else 0) for p in range(g)], device=union.device)
+        self.pos = (offs.view(g, 1) + rank_in).view_as(union)
+        self.units_max = max(1, sum(sizes) + pad)
+        start = int(offs[me]) * kvb
+        if local is None:
+            end = next((int(offs[p]) for p in range(g) if not read[p]), self.units_max) * kvb
+            self.mask = None if end == self.units_max * kvb else CausalMask("chunk_causal", end)
+        else:
+            self.mask, self.q_offset = local, start
+        return union & torch.tensor(read, device=union.device).repeat_interleave(n_loc)
 
     def _rows(self, x: Tensor, trip: Tensor) -> Tensor:
         """Blocks ``trip`` (b, head, owner-local block) of ``x [B, Hkv, s, D]`` -> ``[n, kvb, D]``."""
@@ -379,6 +464,10 @@ def selective_sparse_attention(
         k, v: ``[B, H_kv, s, D]`` this rank's keys/values.
         index: selection for the local query groups over the *global* key blocks
             (``seq_len_kv = g * s``), e.g. from ``select_topk(q_lr, gather_sequence(k_lr))``.
+            A causal ``index.mask`` is over the gathered sequence, with ``index.q_offset`` this
+            chunk's first token (``select_topk(..., mask=, q_offset=rank * s)``); the compacted
+            keys keep it exact (``_KVPlan._masked_layout``) and chunks of a disallowed rank are
+            never fetched.
 
     Returns:
         ``out [B, H, s, D]``, fp32 ``lse [B, H, s]`` (differentiable w.r.t. q, k, v; dK/dV of

@@ -26,6 +26,7 @@ diagonal is always attended. A head's K must therefore be at least :meth:`Causal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -93,12 +94,12 @@ class CausalMask:
         pos = torch.arange(seq_len, device=device)
         return self.allowed(pos.view(-1, 1), pos.view(1, -1))
 
-    def unit_classes(self, groups: torch.Tensor, group_size: int, kv_block: int, num_units: int):
-        """``(allowed, forced)``, bool ``[N, U]`` for query groups ``groups`` (int64 ``[N]``):
-        ``allowed``: the unit holds a key some query of the group may read (full or partial);
-        ``forced``: partial units and the units holding the group's own queries, which selection
-        always keeps."""
-        first = groups.view(-1, 1) * group_size
+    def unit_classes(self, groups: torch.Tensor, group_size: int, kv_block: int, num_units: int, q_offset: int = 0):
+        """``(allowed, forced)``, bool ``[N, U]`` for query groups ``groups`` (int64 ``[N]``) whose
+        queries start at key token ``q_offset``: ``allowed``: the unit holds a key some query of
+        the group may read (full or partial); ``forced``: partial units and the units holding the
+        group's own queries, which selection always keeps."""
+        first = groups.view(-1, 1) * group_size + q_offset
         last = first + group_size - 1
         u = torch.arange(num_units, device=groups.device).view(1, -1)
         lo, hi = u * kv_block, (u + 1) * kv_block - 1
@@ -135,6 +136,52 @@ class CausalMask:
                 f"kv_block {kv_block}); K per head = {k_min} is too small. Raise K to at least {need} "
                 "(--dsv-min-keys) or use a kv_block that aligns with the query groups."
             )
+
+    def relation(self, q_lo: int, q_hi: int, k_lo: int, k_hi: int) -> str:
+        """How queries ``[q_lo, q_hi)`` relate to keys ``[k_lo, k_hi)`` (token ranges, non-empty):
+        ``"full"`` (every pair allowed), ``"none"`` (no pair allowed) or ``"partial"``."""
+        if k_hi - 1 <= int(self.limit(torch.tensor(q_lo))):
+            return "full"
+        if k_lo > int(self.limit(torch.tensor(q_hi - 1))):
+            return "none"
+        return "partial"
+
+    def local(self, start: int, length: int) -> Optional["CausalMask"]:
+        """The mask between queries and keys of one token range ``[start, start + length)``, in
+        range-local positions: the mask itself when it is shift-invariant there (token-causal; a
+        chunk-causal range starting on a chunk boundary), None when the range lies inside one
+        chunk (every pair allowed). A range that starts inside a chunk and crosses its end has
+        shifted chunk boundaries, which no CausalMask expresses: ValueError (see
+        :meth:`check_shards`)."""
+        if self.kind == "causal" or start % self.chunk_tokens == 0:
+            return self
+        if start // self.chunk_tokens == (start + length - 1) // self.chunk_tokens:
+            return None
+        raise ValueError(
+            f"tokens [{start}, {start + length}) start inside a causal chunk of {self.chunk_tokens} tokens "
+            "and cross its end; see CausalMask.check_shards."
+        )
+
+    def check_shards(self, seq_len: int, shard: int, what: str = "context-parallel sequence shard") -> None:
+        """Raise unless contiguous shards of ``shard`` tokens leave every (query shard, key shard)
+        pair fully allowed, fully disallowed or a shift of the mask itself: always for
+        token-causal; for chunk-causal when a shard holds whole chunks (``shard % T == 0``) or a
+        chunk whole shards (``T % shard == 0``)."""
+        if self.kind == "causal" or shard % self.chunk_tokens == 0 or self.chunk_tokens % shard == 0:
+            return
+        raise ValueError(
+            f"a {what} of {shard} tokens (of {seq_len}) cuts the causal chunks of {self.chunk_tokens} tokens: "
+            "a shard must hold whole chunks or lie inside one chunk (one must divide the other), or its "
+            "attention to another shard is partly masked in a way the kernels do not take. Choose a causal "
+            "chunk (--dsv-causal-chunk, frames) and a context-parallel split whose shard (sequence / "
+            "sequence-parallel size) is a multiple or a divisor of the chunk's tokens."
+        )
+
+    def allowed_pairs(self, q_lo: int, q_hi: int, k_lo: int, k_hi: int) -> int:
+        """Allowed (query, key) pairs between queries ``[q_lo, q_hi)`` and keys ``[k_lo, k_hi)``
+        (exact, O(q_hi - q_lo) arithmetic, no pair table)."""
+        lim = self.limit(torch.arange(q_lo, q_hi, dtype=torch.int64))
+        return int((torch.clamp(lim, max=k_hi - 1) - k_lo + 1).clamp(min=0).sum())
 
 
 __all__ = ["CausalMask", "KINDS"]

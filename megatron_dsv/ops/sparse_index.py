@@ -21,6 +21,11 @@ mask removes entirely (so ``computed_pairs`` counts them; the Triton kernels nev
 A masked index must also give every query a key it may read: the value check refuses a group
 whose lowest unit starts past its first query's limit (selection always keeps the units holding
 a group's own queries).
+
+Query offset (``q_offset``, masked indices only): query row ``i`` is key token ``i + q_offset``
+for the mask, so an index can hold one shard's queries against a longer key sequence (context
+parallelism: a rank's queries against the gathered keys, or against a compacted key buffer whose
+layout keeps the mask exact, ``cp/seq_parallel.py``). Then ``q_offset + S_q <= S_kv``.
 """
 
 from __future__ import annotations
@@ -62,8 +67,10 @@ class SparseIndex:
         kv_block: tokens per key unit (1 = token granularity).
         seq_len_q: number of query tokens S_q.
         seq_len_kv: number of key tokens S_kv; ``seq_len_kv % kv_block == 0``.
-        mask: optional :class:`CausalMask` (self-attention: ``seq_len_q == seq_len_kv``); pairs
-            it disallows are not computed, whatever units are listed.
+        mask: optional :class:`CausalMask` over the key sequence; pairs it disallows are not
+            computed, whatever units are listed.
+        q_offset: key position of query row 0 under the mask (``>= 0``, ``q_offset + seq_len_q <=
+            seq_len_kv``); 0 without a mask.
     """
 
     kv_idx: torch.Tensor
@@ -73,12 +80,13 @@ class SparseIndex:
     seq_len_q: int
     seq_len_kv: int
     mask: Optional[CausalMask] = None
+    q_offset: int = 0
     # Version counters of (kv_idx, kv_count) when the values were known valid; set only by the
     # library (_mark_valid) and by ensure_valid, never by the constructor.
     _proof: Optional[Tuple[int, ...]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("group_size", "kv_block", "seq_len_q", "seq_len_kv"):
+        for name in ("group_size", "kv_block", "seq_len_q", "seq_len_kv", "q_offset"):
             object.__setattr__(self, name, _int_arg(f"SparseIndex.{name}", getattr(self, name)))
         self.validate(check_values=False)
 
@@ -158,11 +166,17 @@ class SparseIndex:
                     f"SparseIndex.mask must be a megatron_dsv.ops.mask.CausalMask or None, got "
                     f"{type(self.mask).__name__}."
                 )
-            if self.seq_len_q != self.seq_len_kv:
+            if self.q_offset < 0 or self.q_offset + self.seq_len_q > self.seq_len_kv:
                 raise ValueError(
-                    f"a causal mask needs queries and keys of one sequence (self-attention); got "
-                    f"S_q={self.seq_len_q}, S_kv={self.seq_len_kv}."
+                    f"a causal mask needs the queries to be key tokens [q_offset, q_offset + S_q) of the "
+                    f"key sequence; got q_offset={self.q_offset}, S_q={self.seq_len_q}, S_kv={self.seq_len_kv}. "
+                    "Pass the shard's first token as q_offset and keys covering it."
                 )
+        elif self.q_offset != 0:
+            raise ValueError(
+                f"q_offset={self.q_offset} places the queries for a causal mask; an index without a mask "
+                "needs q_offset=0."
+            )
         if idx.shape[3] > self.num_kv_units or idx.shape[3] < 1:
             raise ValueError(
                 f"Kmax={idx.shape[3]} must be in [1, {self.num_kv_units}] (the number of key units)."
@@ -236,12 +250,12 @@ class SparseIndex:
         is non-decreasing and a group's units ascend, so it suffices that the group's lowest unit
         starts at or before its first query's limit; the kernels rely on it (the first key tile a
         query tile reads then holds a key every row of it may read)."""
-        first = torch.arange(idx.shape[2]) * self.group_size
+        first = torch.arange(idx.shape[2]) * self.group_size + self.q_offset
         lowest = idx[..., 0] * self.kv_block
         bad = lowest > self.mask.limit(first)
         if bool(bad.any()):
             b, h, g = (int(i) for i in bad.nonzero()[0].tolist())
-            q0 = g * self.group_size
+            q0 = g * self.group_size + self.q_offset
             raise ValueError(
                 f"under the {self.mask.kind} mask, (batch {b}, head {h}, group {g}) lists no key its "
                 f"first query (token {q0}) may read: its lowest key unit {int(idx[b, h, g, 0])} starts "
@@ -270,13 +284,15 @@ class SparseIndex:
         units = units[..., :-1].repeat_interleave(self.kv_block, dim=-1)
         pairs = units.repeat_interleave(self.group_size, dim=2)
         if self.mask is not None:
-            pairs = pairs & self.mask.dense(self.seq_len_q, device=pairs.device)
+            q_pos = torch.arange(self.seq_len_q, device=pairs.device).view(-1, 1) + self.q_offset
+            k_pos = torch.arange(self.seq_len_kv, device=pairs.device).view(1, -1)
+            pairs = pairs & self.mask.allowed(q_pos, k_pos)
         return pairs
 
     def to(self, device: torch.device) -> "SparseIndex":
         moved = SparseIndex(
             self.kv_idx.to(device), self.kv_count.to(device), self.group_size, self.kv_block,
-            self.seq_len_q, self.seq_len_kv, self.mask,
+            self.seq_len_q, self.seq_len_kv, self.mask, self.q_offset,
         )
         return _mark_valid(moved) if self.verified else moved
 

@@ -13,6 +13,7 @@ import torch
 from megatron_dsv.cp.groups import build_cp_groups, slot_and_chunk, split_ranks
 from megatron_dsv.cp.head_parallel import kv_send_heads
 from megatron_dsv.cp.plan import LayerPlan, balance_heads
+from megatron_dsv.ops.mask import CausalMask
 from tests.cp.distributed import run_ranks
 
 B, H, HKV, D, G, KVB, R = 2, 4, 2, 16, 8, 4, 4
@@ -43,7 +44,7 @@ def _project(q, k, wq, wk, heads):
 K_UNITS = [3, 6, 2, 9]  # heterogeneous per-head K (in key blocks)
 
 
-def _reference(q, k, v, do, wq, wk, sparse):
+def _reference(q, k, v, do, wq, wk, sparse, mask=None):
     from megatron_dsv.ops.selection import select_topk
     from megatron_dsv.ops.sparse_attention import sparse_attention
     from megatron_dsv.cp.seq_parallel import full_index
@@ -52,21 +53,21 @@ def _reference(q, k, v, do, wq, wk, sparse):
     s = qb.shape[2]
     if sparse:
         q_lr, k_lr = _project(qb.detach(), kb.detach(), wq, wk, range(H))
-        index = select_topk(q_lr, k_lr, G, K_UNITS, kv_block=KVB, backend="reference")
+        index = select_topk(q_lr, k_lr, G, K_UNITS, kv_block=KVB, backend="reference", mask=mask)
     else:
-        index = full_index(B, H, s, s, G, KVB, q.device)
+        index = full_index(B, H, s, s, G, KVB, q.device, mask)
     out, _ = sparse_attention(qb, kb, vb, index, SCALE, backend="reference")
     out.backward(do.permute(1, 2, 0, 3))
     return out.permute(2, 0, 1, 3), qb.grad.permute(2, 0, 1, 3), kb.grad.permute(2, 0, 1, 3), vb.grad.permute(2, 0, 1, 3)
 
 
-def _check_plan(rank, world, plan, sparse, s_local):
+def _check_plan(rank, world, plan, sparse, s_local, mask=None):
     from megatron_dsv.cp.context import CPAttention
     from megatron_dsv.ops.selection import select_topk
 
     groups = build_cp_groups(torch.distributed.group.WORLD)
     q, k, v, do, wq, wk = _inputs(s_local * world)
-    ref = _reference(q, k, v, do, wq, wk, sparse)
+    ref = _reference(q, k, v, do, wq, wk, sparse, mask)
     sl = slice(rank * s_local, (rank + 1) * s_local)
     ql, kl, vl = (t[sl].clone().requires_grad_(True) for t in (q, k, v))
     cp = CPAttention(plan, groups, H, HKV)
@@ -74,15 +75,21 @@ def _check_plan(rank, world, plan, sparse, s_local):
     if sparse:
         q_lr, k_lr = _project(qh.detach(), kh.detach(), wq, wk, cp.heads)
         k_lr = cp.gather_keys(k_lr)
-        index = select_topk(q_lr, k_lr, G, [K_UNITS[h] for h in cp.heads], kv_block=KVB, backend="reference")
+        index = select_topk(
+            q_lr, k_lr, G, [K_UNITS[h] for h in cp.heads], kv_block=KVB, backend="reference", mask=mask,
+            q_offset=cp.query_offset(qh.shape[2], mask),
+        )
         out = cp.sparse(qh, kh, vh, index, SCALE, "reference")
         if cp.exchange is not None:
             assert cp.exchange.fetched_bytes <= cp.exchange.allgather_bytes, cp.exchange
+            if mask is not None and mask.kind == "causal" and cp.chunk == 0:
+                # every other chunk is later: its units are fillers, never fetched
+                assert cp.exchange.fetched_bytes == 0, cp.exchange
     else:
-        out = cp.dense(qh, kh, vh, SCALE, G, KVB, "reference")
+        out = cp.dense(qh, kh, vh, SCALE, G, KVB, "reference", mask=mask)
     out = cp.from_heads(out)
     out.backward(do[sl])
-    name = f"plan {plan.key()} {'sparse' if sparse else 'dense'} rank {rank}"
+    name = f"plan {plan.key()} {'sparse' if sparse else 'dense'} {mask} rank {rank}"
     for what, got, want in (("out", out, ref[0][sl]), ("dq", ql.grad, ref[1][sl]), ("dk", kl.grad, ref[2][sl]), ("dv", vl.grad, ref[3][sl])):
         err = (got.detach() - want).abs().max().item()
         assert err < TOL, f"{name}: {what} differs by {err}"
@@ -107,6 +114,39 @@ def _all_plans(rank, world, s_local):
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_attention_matches_single_process(world):
     run_ranks(_all_plans, world, 32 if world == 2 else 16)
+
+
+MASKS = [CausalMask("causal"), CausalMask("chunk_causal", 16), CausalMask("chunk_causal", 32)]
+
+
+def _masked_cases(world):
+    """(plan, mask): every mask on the sequence-only split, the head-only split once (the mask
+    passes through unchanged), the 2x2 hybrid with the two chunk cases of its 32-token chunks."""
+    seq, head = _plans(world)[:2]
+    cases = [(seq, m) for m in MASKS] + [(head, MASKS[1])]
+    if world == 4:
+        cases += [(_plans(4)[2], MASKS[0]), (_plans(4)[3], MASKS[2])]
+    return cases
+
+
+def _masked_plans(rank, world, s_local):
+    for plan, mask in _masked_cases(world):
+        for sparse in (False, True):
+            _check_plan(rank, world, plan, sparse, s_local, mask)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_masked_cp_attention_matches_single_process(world):
+    """Causal and chunk-causal masks over the gathered sequence: head-only (the mask passes
+    through), sequence-only (ring with skipped, full and masked steps; selective exchange with
+    the compacted mask) and 2x2 hybrid. World 4 sequence-only has 16-token chunks, so chunk 32
+    is the chunk-spans-shards case and chunk 16 the shard-holds-chunks case."""
+    run_ranks(_masked_plans, world, 32 if world == 2 else 16)
+
+
+def test_masked_k_floor_holds_for_the_test_k():
+    for mask in MASKS:
+        assert min(K_UNITS) >= mask.max_forced(64, G, KVB)
 
 
 def _bytes(rank, world, s_local, k_units, out_path):

@@ -100,8 +100,8 @@ def test_selection_refuses_k_below_the_forced_units_and_masked_triton():
         select_topk(q_lr, q_lr, 8, need - 1, mask=mask)
     with pytest.raises(NotImplementedError, match="reference backend only"):
         select_topk(q_lr, q_lr, 8, need, mask=mask, backend="triton")
-    with pytest.raises(ValueError, match="S_q == S_kv"):
-        select_topk(q_lr, torch.randn(1, 2, 64, 4), 8, need, mask=mask)
+    with pytest.raises(ValueError, match=r"q_offset=40, S_q=32, S_kv=64"):
+        select_topk(q_lr, torch.randn(1, 2, 64, 4), 8, need, mask=mask, q_offset=40)
 
 
 def sdpa_reference(q, k, v, keep, scale):

@@ -244,3 +244,59 @@ def test_masked_bf16_gpu(mask, kvb, g, d, poisoned):
         err = (a.float() - r.float()).abs().max().item()
         err_low = (lw.float() - r.float()).abs().max().item()
         assert err <= 2 * err_low + 1e-4, f"{name}: {err:.3e} > 2 * {err_low:.3e}"
+
+
+OFFSET_CASES = [
+    # b, h, hkv, s_q, s_kv, q_offset, d, g, kv_block, mask, K per head, kernel options
+    pytest.param(1, 2, 1, 32, 96, 48, 32, 16, 1, CAUSAL, [40, 70], {}, id="token-causal-gqa"),
+    pytest.param(1, 2, 2, 32, 128, 64, 32, 16, 16, chunk(32), [3, 6], {"tune": FWD_N16}, id="block16-chunk32"),
+    pytest.param(1, 4, 2, 64, 192, 64, 32, 32, 32, CAUSAL, [3, 4, 5, 6], {}, id="block32-causal-keymajor-keys-after"),
+    pytest.param(1, 2, 2, 64, 128, 32, 32, 32, 32, chunk(64), [3, 4], {}, id="block32-chunk64-offset-inside-chunk"),
+]
+
+
+@CPU_OK
+@pytest.mark.parametrize("b,h,hkv,s_q,s_kv,q_off,d,g,kvb,mask,ks,opts", OFFSET_CASES)
+def test_query_offset_matches_masked_dense(b, h, hkv, s_q, s_kv, q_off, d, g, kvb, mask, ks, opts, poisoned):
+    """``SparseIndex.q_offset``: queries are key tokens ``[q_offset, q_offset + S_q)`` (a CP shard
+    against longer keys); the kernels apply the mask at those positions, forward and backward."""
+    torch.manual_seed(2)
+    q = torch.randn(b, h, s_q, d, device=DEVICE)
+    k, v = (torch.randn(b, hkv, s_kv, d, device=DEVICE) for _ in range(2))
+    do = torch.randn(b, h, s_q, d, device=DEVICE, dtype=torch.float64)
+    dlse = torch.randn(b, h, s_q, device=DEVICE, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    q_lr, k_lr = torch.randn(b, h, s_q, 8, generator=gen), torch.randn(b, h, s_kv, 8, generator=gen)
+    index = select_topk(q_lr, k_lr, g, ks, kv_block=kvb, mask=mask, backend="reference", q_offset=q_off).to(DEVICE)
+    assert index.q_offset == q_off
+    # the offset index's pairs are rows [q_off, q_off + s_q) of the same units under the full mask
+    pos = torch.arange(s_q).view(-1, 1) + q_off
+    want = mask.allowed(pos, torch.arange(s_kv).view(1, -1))
+    assert torch.equal(index.to_dense_mask()[0, 0].cpu() & ~want, torch.zeros_like(want))
+    options = dataclasses.replace(poisoned, **opts)
+    got = _grads(q, k, v, lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=options), do, dlse)
+    ref = _reference(q, k, v, index.to_dense_mask(), do, dlse)
+    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
+        assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) or non-finite elements"
+        assert _rel(a, r) < TOL, f"{name}: rel err {_rel(a, r):.2e} >= {TOL}"
+    # the offset matters: the same index read at offset 0 is far outside the tolerance (or has
+    # empty softmax rows: NaN)
+    at_zero = dataclasses.replace(index, q_offset=0)
+    loose = _reference(q, k, v, at_zero.to_dense_mask(), do, dlse)
+    assert not _rel(loose[0], ref[0]) <= 100 * TOL
+
+
+def test_query_offset_is_validated():
+    idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
+    cnt = torch.ones(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q_offset=40, S_q=32, S_kv=64"):
+        SparseIndex(idx, cnt, 16, 16, 32, 64, CAUSAL, 40)
+    with pytest.raises(ValueError, match="an index without a mask needs q_offset=0"):
+        SparseIndex(idx, cnt, 16, 16, 32, 64, None, 16)
+    gen = torch.randn(1, 1, 64, 4)
+    with pytest.raises(ValueError, match="q_offset=8 must be a multiple of the query group size 16"):
+        select_topk(gen[:, :, :32], gen, 16, 2, kv_block=16, mask=CAUSAL, backend="reference", q_offset=8)
+    late = torch.tensor([[[[0], [3]]]], dtype=torch.int32)  # group 1 lists keys 48..63 only
+    SparseIndex(late, cnt, 16, 16, 32, 64, CAUSAL, 32).validate()  # its queries are tokens 48..63: fine
+    with pytest.raises(ValueError, match=r"group 1\) lists no key its first query \(token 32\)"):
+        SparseIndex(late, cnt, 16, 16, 32, 64, CAUSAL, 16).validate()

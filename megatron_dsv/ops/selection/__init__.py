@@ -79,6 +79,7 @@ def select_topk(
     *,
     options: Optional[KernelOptions] = None,
     mask: Optional[CausalMask] = None,
+    q_offset: int = 0,
 ) -> SparseIndex:
     """Pick each query group's critical key units from low-rank projections.
 
@@ -104,6 +105,10 @@ def select_topk(
             with disallowed units, which attention drops (see ``selection/naive.py``). The index
             carries the mask. Reference backend only for now (issue 19): ``"triton"``, or
             ``"auto"`` on CUDA tensors, raises NotImplementedError.
+        q_offset: with ``mask``, the key token of query row 0 (a sequence shard's first token
+            when ``k_lr`` is the gathered sequence); a multiple of ``group_size``,
+            ``q_offset + S_q <= S_kv``. The index
+            carries it.
 
     Returns:
         :class:`SparseIndex` with ``kv_idx [B, H, S_q/G, max K]`` sorted ascending, marked as
@@ -133,18 +138,31 @@ def select_topk(
     if mask is not None:
         if not isinstance(mask, CausalMask):
             raise TypeError(f"mask must be a megatron_dsv.ops.mask.CausalMask or None, got {type(mask).__name__}.")
-        if s_q != s_kv:
-            raise ValueError(f"a causal mask needs S_q == S_kv (self-attention); got {s_q} and {s_kv}.")
+        q_offset = _int_arg("q_offset", q_offset)
+        if q_offset % group_size:
+            raise ValueError(
+                f"q_offset={q_offset} must be a multiple of the query group size {group_size}: the shard's "
+                "groups must be groups of the whole sequence, whose forced units the K floor "
+                "(CausalMask.max_forced) counts. Shard the sequence into whole query groups."
+            )
+        if q_offset < 0 or q_offset + s_q > s_kv:
+            raise ValueError(
+                f"a causal mask needs the queries to be key tokens [q_offset, q_offset + S_q) of the keys; "
+                f"got q_offset={q_offset}, S_q={s_q}, S_kv={s_kv}."
+            )
         if backend == "triton" or (backend == "auto" and q_lr.is_cuda):
             raise NotImplementedError(
                 "masked (causal) selection runs on the reference backend only for now (issue 19): the "
                 "Triton selection kernel does not apply CausalMask. Pass backend='reference'."
             )
+    elif q_offset != 0:
+        raise ValueError(f"q_offset={q_offset} places queries under a causal mask; pass mask= or q_offset=0.")
     backend = resolve_backend(backend, q_lr, "megatron_dsv.ops.selection.triton", "selection")
     kv_count = normalize_k_per_head(k_per_head, b, h, s_kv // kv_block, q_lr.device)
     if mask is not None:
-        mask.check_k(int(kv_count.min()), s_q, group_size, kv_block)
-        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, mask=mask)
+        # over the whole key sequence: the K rule is global, and a shard's groups need no more
+        mask.check_k(int(kv_count.min()), s_kv, group_size, kv_block)
+        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, mask=mask, q_offset=q_offset)
         return _mark_valid(index)
     if backend == "triton":
         from megatron_dsv.ops.selection.triton import select_topk_triton

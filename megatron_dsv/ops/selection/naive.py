@@ -46,6 +46,7 @@ def select_topk_reference(
     kv_count: torch.Tensor,
     kv_block: int = 1,
     mask: Optional[CausalMask] = None,
+    q_offset: int = 0,
 ) -> SparseIndex:
     """Top-``kv_count[b, h]`` key units per query group; see :func:`select_topk` for shapes."""
     b, h, s_q, _ = q_lr.shape
@@ -64,7 +65,7 @@ def select_topk_reference(
         finite = torch.isfinite(scores)
         if mask is not None:
             groups = torch.arange(g0, min(g0 + chunk, gq), device=q_lr.device)
-            allowed, forced = mask.unit_classes(groups, group_size, kv_block, n_units)
+            allowed, forced = mask.unit_classes(groups, group_size, kv_block, n_units, q_offset)
             top = _topk_masked(scores, finite, allowed, forced, k_max, kv_count)
         elif bool(finite.all()):
             top = torch.topk(scores, k_max, dim=-1, sorted=True).indices
@@ -73,7 +74,7 @@ def select_topk_reference(
         # Keep each head's best K_h, then list them in memory order with padding last.
         top = top.masked_fill(past, n_units).sort(dim=-1).values
         kv_idx[:, :, g0 : g0 + chunk] = top.masked_fill(top == n_units, PAD).to(torch.int32)
-    return SparseIndex(kv_idx, kv_count.to(q_lr.device, torch.int32), group_size, kv_block, s_q, s_kv, mask)
+    return SparseIndex(kv_idx, kv_count.to(q_lr.device, torch.int32), group_size, kv_block, s_q, s_kv, mask, q_offset)
 
 
 def _topk_masked(

@@ -38,7 +38,7 @@ def pair_mask(index: SparseIndex, tok: torch.Tensor, valid: torch.Tensor, g0: in
     if index.mask is None:
         return keep
     c, g = tok.shape[2], index.group_size
-    q_pos = torch.arange(g0 * g, (g0 + c) * g, device=tok.device).view(1, 1, c, g, 1)
+    q_pos = torch.arange(g0 * g, (g0 + c) * g, device=tok.device).view(1, 1, c, g, 1) + index.q_offset
     return keep & index.mask.allowed(q_pos, tok.unsqueeze(3))
 
 

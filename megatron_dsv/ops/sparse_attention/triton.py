@@ -74,9 +74,11 @@ def _new(shape, like: torch.Tensor, options: KernelOptions, dtype=None) -> torch
 
 
 @triton.jit
-def _limit(pos, MASK: tl.constexpr, CHUNK):
-    """Last key token query ``pos`` may read: MASK 1 causal (``pos``), 2 chunk-causal (the last
-    token of its chunk of ``CHUNK`` tokens); ``CausalMask.limit``."""
+def _limit(pos, MASK: tl.constexpr, CHUNK, QOFF):
+    """Last key token query row ``pos`` may read: MASK 1 causal, 2 chunk-causal (the last token
+    of its chunk of ``CHUNK`` tokens); ``CausalMask.limit`` of key position ``pos + QOFF``
+    (``SparseIndex.q_offset``)."""
+    pos = pos + QOFF
     if MASK == 1:
         lim = pos
     else:
@@ -85,13 +87,14 @@ def _limit(pos, MASK: tl.constexpr, CHUNK):
 
 
 @triton.jit
-def _first_reader(key, MASK: tl.constexpr, CHUNK):
-    """First query whose limit reaches key token ``key`` (``limit`` is non-decreasing)."""
+def _first_reader(key, MASK: tl.constexpr, CHUNK, QOFF):
+    """First query row whose limit reaches key token ``key`` (``limit`` is non-decreasing), at
+    least 0: with a query offset a key below it is read by every row."""
     if MASK == 1:
         pos = key
     else:
         pos = key // CHUNK * CHUNK
-    return pos
+    return tl.maximum(pos - QOFF, 0)
 
 
 @triton.jit
@@ -107,7 +110,7 @@ def _lower_bound(p, lo, hi, target):
 
 
 @triton.jit
-def _mask_split(p_idx_row, n_units, o_first, o_last, MASK: tl.constexpr, CHUNK, KVB: tl.constexpr, BLOCK_N: tl.constexpr):
+def _mask_split(p_idx_row, n_units, o_first, o_last, MASK: tl.constexpr, CHUNK, QOFF, KVB: tl.constexpr, BLOCK_N: tl.constexpr):
     """List positions of query rows ``[o_first, o_last]`` under a mask: ``(n_free, n_end)``.
 
     Positions below ``n_free`` (whole BLOCK_N tiles) hold keys every row may read; positions from
@@ -115,8 +118,8 @@ def _mask_split(p_idx_row, n_units, o_first, o_last, MASK: tl.constexpr, CHUNK, 
     token-wise mask applies. The group's units ascend, so each boundary is a binary search.
     """
     zero = n_units * 0
-    u_free = _lower_bound(p_idx_row, zero, n_units, (_limit(o_first, MASK, CHUNK) + 1) // KVB)
-    u_end = _lower_bound(p_idx_row, u_free, n_units, _limit(o_last, MASK, CHUNK) // KVB + 1)
+    u_free = _lower_bound(p_idx_row, zero, n_units, (_limit(o_first, MASK, CHUNK, QOFF) + 1) // KVB)
+    u_end = _lower_bound(p_idx_row, u_free, n_units, _limit(o_last, MASK, CHUNK, QOFF) // KVB + 1)
     return u_free * KVB // BLOCK_N * BLOCK_N, u_end * KVB
 
 
@@ -214,7 +217,7 @@ def _fwd_loop(
 def _fwd_kernel(
     q, k, v, o, lse, kv_idx, kv_count,
     scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, STRIDE_OB, STRIDE_OH, STRIDE_OS, CHUNK,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, STRIDE_OB, STRIDE_OH, STRIDE_OS, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
     MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -243,8 +246,8 @@ def _fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if MASK:
         o_first = i_g * G + i_mt * BLOCK_M
-        b_lim = _limit(o_m, MASK, CHUNK)
-        n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, KVB, BLOCK_N)
+        b_lim = _limit(o_m, MASK, CHUNK, QOFF)
+        n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, QOFF, KVB, BLOCK_N)
         b_m, b_l, b_acc = _fwd_loop(
             k, v, b_q, b_m, b_l, b_acc, p_idx_row, 0, n_free, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
             INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False,
@@ -344,7 +347,7 @@ def _bwd_dq_loop(
 def _bwd_dq_kernel(
     q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
     CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -352,7 +355,7 @@ def _bwd_dq_kernel(
     _bwd_dq_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale_log2,
-        H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK,
+        H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
         G, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, MASK, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
@@ -362,7 +365,7 @@ def _bwd_dq_program(
     i_gm, i_bh,
     q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
     CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -392,8 +395,8 @@ def _bwd_dq_program(
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if MASK:
         o_first = i_g * G + i_mt * BLOCK_M
-        b_lim = _limit(o_m, MASK, CHUNK)
-        n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, KVB, BLOCK_N)
+        b_lim = _limit(o_m, MASK, CHUNK, QOFF)
+        n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, QOFF, KVB, BLOCK_N)
         b_dq = _bwd_dq_loop(
             k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, 0, n_free, n_tok, kv_base,
             o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False,
@@ -413,7 +416,7 @@ def _bwd_dq_program(
 @triton.jit
 def _bwd_dkdv_step(
     q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-    NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+    NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
     G: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
     MASK: tl.constexpr, MASKED: tl.constexpr,
 ):
@@ -441,7 +444,7 @@ def _bwd_dkdv_step(
     b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
     b_pt = tl.exp2(b_st - b_lse2[None, :])
     if MASKED:
-        b_pt = tl.where(o_n[:, None] <= _limit(o_m, MASK, CHUNK)[None, :], b_pt, 0.0)
+        b_pt = tl.where(o_n[:, None] <= _limit(o_m, MASK, CHUNK, QOFF)[None, :], b_pt, 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
     b_dpt = tl.dot(b_v, tl.trans(b_do))
     b_dst = b_pt * (b_dpt - b_delta[None, :])
@@ -455,7 +458,7 @@ def _bwd_dkdv_step(
 @triton.jit
 def _bwd_dkdv_loop(
     q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, lo, hi, i_b, i_hkv, H, HKV, S_Q,
-    NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+    NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr,
 ):
@@ -470,14 +473,14 @@ def _bwd_dkdv_loop(
         while it < hi:
             b_dk, b_dv = _bwd_dkdv_step(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
             )
             it += 1
     else:
         for it in range(lo, hi):
             b_dk, b_dv = _bwd_dkdv_step(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
             )
     return b_dk, b_dv
 
@@ -486,14 +489,14 @@ def _bwd_dkdv_loop(
 def _bwd_dkdv_kernel(
     q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     EVEN_D: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dkdv_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry, scale, scale_log2,
-        H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK,
+        H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
         G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
@@ -503,7 +506,7 @@ def _bwd_dkdv_program(
     i_un, i_bhkv,
     q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry,
     scale, scale_log2,
-    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK,
+    H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     EVEN_D: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -533,8 +536,8 @@ def _bwd_dkdv_program(
         # Entries ascend by (query head, group), and within a head the groups' limits ascend:
         # per head, groups below g_read read none of this tile (filler units), groups from
         # g_free on read all of it, those between need the token-wise mask.
-        g_read = _first_reader(i_u * KVB + i_sub * BLOCK_N, MASK, CHUNK) // G
-        g_free = (_first_reader(i_u * KVB + i_sub * BLOCK_N + BLOCK_N - 1, MASK, CHUNK) + G - 1) // G
+        g_read = _first_reader(i_u * KVB + i_sub * BLOCK_N, MASK, CHUNK, QOFF) // G
+        g_free = (_first_reader(i_u * KVB + i_sub * BLOCK_N + BLOCK_N - 1, MASK, CHUNK, QOFF) + G - 1) // G
         e_head = e_start
         i_rep = e_start * 0  # a while loop: the interpreter cannot bound ``range`` by H // HKV
         while i_rep < H // HKV:
@@ -543,19 +546,19 @@ def _bwd_dkdv_program(
             e_head = _lower_bound(p_entry, e_free, e_end, (i_rep + 1) * NUM_GROUPS)
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_read * n_mt, e_free * n_mt,
-                i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+                i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
                 G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True,
             )
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_free * n_mt, e_head * n_mt,
-                i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+                i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
                 G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False,
             )
             i_rep += 1
     else:
         b_dk, b_dv = _bwd_dkdv_loop(
             q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_start * n_mt, e_end * n_mt,
-            i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK,
+            i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
             G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False,
         )
     tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
@@ -713,13 +716,14 @@ def _transpose_index_sort(index: SparseIndex, num_kv_heads: int) -> Tuple[torch.
     return offsets.contiguous(), entries.contiguous()
 
 
-def _mask_args(index: SparseIndex) -> Tuple[int, int]:
-    """``(MASK, CHUNK)`` kernel arguments: 0 unmasked, 1 causal, 2 chunk-causal of CHUNK tokens."""
+def _mask_args(index: SparseIndex) -> Tuple[int, int, int]:
+    """``(MASK, CHUNK, QOFF)`` kernel arguments: 0 unmasked, 1 causal, 2 chunk-causal of CHUNK
+    tokens; QOFF the key position of query row 0 (``index.q_offset``)."""
     if index.mask is None:
-        return 0, 1
+        return 0, 1, 0
     if index.mask.kind == "causal":
-        return 1, 1
-    return 2, index.mask.chunk_tokens
+        return 1, 1, index.q_offset
+    return 2, index.mask.chunk_tokens, index.q_offset
 
 
 def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbhd: bool = False):
@@ -728,7 +732,7 @@ def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbh
     kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
     g, kvb = index.group_size, index.kv_block
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
-    mask, chunk = _mask_args(index)
+    mask, chunk, q_off = _mask_args(index)
     # out_sbhd: write [S, B, H, D] memory (returned as its [B, H, S, D] view) so Megatron's
     # [s, b, h*d] output is a free view: the layer then keeps one copy of the output, not two
     # (256 MiB per layer at 64k tokens x 16 heads x 128, bf16).
@@ -738,7 +742,7 @@ def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbh
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _fwd_kernel[grid](
         q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E.value,
-        h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2), chunk,
+        h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2), chunk, q_off,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
         EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
@@ -777,10 +781,10 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
         block_n = 32
     cfg = _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2), options)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
-    mask, chunk = _mask_args(index)
+    mask, chunk, q_off = _mask_args(index)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E.value,
-        h, hkv, s_q, s_kv, gq, kmax, d, chunk,
+        h, hkv, s_q, s_kv, gq, kmax, d, chunk, q_off,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
         EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
@@ -800,10 +804,10 @@ def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, o
     cfg = _dkdv_config(g, kvb, options)
     n_units = index.num_kv_units
     grid = (n_units * (kvb // cfg["BLOCK_N"]), b * hkv)
-    mask, chunk = _mask_args(index)
+    mask, chunk, q_off = _mask_args(index)
     _bwd_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E.value,
-        h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d, chunk,
+        h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d, chunk, q_off,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, EVEN_D=triton.next_power_of_2(d) == d,
         MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
