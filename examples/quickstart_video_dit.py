@@ -12,6 +12,9 @@ model run dense, and a sample generated with the learned sparse attention.
 ``--causal-chunk T`` trains a chunk-causal DiT (``dsv_causal_chunk``, issue 19): attention is full
 inside chunks of T latent frames (after patching) and causal across them. Its sparse attention runs
 the masked Triton kernels on a GPU (the reference on CPU); the masked selection runs the reference.
+It is trained with per-chunk times (``flow_matching_loss(..., per_chunk_t=True)``: a clean prefix
+of chunks, the others at their own noise levels) and its sample is generated chunk by chunk
+(``sample_autoregressive``: each chunk conditioned on the clean chunks before it).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def main():
     from megatron_dsv.runtime.controller import DSVController
     from megatron_dsv.runtime.lr import is_predictor_param
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
-    from megatron_dsv.models.video_dit import DIT_CONFIGS, VideoDiT, flow_matching_loss, sample
+    from megatron_dsv.models.video_dit import DIT_CONFIGS, VideoDiT, flow_matching_loss, sample, sample_autoregressive
 
     c, t, h, w = (int(v) for v in args.latent_shape.split("x"))
     shape = DIT_CONFIGS["tiny"]
@@ -86,8 +89,10 @@ def main():
     grid = model.grid((t, h, w))
     print(f"VideoDiT tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{grid[0] * grid[1] * grid[2]} tokens per video, device {args.device}")
+    per_chunk_t = bool(args.causal_chunk)
     if args.causal_chunk:
-        print(f"chunk-causal: chunks of {args.causal_chunk} frames = {args.causal_chunk * grid[1] * grid[2]} tokens")
+        print(f"chunk-causal: chunks of {args.causal_chunk} frames = {args.causal_chunk * grid[1] * grid[2]} tokens, "
+              "trained with per-chunk times, sampled chunk by chunk")
 
     def batch(ds, start, n):
         items = [ds[(start + i) % len(ds)] for i in range(n)]
@@ -98,7 +103,7 @@ def main():
         g = torch.Generator(device=args.device).manual_seed(7)
         x, y = batch(held_out, 0, 16)
         with torch.no_grad():
-            return flow_matching_loss(model, x, y, generator=g).item()
+            return flow_matching_loss(model, x, y, generator=g, per_chunk_t=per_chunk_t).item()
 
     t0 = time.time()
     g = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -106,7 +111,7 @@ def main():
     for it in range(args.steps):
         ctl.on_iteration_start(it)
         x, y = batch(data, it * args.batch, args.batch)
-        loss = flow_matching_loss(model, x, y, generator=g)
+        loss = flow_matching_loss(model, x, y, generator=g, per_chunk_t=per_chunk_t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -129,9 +134,11 @@ def main():
         print("  " + a.describe())
     print(f"held-out flow loss: with the learned sparse attention {sparse_loss:.4f}, same model dense "
           f"{dense_loss:.4f} ({100 * (sparse_loss / dense_loss - 1):+.2f}%)")
-    video = sample(model, (1, c, t, h, w), torch.tensor([3], device=args.device), steps=8, device=args.device,
-                   generator=torch.Generator(device=args.device).manual_seed(1))
-    print(f"sampled a {tuple(video.shape)} video with the learned attention in 8 Euler steps "
+    sampler = sample_autoregressive if args.causal_chunk else sample
+    video = sampler(model, (1, c, t, h, w), torch.tensor([3], device=args.device), steps=8, device=args.device,
+                    generator=torch.Generator(device=args.device).manual_seed(1))
+    how = f"chunk by chunk ({model.num_chunks((t, h, w))} chunks), 8 Euler steps each" if args.causal_chunk else "8 Euler steps"
+    print(f"sampled a {tuple(video.shape)} video with the learned attention in {how} "
           f"(std {video.std().item():.3f}); done in {time.time() - t0:.1f} s")
     return {"log": log, "layers": layers, "sparse_loss": sparse_loss, "dense_loss": dense_loss, "video": video,
             "first_loss": first_loss}

@@ -601,7 +601,8 @@ class DSVCoreAttention(MegatronModule):
         """The predictor's share of a training forward: its gradient loss attached to ``out``
         (``gradient`` fit), its score moments accumulated (``closed_form``), statistics on
         profiling iterations. ``lowrank``: the forward's projection when it made one (sparse
-        layers), reused here, so nothing is projected or selected twice."""
+        layers), reused here, so nothing is projected or selected twice. Under a causal mask the
+        loss, the moments and the statistics see only the (query, key) pairs the mask allows."""
         rows, n_total = self._sampled_rows(cp, q)
         heads = None if cp.is_local else list(cp.heads)
         norm = q.shape[0] * self.num_heads * n_total
@@ -612,14 +613,14 @@ class DSVCoreAttention(MegatronModule):
             loss_sum = predictor_loss(
                 self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
                 self.dsv.dsv_predictor_cosine_weight, x=None if x is None else x.detach(), heads=heads,
-                group=cp.seq_group, reduction="sum",
+                group=cp.seq_group, reduction="sum", mask=causal, rows=rows,
             )
         if self._profiles_now():
             # One microbatch per profiling iteration (its sampled rows are enough: the EMA over
             # profiling iterations smooths them); with activation recompute the first forward has
             # autograd off and only the recompute reaches here.
             if self.dsv.dsv_predictor_fit == "closed_form":
-                self.predictor.accumulate_moments(q[:, :, rows], k, heads=heads, group=cp.seq_group)
+                self.predictor.accumulate_moments(q[:, :, rows], k, heads=heads, group=cp.seq_group, mask=causal, rows=rows)
             self._pending.append(self._measure(cp, q, k, lowrank, rows, loss_sum.detach(), norm, n_total, causal))
             self._profiled = True
         if not gradient:

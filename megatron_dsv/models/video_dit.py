@@ -68,9 +68,26 @@ DIT_CONFIGS: Dict[str, DiTShape] = {
 }
 
 
+def _per_chunk(x: Tensor, n: int) -> Tensor:
+    """``x [s, b, h]`` as ``[n, s/n, b, h]``: n equal runs of consecutive tokens (causal chunks)."""
+    if x.shape[0] % n:
+        raise ValueError(f"{x.shape[0]} tokens do not split into {n} equal chunks.")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """``x [s, b, h]``, ``shift/scale [b, h]``."""
-    return x * (1 + scale.unsqueeze(0)) + shift.unsqueeze(0)
+    """``x [s, b, h]``; ``shift/scale [b, h]`` (one per sample) or ``[n, b, h]`` (one per chunk of
+    ``s/n`` consecutive tokens: per-chunk timesteps)."""
+    if shift.dim() == 2:
+        return x * (1 + scale.unsqueeze(0)) + shift.unsqueeze(0)
+    return (_per_chunk(x, shift.shape[0]) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)).flatten(0, 1)
+
+
+def gate(g: Tensor, y: Tensor) -> Tensor:
+    """``g * y`` for ``y [s, b, h]`` and a gate ``[b, h]`` or ``[n, b, h]`` (as :func:`modulate`)."""
+    if g.dim() == 2:
+        return g.unsqueeze(0) * y
+    return (g.unsqueeze(1) * _per_chunk(y, g.shape[0])).flatten(0, 1)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -142,19 +159,20 @@ class DiTLayer(MegatronModule):
 
     def forward(self, x: Tensor, c: Tensor, rotary_pos_emb: Tensor, context: Optional[Tensor] = None,
                 context_mask: Optional[Tensor] = None) -> Tensor:
-        """``x [s, b, h]``, ``c [b, h]``; ``context [L, b, h]`` text tokens and ``context_mask``
+        """``x [s, b, h]``, ``c [b, h]`` (or ``[n, b, h]``: one per chunk of ``s/n`` tokens, per-chunk
+        timesteps); ``context [L, b, h]`` text tokens and ``context_mask``
         ``[b, 1, 1, L]`` (True = padding, Megatron's convention) for the cross-attention."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(nn.functional.silu(c)).chunk(6, dim=-1)
         out, bias = self.self_attention(modulate(self.norm1(x), shift1, scale1), attention_mask=None,
                                         rotary_pos_emb=rotary_pos_emb)
-        x = x + gate1.unsqueeze(0) * (out if bias is None else out + bias)
+        x = x + gate(gate1, out if bias is None else out + bias)
         if self.cross_attention is not None:
             if context is None:
                 raise ValueError("this DiT layer has cross-attention: pass the text context.")
             out, bias = self.cross_attention(self.norm_cross(x), attention_mask=context_mask, key_value_states=context)
             x = x + (out if bias is None else out + bias)
         out, bias = self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x + gate2.unsqueeze(0) * (out if bias is None else out + bias)
+        return x + gate(gate2, out if bias is None else out + bias)
 
 
 def _build_cross_attention(config, layer_number: int, pg_collection):
@@ -340,9 +358,30 @@ class VideoDiT(MegatronModule):
         x = x.reshape(b, t // pt, h // ph, w // pw, self.in_channels, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, self.in_channels, t, h, w)
 
+    def num_chunks(self, video_shape: Sequence[int]) -> int:
+        """Causal chunks of a latent ``(T, H, W)`` (1 for a bidirectional model)."""
+        grid = self.grid(video_shape)
+        return grid[0] // self.chunk_causal if self.chunk_causal else 1
+
+    def _check_chunk_times(self, t: Tensor, grid: Sequence[int], batch: int) -> None:
+        if not self.chunk_causal:
+            raise ValueError(
+                f"per-chunk times t {tuple(t.shape)} need a chunk-causal model (dsv_causal_chunk > 0); "
+                "pass t [B] to a bidirectional VideoDiT."
+            )
+        n = grid[0] // self.chunk_causal
+        if tuple(t.shape) != (batch, n):
+            raise ValueError(
+                f"per-chunk times must be [B={batch}, chunks={n}] ({grid[0]} patch-grid frames in chunks of "
+                f"{self.chunk_causal}); got {tuple(t.shape)}."
+            )
+
     # -- forward --------------------------------------------------------------------------------
     def conditioning(self, t: Tensor, labels: Optional[Tensor] = None, cond: Optional[Tensor] = None) -> Tensor:
-        c = self.t_embed(timestep_embedding(t, 256).to(self.patch_embed.weight.dtype))
+        """``[B, h]`` for ``t [B]``, or ``[n, B, h]`` for per-chunk times ``t [B, n]``."""
+        c = self.t_embed(timestep_embedding(t.flatten(), 256).to(self.patch_embed.weight.dtype))
+        if t.dim() == 2:
+            c = c.view(t.shape[0], t.shape[1], -1).transpose(0, 1)  # [n, B, h]; labels broadcast
         if self.class_embed is not None:
             if labels is None:
                 labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
@@ -374,6 +413,11 @@ class VideoDiT(MegatronModule):
                 local_tokens: bool = False, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None) -> Tensor:
         """Velocity ``[B, C, T, H, W]`` for noisy latents ``[B, C, T, H, W]`` at times ``t [B]``.
 
+        A chunk-causal model also takes per-chunk times ``t [B, n]`` (``n`` = the latent's chunks
+        of ``dsv_causal_chunk`` patch-grid frames): chunk ``j``'s tokens are modulated by the
+        embedding of ``t[:, j]`` (autoregressive generation feeds earlier chunks clean, ``t = 1``,
+        with the chunk being sampled at its own ``t``; :func:`sample_autoregressive`).
+
         ``text [B, L, text_dim]`` / ``text_mask [B, L]`` (True = real token): text-encoder tokens
         for the cross-attention (models built with ``text_dim``).
 
@@ -388,6 +432,8 @@ class VideoDiT(MegatronModule):
             raise ValueError(f"model expects {self.in_channels} latent channels, got {c}.")
         grid = self.grid((tt, hh, ww))
         self.set_causal_grid(grid)
+        if t.dim() == 2:
+            self._check_chunk_times(t, grid, b)
         lo, hi = self.token_range(grid)
         perm = cube_major_permutation(grid, self.cube, latents.device)
         # embed only this rank's tokens (all of them without CP), already in cube-major order
@@ -411,14 +457,38 @@ class VideoDiT(MegatronModule):
 
 
 def flow_interpolate(latents: Tensor, t: Tensor, noise: Tensor) -> Tuple[Tensor, Tensor]:
-    """Rectified flow: ``x_t = (1 - t) noise + t x`` and the target velocity ``x - noise``."""
-    tb = t.view(latents.shape[0], 1, 1, 1, 1).to(latents.dtype)
+    """Rectified flow: ``x_t = (1 - t) noise + t x`` and the target velocity ``x - noise``.
+
+    ``t [B]``, or ``[B, n]``: one time per chunk of ``T / n`` consecutive latent frames."""
+    if t.dim() == 2:
+        frames = latents.shape[2]
+        if frames % t.shape[1]:
+            raise ValueError(f"{frames} latent frames do not split into {t.shape[1]} equal chunks.")
+        tb = t.repeat_interleave(frames // t.shape[1], dim=1).view(latents.shape[0], 1, frames, 1, 1)
+    else:
+        tb = t.view(latents.shape[0], 1, 1, 1, 1)
+    tb = tb.to(latents.dtype)
     return (1 - tb) * noise + tb * latents, latents - noise
+
+
+def draw_chunk_times(batch: int, chunks: int, generator=None, device=None) -> Tensor:
+    """Per-chunk training times ``[B, n]`` for a chunk-causal model: a clean prefix of ``c`` chunks
+    (``t = 1``, ``c`` uniform in ``[0, n)`` per sample), the other chunks at independent
+    logit-normal times (diffusion forcing).
+
+    The clean prefix is the condition autoregressive sampling runs in (earlier chunks generated
+    and clean, the current one noisy; :func:`sample_autoregressive`): with logit-normal times alone
+    a context chunk is almost never near clean (``t > 0.95`` for 0.2% of draws)."""
+    if batch < 1 or chunks < 1:
+        raise ValueError(f"batch ({batch}) and chunks ({chunks}) must be >= 1.")
+    t = torch.sigmoid(torch.randn(batch, chunks, generator=generator, device=device))
+    clean = torch.randint(0, chunks, (batch, 1), generator=generator, device=device)
+    return torch.where(torch.arange(chunks, device=device).view(1, -1) < clean, torch.ones_like(t), t)
 
 
 def flow_matching_loss(model: VideoDiT, latents: Tensor, labels: Optional[Tensor] = None, generator=None,
                        t: Optional[Tensor] = None, noise: Optional[Tensor] = None, text: Optional[Tensor] = None,
-                       text_mask: Optional[Tensor] = None) -> Tensor:
+                       text_mask: Optional[Tensor] = None, per_chunk_t: bool = False) -> Tensor:
     """Rectified-flow matching: MSE between the predicted and the target velocity ``x - noise``
     at ``x_t = (1 - t) noise + t x``.
 
@@ -430,37 +500,116 @@ def flow_matching_loss(model: VideoDiT, latents: Tensor, labels: Optional[Tensor
     Every CP rank must therefore see the same ``latents``, ``labels``, ``t`` and ``noise``: pass
     them, or a generator seeded identically on the CP ranks of a data-parallel rank (and
     differently across data-parallel ranks).
+
+    Chunk-causal models: by default one ``t`` per video, so every chunk is equally noisy and a
+    chunk's context is never cleaner than the chunk itself. That trains :func:`sample` (all chunks
+    denoised together) but not :func:`sample_autoregressive`, which conditions each chunk on clean
+    earlier chunks (``t = 1``) while the chunk itself is noisy: a train/sample mismatch.
+    ``per_chunk_t=True`` draws ``t [B, n]`` per chunk (:func:`draw_chunk_times`: a clean prefix,
+    then independent times), or takes a given ``t [B, n]``; chunks at ``t = 1`` are context, input
+    only: the loss is the MSE over the other chunks' tokens (a clean input carries no noise to
+    predict a velocity from).
     """
     b = latents.shape[0]
+    chunks = model.num_chunks(latents.shape[-3:]) if per_chunk_t else 1
+    if per_chunk_t and not model.chunk_causal:
+        raise ValueError("per_chunk_t needs a chunk-causal VideoDiT (dsv_causal_chunk > 0).")
     if t is None:
-        t = torch.sigmoid(torch.randn(b, generator=generator, device=latents.device))
+        t = (draw_chunk_times(b, chunks, generator, latents.device) if per_chunk_t
+             else torch.sigmoid(torch.randn(b, generator=generator, device=latents.device)))
+    if tuple(t.shape) != ((b, chunks) if per_chunk_t else (b,)):
+        raise ValueError(f"t must be [{b}, {chunks}] with per_chunk_t, else [{b}]; got {tuple(t.shape)}.")
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     x_t, velocity = flow_interpolate(latents, t, noise)
     v = model(x_t, t, labels, local_tokens=True, text=text, text_mask=text_mask)  # [B, S/N, pvol]
-    return nn.functional.mse_loss(v.float(), model.shard_tokens(velocity).float())
+    err = (v.float() - model.shard_tokens(velocity).float()).pow(2)
+    if not per_chunk_t:
+        return err.mean()
+    # tokens in cube-major order: chunk j is the j-th run of S/n tokens (CP is refused with chunks)
+    noisy = (t < 1).repeat_interleave(err.shape[1] // chunks, dim=1).to(err.dtype)  # [B, S]
+    if not bool(noisy.any()):
+        raise ValueError("every chunk is at t = 1 (clean context): the loss has no noisy chunk to score.")
+    return (err.mean(-1) * noisy).sum() / noisy.sum()
+
+
+def _velocity(model, x, t, labels, guidance, text, text_mask) -> Tensor:
+    v = model(x, t, labels, text=text, text_mask=text_mask)
+    if guidance != 1.0 and (labels is not None or text is not None):
+        null = None if labels is None else torch.full_like(labels, model.num_classes)
+        v_null = model(x, t, null)  # null class and null text
+        v = v_null + guidance * (v - v_null)
+    return v
 
 
 @torch.no_grad()
 def sample(model: VideoDiT, shape: Sequence[int], labels: Optional[Tensor] = None, steps: int = 50,
            guidance: float = 1.0, generator=None, device=None, text: Optional[Tensor] = None,
-           text_mask: Optional[Tensor] = None) -> Tensor:
+           text_mask: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
     """Euler integration of the learned velocity from noise (t=0) to data (t=1).
 
     The model's DSV layers keep their learned sparse/dense decisions, so generation uses the
     learned sparse attention. ``guidance > 1`` applies classifier-free guidance with the null class
-    (and the null text for models with cross-attention).
+    (and the null text for models with cross-attention). ``noise``: the starting noise ``shape``
+    (default drawn from ``generator``).
     Under context parallelism every CP rank must pass the same ``labels`` and an identically
     seeded ``generator`` (the same starting noise); each rank then holds the whole video.
+    A chunk-causal model is sampled with all its chunks at one ``t`` (what the default one-``t``-
+    per-video training teaches); :func:`sample_autoregressive` generates it chunk by chunk.
     """
-    x = torch.randn(tuple(shape), generator=generator, device=device)
-    ts = torch.linspace(0, 1, steps + 1, device=device)
+    x = _start_noise(shape, generator, device, noise)
+    ts = torch.linspace(0, 1, steps + 1, device=x.device)
     for i in range(steps):
-        t = ts[i].expand(x.shape[0])
-        v = model(x, t, labels, text=text, text_mask=text_mask)
-        if guidance != 1.0 and (labels is not None or text is not None):
-            null = None if labels is None else torch.full_like(labels, model.num_classes)
-            v_null = model(x, t, null)  # null class and null text
-            v = v_null + guidance * (v - v_null)
+        v = _velocity(model, x, ts[i].expand(x.shape[0]), labels, guidance, text, text_mask)
         x = x + (ts[i + 1] - ts[i]) * v.float()
+    return x
+
+
+def _start_noise(shape, generator, device, noise: Optional[Tensor]) -> Tensor:
+    if noise is None:
+        return torch.randn(tuple(shape), generator=generator, device=device)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have the sample's shape {tuple(shape)}, got {tuple(noise.shape)}.")
+    return noise.to(device=device if device is not None else noise.device, dtype=torch.float32).clone()
+
+
+@torch.no_grad()
+def sample_autoregressive(model: VideoDiT, shape: Sequence[int], labels: Optional[Tensor] = None, steps: int = 50,
+                          guidance: float = 1.0, generator=None, device=None, text: Optional[Tensor] = None,
+                          text_mask: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
+    """Chunk-by-chunk generation with a chunk-causal model: chunk ``c`` is integrated from its own
+    noise (t = 0) to data (t = 1) with ``steps`` Euler steps, conditioned on the chunks ``0..c-1``
+    already generated, which enter clean (``t = 1`` in this file's convention, data at t = 1) through
+    per-chunk times ``[1, ..., 1, t]``. Earlier chunks are never changed; later chunks are not
+    fed (the mask keeps them from chunk ``c`` anyway).
+
+    The starting noise of the whole video is drawn at once (``noise`` or ``generator``), so with
+    one chunk (``dsv_causal_chunk`` = all frames) this is :func:`sample` for the same noise.
+    Train the model for it with ``flow_matching_loss(..., per_chunk_t=True)``: one ``t`` per video
+    never shows a noisy chunk next to clean context.
+
+    Cost: no KV cache. Every step recomputes the whole prefix, chunks ``0..c``, so ``n`` chunks cost
+    ``steps * n (n + 1) / 2`` chunk-forwards instead of ``steps * n`` for :func:`sample` ((n + 1)/2
+    times the tokens; attention, quadratic in the prefix, more). The clean context's keys and
+    values do not change within a chunk's steps, so a cache computed once per chunk would make
+    each step cost one chunk's queries; that is a later optimisation.
+
+    DSV sparse layers select per query group among the key units the mask allows, which are the
+    same in the prefix as in the whole video, so a learned K per head (``LayerState.kv_units``)
+    gives the prefix the whole video's selection; a K from ``dsv_fixed_sparsity`` is a fraction of
+    the prefix's units instead.
+    """
+    if not model.chunk_causal:
+        raise ValueError("sample_autoregressive needs a chunk-causal VideoDiT (dsv_causal_chunk > 0); use sample().")
+    x = _start_noise(shape, generator, device, noise)
+    n = model.num_chunks(tuple(shape)[-3:])
+    frames = x.shape[2] // n  # latent frames per chunk
+    ts = torch.linspace(0, 1, steps + 1, device=x.device)
+    for c in range(n):
+        lo, hi = c * frames, (c + 1) * frames
+        t = torch.ones(x.shape[0], c + 1, device=x.device)
+        for i in range(steps):
+            t[:, c] = ts[i]
+            v = _velocity(model, x[:, :, :hi], t, labels, guidance, text, text_mask)
+            x[:, :, lo:hi] += (ts[i + 1] - ts[i]) * v[:, :, lo:hi].float()
     return x

@@ -1,0 +1,288 @@
+"""Predictor statistics under causal masks (issue 19): closed-form moments, gradient loss and the
+profiler's recall / K rule count only the (query, key) pairs the mask allows."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_dsv.layers import predictor as predictor_mod
+from megatron_dsv.layers.predictor import (
+    LowRankPredictor,
+    centered_gram,
+    predictor_loss,
+    predictor_loss_reference,
+    prefix_centered_grams,
+    score_moments,
+)
+from megatron_dsv.layers.profiler import recall_curve, sample_rows, sampled_attention_stats
+from megatron_dsv.ops.mask import CausalMask
+from megatron_dsv.ops.sparse_index import SparseIndex
+
+MASKS = [pytest.param(CausalMask("causal"), id="causal"), pytest.param(CausalMask("chunk_causal", 16), id="chunk16")]
+
+
+def problem(b, h, h_kv, s, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, d, generator=g, dtype=torch.float64) + 0.3
+    k = torch.randn(b, h_kv, s, d, generator=g, dtype=torch.float64) * torch.linspace(2, 0.2, d, dtype=torch.float64) - 0.5
+    # later keys drift: a prefix's Gram differs from the whole sequence's
+    k = k + torch.linspace(0, 3, s, dtype=torch.float64).view(1, 1, s, 1) * torch.randn(d, generator=g, dtype=torch.float64)
+    return q, k
+
+
+def brute_moments(q_rows, k, rows, mask):
+    """ScoreMoments' fields from one prefix Gram per row, built from the allowed keys directly."""
+    b, h, n, d = q_rows.shape
+    rep = h // k.shape[1]
+    c_q = torch.zeros(h, d, d, dtype=torch.float64)
+    c_k = torch.zeros(h, d, d, dtype=torch.float64)
+    k_energy, keys = torch.zeros(h, dtype=torch.float64), torch.zeros(h, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            for i, pos in enumerate(rows.tolist()):
+                allowed = mask.allowed(torch.tensor(pos), torch.arange(k.shape[2]))
+                kc = k[bi, hi // rep, allowed]
+                kc = kc - kc.mean(0)
+                gram = kc.T @ kc
+                tr = gram.trace()
+                qi = q_rows[bi, hi, i]
+                energy = qi @ gram @ qi
+                if energy > 1e-12 * tr * (qi @ qi):
+                    c_q[hi] += tr / energy * torch.outer(qi, qi)
+                if tr > 0:
+                    c_k[hi] += gram / tr / n
+                k_energy[hi] += tr / n
+                keys[hi] += int(allowed.sum()) / n
+    return c_q, c_k, k_energy, keys
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("h_kv", [2, 1])
+def test_masked_moments_equal_brute_force_over_allowed_pairs(mask, h_kv):
+    b, h, s, d = 2, 2, 64, 6
+    q, k = problem(b, h, h_kv, s, d)
+    rows = sample_rows(s, 5, 3)  # includes rows of several chunks
+    got = score_moments(q[:, :, rows], k, mask=mask, rows=rows)
+    c_q, c_k, k_energy, keys = brute_moments(q[:, :, rows], k, rows, mask)
+    for a, e in ((got.c_q, c_q), (got.c_k, c_k), (got.k_energy, k_energy), (got.keys, keys)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.rows, torch.full((h,), float(b * rows.numel()), dtype=torch.float64))
+    plain = score_moments(q[:, :, rows], k)
+    assert (got.c_q - plain.c_q).norm() > 0.05 * plain.c_q.norm()
+    assert (got.c_k - plain.c_k).norm() > 0.05 * plain.c_k.norm()
+    assert float(got.keys[0]) < float(plain.keys[0])  # rows read fewer keys than the sequence holds
+
+
+def test_unmasked_rows_reading_every_key_give_the_plain_moments():
+    """Rows of the last chunk read every key: the masked path is the plain one."""
+    b, h, s, d = 2, 2, 64, 6
+    q, k = problem(b, h, 1, s, d)
+    rows = torch.arange(48, 64, 3)
+    got = score_moments(q[:, :, rows], k, mask=CausalMask("chunk_causal", 16), rows=rows)
+    plain = score_moments(q[:, :, rows], k)
+    for a, e in zip(got._fields(), plain._fields()):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_prefix_grams_equal_the_grams_of_each_prefix(dtype, tol):
+    b, g, s, d = 2, 3, 50, 5
+    a = (torch.randn(b, g, s, d) * 0.5 + 40.0).to(dtype)  # a large mean: the shift keeps fp32 exact enough
+    x = torch.randn(b, 1, s, 7, dtype=dtype)
+    ends = [1, 7, 8, 33, 50]
+    got = list(prefix_centered_grams([a, x], [(0, 0), (0, 1), (1, 1)], ends, dtype, chunk=4))
+    assert len(got) == len(ends)
+    for end, grams in zip(ends, got):
+        want = [centered_gram(a[:, :, :end].double(), a[:, :, :end].double()),
+                centered_gram(a[:, :, :end].double(), x[:, :, :end].double()),
+                centered_gram(x[:, :, :end].double(), x[:, :, :end].double())]
+        for gg, w in zip(grams, want):
+            scale = max(1.0, float(w.abs().max()))
+            torch.testing.assert_close(gg.double() / scale, w / scale, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="ascending"):
+        list(prefix_centered_grams([a], [(0, 0)], [5, 5], dtype))
+
+
+def brute_loss(q_lr_rows, k_lr, q_rows, k, rows, mask, scale, w):
+    """Mean row loss, each row's scores sliced to its allowed keys."""
+    total, count = 0.0, 0
+    for i, pos in enumerate(rows.tolist()):
+        allowed = mask.allowed(torch.tensor(pos), torch.arange(k.shape[2]))
+        e = q_rows[:, :, i : i + 1] @ k[:, :, allowed].transpose(-1, -2) * scale
+        p = q_lr_rows[:, :, i : i + 1] @ k_lr[:, :, allowed].transpose(-1, -2) * scale
+        e, p = e - e.mean(-1, keepdim=True), p - p.mean(-1, keepdim=True)
+        pe, ee, pp = (p * e).sum(-1), (e * e).sum(-1), (p * p).sum(-1)
+        total = total + predictor_mod.row_loss_from_sums(pe, ee, pp, w).sum()
+        count += pe.numel()
+    return total / count
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("variant", ["qk", "qk_gqa", "hidden"])
+def test_masked_gram_loss_equals_the_masked_definition(mask, variant, monkeypatch):
+    monkeypatch.setattr(predictor_mod, "_LOSS_CHUNK_ELEMS", 512)  # several checkpointed chunks
+    b, h, s, d, r, hid = 2, 4, 64, 8, 3, 10
+    hkv = 2 if variant == "qk_gqa" else h
+    q, k = problem(b, h, hkv, s, d, seed=1)
+    x = torch.randn(b, s, hid, dtype=torch.float64) + 0.7 if variant == "hidden" else None
+    pred = LowRankPredictor(h, d, r, num_kv_heads=hkv, input_dim=hid if x is not None else None, dtype=torch.float64)
+    rows = sample_rows(s, 3, 1)
+    q_lr, k_lr = pred.project_hidden(x) if x is not None else pred.project(q, k)
+    k_full = k.repeat_interleave(h // hkv, dim=1)
+    scale = 1 / math.sqrt(d)
+    want = brute_loss(q_lr[:, :, rows], k_lr, q[:, :, rows], k_full, rows, mask, scale, 0.95)
+    ref = predictor_loss_reference(q_lr[:, :, rows], k_lr, q[:, :, rows], k_full, scale, mask=mask, rows=rows)
+    got = predictor_loss(pred, q[:, :, rows], q_lr[:, :, rows], k, scale, x=x, mask=mask, rows=rows)
+    plain = predictor_loss(pred, q[:, :, rows], q_lr[:, :, rows], k, scale, x=x)
+    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    params = (pred.weight_q, pred.weight_k)
+    g_want = torch.autograd.grad(want, params, retain_graph=True)
+    g_got = torch.autograd.grad(got, params, retain_graph=True)
+    for a, e in zip(g_got, g_want):
+        torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-9)
+    assert abs(float(got.detach()) - float(plain.detach())) > 0.01  # the mask changes the loss
+    summed = predictor_loss(pred, q[:, :, rows], q_lr[:, :, rows], k, scale, x=x, mask=mask, rows=rows, reduction="sum")
+    torch.testing.assert_close(summed / (b * h * rows.numel()), got)
+
+
+def test_masked_refit_fits_the_keys_the_rows_read():
+    """Planted: chunk 0's keys span a rank-2 subspace, chunk 1's keys vary (much more) in other
+    directions. Rows of chunk 0 read only chunk 0, so the masked fit is exact; the unmasked fit
+    spends its rank on chunk 1's directions and leaves a large masked loss."""
+    b, h, s, d, r = 1, 2, 64, 8, 2
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    k = torch.empty(b, h, s, d, dtype=torch.float64)
+    k[:, :, :32] = torch.randn(b, h, 32, 2, generator=g, dtype=torch.float64) @ basis[:2] + 1.0
+    k[:, :, 32:] = 10 * torch.randn(b, h, 32, d - 2, generator=g, dtype=torch.float64) @ basis[2:]
+    q = torch.randn(b, h, s, d, generator=g, dtype=torch.float64)
+    mask = CausalMask("chunk_causal", 32)
+    rows = torch.arange(0, 32, 2)
+    scale = 1 / math.sqrt(d)
+
+    def masked_loss(pred):
+        with torch.no_grad():
+            u = pred.project_queries(q[:, :, rows])
+            return float(predictor_loss(pred, q[:, :, rows], u, k, scale, 0.0, mask=mask, rows=rows))
+
+    fits = {}
+    for name, kw in (("masked", dict(mask=mask, rows=rows)), ("plain", {})):
+        pred = LowRankPredictor(h, d, r, dtype=torch.float64)
+        pred.accumulate_moments(q[:, :, rows], k, **kw)
+        fits[name] = (pred.refit(eps=1e-12), masked_loss(pred))
+    assert float(fits["masked"][0].max()) < 1e-10 and fits["masked"][1] < 1e-8
+    assert fits["plain"][1] > 0.3
+
+
+def test_masked_statistics_reject_bad_input():
+    q, k = problem(1, 2, 2, 32, 4)
+    rows = torch.arange(0, 32, 4)
+    mask = CausalMask("causal")
+    pred = LowRankPredictor(2, 4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="positions of the 8 sampled rows"):
+        score_moments(q[:, :, rows], k, mask=mask)
+    with pytest.raises(ValueError, match="context parallelism"):
+        score_moments(q[:, :, rows], k, group=object(), mask=mask, rows=rows)
+    with pytest.raises(ValueError, match=r"in \[0, 32\)"):
+        score_moments(q[:, :, rows], k, mask=mask, rows=rows + 8)
+    u = pred.project_queries(q[:, :, rows])
+    with pytest.raises(ValueError, match="positions of the 8 sampled rows"):
+        predictor_loss(pred, q[:, :, rows], u, k, 0.5, mask=mask, rows=rows[:3])
+    with pytest.raises(ValueError, match="context parallelism"):
+        predictor_loss(pred, q[:, :, rows], u, k, 0.5, group=object(), mask=mask, rows=rows)
+    with pytest.raises(ValueError, match="reduction"):
+        predictor_loss(pred, q[:, :, rows], u, k, 0.5, reduction="none")
+
+
+def test_recall_of_a_selection_counts_allowed_keys_only():
+    """A planted selection of disallowed units holds no mass; the recall is the softmax over the
+    allowed keys on the selected ones (not the bidirectional softmax's share)."""
+    b, h, s, d, g = 1, 2, 32, 8, 8
+    torch.manual_seed(0)
+    q, k = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    mask = CausalMask("chunk_causal", 16)
+    # head 0: every group keeps units {own chunk's first group, 3}; head 1: group's own unit only
+    idx = torch.tensor([[0, 3], [0, 3], [2, 3], [2, 3]], dtype=torch.int32)
+    kv_idx = torch.stack([idx, torch.cat([torch.arange(4).view(4, 1), torch.zeros(4, 1, dtype=torch.long)], 1).int()])
+    index = SparseIndex(kv_idx.unsqueeze(0), torch.tensor([[2, 1]], dtype=torch.int32), group_size=g, kv_block=8,
+                        seq_len_q=s, seq_len_kv=s, mask=mask)
+    rows = torch.arange(1, s, 3)
+    got = sampled_attention_stats(q[:, :, rows], k, 0.3, 0.9, row_groups=rows // g, index=index, mask=mask, rows=rows)
+    logits = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask.dense(s), float("-inf"))
+    p = torch.softmax(logits, -1)[:, :, rows]
+    keep = index.to_dense_mask()[:, :, rows]
+    want = (p * keep).sum(-1).mean(-1)
+    torch.testing.assert_close(got["recall"], want)
+    # rows of chunk 0 select unit 3 (disallowed to them): it holds nothing, so head 0's recall is
+    # chunk 0's share of unit 0 only, below 1, and a bidirectional measure would differ
+    plain = sampled_attention_stats(q[:, :, rows], k, 0.3, 0.9, row_groups=rows // g, index=index)
+    assert (got["recall"] - plain["recall"]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("kvb", [1, 4])
+def test_k_rule_counts_allowed_units_only(kvb):
+    """Rows of the first chunk read 16 of 64 keys: the curve never ranks a disallowed unit before
+    their mass is complete, so full recall, the critical mass and every row's need are reached
+    within the chunk's units, and the mass past them is zero."""
+    b, h, s, d, r = 2, 2, 64, 8, 4
+    torch.manual_seed(1)
+    q, k = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    q_lr, k_lr = torch.randn(b, h, s, r), torch.randn(b, h, s, r)
+    mask = CausalMask("chunk_causal", 16)
+    rows = torch.arange(0, 16, 3)
+    chunk_units = 16 // kvb
+    curve = recall_curve(q, k, q_lr, k_lr, rows, group_size=8, kv_block=kvb, scale=0.35, critical_mass=0.9, mask=mask)
+    assert curve.num_units == s // kvb
+    assert int(curve.k_for_recall(1.0).max()) <= chunk_units
+    assert int(curve.units_needed(quantile=1.0).max()) <= chunk_units
+    assert float(curve.need_count[:, chunk_units:].sum()) == 0.0
+    assert float(curve.mass_by_rank[:, chunk_units:].abs().sum()) == 0.0
+    torch.testing.assert_close(curve.recall(chunk_units), torch.ones(h))
+    plain = recall_curve(q, k, q_lr, k_lr, rows, group_size=8, kv_block=kvb, scale=0.35, critical_mass=0.9)
+    assert int(plain.units_needed(quantile=1.0).max()) > chunk_units  # unmasked rows spread over all keys
+
+
+@pytest.mark.parametrize("spec", [dict(causal=True), dict(causal=False, dsv_causal_chunk=2)], ids=["causal", "chunk"])
+def test_layer_learns_from_allowed_pairs_only(megatron_state, monkeypatch, spec):
+    """A profiled training forward of a masked layer hands its mask and the sampled rows'
+    positions to the predictor loss and the closed-form moments, whose stored moments are then the
+    masked ones."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.layers import attention as attention_mod
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.specs import get_dsv_gpt_layer_spec
+    from tests.megatron_shim import tiny_config
+
+    calls = {"loss": [], "moments": []}
+    real_loss, real_acc = attention_mod.predictor_loss, LowRankPredictor.accumulate_moments
+
+    def spy_loss(*args, **kw):
+        calls["loss"].append(kw)
+        return real_loss(*args, **kw)
+
+    def spy_acc(self, q_rows, k, *args, **kw):
+        calls["moments"].append((q_rows.detach().double(), k.detach().double(), kw))
+        return real_acc(self, q_rows, k, *args, **kw)
+
+    monkeypatch.setattr(attention_mod, "predictor_loss", spy_loss)
+    monkeypatch.setattr(LowRankPredictor, "accumulate_moments", spy_acc)
+    chunk = spec.pop("dsv_causal_chunk", 0)
+    torch.manual_seed(0)
+    block = TransformerBlock(tiny_config(dsv_mode="auto", dsv_causal_chunk=chunk), get_dsv_gpt_layer_spec(**spec))
+    layers = dsv_attention_layers(block)
+    for a in layers:
+        if chunk:
+            a.set_frame_tokens(8)
+    s = 64
+    block(torch.randn(s, 2, 128), attention_mask=None).sum().backward()
+    assert len(calls["loss"]) == len(calls["moments"]) == len(layers)
+    for a, kw, (q_rows, k, mkw) in zip(layers, calls["loss"], calls["moments"]):
+        want_rows = sample_rows(s, a.dsv.dsv_profile_stride, 7 * a.layer_number)
+        assert kw["mask"] == mkw["mask"] == a.causal_mask() is not None
+        assert torch.equal(kw["rows"], want_rows) and torch.equal(mkw["rows"], want_rows)
+        masked = score_moments(q_rows, k, mask=a.causal_mask(), rows=want_rows)
+        torch.testing.assert_close(a.predictor.moments.c_q, masked.c_q)
+        assert (masked.c_k - score_moments(q_rows, k).c_k).norm() > 1e-3 * masked.c_k.norm()
