@@ -112,7 +112,7 @@ class ProbeResult:
         if self.sparse_faster(margin):
             verdict = "sparse is faster"
         elif self.sparse_ms < self.dense_ms:
-            verdict = f"sparse is faster by less than the {margin:.0%} margin: dense"
+            verdict = f"sparse is less than {margin:.0%} faster (--dsv-speed-margin): dense"
         else:
             verdict = "dense is faster"
         return (f"sparse {self.sparse_ms:.2f} ms ({self.kernels}) vs dense {self.dense_ms:.2f} ms "
