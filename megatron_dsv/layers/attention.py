@@ -211,7 +211,7 @@ class DSVCoreAttention(MegatronModule):
         self._state = LayerState(sparse=sparse)
         self._control = StepControl(train_predictor=self.predictor is not None, collect_stats=self.predictor is not None)
         self._pending: List[LayerStats] = []
-        self._seen: Optional[Tuple[int, int]] = None  # (sequence length, batch) of the last forward
+        self._seen: Optional[Tuple[int, int, torch.dtype]] = None  # (sequence length, batch, q dtype) of the last forward
         self._layer_input: Optional[Tensor] = None
         self._frame_tokens: Optional[int] = None  # tokens per latent frame, for --dsv-causal-chunk
         self._cp_groups: Optional[CPGroups] = None
@@ -282,6 +282,12 @@ class DSVCoreAttention(MegatronModule):
     @property
     def last_batch(self) -> int:
         return 1 if self._seen is None else self._seen[1]
+
+    @property
+    def last_dtype(self) -> torch.dtype:
+        """The activations' dtype in the last forward (bf16 under autocast with fp32 parameters),
+        the parameters' before one."""
+        return self.config.params_dtype if self._seen is None else self._seen[2]
 
     @property
     def pending_stats(self) -> Tuple[LayerStats, ...]:
@@ -499,7 +505,7 @@ class DSVCoreAttention(MegatronModule):
             self._check_bidirectional(mask_type, attention_mask)
         sq, b, np_, hn = query.shape
         cp = self._attention_plan(sq, mask_type, causal)
-        self._seen = (key.shape[0] * cp.cp_size, b)
+        self._seen = (key.shape[0] * cp.cp_size, b, query.dtype)
         if self.te_attention is not None and not sparse:
             out = self.te_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
             if trains or self._profiles_now():

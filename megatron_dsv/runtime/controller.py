@@ -290,7 +290,7 @@ class DSVController:
         causal = layer.causal_mask()
         shape = ProbeShape(
             batch=layer.last_batch, seq_len=layer.last_seq_len, num_heads=layer.num_heads,
-            num_kv_heads=layer.num_kv_heads, head_dim=layer.head_dim, dtype=layer.config.params_dtype,
+            num_kv_heads=layer.num_kv_heads, head_dim=layer.head_dim, dtype=layer.last_dtype,
             device=str(param.device), group_size=cfg.group_size, kv_block=cfg.dsv_kv_block,
             predictor_rank=cfg.dsv_predictor_rank, backend=cfg.dsv_backend,
             selection_backend=layer.selection_backend(causal), mask=causal,

@@ -25,6 +25,7 @@ measure once. The cache is not checkpointed: a restarted run measures again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -321,6 +322,8 @@ class SpeedProbe:
             return hit
         timed = [min(k, shape.units) for k in key[2][head_offset: head_offset + shape.num_heads]]
         result = probe_layer(shape, timed, dense=dense, groups=groups, **self.kw)
+        # the density of all heads (a tensor-parallel rank times only its own), the same on every rank
+        result = dataclasses.replace(result, density=sum(min(k, shape.units) for k in key[2]) / (len(key[2]) * shape.units))
         self.cache[key] = result
         self.misses += 1
         if self.log is not None:

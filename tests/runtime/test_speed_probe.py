@@ -45,6 +45,7 @@ def _stage2(speed_probe, **cfg):
     for layer in ctl.layers:
         layer.apply(layer.state.replace(stats_ema=_curve_state(layer, good=True)))
     ctl.stage = 2
+    ctl.model = model
     return ctl
 
 
@@ -90,6 +91,12 @@ def test_cache_per_shape_and_k(megatron_state):
     ctl._redecide(108)
     assert (probe.misses, probe.hits, len(calls)) == (2, 4, 4)
     assert ctl.layers[0].kv_units_global.tolist() == [16] * 4
+    # a forward with bf16 activations and fp32 parameters (as under autocast): the probe times bf16
+    with torch.no_grad():
+        ctl.layers[0](*torch.randn(3, 128, 2, 4, 16, dtype=torch.bfloat16), None)
+    assert ctl.layers[0].last_dtype is torch.bfloat16 and ctl.layers[0].config.params_dtype is torch.float32
+    ctl._redecide(112)
+    assert probe.misses == 3 and probe.hits == 5 and sorted(str(key[0].dtype) for key in probe.cache) == ["torch.bfloat16"] + ["torch.float32"] * 2
     # K rounded up to the K multiple: 9 and 10 units share a signature with a multiple of 2
     rounded = SpeedProbe(k_multiple=2)
     assert rounded.signature(SHAPE, [9, 10, 1, 2], "sdpa") == rounded.signature(SHAPE, [10, 10, 2, 2], "sdpa")
