@@ -75,13 +75,13 @@ class DSVController:
         stats_group: process group over which statistics are averaged (Megatron's data-parallel
             group with context parallel); None = this process alone.
         speed_table: :class:`SpeedTable` to decide by instead of ``--dsv-speed-table`` (no probing).
-        speed_probe: :class:`SpeedProbe` to decide by (tests inject a timer); default: one built
-            from ``--dsv-speed-table measure`` and ``--dsv-speed-margin``. Not with ``speed_table``.
         optimizer: a torch optimizer whose predictor parameter groups (their own groups, see
             ``megatron_dsv.runtime.lr.predictor_param_groups``) follow the stage's learning rate.
             Megatron runs leave it out: ``megatron_dsv.runtime.megatron`` drives Megatron's groups.
         tb_writer / wandb_writer: Megatron's TensorBoard / W&B writers, if configured.
         log: where decisions and status lines go (default: printed on rank 0).
+        speed_probe: :class:`SpeedProbe` to decide by (tests inject a timer); default: one built
+            from ``--dsv-speed-table measure`` and ``--dsv-speed-margin``. Not with ``speed_table``.
     """
 
     def __init__(
@@ -90,10 +90,10 @@ class DSVController:
         stats_group: Optional[dist.ProcessGroup] = None,
         speed_table: Optional[SpeedTable] = None,
         optimizer=None,
-        speed_probe: Optional[SpeedProbe] = None,
         tb_writer=None,
         wandb_writer=None,
         log: Optional[Callable[[str], None]] = None,
+        speed_probe: Optional[SpeedProbe] = None,
     ):
         chunks = model if isinstance(model, (list, tuple)) else [model]
         self.layers: List[DSVCoreAttention] = [
