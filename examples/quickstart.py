@@ -45,6 +45,10 @@ def parse():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-log", default="", help="write per-layer/per-head stats (JSON lines) here")
+    p.add_argument("--speed-table", default="assume",
+                   help="--dsv-speed-table: assume (default here: the demo shows the sparse path at toy lengths "
+                   "where it need not beat dense, e.g. the plain-PyTorch reference on CPU), measure (timed in "
+                   "the run, the library's default: may keep every layer dense here) or a speed-table JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
 
@@ -73,6 +77,7 @@ def main():
         dsv_k_multiple=1, dsv_min_sparsity=0.6, dsv_switch_min_iters=20, dsv_switch_max_iters=args.steps // 2,
         dsv_profile_interval_stage1=1, dsv_profile_interval_stage2=5, dsv_stats_log=args.stats_log,
         dsv_log_interval=10,
+        dsv_speed_table=args.speed_table,
     )
     model = torch.nn.ModuleDict(
         {"block": TransformerBlock(cfg, dsv_gpt_layer_spec), "head": torch.nn.Linear(args.hidden, args.hidden)}

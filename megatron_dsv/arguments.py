@@ -120,8 +120,8 @@ def validate_dsv_args(args) -> DSVConfig:
                 "predictor's auxiliary-loss gradient by the global token count. Drop the flag or "
                 "use --dsv-mode dense."
             )
-    if cfg.dsv_speed_table:
-        _check_speed_table(cfg.dsv_speed_table, cfg.dsv_kv_block)
+    if cfg.speed_table_file:
+        _check_speed_table(cfg.speed_table_file, cfg.dsv_kv_block)
     if cfg.dsv_cp_calibration:
         from megatron_dsv.cp.cost_model import Calibration
 
@@ -145,7 +145,7 @@ def _check_speed_table(path: str, kv_block: int) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--dsv-speed-table {path}: no such file. Write one with benchmarks/attention.py on "
-            "this GPU, or drop the flag (sparse when density <= 0.5)."
+            "this GPU, or use --dsv-speed-table measure (timed in the run) or assume (sparse at density <= 0.5)."
         )
     from megatron_dsv.runtime.speed_table import SpeedTable
 

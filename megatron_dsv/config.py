@@ -25,6 +25,7 @@ MODES = ("dense", "sparse", "auto")
 PREDICTOR_INPUTS = ("qk", "hidden")
 BACKENDS = ("auto", "cudnn", "triton", "reference")
 DENSE_BACKENDS = ("auto", "sdpa", "te")
+SPEED_RULES = ("measure", "assume")
 
 
 def parse_cube(value: Any, what: str = "a cube") -> Tuple[int, int, int]:
@@ -202,6 +203,26 @@ class Text:
         return value
 
 
+@dataclass(frozen=True)
+class SpeedSource:
+    """``measure``, ``assume`` or the path of a speed-table JSON."""
+
+    metavar = "{measure,assume,PATH}"
+
+    def parse(self, text: str, what: str) -> str:
+        return self.check(text, what)
+
+    def check(self, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise _type_error(what, "a string: measure, assume or the path of a speed-table JSON", value)
+        if not value:
+            raise ValueError(
+                f"{what} must be measure (time sparse vs dense in the run), assume (sparse at density "
+                "<= 0.5: what an empty value meant before) or the path of a JSON from benchmarks/attention.py; got ''."
+            )
+        return value
+
+
 def knob(default: Any, rule) -> Any:
     """A DSVConfig field with its validation rule (read back with :func:`rule_of`)."""
     return dataclasses.field(default=default, metadata={"rule": rule})
@@ -343,9 +364,20 @@ class DSVConfig:
     dsv_log_interval: int = knob(0, Int(0))
     """Log a compact DSV status line every n iterations (0 = at every profiling iteration)."""
 
-    dsv_speed_table: str = knob("", Text())
-    """JSON written by benchmarks/attention.py; a layer goes sparse only where it says sparse is
-    faster at that length and density. Empty: sparse when density <= 0.5 (logged)."""
+    dsv_speed_table: str = knob("measure", SpeedSource())
+    """Where a layer's sparse path is faster than its dense path. ``measure``: timed in the run, on
+    synthetic tensors of the layer's shape at its K (projection, selection and sparse attention
+    forward + backward against the layer's dense path; the slowest data/tensor-parallel rank's
+    time), once per shape and K, logged with both times; not checkpointed (measured again after a
+    restart). A layer under context parallelism is not probed (the CP autotuner times its real
+    path): it keeps the ``assume`` rule. ``assume``: sparse at density <= 0.5, no probing (the
+    rule sent layers at density 0.29 / 0.44 sparse on an H200 where their sparse path was slower
+    than cuDNN dense: 119.8 vs 100.4 ms per step). A path: a JSON written by
+    benchmarks/attention.py; sparse only where it says sparse is faster at that length and density."""
+
+    dsv_speed_margin: float = knob(0.05, Real(0.0, 1.0, hi_open=True))
+    """With ``--dsv-speed-table measure``: a layer goes sparse only when its measured sparse time is
+    below its dense time x (1 - this); the margin covers timing noise between ranks and runs."""
 
     dsv_cp_split: str = knob("auto", CpSplit())
     """Context parallelism (``--context-parallel-size`` > 1): how each layer splits the CP group
@@ -423,6 +455,11 @@ class DSVConfig:
             )
 
     @property
+    def speed_table_file(self) -> Optional[str]:
+        """The speed-table JSON of ``--dsv-speed-table``, None for ``measure`` and ``assume``."""
+        return None if self.dsv_speed_table in SPEED_RULES else self.dsv_speed_table
+
+    @property
     def group_size(self) -> int:
         """Queries per group: the product of the cube sides."""
         t, h, w = self.dsv_query_group
@@ -456,7 +493,7 @@ class DSVConfig:
 # Speed-only fields, and schedule knobs a user may retune when resuming (the layers restore their
 # decisions; the schedule only steers what happens next).
 _RETUNABLE_ON_RESUME = {
-    "dsv_backend", "dsv_dense_backend", "dsv_log_interval", "dsv_speed_table", "dsv_stats_log",
+    "dsv_backend", "dsv_dense_backend", "dsv_log_interval", "dsv_speed_table", "dsv_speed_margin", "dsv_stats_log",
     "dsv_cp_split", "dsv_cp_replan_interval", "dsv_cp_replan_threshold", "dsv_cp_gpus_per_node",
     "dsv_cp_calibration", "dsv_cp_autotune", "dsv_cp_intra_node_gbps", "dsv_cp_inter_node_gbps", "dsv_on_resume",
     # the schedule may be retuned when resuming; the layers' decisions are what is restored

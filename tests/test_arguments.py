@@ -159,6 +159,11 @@ def test_speed_table_checked_before_the_model(tmp_path):
     with pytest.raises(ValueError, match="no DSV rows .* for kv_block=1; write one with benchmarks/attention.py"):
         validate_dsv_args(namespace(["--dsv-speed-table", str(table)]))
     assert validate_dsv_args(namespace(["--dsv-speed-table", str(table), "--dsv-kv-block", "64"])).dsv_kv_block == 64
+    # the two rules are no files: measure (the default) and assume
+    assert validate_dsv_args(namespace([])).dsv_speed_table == "measure"
+    assert validate_dsv_args(namespace(["--dsv-speed-table", "assume", "--dsv-speed-margin", "0.1"])).dsv_speed_margin == 0.1
+    with pytest.raises(SystemExit):  # argparse: the rule's message, before anything is built
+        namespace(["--dsv-speed-table", ""])
 
 
 def test_megatron_parse_args_and_config(monkeypatch):

@@ -14,7 +14,7 @@ def test_quickstart_switches_to_sparse(megatron_state, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "examples", "quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
-    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--device", "cpu"])
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--device", "cpu", "--speed-table", "assume"])
     result = quickstart.main()
     out = capsys.readouterr().out
     layers = result["layers"]

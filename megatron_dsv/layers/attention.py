@@ -211,7 +211,7 @@ class DSVCoreAttention(MegatronModule):
         self._state = LayerState(sparse=sparse)
         self._control = StepControl(train_predictor=self.predictor is not None, collect_stats=self.predictor is not None)
         self._pending: List[LayerStats] = []
-        self._seen: Optional[Tuple[int, int]] = None  # (sequence length, batch) of the last forward
+        self._seen: Optional[Tuple[int, int, torch.dtype]] = None  # (sequence length, batch, q dtype) of the last forward
         self._layer_input: Optional[Tensor] = None
         self._frame_tokens: Optional[int] = None  # tokens per latent frame, for --dsv-causal-chunk
         self._cp_groups: Optional[CPGroups] = None
@@ -282,6 +282,12 @@ class DSVCoreAttention(MegatronModule):
     @property
     def last_batch(self) -> int:
         return 1 if self._seen is None else self._seen[1]
+
+    @property
+    def last_dtype(self) -> torch.dtype:
+        """The activations' dtype in the last forward (bf16 under autocast with fp32 parameters),
+        the parameters' before one."""
+        return self.config.params_dtype if self._seen is None else self._seen[2]
 
     @property
     def pending_stats(self) -> Tuple[LayerStats, ...]:
@@ -499,7 +505,7 @@ class DSVCoreAttention(MegatronModule):
             self._check_bidirectional(mask_type, attention_mask)
         sq, b, np_, hn = query.shape
         cp = self._attention_plan(sq, mask_type, causal)
-        self._seen = (key.shape[0] * cp.cp_size, b)
+        self._seen = (key.shape[0] * cp.cp_size, b, query.dtype)
         if self.te_attention is not None and not sparse:
             out = self.te_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
             if trains or self._profiles_now():
@@ -513,11 +519,11 @@ class DSVCoreAttention(MegatronModule):
                 lowrank = self._project(cp, q, k)
                 index = select_topk(
                     lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len, causal),
-                    kv_block=self.dsv.dsv_kv_block, backend=self._selection_backend(causal), mask=causal,
+                    kv_block=self.dsv.dsv_kv_block, backend=self.selection_backend(causal), mask=causal,
                 )
             self._kernels = (
                 attention_backend(self.dsv.dsv_backend, q, k, index) if cp.seq_group is None
-                else choose_backend(self._selection_backend(), q.device, what="DSV selective exchange")
+                else choose_backend(self.selection_backend(), q.device, what="DSV selective exchange")
             )
             if causal is not None and self.dsv.dsv_backend != "reference":
                 note = "masked selection on the reference (the Triton selection kernel takes no mask yet, issue 19)"
@@ -571,7 +577,7 @@ class DSVCoreAttention(MegatronModule):
                 "and shard contiguous runs of whole cubes (VideoDiT does)."
             )
 
-    def _selection_backend(self, causal: Optional[CausalMask] = None) -> str:
+    def selection_backend(self, causal: Optional[CausalMask] = None) -> str:
         """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``. A
         masked selection runs the reference: the Triton selection kernel takes no mask yet
         (issue 19); :meth:`describe` says so."""
@@ -730,6 +736,18 @@ class DSVCoreAttention(MegatronModule):
                 "models), or --dsv-mode dense."
             )
 
+    def dense_attention(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """The path a dense layer of this module runs without context parallelism (Transformer
+        Engine, or SDPA cuDNN-first, with the layer's own mask) on q ``[s, b, np, hn]``, k/v
+        ``[s, b, ng, hn]`` -> ``[s, b, np*hn]``; no predictor step, no statistics, no state change.
+        The runtime's speed probe times it against the sparse path on synthetic tensors."""
+        sq, b, np_, hn = query.shape
+        if self.te_attention is not None:
+            return self.te_attention(query, key, value, None, attn_mask_type=self.attn_mask_type)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = self._dense_forward(q, k, v, None, self.attn_mask_type, self.causal_mask())
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
     def _dense_forward(self, q, k, v, attention_mask, mask_type, causal_mask: Optional[CausalMask] = None) -> Tensor:
         mask, causal = None, False
         if causal_mask is not None and causal_mask.kind == "chunk_causal":
@@ -738,7 +756,7 @@ class DSVCoreAttention(MegatronModule):
             causal = True
         elif attention_mask is not None and mask_type != AttnMaskType.no_mask:
             mask = ~attention_mask  # Megatron: True = masked out; SDPA: True = attend
-        with _sdpa_backends(q):
+        with sdpa_backends(q):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
                 dropout_p=self.dropout_p if self.training else 0.0,
@@ -775,7 +793,7 @@ class DSVCoreAttention(MegatronModule):
         return 1 if cp is None else cp.size()
 
 
-def _sdpa_backends(x: Tensor):
+def sdpa_backends(x: Tensor):
     """SDPA with cuDNN first on GPU (its forward ran at 628 TF/s at 32k tokens, D=128, on the H100:
     benchmarks/results/dense_path_h100_20261124.json), then flash, efficient and math; the math
     kernel on CPU."""

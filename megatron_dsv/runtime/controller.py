@@ -15,8 +15,13 @@ plateaued (last 3 measurements within ``--dsv-switch-plateau``), never before
 ``--dsv-switch-min-iters``, or at ``--dsv-switch-max-iters``.
 
 Stage 2: a layer runs sparse at its K when the density K/units leaves at least
-``--dsv-min-sparsity`` of the key units out, the speed table says sparse is faster at that
-density, and its recall holds (hysteresis, ``megatron_dsv.layers.decision``): a sparse layer
+``--dsv-min-sparsity`` of the key units out, its recall holds (below), and sparse is faster at
+that K: by default measured (``--dsv-speed-table measure``: :mod:`megatron_dsv.runtime.speed_probe`
+times the sparse and dense paths of the layer's shape at its K, once per shape and K, and a
+layer goes sparse only when sparse beats dense by ``--dsv-speed-margin``); ``assume`` takes
+sparse to be faster at density <= 0.5, a path reads a speed table; a layer under context
+parallelism is never probed (the CP autotuner times its real path) and keeps the ``assume`` rule.
+Its recall holds (hysteresis, ``megatron_dsv.layers.decision``): a sparse layer
 whose recall falls below ``--dsv-recall-floor`` goes dense at once and its K is cleared; it
 returns after ``--dsv-min-dwell`` iterations when its recall reaches the floor plus
 ``--dsv-recall-margin`` and its relative recall the switch target. K follows the curve at every
@@ -48,6 +53,7 @@ from megatron_dsv.layers.decision import hysteresis_decision
 from megatron_dsv.layers.profiler import RecallCurve
 from megatron_dsv.layers.state import STATS, StepControl
 from megatron_dsv.runtime.lr import check_predictor_groups, set_predictor_lr_scale
+from megatron_dsv.runtime.speed_probe import ProbeResult, ProbeShape, SpeedProbe
 from megatron_dsv.runtime.speed_table import SpeedTable
 from megatron_dsv.runtime.writers import StatsWriter, print_rank_0, status_line
 
@@ -68,12 +74,14 @@ class DSVController:
             (a model built without the DSV spec, or with ``--dsv-mode dense``, is refused).
         stats_group: process group over which statistics are averaged (Megatron's data-parallel
             group with context parallel); None = this process alone.
-        speed_table: :class:`SpeedTable`; default from ``--dsv-speed-table``.
+        speed_table: :class:`SpeedTable` to decide by instead of ``--dsv-speed-table`` (no probing).
         optimizer: a torch optimizer whose predictor parameter groups (their own groups, see
             ``megatron_dsv.runtime.lr.predictor_param_groups``) follow the stage's learning rate.
             Megatron runs leave it out: ``megatron_dsv.runtime.megatron`` drives Megatron's groups.
         tb_writer / wandb_writer: Megatron's TensorBoard / W&B writers, if configured.
         log: where decisions and status lines go (default: printed on rank 0).
+        speed_probe: :class:`SpeedProbe` to decide by (tests inject a timer); default: one built
+            from ``--dsv-speed-table measure`` and ``--dsv-speed-margin``. Not with ``speed_table``.
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class DSVController:
         tb_writer=None,
         wandb_writer=None,
         log: Optional[Callable[[str], None]] = None,
+        speed_probe: Optional[SpeedProbe] = None,
     ):
         chunks = model if isinstance(model, (list, tuple)) else [model]
         self.layers: List[DSVCoreAttention] = [
@@ -100,14 +109,22 @@ class DSVController:
             )
         self.cfg: DSVConfig = self.layers[0].dsv
         self.stats_group = stats_group
-        if speed_table is None:
-            speed_table = (
-                SpeedTable.from_json(self.cfg.dsv_speed_table, kv_block=self.cfg.dsv_kv_block)
-                if self.cfg.dsv_speed_table else SpeedTable()
-            )
-        self.speed_table = speed_table
-        self.writer = StatsWriter(tb_writer, wandb_writer, self.cfg.dsv_stats_log)
         self.log = log or print_rank_0
+        if speed_table is not None and speed_probe is not None:
+            raise ValueError("DSVController takes a speed_table or a speed_probe, not both.")
+        path = self.cfg.speed_table_file
+        if speed_table is None:
+            speed_table = SpeedTable.from_json(path, kv_block=self.cfg.dsv_kv_block) if path else SpeedTable(
+                source="--dsv-speed-table assume" if self.cfg.dsv_speed_table == "assume" else
+                "--dsv-speed-table measure does not probe layers under context parallelism")
+            if speed_probe is None and self.cfg.dsv_speed_table == "measure":
+                speed_probe = SpeedProbe(margin=self.cfg.dsv_speed_margin, k_multiple=self.cfg.multiple_units(),
+                                         log=self.log)
+        self.speed_table = speed_table
+        # measured sparse vs dense times per shape and K; not checkpointed (measured again after a restart)
+        self.speed_probe = speed_probe
+        self._probed: Dict[int, ProbeResult] = {}  # layer number -> its last probe verdict, for the stats log
+        self.writer = StatsWriter(tb_writer, wandb_writer, self.cfg.dsv_stats_log)
         sched = self.layers[0].state.schedule
         initial = {"auto": 1, "sparse": 2}.get(self.cfg.dsv_mode, 0)
         self.stage: int = sched.get("stage", initial)
@@ -244,7 +261,8 @@ class DSVController:
         stats = f"K/head {k.tolist()} (density {density:.3f}) for recall {cfg.dsv_critical_mass}"
         if 1 - density < cfg.dsv_min_sparsity:
             return False, k, f"{stats}: sparsity {1 - density:.3f} < --dsv-min-sparsity {cfg.dsv_min_sparsity}"
-        if not self.speed_table.sparse_faster(s_len, layer.head_dim, density):
+        probe = self.speed_probe is not None and layer.cp_groups is None
+        if not probe and not self.speed_table.sparse_faster(s_len, layer.head_dim, density):
             return False, k, f"{stats}: speed table: dense is faster at S={s_len}, density {density:.3f}"
         first = layer.state.changed_at is None  # never changed: no dwell to serve
         since = cfg.dsv_min_dwell if first else iteration - layer.state.changed_at
@@ -254,7 +272,38 @@ class DSVController:
             min_relative_recall=cfg.dsv_switch_relative_recall,
         )
         reason = d.reason.replace(f" after {since} iterations", "") if first else d.reason
+        if d.sparse and probe:
+            # timed only where the recall would let the layer go (or stay) sparse: a probe per
+            # (shape, K) costs warm-up + repetitions of both paths
+            timed = self._probe(layer, k)
+            if not timed.sparse_faster(self.speed_probe.margin):
+                return False, k, f"{stats}: measured {timed.describe(self.speed_probe.margin)}"
+            return True, k, f"{stats}; {reason}; measured {timed.describe(self.speed_probe.margin)}"
         return d.sparse, k, f"{stats}; {reason}"
+
+    def _probe(self, layer: DSVCoreAttention, k: torch.Tensor) -> ProbeResult:
+        """The layer's sparse path at K per head ``k`` (all heads) vs its dense path, timed on
+        synthetic tensors of its last forward's shape (cached per shape and K; collective over the
+        tensor-parallel and statistics groups, whose slowest rank's times every rank takes)."""
+        cfg = self.cfg
+        param = next(layer.predictor.parameters())
+        causal = layer.causal_mask()
+        shape = ProbeShape(
+            batch=layer.last_batch, seq_len=layer.last_seq_len, num_heads=layer.num_heads,
+            num_kv_heads=layer.num_kv_heads, head_dim=layer.head_dim, dtype=layer.last_dtype,
+            device=str(param.device), group_size=cfg.group_size, kv_block=cfg.dsv_kv_block,
+            predictor_rank=cfg.dsv_predictor_rank, backend=cfg.dsv_backend,
+            selection_backend=layer.selection_backend(causal), mask=causal,
+            hidden_size=layer.config.hidden_size if cfg.dsv_predictor_input == "hidden" else None,
+            scale=layer.softmax_scale,
+        )
+        result = self.speed_probe.measure(
+            shape, k, head_offset=layer.head_slice().start, dense=layer.dense_attention,
+            dense_name=layer.dense_backend, groups=(layer.pg_collection.tp, self.stats_group),
+            what=f"layer {layer.layer_number}",
+        )
+        self._probed[layer.layer_number] = result
+        return result
 
     def _nonfinite_fallback(self, iteration: int, measured) -> List[str]:
         """A layer whose profiled q, keys or predictor projections held NaN/Inf runs dense (K
@@ -387,7 +436,7 @@ class DSVController:
         calibration, origin = self._cp_calibration(shapes, cp_size, group)
         # link kinds the calibration lacks keep these (logged as assumed where a plan can use them)
         fallback = Links.assumed(intra_node_gbps=cfg.dsv_cp_intra_node_gbps, inter_node_gbps=cfg.dsv_cp_inter_node_gbps)
-        cost = CostModel.from_benchmark(cfg.dsv_speed_table or None, links=fallback, calibration=calibration)
+        cost = CostModel.from_benchmark(cfg.speed_table_file, links=fallback, calibration=calibration)
         self.log(self._cp_calibration_line(cost, calibration, origin, cp_size))
         choose = None
         if cfg.dsv_cp_autotune == "on":
@@ -573,6 +622,7 @@ class DSVController:
                 "recall_at_k": None if c is None else c["recall"].tolist(),
                 "recall_exact_at_k": None if c is None else c["recall_exact"].tolist(),
                 "relative_recall": None if c is None else c["relative_recall"].tolist(),
+                "speed_probe": None if l.layer_number not in self._probed else self._probed[l.layer_number].to_dict(),
             })
         return {"iteration": iteration, "stage": self.stage, "switch_iteration": self.switch_iteration, "layers": layers}
 

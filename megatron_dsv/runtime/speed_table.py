@@ -17,11 +17,13 @@ class SpeedTable:
 
     ``rows``: dicts with ``S``, ``D``, ``density`` (fraction of pairs computed) and ``speedup``
     (dense time / sparse time, selection included). Without rows, sparse is taken to be faster
-    at ``density <= default_max_density``.
+    at ``density <= default_max_density`` (``--dsv-speed-table assume``); ``source`` says why in
+    the warning logged once.
     """
 
     rows: List[Dict] = field(default_factory=list)
     default_max_density: float = 0.5
+    source: str = "no speed table given"
 
     @classmethod
     def from_json(cls, path: str, kv_block: Optional[int] = None) -> "SpeedTable":
@@ -54,8 +56,9 @@ class SpeedTable:
         if not self.rows:
             log_once(
                 logging.WARNING,
-                f"DSV: no --dsv-speed-table; assuming sparse attention is faster at density <= "
-                f"{self.default_max_density}. Run benchmarks/attention.py on your GPU for a table.",
+                f"DSV: {self.source}: assuming sparse attention is faster at density <= "
+                f"{self.default_max_density}, unmeasured (--dsv-speed-table measure times it in the run "
+                "for layers without context parallelism).",
             )
             return density <= self.default_max_density
         d_best = min({r["D"] for r in self.rows}, key=lambda d: abs(d - head_dim))

@@ -101,10 +101,10 @@ def test_block_bf16_sparse_all_keys_close_to_dense(megatron_state):
 def test_dense_path_is_cudnn_sdpa(megatron_state):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from megatron_dsv.layers.attention import _sdpa_backends
+    from megatron_dsv.layers.attention import sdpa_backends
 
     q, k, v = (torch.randn(1, 16, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with _sdpa_backends(q):
+    with sdpa_backends(q):
         ours = F.scaled_dot_product_attention(q, k, v)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         cudnn = F.scaled_dot_product_attention(q, k, v)

@@ -178,7 +178,7 @@ def test_quickstart_trains_a_chunk_causal_dit(megatron_state, monkeypatch):
     spec = importlib.util.spec_from_file_location("qs_dit", os.path.join(ROOT, "examples", "quickstart_video_dit.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    monkeypatch.setattr(sys, "argv", ["quickstart_video_dit.py", "--device", "cpu", "--causal-chunk", "2"])
+    monkeypatch.setattr(sys, "argv", ["quickstart_video_dit.py", "--device", "cpu", "--speed-table", "assume", "--causal-chunk", "2"])
     res = mod.main()
     selfs = [a for a in res["layers"] if a.is_self_attention]
     assert all(a.causal_mask().chunk_tokens == 2 * 8 * 8 for a in selfs)  # 2 frames of an 8x8 patch grid
