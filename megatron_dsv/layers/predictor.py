@@ -30,6 +30,7 @@ its backward takes 12 ms chunk-causal (8 chunks) and 259 ms token-causal (512 se
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -230,8 +231,9 @@ class LowRankPredictor(nn.Module):
         if bool(fit.any()):
             idx = torch.nonzero(fit).flatten()
             # On the CPU: the GPU's solvers loop over these small matrices (112 ms for 16 heads of
-            # 128 on the H200, measured), the CPU's take a few ms per head.
-            w_q, w_k, res = reduced_rank_fit(*(c.cpu() for c in m.balanced_metrics(idx)), self.rank, eps)
+            # 128 on the H200, measured), the CPU's take a few ms per head, on one thread.
+            with _one_cpu_thread():
+                w_q, w_k, res = reduced_rank_fit(*(c.cpu() for c in m.balanced_metrics(idx)), self.rank, eps)
             res = res.to(residual.device)
             residual[idx] = res
             dev_idx = idx.to(self.weight_q.device)
@@ -625,6 +627,22 @@ def _segment_moments(q: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, to
     c_q = torch.einsum("bhn,bhnd,bhne->hde", w, q, q)
     safe_tr = tr.clamp(min=torch.finfo(torch.float64).tiny)
     return c_q, (g / safe_tr.view(b, h, 1, 1)).sum(0), tr
+
+
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """Run the closed-form fit's small CPU solvers on one thread. Threads do not pay on ``[H, D, D]``
+    matrices and, where other processes or threads load the cores, their spin-waits cost far more
+    than the work: ``eigh`` of 6 x 64 x 64 fp64 took 1.2-3.1 ms on one thread and 156-374 ms on two
+    on a loaded 2-core machine (measured), and the H200 quality arms (two training processes on one
+    host) showed 1.9-4 s profiling steps. ``torch.set_num_threads`` is process-wide, so the previous
+    count is restored on exit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cholesky_ridge(c: torch.Tensor, eps: float) -> torch.Tensor:
