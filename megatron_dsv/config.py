@@ -339,8 +339,7 @@ class DSVConfig:
 
     dsv_recall_margin: float = knob(0.05, Real(0.0, 1.0))
     """Hysteresis: a layer that fell back to dense returns only when its recall reaches the floor
-    plus this, its relative recall reaches ``--dsv-switch-relative-recall`` and it has been dense
-    for ``--dsv-min-dwell`` iterations."""
+    plus this and it has been dense for ``--dsv-min-dwell`` iterations."""
 
     dsv_min_dwell: int = knob(100, Int(0))
     """Hysteresis: iterations a layer that fell back to dense stays dense at least."""

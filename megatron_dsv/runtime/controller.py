@@ -24,8 +24,8 @@ parallelism is never probed (the CP autotuner times its real path) and keeps the
 Its recall holds (hysteresis, ``megatron_dsv.layers.decision``): a sparse layer
 whose recall falls below ``--dsv-recall-floor`` goes dense at once and its K is cleared; it
 returns after ``--dsv-min-dwell`` iterations when its recall reaches the floor plus
-``--dsv-recall-margin`` and its relative recall the switch target. K follows the curve at every
-profiling iteration. Every change and its reason is logged.
+``--dsv-recall-margin`` (relative recall is no gate there: it names the cause of a fall). K
+follows the curve at every profiling iteration. Every change and its reason is logged.
 
 ``--dsv-mode sparse`` keeps every layer sparse with ``--dsv-fixed-sparsity`` and only measures.
 
