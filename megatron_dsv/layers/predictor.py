@@ -300,91 +300,97 @@ def prefix_centered_grams(
     ``[B, G, Da, Db]`` per ``(a, b)`` of ``pairs`` (indices into ``tensors``, each ``[B, G or 1,
     S, D_t]``), the same as :func:`centered_gram` of the prefix, no grad.
 
-    Incremental: each token is read once (in chunks of ``chunk`` tokens), and a prefix's Gram is
-    its running cross sums less ``n m_a m_b^T``. The tensors are shifted by their whole-sequence
-    mean first (a constant shift leaves centred Grams unchanged), which keeps that subtraction
-    from cancelling when the keys have a large mean (RoPE'd heads do).
+    Incremental: each token is read once, in runs (between consecutive ends, at most ``chunk``
+    tokens) whose means and Grams about those means are merged into the prefix's (Chan et al.'s
+    pairwise update, ``M = M_A + M_B + n_A n_B / n (m_B - m_A)(m_B - m_A)^T``). Every term is
+    relative to a run's own mean, so a short prefix's Gram keeps its precision even when its keys
+    sit far from the sequence's mean (early RoPE'd keys do): with sums about one sequence-wide
+    shift instead, fp32 put rounding noise the size of ``1e-7 |k - shift|^2`` into the Grams of
+    the first few keys of a token-causal sequence (zero exactly), and a CP = 2 block's predictor
+    gradient differed from the single-process one by 2e-4 of its largest entry.
 
     With ``group`` (context parallelism) the tensors are this rank's shard of a sequence split
     into equal contiguous shards in the group's rank order (rank ``p`` holds tokens ``[p*S, (p+1)*S)``),
     and ``ends`` are positions in the whole sequence, each inside this rank's shard
     (``p*S < end <= (p+1)*S``) or on a shard boundary (a multiple of ``S``): what the sampled rows of
-    the shard need under a mask that :meth:`CausalMask.check_shards` accepts. Every shard's sums
-    and cross sums are all-gathered once (``D^2`` numbers per head and shard), so a prefix's Gram
-    is the earlier shards' sums plus this shard's running sums. The collectives run when this
-    function is called, on every rank, whether or not it has ends."""
+    the shard need under a mask that :meth:`CausalMask.check_shards` accepts. Every shard's means
+    and Grams are all-gathered once (``D^2`` numbers per head and shard), so a prefix's Gram is the
+    earlier shards' merged with this shard's running one. The collective runs when this function
+    is called, on every rank, whether or not it has ends."""
     ends = list(ends)
     if any(b <= a for a, b in zip(ends, ends[1:])) or (ends and ends[0] < 1):
         raise ValueError(f"prefix ends must be ascending and >= 1, got {ends}.")
     s = tensors[0].shape[2]
     n_shards = 1 if group is None else dist.get_world_size(group)
     me = 0 if group is None else dist.get_rank(group)
-    total = s * n_shards
-    lo = me * s
+    total, lo = s * n_shards, me * s
     outside = [e for e in ends if not (lo < e <= lo + s) and (e % s or e > total)]
     if outside:
         raise ValueError(
             f"prefix ends {outside} lie neither in this shard's tokens ({lo}, {lo + s}] nor on a shard "
             f"boundary (a multiple of {s} up to {total}): the mask cuts a sequence shard (see CausalMask.check_shards)."
         )
-    with torch.no_grad():
-        sums = [t.sum(2, keepdim=True, dtype=dtype) for t in tensors]
-        if group is not None:
-            flat = torch.cat([x.flatten() for x in sums])
-            dist.all_reduce(flat, group=group)
-            sums = [x.view_as(y) for x, y in zip(flat.split([y.numel() for y in sums]), sums)]
-        shift = [x / total for x in sums]
-        # cum[p]: sums and cross sums (shifted) of the tokens [0, p*S), for p = 0 .. n_shards
-        zero_sums = [torch.zeros_like(m) for m in shift]
-        cum = [(zero_sums, [None] * len(pairs))]
-        if group is not None:
-            own = _shifted_sums(tensors, pairs, shift, 0, s, chunk, dtype)
-            fields = own[0] + own[1]
+    cum: List[Optional[_Moments]] = [None]  # cum[p]: the tokens [0, p*S)
+    if group is not None:
+        with torch.no_grad():
+            own = _Moments.of(tensors, pairs, 0, s, chunk, dtype)
+            fields = own.means + own.grams
             flat = torch.cat([x.flatten() for x in fields])
             gathered = [torch.empty_like(flat) for _ in range(n_shards)]
             dist.all_gather(gathered, flat, group=group)
             for part in gathered:
                 views = [x.view_as(y) for x, y in zip(part.split([y.numel() for y in fields]), fields)]
-                prev_sums, prev_cross = cum[-1]
-                cum.append((
-                    [a + b for a, b in zip(prev_sums, views[: len(tensors)])],
-                    [b if a is None else a + b for a, b in zip(prev_cross, views[len(tensors):])],
-                ))
-    return _prefix_grams(tensors, pairs, ends, shift, cum, lo, chunk, dtype)
+                shard = _Moments(s, views[: len(tensors)], views[len(tensors):])
+                cum.append(shard if cum[-1] is None else cum[-1].merge(shard, pairs))
+    return _prefix_grams(tensors, pairs, ends, cum, lo, chunk, dtype)
 
 
-def _shifted_sums(tensors, pairs, shift, start: int, stop: int, chunk: int, dtype):
-    """Sums ``[B, G, 1, D_t]`` and cross sums ``[B, G, Da, Db]`` of local tokens ``[start, stop)``
-    less ``shift``."""
-    sums = [torch.zeros_like(m) for m in shift]
-    cross = [None] * len(pairs)
-    for i in range(start, stop, chunk):
-        parts = [t[:, :, i : min(i + chunk, stop)].to(dtype) - m for t, m in zip(tensors, shift)]
-        sums = [acc + part.sum(2, keepdim=True) for acc, part in zip(sums, parts)]
-        for j, (a, b) in enumerate(pairs):
-            add = parts[a].transpose(-1, -2) @ parts[b]
-            cross[j] = add if cross[j] is None else cross[j] + add
-    return sums, cross
+@dataclass
+class _Moments:
+    """Token count, means ``[B, G, 1, D_t]`` per tensor and Grams about the means ``[B, G, Da, Db]``
+    per pair of a run of tokens."""
+
+    n: int
+    means: List[torch.Tensor]
+    grams: List[torch.Tensor]
+
+    @classmethod
+    def of(cls, tensors, pairs, start: int, stop: int, chunk: int, dtype) -> Optional["_Moments"]:
+        """Moments of local tokens ``[start, stop)`` (None when empty), in runs of ``chunk``."""
+        out = None
+        for i in range(start, stop, chunk):
+            parts = [t[:, :, i : min(i + chunk, stop)].to(dtype) for t in tensors]
+            means = [x.mean(2, keepdim=True) for x in parts]
+            centred = [x - m for x, m in zip(parts, means)]
+            run = cls(parts[0].shape[2], means, [centred[a].transpose(-1, -2) @ centred[b] for a, b in pairs])
+            out = run if out is None else out.merge(run, pairs)
+        return out
+
+    def merge(self, other: "_Moments", pairs) -> "_Moments":
+        """The moments of this run followed by ``other`` (Chan et al.); ``pairs`` as the Grams
+        were built."""
+        n = self.n + other.n
+        delta = [b - a for a, b in zip(self.means, other.means)]
+        means = [a + d * (other.n / n) for a, d in zip(self.means, delta)]
+        w = self.n * other.n / n
+        grams = [ga + gb + w * delta[a].transpose(-1, -2) @ delta[b] for (a, b), ga, gb in zip(pairs, self.grams, other.grams)]
+        return _Moments(n, means, grams)
 
 
-def _prefix_grams(tensors, pairs, ends, shift, cum, lo: int, chunk: int, dtype) -> Iterator[List[torch.Tensor]]:
+def _prefix_grams(tensors, pairs, ends, cum, lo: int, chunk: int, dtype) -> Iterator[List[torch.Tensor]]:
     s = tensors[0].shape[2]
-    sums, cross = [torch.zeros_like(m) for m in shift], [None] * len(pairs)
-    done = 0  # local tokens [0, done) are in sums / cross
+    local, done = None, 0  # the moments of local tokens [0, done)
     for end in ends:
         with torch.no_grad():
             if lo < end <= lo + s:
-                add_sums, add_cross = _shifted_sums(tensors, pairs, shift, done, end - lo, chunk, dtype)
-                sums = [a + b for a, b in zip(sums, add_sums)]
-                cross = [b if a is None else a + b for a, b in zip(cross, add_cross)]
+                run = _Moments.of(tensors, pairs, done, end - lo, chunk, dtype)
+                local = run if local is None else local.merge(run, pairs)
                 done = end - lo
-                base_sums, base_cross = cum[lo // s]
-                tot_sums = [a + b for a, b in zip(base_sums, sums)]
-                tot_cross = [c if b is None else b + c for b, c in zip(base_cross, cross)]
+                base = cum[lo // s]
+                prefix = local if base is None else base.merge(local, pairs)
             else:
-                tot_sums, tot_cross = cum[end // s]
-            grams = [tot_cross[j] - tot_sums[a].transpose(-1, -2) @ tot_sums[b] / end for j, (a, b) in enumerate(pairs)]
-        yield grams
+                prefix = cum[end // s]
+        yield list(prefix.grams)
 
 
 def row_loss_from_sums(pe, ee, pp, cosine_weight: float) -> torch.Tensor:
