@@ -394,6 +394,14 @@ class DSVCoreAttention(MegatronModule):
             return CausalMask.from_frames(chunk, self._frame_tokens, self.dsv.dsv_query_group[0])
         return CausalMask("causal") if mask_type == AttnMaskType.causal else None
 
+    @property
+    def planning_mask(self) -> Optional[CausalMask]:
+        """The layer's own causal mask for the CP planner, None when bidirectional or while a
+        chunk-causal layer has not yet been given its frame size (before the first forward)."""
+        if self.dsv.dsv_causal_chunk and self._frame_tokens is None:
+            return None
+        return self.causal_mask()
+
     def _forced_units(self, seq_len_kv: int) -> int:
         """Key units a causal mask makes every group keep (0 without one): a floor on K."""
         if self.dsv.dsv_causal_chunk and self._frame_tokens is None:
@@ -561,7 +569,7 @@ class DSVCoreAttention(MegatronModule):
             )
         self._check_cp_shard(s_local)
         plan = self._state.cp_plan
-        if causal is not None:
+        if causal is not None and plan.seq_size > 1:
             seq_len = s_local * self._cp_groups.size
             causal.check_shards(seq_len, seq_len // plan.seq_size)
         return CPAttention(plan, self._cp_groups, self.num_heads, self.num_kv_heads)

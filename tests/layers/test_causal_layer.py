@@ -232,3 +232,19 @@ def test_masked_layer_refuses_triton_for_blocks_below_the_key_tile(megatron_stat
     set_k(block, S // 16)
     with pytest.raises(ValueError, match=r"kv_block 16 < its forward key tile 32 .*Use kv_block 1 or a multiple of 32"):
         run(block, torch.randn(S, B, HID))
+
+
+def test_planner_sees_the_layer_mask(megatron_state):
+    from megatron_dsv.runtime.controller import DSVController
+
+    block = build(causal=False, dsv_causal_chunk=CHUNK_FRAMES, dsv_mode="sparse")
+    layer = dsv_attention_layers(block)[0]
+    assert layer.planning_mask == CausalMask("chunk_causal", CHUNK_FRAMES * FRAME_TOKENS)
+    layer._frame_tokens = None  # a chunk-causal layer before the model gave its frame size
+    assert layer.planning_mask is None
+    causal = build(causal=True, dsv_mode="sparse")
+    with torch.no_grad():
+        causal(torch.randn(S, B, HID), attention_mask=None)
+    ctl = DSVController(causal, log=lambda m: None)
+    shape = ctl._cp_shape(dsv_attention_layers(causal)[0])
+    assert shape.mask == CausalMask("causal") and shape.seq_len == S
