@@ -61,6 +61,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_dsv.cp.head_parallel import kv_send_heads
 from megatron_dsv.cp.plan import LayerPlan
+from megatron_dsv.ops.mask import CausalMask
 
 DEFAULT_FITS = importlib.resources.files("megatron_dsv.cp") / "data" / "kernel_fits_h100.json"
 """The shipped kernel fits (package data; :func:`fit_document` of the H100 benchmarks)."""
@@ -85,6 +86,8 @@ class AttentionShape:
         batch: samples per micro-batch ``B``.
         bytes_per_elem: ``e`` (bf16 = 2).
         predictor_rank: low-rank predictor width ``r`` per head (its keys are all-gathered).
+        mask: the layer's causal mask over the sequence (None: bidirectional). Contiguous shards
+            of a masked sequence carry unequal work: :meth:`pair_fractions`.
     """
 
     seq_len: int
@@ -94,6 +97,7 @@ class AttentionShape:
     batch: int = 1
     bytes_per_elem: int = 2
     predictor_rank: int = 16
+    mask: Optional[CausalMask] = None
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -109,6 +113,18 @@ class AttentionShape:
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def pair_fractions(self, seq_size: int) -> Tuple[float, ...]:
+        """Per contiguous sequence shard ``i`` of ``seq_size``, the fraction of its queries' pairs
+        with every key (``S/seq_size x S``) that the mask allows: all 1 without a mask. Token-causal
+        over N shards: shard ``r`` holds about ``(2r + 1) / N^2`` of the allowed pairs, the last
+        ``(2N - 1) / N^2``; one shard (a head split) holds them all, about half the pairs."""
+        if self.seq_len % seq_size:
+            raise ValueError(f"{seq_size} sequence shards do not divide {self.seq_len} tokens.")
+        if self.mask is None:
+            return (1.0,) * seq_size
+        sq, s = self.seq_len // seq_size, self.seq_len
+        return tuple(self.mask.allowed_pairs(i * sq, (i + 1) * sq, 0, s) / (sq * s) for i in range(seq_size))
 
 
 @dataclass(frozen=True)
@@ -626,13 +642,21 @@ class CostModel:
             shape: the layer; ``plan.num_heads`` must equal ``shape.num_heads``.
             plan: the split and head slots (its ``predicted_ms`` is ignored and filled in the result).
             density: per query head ``1 - sparsity``, ``[H]``, or None for a dense layer (also
-                DSV stage 1).
+                DSV stage 1); under ``shape.mask`` the fraction of the allowed keys a query reads
+                (the profiler's masked sparsity).
             gpus_per_node: GPUs per node; CP rank r is on node ``r // gpus_per_node``.
             union_density: measured per key/value head union density of remote key blocks ``[H_kv]``
                 (replaces ``union_factor``); sparse layers only.
 
         Returns:
             :class:`PlanCost` with ``plan.predicted_ms`` = all-to-all + the slowest slot.
+
+        Under ``shape.mask`` a slot's attention work is its heads' work on its most loaded
+        sequence shard (:meth:`AttentionShape.pair_fractions`, the last shard of a causal
+        sequence): the shards wait for each other at the head all-to-all that follows. The
+        ring's exposed transfer stays that of a rank that computes every step (the most loaded
+        one does). Every head's work scales by the same mask fraction, so head balancing (LPT
+        over ``density``) is unchanged by it.
         """
         density = check_density(shape, density)
         union, union_heads = self._union(shape, density, union_density)
@@ -645,6 +669,8 @@ class CostModel:
         s, b = shape.seq_len, shape.batch
         tok_bytes = b * shape.head_dim * shape.bytes_per_elem  # one token of one head
         sq = s / g_s
+        # the most loaded sequence shard's share of its pairs that the mask allows (1 without one)
+        load = max(shape.pair_fractions(g_s))
         # key/value heads each slot receives, as the runtime sends them: a GQA group once when the
         # slot holds it whole, else one key/value head per query head
         kv_sets = kv_send_heads(plan.slots, shape.q_per_kv)
@@ -656,8 +682,8 @@ class CostModel:
             nodes = [r // gpus_per_node for r in members]
             count = collections.Counter(nodes)
             if density is None:
-                work = float(len(heads))
-                compute = b * len(heads) * fit.dense_ms(sq, s) * (self.ring_compute_factor if g_s > 1 else 1.0)
+                work = float(len(heads)) * load
+                compute = b * len(heads) * fit.dense_ms(sq, s) * load * (self.ring_compute_factor if g_s > 1 else 1.0)
                 if g_s == 1:
                     seq_comm = exposed = 0.0
                     kv_bytes = 4 * s * len(kvs) * tok_bytes
@@ -674,8 +700,8 @@ class CostModel:
                     exposed = (g_s - 1) * (max(0.0, tf - cf) + max(0.0, tb - cb))
                     kv_bytes = int(8 * sq * len(kvs) * tok_bytes)
             else:
-                work = float(sum(density[h] for h in heads))
-                compute = b * sum(fit.sparse_ms(sq, s, density[h]) + fit.select_ms(sq, s) for h in heads)
+                work = float(sum(density[h] for h in heads)) * load
+                compute = b * sum(fit.sparse_ms(sq, s, density[h] * load) + fit.select_ms(sq, s) for h in heads)
                 if len(kvs) * shape.q_per_kv == len(heads):
                     u_slot = [union[k] for k in kvs]  # whole groups: the group's union
                 else:  # one key/value copy per query head: that head's own selection

@@ -36,14 +36,31 @@ def _unit(shape: AttentionShape, head_size: int) -> int:
 
 def feasible_head_sizes(shape: AttentionShape, cp_size: int, head_sizes: Optional[Sequence[int]] = None) -> List[int]:
     """Head-parallel sizes ``g_h`` dividing ``cp_size`` with at least ``g_h`` head units, ascending
-    (optionally only those in ``head_sizes``, e.g. the process groups that were built)."""
+    (optionally only those in ``head_sizes``, e.g. the process groups that were built); under a
+    chunk-causal ``shape.mask`` only those whose sequence shards hold whole chunks or lie inside
+    one (:meth:`CausalMask.check_shards`, which the layer enforces)."""
     out = []
     for g in range(1, cp_size + 1):
         if cp_size % g or (head_sizes is not None and g not in head_sizes):
             continue
-        if g <= shape.num_heads // _unit(shape, g):
-            out.append(g)
+        if g > shape.num_heads // _unit(shape, g):
+            continue
+        if shape.mask is not None and not _shards_fit(shape, cp_size // g):
+            continue
+        out.append(g)
     return out
+
+
+def _shards_fit(shape: AttentionShape, seq_size: int) -> bool:
+    if seq_size == 1:
+        return True  # no sequence split: the mask holds on the whole sequence
+    if shape.seq_len % seq_size:
+        return False
+    try:
+        shape.mask.check_shards(shape.seq_len, shape.seq_len // seq_size)
+    except ValueError:
+        return False
+    return True
 
 
 def check_tokens(seq_len: int, cp_size: int, granule: int) -> None:
@@ -131,9 +148,10 @@ def compare_plans(
     sizes = feasible_head_sizes(shape, cp_size, head_sizes)
     if not sizes:
         raise ValueError(
-            f"no head-parallel size in {sorted(head_sizes)} divides cp_size={cp_size} with enough heads "
-            f"({shape.num_heads} query heads, {shape.num_kv_heads} key/value heads); feasible sizes: "
-            f"{feasible_head_sizes(shape, cp_size)}. Allow one of them or change the CP size."
+            f"no head-parallel size in {sorted(head_sizes or range(1, cp_size + 1))} divides cp_size={cp_size} "
+            f"with enough heads ({shape.num_heads} query heads, {shape.num_kv_heads} key/value heads)"
+            + (f" and sequence shards that keep the {shape.mask.kind} mask's chunks whole" if shape.mask else "")
+            + f"; feasible sizes: {feasible_head_sizes(shape, cp_size)}. Allow one of them or change the CP size."
         )
     kw = dict(gpus_per_node=gpus_per_node, union_density=union_density)
     all_costs = [cost.plan_cost(shape, _lpt_plan(shape, density, g, cp_size), density, **kw) for g in sizes]

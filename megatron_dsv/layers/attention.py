@@ -17,7 +17,11 @@ size in tokens the model gives with :meth:`DSVCoreAttention.set_frame_tokens`. B
 the mask: dense through SDPA (``is_causal`` or a boolean block mask), sparse through a
 :class:`~megatron_dsv.ops.mask.CausalMask` on the selection and the index. Masked sparse
 attention runs on the Triton kernels or the reference (not cuDNN, whose block-sparse API has no
-token mask), masked selection on the reference, and not under context parallelism (issue 19).
+token mask) and masked selection on the reference. Under context parallelism a mask holds over
+the whole sequence: each sequence shard selects with its first token as ``q_offset``, the dense
+ring and the selective exchange skip disallowed shards, and the predictor's masked statistics
+take the sampled rows' positions in the whole sequence; a chunk-causal mask needs shards that
+hold whole chunks or lie inside one (:meth:`CausalMask.check_shards`).
 
 While the predictor trains, its loss on sampled query rows (against exact, detached scores) is
 attached to the output with :class:`PredictorLossAutoScaler`, Megatron's auxiliary-loss pattern:
@@ -396,6 +400,14 @@ class DSVCoreAttention(MegatronModule):
             return CausalMask.from_frames(chunk, self._frame_tokens, self.dsv.dsv_query_group[0])
         return CausalMask("causal") if mask_type == AttnMaskType.causal else None
 
+    @property
+    def planning_mask(self) -> Optional[CausalMask]:
+        """The layer's own causal mask for the CP planner, None when bidirectional or while a
+        chunk-causal layer has not yet been given its frame size (before the first forward)."""
+        if self.dsv.dsv_causal_chunk and self._frame_tokens is None:
+            return None
+        return self.causal_mask()
+
     def _forced_units(self, seq_len_kv: int) -> int:
         """Key units a causal mask makes every group keep (0 without one): a floor on K."""
         if self.dsv.dsv_causal_chunk and self._frame_tokens is None:
@@ -520,6 +532,7 @@ class DSVCoreAttention(MegatronModule):
                 index = select_topk(
                     lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len, causal),
                     kv_block=self.dsv.dsv_kv_block, backend=self.selection_backend(causal), mask=causal,
+                    q_offset=cp.query_offset(q.shape[2], causal),
                 )
             self._kernels = (
                 attention_backend(self.dsv.dsv_backend, q, k, index) if cp.seq_group is None
@@ -535,7 +548,7 @@ class DSVCoreAttention(MegatronModule):
             local = lambda q_, k_, v_: self._dense_forward(q_, k_, v_, attention_mask, mask_type, causal)  # noqa: E731
             out = cp.dense(
                 q, k, v, self.softmax_scale, self.dsv.group_size, self.dsv.dsv_kv_block,
-                self.dsv.dsv_backend, local,
+                self.dsv.dsv_backend, local, mask=causal,
             )
         if trains or self._profiles_now():
             out = self._learn(out, cp, q, k, lowrank, causal)
@@ -553,19 +566,19 @@ class DSVCoreAttention(MegatronModule):
                     "(the pretraining example does)."
                 )
             return CPAttention.local(self.num_heads, self.num_kv_heads)
-        if causal is not None:
-            raise NotImplementedError(
-                f"DSV context parallelism does not support causal masks yet ({causal.kind}; issue 19): "
-                "run causal and chunk-causal DSV layers without --context-parallel-size, or "
-                "bidirectional (attn_mask_type=no_mask, --dsv-causal-chunk 0) under CP."
-            )
-        if mask_type != AttnMaskType.no_mask:
+        if causal is None and mask_type != AttnMaskType.no_mask:
             raise ValueError(
-                "DSV context parallelism is for bidirectional attention without a mask (video DiTs); "
-                f"got attn_mask_type={mask_type.name}."
+                "DSV context parallelism takes bidirectional attention (attn_mask_type=no_mask), "
+                "token-causal (attn_mask_type=causal) and chunk-causal (--dsv-causal-chunk) masks; "
+                f"got attn_mask_type={mask_type.name}, which it cannot split over sequence shards. Use one "
+                "of those, or run this layer without --context-parallel-size."
             )
         self._check_cp_shard(s_local)
-        return CPAttention(self._state.cp_plan, self._cp_groups, self.num_heads, self.num_kv_heads)
+        plan = self._state.cp_plan
+        if causal is not None and plan.seq_size > 1:
+            seq_len = s_local * self._cp_groups.size
+            causal.check_shards(seq_len, seq_len // plan.seq_size)
+        return CPAttention(plan, self._cp_groups, self.num_heads, self.num_kv_heads)
 
     def _check_cp_shard(self, s_local: int) -> None:
         g, kvb = self.dsv.group_size, self.dsv.dsv_kv_block
@@ -608,8 +621,10 @@ class DSVCoreAttention(MegatronModule):
         (``gradient`` fit), its score moments accumulated (``closed_form``), statistics on
         profiling iterations. ``lowrank``: the forward's projection when it made one (sparse
         layers), reused here, so nothing is projected or selected twice. Under a causal mask the
-        loss, the moments and the statistics see only the (query, key) pairs the mask allows."""
+        loss, the moments and the statistics see only the (query, key) pairs the mask allows: they
+        get the rows' positions in the whole sequence (a sequence shard's rows are shard-local)."""
         rows, n_total = self._sampled_rows(cp, q)
+        seq_rows = rows + cp.chunk_range(q.shape[2])[0]
         heads = None if cp.is_local else list(cp.heads)
         norm = q.shape[0] * self.num_heads * n_total
         x = self._layer_input_bsh() if self.dsv.dsv_predictor_input == "hidden" else None
@@ -619,14 +634,16 @@ class DSVCoreAttention(MegatronModule):
             loss_sum = predictor_loss(
                 self.predictor, q[:, :, rows], u_rows, k.detach(), self.softmax_scale,
                 self.dsv.dsv_predictor_cosine_weight, x=None if x is None else x.detach(), heads=heads,
-                group=cp.seq_group, reduction="sum", mask=causal, rows=rows,
+                group=cp.seq_group, reduction="sum", mask=causal, rows=seq_rows,
             )
         if self._profiles_now():
             # One microbatch per profiling iteration (its sampled rows are enough: the EMA over
             # profiling iterations smooths them); with activation recompute the first forward has
             # autograd off and only the recompute reaches here.
             if self.dsv.dsv_predictor_fit == "closed_form":
-                self.predictor.accumulate_moments(q[:, :, rows], k, heads=heads, group=cp.seq_group, mask=causal, rows=rows)
+                self.predictor.accumulate_moments(
+                    q[:, :, rows], k, heads=heads, group=cp.seq_group, mask=causal, rows=seq_rows
+                )
             self._pending.append(self._measure(cp, q, k, lowrank, rows, loss_sum.detach(), norm, n_total, causal))
             self._profiled = True
         if not gradient:
@@ -661,6 +678,7 @@ class DSVCoreAttention(MegatronModule):
         this slot's keys over the sequence group."""
         h = self.num_heads
         heads = torch.as_tensor(list(cp.heads), device=q.device)
+        offset = cp.chunk_range(q.shape[2])[0]  # the shard's first token: its rows in the sequence
         k_full = cp.gather_keys(k.detach())
         q_lr, k_lr = self._project(cp, q, k) if lowrank is None else lowrank
         units = k_full.shape[2] // self.dsv.dsv_kv_block
@@ -674,7 +692,7 @@ class DSVCoreAttention(MegatronModule):
             rep = len(cp.heads) // k_full.shape[1]
             k_exp = k_full.repeat_interleave(rep, dim=1) if rep > 1 else k_full
             sp = sampled_attention_stats(
-                q[:, :, tok], k_exp, self.softmax_scale, self.dsv.dsv_critical_mass, mask=causal, rows=tok
+                q[:, :, tok], k_exp, self.softmax_scale, self.dsv.dsv_critical_mass, mask=causal, rows=tok + offset
             )
             sparsity[heads] = sp["sparsity"].sum(0).double() * tok.numel()
             tok_rows[heads] = float(q.shape[0] * tok.numel())
@@ -682,6 +700,7 @@ class DSVCoreAttention(MegatronModule):
             part = recall_curve(
                 q, k_full, q_lr, k_lr, rows, group_size=self.dsv.group_size, kv_block=self.dsv.dsv_kv_block,
                 scale=self.softmax_scale, critical_mass=self.dsv.dsv_critical_mass, mask=causal,
+                q_offset=offset if causal is not None else 0,
             )
             curve[:, heads] = torch.stack(list(part._fields()))
         # NaN/Inf in the sampled q, the keys or the predictor's projections: counted here (no extra

@@ -296,34 +296,103 @@ def prefix_centered_grams(
     ends: Sequence[int],
     dtype: torch.dtype,
     chunk: int = 8192,
+    group=None,
 ) -> Iterator[List[torch.Tensor]]:
     """For each ``end`` of ascending ``ends``, the centred Grams of the tokens ``[0, end)``: one
     ``[B, G, Da, Db]`` per ``(a, b)`` of ``pairs`` (indices into ``tensors``, each ``[B, G or 1,
     S, D_t]``), the same as :func:`centered_gram` of the prefix, no grad.
 
-    Incremental: each token is read once (in chunks of ``chunk`` tokens), and a prefix's Gram is
-    its running cross sums less ``n m_a m_b^T``. The tensors are shifted by their whole-sequence
-    mean first (a constant shift leaves centred Grams unchanged), which keeps that subtraction
-    from cancelling when the keys have a large mean (RoPE'd heads do)."""
+    Incremental: each token is read once, in runs (between consecutive ends, at most ``chunk``
+    tokens) whose means and Grams about those means are merged into the prefix's (Chan et al.'s
+    pairwise update, ``M = M_A + M_B + n_A n_B / n (m_B - m_A)(m_B - m_A)^T``). Every term is
+    relative to a run's own mean, so a short prefix's Gram keeps its precision even when its keys
+    sit far from the sequence's mean (early RoPE'd keys do): with sums about one sequence-wide
+    shift instead, fp32 put rounding noise the size of ``1e-7 |k - shift|^2`` into the Grams of
+    the first few keys of a token-causal sequence (zero exactly), and a CP = 2 block's predictor
+    gradient differed from the single-process one by 2e-4 of its largest entry.
+
+    With ``group`` (context parallelism) the tensors are this rank's shard of a sequence split
+    into equal contiguous shards in the group's rank order (rank ``p`` holds tokens ``[p*S, (p+1)*S)``),
+    and ``ends`` are positions in the whole sequence, each inside this rank's shard
+    (``p*S < end <= (p+1)*S``) or on a shard boundary (a multiple of ``S``): what the sampled rows of
+    the shard need under a mask that :meth:`CausalMask.check_shards` accepts. Every shard's means
+    and Grams are all-gathered once (``D^2`` numbers per head and shard), so a prefix's Gram is the
+    earlier shards' merged with this shard's running one. The collective runs when this function
+    is called, on every rank, whether or not it has ends."""
+    ends = list(ends)
     if any(b <= a for a, b in zip(ends, ends[1:])) or (ends and ends[0] < 1):
-        raise ValueError(f"prefix ends must be ascending and >= 1, got {list(ends)}.")
-    with torch.no_grad():
-        shift = [t.mean(2, keepdim=True, dtype=dtype) for t in tensors]
-        sums = [torch.zeros_like(m) for m in shift]
-        cross = [None] * len(pairs)
-        start = 0
+        raise ValueError(f"prefix ends must be ascending and >= 1, got {ends}.")
+    s = tensors[0].shape[2]
+    n_shards = 1 if group is None else dist.get_world_size(group)
+    me = 0 if group is None else dist.get_rank(group)
+    total, lo = s * n_shards, me * s
+    outside = [e for e in ends if not (lo < e <= lo + s) and (e % s or e > total)]
+    if outside:
+        raise ValueError(
+            f"prefix ends {outside} lie neither in this shard's tokens ({lo}, {lo + s}] nor on a shard "
+            f"boundary (a multiple of {s} up to {total}): the mask cuts a sequence shard (see CausalMask.check_shards)."
+        )
+    cum: List[Optional[_Moments]] = [None]  # cum[p]: the tokens [0, p*S)
+    if group is not None:
+        with torch.no_grad():
+            own = _Moments.of(tensors, pairs, 0, s, chunk, dtype)
+            fields = own.means + own.grams
+            flat = torch.cat([x.flatten() for x in fields])
+            gathered = [torch.empty_like(flat) for _ in range(n_shards)]
+            dist.all_gather(gathered, flat, group=group)
+            for part in gathered:
+                views = [x.view_as(y) for x, y in zip(part.split([y.numel() for y in fields]), fields)]
+                shard = _Moments(s, views[: len(tensors)], views[len(tensors):])
+                cum.append(shard if cum[-1] is None else cum[-1].merge(shard, pairs))
+    return _prefix_grams(tensors, pairs, ends, cum, lo, chunk, dtype)
+
+
+@dataclass
+class _Moments:
+    """Token count, means ``[B, G, 1, D_t]`` per tensor and Grams about the means ``[B, G, Da, Db]``
+    per pair of a run of tokens."""
+
+    n: int
+    means: List[torch.Tensor]
+    grams: List[torch.Tensor]
+
+    @classmethod
+    def of(cls, tensors, pairs, start: int, stop: int, chunk: int, dtype) -> Optional["_Moments"]:
+        """Moments of local tokens ``[start, stop)`` (None when empty), in runs of ``chunk``."""
+        out = None
+        for i in range(start, stop, chunk):
+            parts = [t[:, :, i : min(i + chunk, stop)].to(dtype) for t in tensors]
+            means = [x.mean(2, keepdim=True) for x in parts]
+            centred = [x - m for x, m in zip(parts, means)]
+            run = cls(parts[0].shape[2], means, [centred[a].transpose(-1, -2) @ centred[b] for a, b in pairs])
+            out = run if out is None else out.merge(run, pairs)
+        return out
+
+    def merge(self, other: "_Moments", pairs) -> "_Moments":
+        """The moments of this run followed by ``other`` (Chan et al.); ``pairs`` as the Grams
+        were built."""
+        n = self.n + other.n
+        delta = [b - a for a, b in zip(self.means, other.means)]
+        means = [a + d * (other.n / n) for a, d in zip(self.means, delta)]
+        w = self.n * other.n / n
+        grams = [ga + gb + w * delta[a].transpose(-1, -2) @ delta[b] for (a, b), ga, gb in zip(pairs, self.grams, other.grams)]
+        return _Moments(n, means, grams)
+
+
+def _prefix_grams(tensors, pairs, ends, cum, lo: int, chunk: int, dtype) -> Iterator[List[torch.Tensor]]:
+    s = tensors[0].shape[2]
+    local, done = None, 0  # the moments of local tokens [0, done)
     for end in ends:
         with torch.no_grad():
-            for i in range(start, end, chunk):
-                parts = [t[:, :, i : min(i + chunk, end)].to(dtype) - m for t, m in zip(tensors, shift)]
-                for j, part in enumerate(parts):
-                    sums[j] = sums[j] + part.sum(2, keepdim=True)
-                for j, (a, b) in enumerate(pairs):
-                    add = parts[a].transpose(-1, -2) @ parts[b]
-                    cross[j] = add if cross[j] is None else cross[j] + add
-            start = end
-            grams = [cross[j] - sums[a].transpose(-1, -2) @ sums[b] / end for j, (a, b) in enumerate(pairs)]
-        yield grams
+            if lo < end <= lo + s:
+                run = _Moments.of(tensors, pairs, done, end - lo, chunk, dtype)
+                local = run if local is None else local.merge(run, pairs)
+                done = end - lo
+                base = cum[lo // s]
+                prefix = local if base is None else base.merge(local, pairs)
+            else:
+                prefix = cum[end // s]
+        yield list(prefix.grams)
 
 
 def row_loss_from_sums(pe, ee, pp, cosine_weight: float) -> torch.Tensor:
@@ -376,7 +445,9 @@ def predictor_loss(
         mask, rows: a causal mask and the sampled rows' positions in ``k``'s sequence (int64
             ``[N]``): each row's scores are centred over, and compared on, the keys ``[0,
             limit(row)]`` only, with that prefix's Gram matrices (:func:`prefix_centered_grams`,
-            one per distinct limit). Not under context parallelism (``group``).
+            one per distinct limit). With ``group``, ``rows`` are positions in the whole
+            sequence (this shard's rows plus its first token) and ``k`` is one equal shard, as
+            without a mask.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
@@ -393,15 +464,14 @@ def predictor_loss(
                      centered_gram(x.unsqueeze(1), x.unsqueeze(1))]
         losses = _row_losses(grams, kv_of_head, wk, q, u, scale, cosine_weight)
         return losses.sum() if reduction == "sum" else losses.mean()
-    if group is not None:
-        raise ValueError("a masked predictor loss under context parallelism is not supported (issue 19): "
-                         "pass group=None (causal DSV layers run without CP).")
     if rows is None or rows.numel() != q_rows.shape[2]:
         raise ValueError(f"a masked predictor loss needs the positions of the {q_rows.shape[2]} sampled rows (rows=[N]).")
-    segments = mask_segments(mask, rows.to(k.device), k.shape[2])
+    seq_len = k.shape[2] * (1 if group is None else dist.get_world_size(group))
+    segments = mask_segments(mask, rows.to(k.device), seq_len)
     tensors, pairs = ([k], [(0, 0)]) if x is None else ([k, x.detach().unsqueeze(1)], [(0, 0), (0, 1), (1, 1)])
+    grams = prefix_centered_grams(tensors, pairs, [e for e, _ in segments], acc, group=group)
     total = q.new_zeros(())
-    for (_, idx), grams in zip(segments, prefix_centered_grams(tensors, pairs, [e for e, _ in segments], acc)):
+    for (_, idx), grams in zip(segments, grams):
         total = total + _row_losses(grams, kv_of_head, wk, q[:, :, idx], u[:, :, idx], scale, cosine_weight).sum()
     return total if reduction == "sum" else total / (q.shape[0] * q.shape[1] * q.shape[2])
 
@@ -573,7 +643,10 @@ def score_moments(
     adds its normalised Gram ``G / tr G`` weighted by its share of the rows, so ``c_k`` is the
     rows' mean normalised Gram per sample (``G / tr G`` once per sample without a mask). ``k_energy``
     and ``keys`` are the rows' mean ``tr G_i`` and readable key count per sample, the same sums
-    as without a mask when every row reads every key.
+    as without a mask when every row reads every key. With ``group`` and a mask, ``rows`` are
+    positions in the whole sequence and a segment's share is of the rows over the group, so the
+    group's moments sum to the single-process ones (without a mask ``c_k``, ``k_energy`` and ``keys``
+    sum to ``N`` times them: the fit does not depend on that common scale).
     """
     if q_rows.dim() != 4 or k.dim() != 4 or q_rows.shape[0] != k.shape[0] or q_rows.shape[3] != k.shape[3]:
         raise ValueError(f"q_rows [B, H, N, D] and k [B, H_kv, S, D] disagree: {tuple(q_rows.shape)}, {tuple(k.shape)}.")
@@ -589,18 +662,23 @@ def score_moments(
         n_keys = k.shape[2] * (dist.get_world_size(group) if group is not None else 1)
         k_energy, keys = tr.sum(0), ones * (b * n_keys)
     else:
-        if group is not None:
-            raise ValueError("masked score moments under context parallelism are not supported (issue 19): "
-                             "pass group=None (causal DSV layers run without CP).")
         if rows is None or rows.numel() != n:
             raise ValueError(f"masked score moments need the positions of the {n} sampled rows (rows=[N]).")
-        segments = mask_segments(mask, rows.to(k.device), k.shape[2])
+        seq_len, n_rows = k.shape[2], n
+        if group is not None:
+            seq_len *= dist.get_world_size(group)
+            # A segment's share is of the rows of the whole sequence, so the ranks' moments sum to
+            # the single-process ones.
+            count = torch.tensor([float(n)], dtype=torch.float64, device=k.device)
+            dist.all_reduce(count, group=group)
+            n_rows = int(count.item())
+        segments = mask_segments(mask, rows.to(k.device), seq_len)
         c_q = torch.zeros(h, d, d, dtype=torch.float64, device=k.device)
         c_k, k_energy, keys = torch.zeros_like(c_q), torch.zeros_like(ones), torch.zeros_like(ones)
-        grams = prefix_centered_grams([k.detach()], [(0, 0)], [e for e, _ in segments], torch.float64)
+        grams = prefix_centered_grams([k.detach()], [(0, 0)], [e for e, _ in segments], torch.float64, group=group)
         for (end, idx), (g,) in zip(segments, grams):
             part_q, part_k, tr = _segment_moments(q[:, :, idx], g[:, kv_of_head])
-            share = idx.numel() / n
+            share = idx.numel() / n_rows
             c_q, c_k = c_q + part_q, c_k + share * part_k
             k_energy, keys = k_energy + share * tr.sum(0), keys + share * b * end
     return ScoreMoments(

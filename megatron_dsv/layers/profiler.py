@@ -315,6 +315,7 @@ def recall_curve(
     scale: float,
     critical_mass: float,
     mask: Optional[CausalMask] = None,
+    q_offset: int = 0,
 ) -> RecallCurve:
     """:class:`RecallCurve` of sampled rows under the selection rule of ``select_topk``.
 
@@ -334,8 +335,11 @@ def recall_curve(
         kv_block: tokens per key unit; ``S_kv % kv_block == 0``.
         scale: softmax scale of the exact attention.
         critical_mass: fraction of a row's mass its units must hold, in (0, 1].
-        mask: optional :class:`CausalMask` (``S_q == S_kv``, one sequence): mass over the keys a
+        mask: optional :class:`CausalMask` (queries and keys one sequence): mass over the keys a
             row may read; forced units rank first, disallowed units last (as masked selection).
+        q_offset: with ``mask``, the key token of query row 0 (a context-parallel shard's first
+            token when ``k`` is the gathered sequence), as ``select_topk``'s; a multiple of
+            ``group_size``, ``q_offset + S_q <= S_kv``. Without a mask it must be 0.
     """
     if q.dim() != 4 or k.dim() != 4 or q_lr.dim() != 4 or k_lr.dim() != 4:
         raise ValueError("q, k, q_lr and k_lr must be [B, H, S, D or r].")
@@ -356,8 +360,13 @@ def recall_curve(
         raise ValueError(f"critical_mass must be in (0, 1], got {critical_mass}.")
     if rows.dim() != 1 or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= s_q:
         raise ValueError(f"rows must be a non-empty int64 [N] of positions in [0, {s_q}).")
-    if mask is not None and s_q != s_kv:
-        raise ValueError(f"a causal mask needs S_q == S_kv (one sequence); got {s_q} and {s_kv}.")
+    if mask is None and q_offset != 0:
+        raise ValueError(f"q_offset={q_offset} places queries under a causal mask; pass mask= or q_offset=0.")
+    if mask is not None and (q_offset < 0 or q_offset % group_size or q_offset + s_q > s_kv):
+        raise ValueError(
+            f"a causal mask needs the queries to be key tokens [q_offset, q_offset + S_q) of the keys, starting "
+            f"on a query group; got q_offset={q_offset}, S_q={s_q}, S_kv={s_kv}, group_size={group_size}."
+        )
     rep, g, r, n_units = h // h_kv, group_size, q_lr.shape[3], s_kv // kv_block
     groups, row_group = torch.unique(rows // g, return_inverse=True)
     gq = s_q // g
@@ -374,13 +383,13 @@ def recall_curve(
         logits = torch.einsum("bgjnd,bgsd->bgjns", q_c, kf) * scale
         if mask is not None:
             keys = torch.arange(s_kv, device=q.device)
-            logits = logits.masked_fill(~mask.allowed(r_c.view(-1, 1), keys), float("-inf"))
+            logits = logits.masked_fill(~mask.allowed(r_c.view(-1, 1) + q_offset, keys), float("-inf"))
         p = torch.softmax(logits, -1)
         unit_mass = p.flatten(1, 2).view(b, h, -1, n_units, kv_block).sum(-1)
         scores = torch.einsum("bhnr,bhur->bhnu", proxy[:, :, g_c], units)
         scores_x = torch.einsum("bgjnd,bgud->bgjnu", proxy_x[:, :, :, g_c], units_x).flatten(1, 2)
         if mask is not None:
-            allowed, forced = mask.unit_classes(groups[g_c], g, kv_block, n_units)
+            allowed, forced = mask.unit_classes(groups[g_c], g, kv_block, n_units, q_offset)
             scores, scores_x = (
                 torch.where(forced, float("inf"), x.masked_fill(~allowed, float("-inf"))) for x in (scores, scores_x)
             )

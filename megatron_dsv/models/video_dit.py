@@ -25,7 +25,10 @@ Chunk-causal attention (autoregressive video, issue 19): with the config's ``dsv
 inside a chunk of ``f`` patch-grid frames and causally to earlier chunks. Time is the slowest axis
 of cube-major order and ``f`` is a multiple of the query group's ``t``, so a chunk is a contiguous
 token range ``f * H/ph * W/pw`` tokens long; the forward tells each DSV self-attention layer the
-tokens per frame of its input. Cross-attention to text stays unmasked. Not under CP yet.
+tokens per frame of its input. Cross-attention to text stays unmasked. Under CP the rank's run of
+whole cubes keeps the mask over the whole sequence; a sequence-parallel split needs shards that hold
+whole chunks or lie inside one, which the DSV layers check at the first forward
+(:meth:`~megatron_dsv.ops.mask.CausalMask.check_shards`; a head-parallel split has no such limit).
 """
 
 from __future__ import annotations
@@ -224,7 +227,8 @@ class VideoDiT(MegatronModule):
 
     Chunk-causal self-attention comes from ``config.dsv_causal_chunk`` (frames of the patch grid,
     0 = bidirectional), the one setting the DSV layers read too; :attr:`chunk_causal` reports it.
-    The latent's frame count after patching must be a multiple of it, and CP must be 1.
+    The latent's frame count after patching must be a multiple of it; under a sequence-parallel
+    CP split each rank's shard must hold whole chunks or lie inside one.
     """
 
     def __init__(self, config, in_channels: int = 4, patch: Sequence[int] = (1, 2, 2), num_classes: int = 0,
@@ -234,12 +238,6 @@ class VideoDiT(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.cp_group = getattr(pg_collection, "cp", None)
-        if self.chunk_causal and self.cp_size > 1:
-            raise ValueError(
-                f"a chunk-causal VideoDiT (dsv_causal_chunk={self.chunk_causal}) does not run under context "
-                f"parallelism yet (CP size {self.cp_size}; DSV's CP exchange takes no mask, issue 19): "
-                "train it with --context-parallel-size 1, or set --dsv-causal-chunk 0 for a bidirectional model."
-            )
         self.in_channels, self.patch = in_channels, tuple(patch)
         self.cube = tuple(config.dsv_query_group)
         self.head_dim = h // config.num_attention_heads

@@ -469,13 +469,14 @@ class DSVController:
 
     def _cp_shape(self, layer: DSVCoreAttention):
         """The layer as the planner sees it: its last forward's length and batch, its heads on this
-        tensor-parallel rank, the element size of its activations and the predictor's rank."""
+        tensor-parallel rank, the element size of its activations, the predictor's rank and its
+        causal mask (the per-rank work of a sequence split counts the pairs it allows)."""
         from megatron_dsv.cp.cost_model import AttentionShape
 
         return AttentionShape(
             layer.last_seq_len, layer.num_heads, layer.head_dim, layer.num_kv_heads, batch=layer.last_batch,
             bytes_per_elem=torch.empty((), dtype=layer.config.params_dtype).element_size(),
-            predictor_rank=self.cfg.dsv_predictor_rank,
+            predictor_rank=self.cfg.dsv_predictor_rank, mask=layer.planning_mask,
         )
 
     def _cp_calibration(self, shapes, cp_size: int, group):

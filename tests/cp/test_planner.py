@@ -290,3 +290,72 @@ def _union_worker(rank, world):
 
 def test_synced_union_density_agrees_across_ranks():
     run_ranks(_union_worker, 2)
+
+
+def test_pair_fractions_of_masked_shards():
+    from megatron_dsv.ops.mask import CausalMask
+
+    s, n = 4096, 4
+    assert AttentionShape(s, 8, 64).pair_fractions(n) == (1.0,) * n
+    causal = AttentionShape(s, 8, 64, mask=CausalMask("causal")).pair_fractions(n)
+    share = [f / sum(causal) for f in causal]  # of the allowed pairs: about (2r + 1) / N^2
+    assert share == pytest.approx([(2 * r + 1) / n**2 for r in range(n)], abs=1e-3)
+    assert causal[-1] == pytest.approx((2 * n - 1) / (2 * n), abs=1e-3)
+    # chunk-causal, chunks of one shard: shard r reads r + 1 whole shards
+    by_shard = AttentionShape(s, 8, 64, mask=CausalMask("chunk_causal", s // n)).pair_fractions(n)
+    assert by_shard == tuple((r + 1) / n for r in range(n))
+    # a chunk of two shards: both read up to the chunk's end
+    spanning = AttentionShape(s, 8, 64, mask=CausalMask("chunk_causal", 2 * s // n)).pair_fractions(n)
+    assert spanning == (0.5, 0.5, 1.0, 1.0)
+    with pytest.raises(ValueError, match="do not divide"):
+        AttentionShape(s, 8, 64).pair_fractions(3)
+
+
+@pytest.mark.parametrize("density", [None, 0.2])
+def test_masked_plan_cost_is_the_most_loaded_shards_work(density):
+    """A slot's attention time under a causal mask is its unmasked time at the last shard's
+    share of allowed pairs (sequence split), or at the whole sequence's (head split)."""
+    from megatron_dsv.ops.mask import CausalMask
+
+    s, h, cp = 4096, 8, 4
+    dens = None if density is None else [density] * h
+    plain, masked = AttentionShape(s, h, 64), AttentionShape(s, h, 64, mask=CausalMask("causal"))
+    fit = TOY.fit_for(64)
+    for g_h in (1, cp):
+        g_s = cp // g_h
+        plan = LayerPlan(g_h, g_s, even_slots(h, g_h, 1))
+        got = TOY.plan_cost(masked, plan, dens, gpus_per_node=cp).slots
+        want = TOY.plan_cost(plain, plan, dens, gpus_per_node=cp).slots
+        load = max(masked.pair_fractions(g_s))
+        assert load == pytest.approx((2 * g_s - 1) / (2 * g_s) if g_s > 1 else 0.5, abs=1e-3)
+        sq = s / g_s
+        for a, b in zip(got, want):
+            if density is None:
+                assert a.compute_ms == pytest.approx(b.compute_ms * load, rel=1e-12)
+            else:
+                per_head = fit.sparse_ms(sq, s, density * load) + fit.select_ms(sq, s)
+                assert a.compute_ms == pytest.approx(len(a.heads) * per_head, rel=1e-12)
+                assert a.compute_ms < b.compute_ms
+            assert a.work == pytest.approx(b.work * load, rel=1e-12)
+
+
+def test_causal_mask_changes_the_plan(h100):
+    """65k tokens, 8 heads, 8 GPUs of one node, dense: the sequence split wins bidirectional;
+    causal, its last shard does 15/16 of the unmasked work while a head split does 1/2."""
+    from megatron_dsv.ops.mask import CausalMask
+
+    plain = compare_plans(h100, AttentionShape(65536, 8, 128), None, cp_size=8, gpus_per_node=8)
+    causal = compare_plans(h100, AttentionShape(65536, 8, 128, mask=CausalMask("causal")), None, cp_size=8,
+                           gpus_per_node=8)
+    assert plain.best.plan.head_size == 1 and causal.best.plan.head_size == 8
+    assert causal.best.total_ms < plain.best.total_ms
+
+
+def test_chunk_causal_splits_that_cut_chunks_are_infeasible():
+    from megatron_dsv.ops.mask import CausalMask
+
+    shape = AttentionShape(4096, 8, 64, mask=CausalMask("chunk_causal", 768))  # no shard of 4096 / 2^k fits
+    assert feasible_head_sizes(shape, 8) == [8]  # the head split alone keeps the whole sequence
+    assert feasible_head_sizes(AttentionShape(4096, 8, 64, mask=CausalMask("chunk_causal", 1024)), 8) == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="chunks whole"):
+        compare_plans(TOY, shape, None, cp_size=8, gpus_per_node=8, head_sizes=[1, 2])

@@ -117,12 +117,27 @@ def test_causal_layer_configuration_errors(megatron_state):
         dsv_attention_layers(build(causal=True, dsv_causal_chunk=2, dsv_mode="sparse"))[0].causal_mask()
 
 
-def test_causal_layer_under_cp_is_refused(megatron_state):
-    layer = dsv_attention_layers(build(causal=True, dsv_mode="sparse"))[0]
-    layer._cp_groups = SimpleNamespace(size=2)  # as apply_dsv_context_parallel leaves it
-    q = torch.randn(S, B, 4, 32)
-    with pytest.raises(NotImplementedError, match="causal masks yet"):
+def _fake_cp(layer, world=2):
+    """The layer as apply_dsv_context_parallel leaves it, with a sequence-only plan (no collective
+    runs before the checks under test)."""
+    from megatron_dsv.cp.plan import LayerPlan
+
+    layer._cp_groups = SimpleNamespace(size=world)
+    layer.apply(layer.state.replace(cp_plan=LayerPlan(1, world, (tuple(range(layer.num_heads)),))))
+    return layer
+
+
+def test_masks_cp_cannot_split_are_refused(megatron_state):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    # chunks of 16 tokens, shards of 24: neither divides the other
+    layer = _fake_cp(dsv_attention_layers(build(causal=False, dsv_causal_chunk=CHUNK_FRAMES, dsv_mode="sparse"))[0])
+    q = torch.randn(24, B, 4, 32)
+    with pytest.raises(ValueError, match="cuts the causal chunks of 16 tokens"):
         layer(q, q, q, None)
+    layer = _fake_cp(dsv_attention_layers(build(causal=False, dsv_mode="dense"))[0])
+    with pytest.raises(ValueError, match="attn_mask_type=padding"):
+        layer(q, q, q, torch.zeros(B, 1, 48, 48, dtype=torch.bool), attn_mask_type=AttnMaskType.padding)
 
 
 def test_k_is_floored_at_the_forced_units(megatron_state):
@@ -217,3 +232,19 @@ def test_masked_layer_refuses_triton_for_blocks_below_the_key_tile(megatron_stat
     set_k(block, S // 16)
     with pytest.raises(ValueError, match=r"kv_block 16 < its forward key tile 32 .*Use kv_block 1 or a multiple of 32"):
         run(block, torch.randn(S, B, HID))
+
+
+def test_planner_sees_the_layer_mask(megatron_state):
+    from megatron_dsv.runtime.controller import DSVController
+
+    block = build(causal=False, dsv_causal_chunk=CHUNK_FRAMES, dsv_mode="sparse")
+    layer = dsv_attention_layers(block)[0]
+    assert layer.planning_mask == CausalMask("chunk_causal", CHUNK_FRAMES * FRAME_TOKENS)
+    layer._frame_tokens = None  # a chunk-causal layer before the model gave its frame size
+    assert layer.planning_mask is None
+    causal = build(causal=True, dsv_mode="sparse")
+    with torch.no_grad():
+        causal(torch.randn(S, B, HID), attention_mask=None)
+    ctl = DSVController(causal, log=lambda m: None)
+    shape = ctl._cp_shape(dsv_attention_layers(causal)[0])
+    assert shape.mask == CausalMask("causal") and shape.seq_len == S

@@ -3,7 +3,6 @@
 import importlib.util
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,25 +151,6 @@ def test_chunk_must_divide_the_patched_frames(megatron_state):
         m(torch.randn(1, 4, 4, 8, 16), torch.rand(1))  # 4 latent frames = 2 grid frames < one chunk
     with pytest.raises(ValueError, match="multiple of 2"):
         make(chunk=3)  # the config: a chunk must be whole layers of query-group cubes
-
-
-class _Group:
-    def __init__(self, n):
-        self.n = n
-
-    def size(self):
-        return self.n
-
-    def rank(self):
-        return 0
-
-
-def test_chunk_causal_under_cp_is_refused(megatron_state):
-    from megatron_dsv.models.video_dit import VideoDiT
-
-    cfg = tiny_config(dsv_query_group=CUBE, dsv_causal_chunk=2)
-    with pytest.raises(ValueError, match="context-parallel-size 1"):
-        VideoDiT(cfg, in_channels=4, pg_collection=SimpleNamespace(cp=_Group(2), tp=_Group(1)))
 
 
 @pytest.mark.slow

@@ -31,13 +31,21 @@ CASES = {
 }
 
 
-def _config(cp, mode, split):
+# Chunk-causal cases: patch grid 8x2x4 = 64 tokens (4 cubes of 2x2x4), chunks of 2 grid frames =
+# 16 tokens, so each CP = 2 rank's 32 tokens hold two chunks.
+CAUSAL_LATENT = (2, 4, 8, 4, 8)
+CAUSAL_CASES = [("auto", "seq"), ("sparse", "seq"), ("sparse", "head")]
+
+
+def _config(cp, mode, split, chunk=0):
     from tests.megatron_shim import tiny_config
 
     return tiny_config(
-        context_parallel_size=cp, dsv_mode=mode, dsv_cp_split=split, dsv_fixed_sparsity=0.75,
+        # chunk-causal: K = 32 of 64 keys, so a group selects past its own chunk's 16 forced keys
+        context_parallel_size=cp, dsv_mode=mode, dsv_cp_split=split, dsv_fixed_sparsity=0.5 if chunk else 0.75,
         dsv_query_group=(2, 2, 4), normalization="RMSNorm", qk_layernorm=True, num_query_groups=2,
         dsv_predictor_fit="gradient",  # the predictor's gradient under CP is checked too
+        dsv_causal_chunk=chunk, **({"dsv_backend": "reference"} if chunk else {}),  # the kernels' masks: tests/ops
     )
 
 
@@ -63,21 +71,21 @@ def _bad_shape_raises():
         model(torch.randn(1, 4, 2, 4, 24), torch.rand(1))
 
 
-def _models(world, single, mode, split):
+def _models(world, single, mode, split, chunk=0):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
     from megatron_dsv.models.video_dit import VideoDiT
 
     torch.manual_seed(0)
-    model = VideoDiT(_config(world, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=TEXT_DIM)
+    model = VideoDiT(_config(world, mode, split, chunk), in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=TEXT_DIM)
     apply_dsv_context_parallel(model)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     tp = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"]).tp
-    ref = VideoDiT(_config(1, mode, split), in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=TEXT_DIM,
+    ref = VideoDiT(_config(1, mode, split, chunk), in_channels=4, patch=(1, 2, 2), num_classes=5, text_dim=TEXT_DIM,
                    pg_collection=ProcessGroupCollection(tp=tp, cp=single))
     ref.load_state_dict(model.state_dict())
     assert model.cp_size == world and ref.cp_size == 1
@@ -125,7 +133,7 @@ def _megatron_backward(model, loss, world):
         scale.reset()
 
 
-def _case(rank, world, single, mode, split, full):
+def _case(rank, world, single, mode, split, full, chunk=0):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -133,13 +141,15 @@ def _case(rank, world, single, mode, split, full):
     from megatron_dsv.layers.state import StepControl
     from megatron_dsv.models.video_dit import flow_matching_loss, sample
 
-    label = f"CP={world} rank {rank} mode={mode} split={split}"
-    model, ref = _models(world, single, mode, split)
+    label = f"CP={world} rank {rank} mode={mode} split={split} chunk={chunk}"
+    model, ref = _models(world, single, mode, split, chunk)
+    assert model.chunk_causal == ref.chunk_causal == chunk
+    latent_shape = CAUSAL_LATENT if chunk else LATENT
     for layer in dsv_attention_layers(model) + dsv_attention_layers(ref):
         layer.begin_iteration(StepControl(iteration=3, train_predictor=layer.predictor is not None,
                                           collect_stats=layer.predictor is not None))
     gen = torch.Generator().manual_seed(11)  # identical draws on every CP rank
-    latents = torch.randn(LATENT, generator=gen)
+    latents = torch.randn(latent_shape, generator=gen)
     labels = torch.tensor([0, 3])
 
     # text tokens for the cross-attention (dense, never context-parallel), the second sample padded
@@ -154,8 +164,12 @@ def _case(rank, world, single, mode, split, full):
     dist.all_reduce(mean_loss, group=ps.get_context_parallel_group())
     _close(f"{label} loss", mean_loss / world, ref_loss)
     _check_grads(f"{label} flow loss", model, ref, world)
+    selfs = [l for l in dsv_attention_layers(model) if l.is_self_attention]
+    if chunk:
+        assert all(l.causal_mask().chunk_tokens == chunk * 8 for l in selfs)  # 8 tokens per grid frame
     if mode == "sparse" and split == "seq":
-        assert all(0 < l.cp_exchange.ratio <= 1 for l in dsv_attention_layers(model) if l.is_self_attention)
+        # chunk-causal: rank 0's chunks read no later key, so it fetches nothing
+        assert all((0 < l.cp_exchange.ratio <= 1) != (chunk and rank == 0) for l in selfs), [l.cp_exchange for l in selfs]
 
     t = torch.tensor([0.2, 0.7])
     with torch.no_grad():
@@ -179,3 +193,20 @@ def _case(rank, world, single, mode, split, full):
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_video_dit_cp_matches_single_process(world):
     run_ranks(_rank, world, CASES[world])
+
+
+def _causal_rank(rank, world):
+    import torch.distributed as dist
+
+    from tests.megatron_shim import init_megatron_state
+
+    init_megatron_state(cp=world, rank=rank, world_size=world, seed=7)
+    singles = [dist.new_group([r]) for r in range(world)]
+    for mode, split in CAUSAL_CASES:
+        _case(rank, world, singles[rank], mode, split, full=False, chunk=2)
+
+
+def test_chunk_causal_video_dit_cp_matches_single_process():
+    """A chunk-causal VideoDiT (dsv_causal_chunk=2) at CP = 2: loss, gradients and the forward
+    equal CP = 1, dense stage 1 and sparse, sequence and head splits."""
+    run_ranks(_causal_rank, 2)
