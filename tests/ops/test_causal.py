@@ -145,13 +145,9 @@ def test_masked_sparse_attention_matches_sdpa(mask, kvb, hkv, monkeypatch):
 
 
 def test_masked_index_refuses_kernels_that_ignore_the_mask():
-    """cuDNN's block-sparse attention and the selective CP exchange take no mask (the Triton
-    kernels do: tests/ops/test_causal_triton.py)."""
-    from megatron_dsv.cp.seq_parallel import _KVPlan
-
+    """cuDNN's block-sparse attention takes no mask (the Triton kernels do:
+    tests/ops/test_causal_triton.py; the selective CP exchange too: tests/cp/test_cp_attention.py)."""
     q = torch.randn(1, 2, 32, 16)
     index = select_topk(torch.randn(1, 2, 32, 4), torch.randn(1, 2, 32, 4), 8, 8, mask=CausalMask("causal"))
     with pytest.raises(ValueError, match="no token-wise mask"):
         sparse_attention(q, q, q, index, backend="cudnn")
-    with pytest.raises(NotImplementedError, match="causal mask"):
-        _KVPlan(index, 2, 16, None)
