@@ -87,6 +87,17 @@ CASES = [
 
 
 @CPU_OK
+def _triton_matches_reference(q, k, v, index, options, do, dlse):
+    """Out, LSE and dq/dk/dv of the masked Triton kernels against the fp64 reference on the
+    index's dense mask; returns the reference."""
+    got = _grads(q, k, v, lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=options), do, dlse)
+    ref = _reference(q, k, v, index.to_dense_mask(), do, dlse)
+    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
+        assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) or non-finite elements"
+        assert _rel(a, r) < TOL, f"{name}: rel err {_rel(a, r):.2e} >= {TOL}"
+    return ref
+
+
 @pytest.mark.parametrize("b,h,hkv,s,d,g,kvb,mask,ks,opts", CASES)
 def test_masked_kernels_match_masked_dense(b, h, hkv, s, d, g, kvb, mask, ks, opts, poisoned):
     torch.manual_seed(0)
@@ -96,12 +107,7 @@ def test_masked_kernels_match_masked_dense(b, h, hkv, s, d, g, kvb, mask, ks, op
     dlse = torch.randn(b, h, s, device=DEVICE, dtype=torch.float64)
     index = _index(b, h, s, g, kvb, ks, mask)
     assert bool((index.kv_idx == PAD).any())  # heads differ in K: padding entries exist
-    options = dataclasses.replace(poisoned, **opts)
-    got = _grads(q, k, v, lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=options), do, dlse)
-    ref = _reference(q, k, v, index.to_dense_mask(), do, dlse)
-    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
-        assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) or non-finite elements"
-        assert _rel(a, r) < TOL, f"{name}: rel err {_rel(a, r):.2e} >= {TOL}"
+    ref = _triton_matches_reference(q, k, v, index, dataclasses.replace(poisoned, **opts), do, dlse)
     # the mask matters here: the same units without it are far outside the tolerance
     unmasked = dataclasses.replace(index, mask=None)
     loose = _reference(q, k, v, unmasked.to_dense_mask(), do, dlse)
@@ -273,12 +279,7 @@ def test_query_offset_matches_masked_dense(b, h, hkv, s_q, s_kv, q_off, d, g, kv
     pos = torch.arange(s_q).view(-1, 1) + q_off
     want = mask.allowed(pos, torch.arange(s_kv).view(1, -1))
     assert torch.equal(index.to_dense_mask()[0, 0].cpu() & ~want, torch.zeros_like(want))
-    options = dataclasses.replace(poisoned, **opts)
-    got = _grads(q, k, v, lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=options), do, dlse)
-    ref = _reference(q, k, v, index.to_dense_mask(), do, dlse)
-    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
-        assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) or non-finite elements"
-        assert _rel(a, r) < TOL, f"{name}: rel err {_rel(a, r):.2e} >= {TOL}"
+    ref = _triton_matches_reference(q, k, v, index, dataclasses.replace(poisoned, **opts), do, dlse)
     # the offset matters: the same index read at offset 0 is far outside the tolerance (or has
     # empty softmax rows: NaN)
     at_zero = dataclasses.replace(index, q_offset=0)
