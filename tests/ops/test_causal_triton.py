@@ -86,7 +86,6 @@ CASES = [
 ]
 
 
-@CPU_OK
 def _triton_matches_reference(q, k, v, index, options, do, dlse):
     """Out, LSE and dq/dk/dv of the masked Triton kernels against the fp64 reference on the
     index's dense mask; returns the reference."""
@@ -98,6 +97,7 @@ def _triton_matches_reference(q, k, v, index, options, do, dlse):
     return ref
 
 
+@CPU_OK
 @pytest.mark.parametrize("b,h,hkv,s,d,g,kvb,mask,ks,opts", CASES)
 def test_masked_kernels_match_masked_dense(b, h, hkv, s, d, g, kvb, mask, ks, opts, poisoned):
     torch.manual_seed(0)
