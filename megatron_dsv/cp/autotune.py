@@ -13,11 +13,16 @@ sequence split, with :class:`~megatron_dsv.cp.context.CPAttention` forward + bac
 tensors of the layer's shape: the head all-to-all, the low-rank key all-gather, top-K selection of
 random low-rank projections with the layer's K per head (random keys select near-unrelated blocks,
 the selective exchange's worst case, as the ~0.98 key union measured at 95% sparsity), the
-selective exchange or the dense ring, and the all-to-all back. A plan's time is the median of a
-few repetitions on each rank, then the **maximum over the CP group** (one all-reduce), so every
-rank sees the same numbers and picks the same plan; ties go to the larger head split (as the
-planner's). :class:`Autotuner` caches results per signature (shape, K per head rounded to the K
-multiple) so layers alike and re-plans of an unchanged layer measure once. Collective: every rank
+selective exchange or the dense ring, and the all-to-all back. Under the layer's causal mask
+(``shape.mask``) the step is the masked one the layer runs: masked selection with the shard's
+``q_offset`` (K at least the mask's forced units, as the layer's K is), the ring and the
+selective exchange skipping disallowed shards, the local dense step under the mask; a candidate
+whose sequence shards cut the mask's chunks (:meth:`CausalMask.check_shards`, which the layer
+refuses) is not timed. A plan's time is the median of a few repetitions on each rank, then the
+**maximum over the CP group** (one all-reduce), so every rank sees the same numbers and picks the
+same plan; ties go to the larger head split (as the planner's). :class:`Autotuner` caches results
+per signature (shape with its mask, K per head rounded to the K multiple) so layers alike and
+re-plans of an unchanged layer measure once. Collective: every rank
 of the CP group calls it with the same arguments, in the same order.
 """
 
@@ -37,10 +42,11 @@ from megatron_dsv.cp.context import CPAttention
 from megatron_dsv.cp.cost_model import AttentionShape, PlanCost
 from megatron_dsv.cp.groups import CPGroups
 from megatron_dsv.cp.plan import LayerPlan
-from megatron_dsv.cp.planner import PlanComparison, check_plans_agree
+from megatron_dsv.cp.planner import PlanComparison, check_plans_agree, shards_fit
 from megatron_dsv.ops._utils import choose_backend
 from megatron_dsv.ops.selection import select_topk
 from megatron_dsv.ops.sparse_attention import attention_backend
+from megatron_dsv.ops.sparse_index import SparseIndex
 
 Timer = Callable[[LayerPlan, Callable[[], None]], float]
 """``timer(plan, step) -> ms``: this rank's time of one ``step()`` (forward + backward) under ``plan``."""
@@ -150,45 +156,69 @@ def _check_inputs(shape: AttentionShape, kv_units, cp_size: int, group_size: int
             f"autotune needs K per query head: {shape.num_heads} values in [1, {units}] key units "
             f"({shape.seq_len} tokens / {kv_block}); got {kv}."
         )
+    if shape.mask is not None:
+        shape.mask.check_k(min(kv), shape.seq_len, group_size, kv_block)
     return kv
 
 
-def _step_for(plan: LayerPlan, groups: CPGroups, shape: AttentionShape, kv: Optional[List[int]], inputs,
-              *, group_size: int, kv_block: int, backend: str, seed: int) -> Callable[[], None]:
-    """One synthetic layer call (forward + backward) under ``plan``, as ``DSVCoreAttention`` runs it."""
-    cp = CPAttention(plan, groups, shape.num_heads, shape.num_kv_heads)
-    q_in, k_in, v_in, dout = inputs
-    scale = shape.head_dim ** -0.5
-    b, s_chunk = shape.batch, shape.seq_len // plan.seq_size
-    lowrank = None
-    if kv is not None:
-        # the predictor's projections of this rank's heads on its chunk; random: unrelated selections
-        g = torch.Generator(device=q_in.device).manual_seed(seed + groups.rank)
-        lr_shape = (b, len(cp.heads), s_chunk, shape.predictor_rank)
-        lowrank = tuple(torch.randn(lr_shape, generator=g, device=q_in.device).to(q_in.dtype) for _ in range(2))
-        k_here = torch.tensor([kv[h] for h in cp.heads], dtype=torch.int32, device=q_in.device)
-    selection_backend = "auto" if backend == "cudnn" else backend
-    gqa = shape.num_heads != shape.num_kv_heads
+class SyntheticStep:
+    """One synthetic layer call (forward + backward) under ``plan``, as ``DSVCoreAttention`` runs
+    it, under ``shape.mask`` when the layer has one. Callable; after a call, ``index`` holds the
+    selection it made (None for a dense layer) and ``out`` the output ``[s_local, b, H, D]``, so a
+    test's timer can check which path ran."""
 
-    def local_dense(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    def __init__(self, plan: LayerPlan, groups: CPGroups, shape: AttentionShape, kv: Optional[List[int]], inputs,
+                 *, group_size: int, kv_block: int, backend: str, seed: int):
+        self.cp = cp = CPAttention(plan, groups, shape.num_heads, shape.num_kv_heads)
+        self.shape, self.inputs, self.mask = shape, inputs, shape.mask
+        self.group_size, self.kv_block, self.backend = group_size, kv_block, backend
+        self.scale = shape.head_dim ** -0.5
+        q_in = inputs[0]
+        b, s_chunk = shape.batch, shape.seq_len // plan.seq_size
+        self.q_offset = cp.query_offset(s_chunk, self.mask)
+        self.lowrank = self.k_here = None
+        if kv is not None:
+            # the predictor's projections of this rank's heads on its chunk; random: unrelated selections
+            g = torch.Generator(device=q_in.device).manual_seed(seed + groups.rank)
+            lr_shape = (b, len(cp.heads), s_chunk, shape.predictor_rank)
+            self.lowrank = tuple(torch.randn(lr_shape, generator=g, device=q_in.device).to(q_in.dtype) for _ in range(2))
+            self.k_here = torch.tensor([kv[h] for h in cp.heads], dtype=torch.int32, device=q_in.device)
+        # as DSVCoreAttention.selection_backend: cuDNN has no selection, a masked one runs the reference
+        self.selection_backend = ("reference" if self.mask is not None
+                                  else "auto" if backend == "cudnn" else backend)
+        self.index: Optional[SparseIndex] = None
+        self.out: Optional[torch.Tensor] = None
 
-    def step():
+    def _local_dense(self, q, k, v):
+        """The dense layer's own path without a sequence split (SDPA under the layer's mask)."""
+        attn_mask, causal = None, False
+        if self.mask is not None and self.mask.kind == "chunk_causal":
+            attn_mask = self.mask.dense(q.shape[2], device=q.device)
+        elif self.mask is not None:
+            causal = True
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    def __call__(self) -> None:
+        cp, q_in, k_in, v_in, dout = self.cp, *self.inputs
         for t in (q_in, k_in, v_in):
             t.grad = None
         q, k, v = cp.to_heads(q_in, k_in, v_in)
-        if lowrank is None:
-            out = cp.dense(q, k, v, scale, group_size, kv_block, backend, local_dense)
+        if self.lowrank is None:
+            out = cp.dense(q, k, v, self.scale, self.group_size, self.kv_block, self.backend, self._local_dense,
+                           mask=self.mask)
         else:
             with torch.no_grad():
-                index = select_topk(lowrank[0], cp.gather_keys(lowrank[1]), group_size, k_here, kv_block=kv_block,
-                                    backend=selection_backend)
-            kernels = (attention_backend(backend, q, k, index) if cp.seq_group is None
-                       else choose_backend(selection_backend, q.device, what="DSV selective exchange"))
-            out = cp.sparse(q, k, v, index, scale, kernels.name)
-        cp.from_heads(out).backward(dout)
-
-    return step
+                self.index = select_topk(self.lowrank[0], cp.gather_keys(self.lowrank[1]), self.group_size,
+                                         self.k_here, kv_block=self.kv_block, backend=self.selection_backend,
+                                         mask=self.mask, q_offset=self.q_offset)
+            kernels = (attention_backend(self.backend, q, k, self.index) if cp.seq_group is None
+                       else choose_backend("auto" if self.backend == "cudnn" else self.backend, q.device,
+                                           what="DSV selective exchange"))
+            out = cp.sparse(q, k, v, self.index, self.scale, kernels.name)
+        out = cp.from_heads(out)
+        out.backward(dout)
+        self.out = out.detach()
 
 
 def autotune_layer(
@@ -216,7 +246,9 @@ def autotune_layer(
 
     Args:
         groups: the layer's :class:`CPGroups` (every candidate's split must have its groups).
-        shape: the layer (heads of this tensor-parallel rank; ``seq_len`` over the CP group).
+        shape: the layer (heads of this tensor-parallel rank; ``seq_len`` over the CP group), with
+            its causal mask (``shape.mask``), under which every candidate is timed; candidates
+            whose shards cut the mask's chunks are skipped.
         kv_units: K per query head in key units ``[H]``, or None for a dense layer.
         comparison: :func:`~megatron_dsv.cp.planner.compare_plans` for this layer.
         dtype, device: of the layer's activations (the synthetic q/k/v, dout and projections).
@@ -231,7 +263,14 @@ def autotune_layer(
         :class:`AutotuneResult`, the same on every rank.
     """
     kv = _check_inputs(shape, kv_units, groups.size, group_size, kv_block)
-    timed = candidates(comparison, margin)
+    ranked = candidates(comparison, margin)
+    timed = [c for c in ranked if shards_fit(shape, c.plan.seq_size)]
+    if not timed:
+        raise ValueError(
+            f"autotune: every candidate split ({[f'{c.plan.head_size}x{c.plan.seq_size}' for c in ranked]}) has "
+            f"sequence shards that cut the {shape.mask.kind} mask's chunks of {shape.mask.chunk_tokens} tokens; "
+            "compare the plans with this shape (its mask), which keeps only splits the layer can run."
+        )
     check_plans_agree([c.plan for c in timed], group=groups.cp_group)
     device = torch.device(device)
     s_local = shape.seq_len // groups.size
@@ -245,8 +284,8 @@ def autotune_layer(
               randn(shape.num_heads).detach())
     local_ms = []
     for c in timed:
-        step = _step_for(c.plan, groups, shape, kv, inputs, group_size=group_size, kv_block=kv_block,
-                         backend=backend, seed=seed)
+        step = SyntheticStep(c.plan, groups, shape, kv, inputs, group_size=group_size, kv_block=kv_block,
+                             backend=backend, seed=seed)
         ms = timer(c.plan, step) if timer is not None else measure_ms(step, device, warmup, reps)
         local_ms.append(float(ms))
         del step
@@ -271,7 +310,8 @@ class Autotuner:
     """:func:`autotune_layer` with a cache per layer signature; owned by the caller (the runtime).
 
     The signature is the shape (``seq_len``, heads, head dim, key/value heads, batch, element size,
-    predictor rank) and K per head rounded up to ``k_multiple`` key units (None for a dense layer):
+    predictor rank, causal mask: a masked layer runs fewer ring steps and exchanges fewer blocks,
+    so it is measured apart from an unmasked one of the same size) and K per head rounded up to ``k_multiple`` key units (None for a dense layer):
     layers alike and re-plans of a layer whose K did not change reuse the measurement. ``log`` gets
     one line per measured signature.
 
@@ -321,5 +361,5 @@ class Autotuner:
         return result
 
 
-__all__ = ["Autotuner", "AutotuneResult", "CandidateTime", "autotune_layer", "candidates", "measure_ms",
-           "DEFAULT_MARGIN"]
+__all__ = ["Autotuner", "AutotuneResult", "CandidateTime", "SyntheticStep", "autotune_layer", "candidates",
+           "measure_ms", "DEFAULT_MARGIN"]

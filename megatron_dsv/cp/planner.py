@@ -45,14 +45,16 @@ def feasible_head_sizes(shape: AttentionShape, cp_size: int, head_sizes: Optiona
             continue
         if g > shape.num_heads // _unit(shape, g):
             continue
-        if shape.mask is not None and not _shards_fit(shape, cp_size // g):
+        if not shards_fit(shape, cp_size // g):
             continue
         out.append(g)
     return out
 
 
-def _shards_fit(shape: AttentionShape, seq_size: int) -> bool:
-    if seq_size == 1:
+def shards_fit(shape: AttentionShape, seq_size: int) -> bool:
+    """Whether ``seq_size`` contiguous sequence shards keep ``shape.mask`` runnable: always without
+    a mask or a sequence split; else :meth:`CausalMask.check_shards` (the layer refuses the rest)."""
+    if shape.mask is None or seq_size == 1:
         return True  # no sequence split: the mask holds on the whole sequence
     if shape.seq_len % seq_size:
         return False
@@ -474,6 +476,6 @@ def synced_union_densities(exchanges: Sequence, num_kv_heads: Sequence[int], gro
 
 __all__ = [
     "AttentionShape", "CostModel", "PlanCost", "PlanComparison",
-    "feasible_head_sizes", "check_tokens", "compare_plans", "plan_layer", "ReplanPolicy",
+    "feasible_head_sizes", "shards_fit", "check_tokens", "compare_plans", "plan_layer", "ReplanPolicy",
     "plans_digest", "check_plans_agree", "synced_union_density", "synced_union_densities",
 ]

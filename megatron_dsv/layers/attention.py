@@ -622,8 +622,18 @@ class DSVCoreAttention(MegatronModule):
         profiling iterations. ``lowrank``: the forward's projection when it made one (sparse
         layers), reused here, so nothing is projected or selected twice. Under a causal mask the
         loss, the moments and the statistics see only the (query, key) pairs the mask allows: they
-        get the rows' positions in the whole sequence (a sequence shard's rows are shard-local)."""
-        rows, n_total = self._sampled_rows(cp, q)
+        get the rows' positions in the whole sequence (a sequence shard's rows are shard-local),
+        and rows without a ranking choice are left out (:meth:`_sampled_rows`)."""
+        rows, n_total = self._sampled_rows(cp, q, causal=causal)
+        if causal is not None and n_total == 0:
+            seq_len = q.shape[2] * cp.seq_size
+            raise ValueError(
+                f"layer {self.layer_number}: none of the rows sampled every {self.dsv.dsv_profile_stride} tokens "
+                f"of {seq_len} has a ranking choice under the {causal.kind} mask (every key they may read lies "
+                f"in units their query group of {self.dsv.group_size} always keeps, key blocks of "
+                f"{self.dsv.dsv_kv_block}), so the predictor has nothing to fit. Lower --dsv-profile-stride, "
+                "use a longer sequence or a smaller --dsv-kv-block, or --dsv-mode dense."
+            )
         seq_rows = rows + cp.chunk_range(q.shape[2])[0]
         heads = None if cp.is_local else list(cp.heads)
         norm = q.shape[0] * self.num_heads * n_total
@@ -653,13 +663,27 @@ class DSVCoreAttention(MegatronModule):
         # data x context-parallel group, so the predictor's gradient equals the single-process one.
         return PredictorLossAutoScaler.apply(out, loss_sum / norm * self.dsv.dsv_predictor_loss_coeff, self.loss_scale)
 
-    def _sampled_rows(self, cp: CPAttention, q: Tensor, every: int = 1) -> Tuple[Tensor, int]:
+    def _sampled_rows(self, cp: CPAttention, q: Tensor, every: int = 1,
+                      causal: Optional[CausalMask] = None) -> Tuple[Tensor, int]:
         """Every ``every``-th row of the single-process sample of query rows, restricted to this
-        rank's chunk (chunk-local positions), and the sample's size over the whole sequence."""
+        rank's chunk (chunk-local positions), and the sample's size over the whole sequence.
+
+        With ``causal``, rows without a choice (:meth:`CausalMask.rows_with_choice`: every key
+        they may read lies in units their group always keeps) leave the sample, chosen on their
+        positions in the whole sequence, so CP ranks drop the rows one process drops. The
+        predictor's loss, its closed-form moments and the recall curve use this sample: such rows
+        carry no ranking decision for the predictor to fit, and their recall is 1 at every K, so
+        they would pull the K rule below the target on the rows where selection decides. Their
+        few readable keys also made the loss ill-conditioned: a row reading 2 keys made one
+        layer's predictor gradient 33x the other's, 1.2x without such rows (measured in
+        tests/layers/test_masked_predictor.py). Token sparsity, a property of attention, not of
+        selection, keeps every sampled row (``causal=None``)."""
         s_chunk = q.shape[2]
         rows = sample_rows(
             s_chunk * cp.seq_size, self.dsv.dsv_profile_stride, self._control.iteration + 7 * self.layer_number, q.device
         )[::every]
+        if causal is not None:
+            rows = rows[causal.rows_with_choice(rows, self.dsv.group_size, self.dsv.dsv_kv_block, s_chunk * cp.seq_size)]
         n_total = rows.numel()
         if not cp.is_local:
             lo, hi = cp.chunk_range(s_chunk)

@@ -18,7 +18,8 @@ the recall the predictor could reach at best (``relative_recall``).
 Under a causal mask (``ops/mask.py``) a row's mass is its softmax over the keys it may read, its
 sparsity counts only those keys, and units are ranked as masked selection ranks them: the
 group's forced units first, then its other allowed units by score; disallowed units rank last
-and hold no mass.
+and hold no mass. The layer samples only rows with a ranking choice for the curve
+(``CausalMask.rows_with_choice``; ``DSVCoreAttention._sampled_rows`` says why).
 """
 
 from __future__ import annotations

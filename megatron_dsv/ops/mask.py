@@ -21,6 +21,8 @@ would cut cubes, whose tokens interleave frames, so :meth:`CausalMask.from_frame
 Selection keeps the *forced* units of a group first: its partial units and the units holding its
 own queries. Then every query reads at least its own key (no empty softmax row) and the
 diagonal is always attended. A head's K must therefore be at least :meth:`CausalMask.max_forced`.
+A query whose readable keys all lie in its group's forced units reads the same keys at every K
+(:meth:`CausalMask.rows_with_choice` is False for it): the predictor's statistics leave it out.
 """
 
 from __future__ import annotations
@@ -121,6 +123,29 @@ class CausalMask:
         len_b = (b1 - b0).clamp(min=0)
         overlap = (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0)
         return (a1 - a0) + len_b - overlap
+
+    def rows_with_choice(self, rows: torch.Tensor, group_size: int, kv_block: int, seq_len: int) -> torch.Tensor:
+        """Bool ``[N]`` for query positions ``rows`` (int64 ``[N]`` in ``[0, seq_len)``): True where
+        the row may read a key in a unit its query group does not always keep, so selection's
+        ranking decides what the row attends to; False where every key the row may read lies in
+        its group's forced units (partial units and those holding the group's queries), which
+        selection keeps at any K.
+
+        Every query of a group may read all of the group's full units (``limit`` is
+        non-decreasing), and the forced units are its own units and the units that are not full,
+        so a row has a choice iff its group has a full unit outside its own units: a property of
+        the row's group, found by interval arithmetic (full units ``[0, f)`` with ``f = (limit(first)
+        + 1) // kv_block``, own units ``[first // kv_block, last // kv_block]``). Token-causal:
+        the groups starting before ``kv_block`` (they read no whole unit outside their own)."""
+        if rows.dim() != 1 or rows.dtype != torch.int64:
+            raise ValueError(f"rows must be int64 [N] query positions, got {rows.dtype} {tuple(rows.shape)}.")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= seq_len):
+            raise ValueError(f"row positions must lie in [0, {seq_len}); got [{int(rows.min())}, {int(rows.max())}].")
+        first = rows // group_size * group_size
+        last = torch.clamp(first + group_size - 1, max=seq_len - 1)
+        full = torch.clamp((self.limit(first) + 1) // kv_block, max=seq_len // kv_block)
+        own_lo, own_hi = first // kv_block, last // kv_block
+        return (full > 0) & ((own_lo > 0) | (own_hi < full - 1))
 
     def max_forced(self, seq_len: int, group_size: int, kv_block: int) -> int:
         """The smallest K (key units per head) that holds every group's forced units."""

@@ -7,14 +7,17 @@ path runs too); one test times the real path end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_dsv.cp.autotune import candidates
 from megatron_dsv.cp.cost_model import AttentionShape, CostModel
 from megatron_dsv.cp.planner import compare_plans
+from megatron_dsv.ops.mask import CausalMask
 from tests.cp.distributed import run_ranks
 
 # 4 heads of 16, 2 key/value heads, 64 tokens over 2 ranks, 8-token query groups, 4-token key blocks
@@ -149,6 +152,103 @@ def test_autotune_times_the_real_path():
     run_ranks(_real_rank, 2)
 
 
+MASKS = (CausalMask("causal"), CausalMask("chunk_causal", 16))  # 32-token shards hold 2 chunks of 16
+
+
+def _masked_reference(step, rank, world):
+    """The single-process masked dense attention of the gathered synthetic inputs, this rank's
+    token shard ``[s_local, b, H, D]``."""
+    import torch.distributed as dist
+
+    full = []
+    for t in step.inputs[:3]:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.detach().contiguous())
+        full.append(torch.cat(parts).permute(1, 2, 0, 3))
+    q, k, v = full
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask.dense(q.shape[2]), scale=step.scale,
+                                         enable_gqa=True)
+    s_local = step.inputs[0].shape[0]
+    return out.permute(2, 0, 1, 3)[rank * s_local:(rank + 1) * s_local]
+
+
+def _masked_rank(rank, world):
+    import torch.distributed as dist
+
+    from megatron_dsv.cp.autotune import Autotuner, autotune_layer
+    from megatron_dsv.cp.groups import build_cp_groups
+
+    groups = build_cp_groups(dist.group.WORLD)
+    s_local = SHAPE.seq_len // world
+    for mask in MASKS:
+        shape = dataclasses.replace(SHAPE, mask=mask)
+        for kv in (KV, None):
+            density = None if kv is None else [k / (SHAPE.seq_len // BLOCK) for k in kv]
+            cmp = compare_plans(CostModel.from_benchmark(), shape, density, cp_size=2, gpus_per_node=8, granule=GROUP)
+            seen = []
+
+            def timer(plan, step):
+                step()
+                assert step.mask == mask
+                if kv is None:  # the dense step is the masked one: ring (1x2) or local SDPA (2x1)
+                    assert step.index is None
+                    want = _masked_reference(step, rank, world)
+                    assert (step.out - want).abs().max() < 1e-5 * want.abs().max(), (mask, plan.head_size)
+                    seen.append(plan.head_size)
+                else:  # masked selection of this rank's chunk at its place in the sequence
+                    idx = step.index
+                    seen.append((plan.head_size, idx.mask, idx.q_offset, idx.seq_len_q, idx.seq_len_kv))
+                return 1.0
+
+            autotune_layer(groups, shape, kv, cmp, timer=timer, **_kw())
+            if kv is None:
+                assert seen == [1, 2], seen
+            else:
+                assert seen == [(1, mask, rank * s_local, s_local, SHAPE.seq_len),
+                                (2, mask, 0, SHAPE.seq_len, SHAPE.seq_len)], seen
+
+        # the mask is part of the cache signature: a masked and an unmasked layer alike measure apart
+        calls = []
+        tuner = Autotuner(timer=_fake({1: 2.0, 2: 1.0}, calls), **_kw())
+        tuner.choose(groups, SHAPE, KV, _comparison())
+        tuner.choose(groups, shape, KV, _comparison(margin_shape=shape))
+        tuner.choose(groups, shape, KV, _comparison(margin_shape=shape))
+        assert (tuner.misses, tuner.hits, len(calls)) == (2, 1, 4)
+
+        # K below the mask's forced units (2 per group here) is refused before anything is timed
+        with pytest.raises(ValueError, match="K per head = 1 is too small"):
+            autotune_layer(groups, shape, [1, 12, 3, 2], _comparison(margin_shape=shape), timer=_fake({}, []), **_kw())
+
+    # shards that cut the chunks (32-token shards, chunks of 24 tokens) are not timed; a
+    # comparison made without the mask offers 1x2 all the same
+    cut = dataclasses.replace(SHAPE, mask=CausalMask("chunk_causal", 24))
+    calls = []
+    res = autotune_layer(groups, cut, KV, _comparison(), timer=_fake({1: 1.0, 2: 5.0}, calls), **_kw())
+    assert calls == [2] and [c.plan.head_size for c in res.table] == [2] and res.best.head_size == 2
+    seq_only = compare_plans(CostModel.from_benchmark(), SHAPE, None, cp_size=2, gpus_per_node=8, granule=GROUP,
+                             head_sizes=[1])
+    with pytest.raises(ValueError, match="cut the chunk_causal mask's chunks of 24 tokens"):
+        autotune_layer(groups, cut, None, seq_only, timer=_fake({1: 1.0}, calls), **_kw())
+    assert calls == [2]
+
+    # a real timing of the masked path (token-causal): finite times, agreed by both ranks
+    shape = dataclasses.replace(SHAPE, mask=MASKS[0])
+    for kv in (KV, None):
+        density = None if kv is None else [k / (SHAPE.seq_len // BLOCK) for k in kv]
+        cmp = compare_plans(CostModel.from_benchmark(), shape, density, cp_size=2, gpus_per_node=8, granule=GROUP)
+        res = autotune_layer(groups, shape, kv, cmp, warmup=1, reps=2, **_kw())
+        assert [c.plan.head_size for c in res.table] == [1, 2]
+        assert all(math.isfinite(c.measured_ms) and c.measured_ms > 0 for c in res.table), res.table
+        assert len(set(_gather(repr(res.to_dict()), world))) == 1
+
+
+def test_autotune_times_the_masked_path():
+    """Under the layer's causal mask the timed step is the masked one (masked selection at the
+    shard's q_offset, the masked ring / local dense), the mask is in the cache signature, K below
+    the forced units is refused, and splits whose shards cut chunks are skipped."""
+    run_ranks(_masked_rank, 2)
+
+
 S, BATCH, HIDDEN = 64, 2, 128
 
 
@@ -162,17 +262,17 @@ def _runtime_rank(rank, world):
     from megatron_dsv.layers.attention import dsv_attention_layers
     from megatron_dsv.layers.context_parallel import apply_dsv_context_parallel
     from megatron_dsv.runtime.controller import DSVController
-    from megatron_dsv.specs import dsv_gpt_layer_spec
+    from megatron_dsv.specs import dsv_gpt_layer_spec, get_dsv_gpt_layer_spec
     from tests.megatron_shim import init_megatron_state, tiny_config
 
     init_megatron_state(cp=world, rank=rank, world_size=world, seed=7)
     stats_group = ps.get_data_parallel_group(with_context_parallel=True)
 
-    def run(autotune, timer=None):
+    def run(autotune, timer=None, spec=dsv_gpt_layer_spec):
         torch.manual_seed(7)
         cfg = tiny_config(context_parallel_size=world, dsv_mode="sparse", dsv_cp_split="auto", num_query_groups=2,
                           dsv_cp_autotune=autotune, dsv_cp_replan_interval=1)
-        block = TransformerBlock(cfg, dsv_gpt_layer_spec)
+        block = TransformerBlock(cfg, spec)
         apply_dsv_context_parallel(block)
         lines = []
         ctl = DSVController(block, stats_group=stats_group, log=lines.append)
@@ -225,6 +325,20 @@ def _runtime_rank(rank, world):
     assert ctl.cp_policy.replans == n_plans + 2, "nothing re-planned: the cache is not exercised"
     assert sorted(calls) == [1, 2] and (ctl.cp_autotuner.misses, ctl.cp_autotuner.hits) == (1, 3), calls
     assert len([m for m in lines if m.startswith("DSV CP autotune")]) == 1
+
+    # a token-causal model: the runtime hands the layer's mask to the autotuner, whose steps run masked
+    masks = []
+
+    def masked_timer(plan, step):
+        step()
+        masks.append((plan.head_size, step.index.mask, step.index.q_offset))
+        return {model: 10.0, other: 2.0}[plan.head_size]
+
+    ctl, block, lines, step = run("on", masked_timer, get_dsv_gpt_layer_spec(causal=True))
+    step(0)
+    causal = CausalMask("causal")
+    assert sorted(masks) == [(1, causal, rank * S // world), (2, causal, 0)], masks
+    assert all(l.cp_plan.head_size == other for l in dsv_attention_layers(block))
     dist.barrier()
 
 

@@ -284,9 +284,16 @@ def test_layer_learns_from_allowed_pairs_only(megatron_state, monkeypatch, spec)
     block(torch.randn(s, 2, 128), attention_mask=None).sum().backward()
     assert len(calls["loss"]) == len(calls["moments"]) == len(layers)
     for a, kw, (q_rows, k, mkw) in zip(layers, calls["loss"], calls["moments"]):
-        want_rows = sample_rows(s, a.dsv.dsv_profile_stride, 7 * a.layer_number)
+        sampled = sample_rows(s, a.dsv.dsv_profile_stride, 7 * a.layer_number)
+        # groups of 8, single-key units: token-causal group 0 reads only its own keys (no choice);
+        # chunk-causal (chunks of 16) group 0 may skip keys 8..15, so every row stays
+        want_rows = sampled[sampled >= 8] if chunk == 0 else sampled
+        assert want_rows.numel() < sampled.numel() or chunk
         assert kw["mask"] == mkw["mask"] == a.causal_mask() is not None
         assert torch.equal(kw["rows"], want_rows) and torch.equal(mkw["rows"], want_rows)
+        # the recall curve counts the same rows (batch 2, every head)
+        curve_rows = a.pending_stats[0].curve.rows
+        assert torch.equal(curve_rows, torch.full_like(curve_rows, 2.0 * want_rows.numel())), curve_rows
         masked = score_moments(q_rows, k, mask=a.causal_mask(), rows=want_rows)
         torch.testing.assert_close(a.predictor.moments.c_q, masked.c_q)
         assert (masked.c_k - score_moments(q_rows, k).c_k).norm() > 1e-3 * masked.c_k.norm()
@@ -364,3 +371,56 @@ def test_recall_curve_of_shards_with_q_offset_sums_to_the_whole():
         recall_curve(q[:, :, 4:36], k, q_lr[:, :, 4:36], k_lr, rows[:2], mask=CP_MASKS[0], q_offset=4, **kw)
     with pytest.raises(ValueError, match="pass mask="):
         recall_curve(q[:, :, :32], k, q_lr[:, :, :32], k_lr, rows[:2], q_offset=32, **kw)
+
+
+def _predictor_grads(dtype):
+    """Predictor gradients (one [W_q, W_k] pair per layer, fp64) of a token-causal block in stage
+    1 (gradient fit) at iteration 3, where layer 2 samples row 1 (2 readable keys)."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.layers.attention import dsv_attention_layers
+    from megatron_dsv.layers.state import StepControl
+    from megatron_dsv.specs import get_dsv_gpt_layer_spec
+    from tests.megatron_shim import tiny_config
+
+    torch.manual_seed(7)
+    cfg = tiny_config(dsv_mode="auto", num_query_groups=2, dsv_fixed_sparsity=0.8, dsv_predictor_fit="gradient")
+    block = TransformerBlock(cfg, get_dsv_gpt_layer_spec(causal=True)).to(dtype)
+    layers = dsv_attention_layers(block)
+    for layer in layers:
+        layer.begin_iteration(StepControl(iteration=3))
+    gen = torch.Generator().manual_seed(11)
+    x, w = (torch.randn(64, 2, 128, generator=gen).to(dtype) for _ in range(2))
+    block.config.experimental_attention_variant_loss_scale_func(torch.tensor(1.0))
+    (block(x, attention_mask=None) * w).sum().backward()
+    return [[p.grad.double() for p in (a.predictor.weight_q, a.predictor.weight_k)] for a in layers]
+
+
+def test_rows_without_choice_leave_the_predictor_loss(megatron_state):
+    """Token-causal rows whose keys all lie in their group's forced units leave the predictor's
+    loss, so its first rows no longer dominate the gradient. Measured here (layer 2 samples row
+    1, which reads 2 keys): before, layer 2's largest predictor gradient entry was 33x layer 1's
+    (W_q; 29x W_k) and fp32 moved it by 3.2e-4 of that entry against fp64; now 1.18x (1.02x) and
+    6.5e-7 (at most, over both layers and weights)."""
+    g64, g32 = _predictor_grads(torch.float64), _predictor_grads(torch.float32)
+    for w in range(2):
+        big = [float(layer[w].abs().max()) for layer in g64]
+        assert min(big) > 0 and max(big) / min(big) < 3, big
+    for layer64, layer32 in zip(g64, g32):
+        for a, b in zip(layer32, layer64):
+            err = float((a - b).abs().max() / b.abs().max())
+            assert err < 1e-5, err
+
+
+def test_no_row_with_a_choice_is_refused(megatron_state):
+    """16 tokens in one key block of 16: no query group can skip a unit, so no sampled row has a
+    choice and the predictor would fit nothing: a clear error, not a NaN loss."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.specs import get_dsv_gpt_layer_spec
+    from tests.megatron_shim import tiny_config
+
+    torch.manual_seed(0)
+    block = TransformerBlock(tiny_config(dsv_mode="auto", dsv_kv_block=16), get_dsv_gpt_layer_spec(causal=True))
+    with pytest.raises(ValueError, match="has a ranking choice under the causal mask.*--dsv-profile-stride"):
+        block(torch.randn(16, 2, 128), attention_mask=None)

@@ -37,6 +37,40 @@ def test_unit_classes_match_token_mask(mask, g, kvb):
     assert torch.equal(mask.forced_count(s, g, kvb), forced.sum(-1))
 
 
+@pytest.mark.parametrize("mask", MASKS + [CausalMask("chunk_causal", 5), CausalMask("chunk_causal", 8)])
+@pytest.mark.parametrize("g,kvb", [(4, 1), (4, 4), (6, 4), (8, 3), (4, 8), (8, 8), (8, 16)])
+def test_rows_with_choice_match_the_forced_units(mask, g, kvb):
+    """A row has a choice iff it may read a key in a unit outside its group's forced units (the
+    definition, from the token mask and unit_classes, row by row)."""
+    s = 48
+    units = s // kvb
+    rows = torch.arange(s)
+    allowed, forced = mask.unit_classes(rows // g, g, kvb, units)
+    readable = mask.dense(s)[:, : units * kvb].view(s, units, kvb).any(-1)
+    assert torch.equal(readable & ~allowed, torch.zeros_like(readable))
+    want = (readable & ~forced).any(-1)
+    assert torch.equal(mask.rows_with_choice(rows, g, kvb, s), want)
+
+
+def test_rows_without_choice_by_hand():
+    rows = torch.arange(64)
+    causal = CausalMask("causal")
+    # groups of 8, blocks of 4: group 0 reads only its own units 0, 1; group 1 reads 0, 1 whole
+    assert torch.equal(causal.rows_with_choice(rows, 8, 4, 64), rows >= 8)
+    # blocks of 16: groups 0 and 1 share unit 0, their own; group 2 (tokens 16..23) may skip it
+    assert torch.equal(causal.rows_with_choice(rows, 8, 16, 64), rows >= 16)
+    # blocks of 1 (single keys): group 0 has no key before its own
+    assert torch.equal(causal.rows_with_choice(rows, 8, 1, 64), rows >= 8)
+    # chunk-causal, chunks = groups = blocks of 8: chunk 0 reads its own unit only
+    assert torch.equal(CausalMask("chunk_causal", 8).rows_with_choice(rows, 8, 8, 64), rows >= 8)
+    # chunks of 16, groups of 8, blocks of 4: group 0 may skip units 2, 3 of its chunk: every row has a choice
+    assert bool(CausalMask("chunk_causal", 16).rows_with_choice(rows, 8, 4, 64).all())
+    with pytest.raises(ValueError, match=r"lie in \[0, 64\)"):
+        causal.rows_with_choice(torch.tensor([64]), 8, 4, 64)
+    with pytest.raises(ValueError, match="int64"):
+        causal.rows_with_choice(rows.int(), 8, 4, 64)
+
+
 def test_mask_arguments_are_checked():
     with pytest.raises(ValueError, match="kind"):
         CausalMask("sliding")
