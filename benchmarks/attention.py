@@ -1,27 +1,35 @@
-"""Sparse attention kernels vs cuDNN dense and FlexAttention block-sparse, on one GPU.
+"""Sparse attention kernels vs cuDNN dense and the block-sparse peers, on one GPU, in one run.
 
-First checks correctness at the benchmark shapes (our kernels vs the fp32 reference on a slice of
-heads: out, LSE and, for one head, dq/dk/dv), then times with ``triton.testing.do_bench``
-(median) in one run on the same inputs:
-- cuDNN SDPA dense (``SDPBackend.CUDNN_ATTENTION``), fwd and fwd+bwd;
-- FlexAttention with a random 128x128 block mask of the same density (``--flex``);
-- our selection (``select_topk``, Triton) and our sparse attention at token (kv_block=1) and
-  block granularity, fwd, bwd, fwd+bwd, and peak memory of selection + fwd + bwd.
-Speedups are against cuDNN dense fwd+bwd, selection included. TF/s counts 4*pairs*D FLOPs
-forward (x3.5 fwd+bwd) of the pairs actually computed.
+Per (S, D), on the same q/k/v (bf16, B=1, H=16 unless told):
+- cuDNN SDPA dense (``SDPBackend.CUDNN_ATTENTION``), fwd, bwd and fwd+bwd: the denominator;
+- ours: selection (``select_topk``, Triton) and our sparse attention (Triton) at each key-unit size
+  (``--kv-blocks``; 1 = token) and query group (``--group-sizes``);
+- NVIDIA cuDNN frontend's block-sparse attention (``--cudnn-block-sparse``, on by default) on the
+  SAME SparseIndex as ours (64-token groups, 64-key blocks). Not importable, or a case it does not
+  serve (``cudnn_supported``: SM90, bf16, D=128, MHA), is a row that says why;
+- FlexAttention at each block size of ``--flex-blocks`` (default 128,64): 64x64 on the same
+  SparseIndex as ours, larger blocks on random blocks at the same density. A compile failure is a
+  row with the error's first line (recorded once per head dim and block: torch picks its tiles
+  by head dim and dtype, not by length).
+At the first sparsity of each (S, D), before anything is timed, every sparse kernel's first
+forward and backward (JIT compilation included, kept out of the timings) are timed on the host
+clock, and its outputs checked against the fp32 reference (out and LSE on 2 heads, dq/dk/dv on
+head 0); peers on our index also against ours (``vs_ours``). Then ``triton.testing.do_bench``
+medians. Speedup = cuDNN dense fwd+bwd / (selection + sparse fwd+bwd), every column with our
+64x64 selection time (the index any block-sparse kernel needs); TF/s count 4*pairs*D FLOPs
+forward (x3.5 fwd+bwd) of the pairs each kernel computes.
 
-    python benchmarks/attention.py --seqlens 65536 --head-dims 128 --sparsities 0.9,0.95
+    python benchmarks/attention.py --seqlens 65536 --head-dims 128 --sparsities 0.9,0.95 --kv-blocks 64
 
-Writes ``benchmarks/results/attention_<gpu>_<time>.json`` (or ``--out``) and prints a markdown table.
+Writes ``benchmarks/results/attention_<gpu>_<time>.json`` (or ``--out``) and prints the table of
+``benchmarks/attention_report.py``. ``--device cpu`` (with ``TRITON_INTERPRET=1``) runs the same
+path at tiny sizes as a smoke test; its times mean nothing.
 """
 
 import argparse
 import dataclasses
-import datetime
 import json
-import math
 import os
-import subprocess
 import sys
 import time
 
@@ -29,16 +37,21 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
+from benchmarks.json_out import write_json  # noqa: E402
+from benchmarks.sparse_peers import (  # noqa: E402
+    FlexPeer, ReferenceCheck, Timer, cudnn_fn, cudnn_status, dense_kind, dense_sdpa, env_info, first_calls,
+    first_line, fwd_bwd_fns, random_block_index, time_attention,
+)
 from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import group_proxies, pool_keys, select_topk  # noqa: E402
 from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention import triton as sa_triton  # noqa: E402
-from megatron_dsv.ops.sparse_attention.naive import sparse_attention_reference  # noqa: E402
 from megatron_dsv.ops.sparse_index import SparseIndex, k_from_sparsity  # noqa: E402
+
+# The block of cuDNN's block-sparse kernels and of the index every peer shares with ours.
+PEER_BLOCK = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _ints(s):
@@ -59,143 +72,50 @@ def parse_args(argv=None):
     p.add_argument("--kv-blocks", type=_ints, default=[1, 64], help="key-unit sizes to time (1 = token)")
     p.add_argument("--group-sizes", type=_ints, default=[64], help="query group sizes G")
     p.add_argument("--rank", type=int, default=16, help="low-rank predictor dimension r")
-    p.add_argument("--flex", action="store_true", help="also time FlexAttention block-sparse")
+    p.add_argument("--cudnn-block-sparse", action=argparse.BooleanOptionalAction, default=True,
+                   help="time cuDNN's block-sparse attention on our index (a row says why where it cannot run)")
+    p.add_argument("--flex-blocks", type=_ints, default=[128, 64],
+                   help="FlexAttention block sizes to time ('' = none)")
+    p.add_argument("--flex-head-dims", type=_ints, default=None, help="head dims to time flex at (default all)")
     p.add_argument("--atomic-compare", action="store_true", help="also time atomic dk/dv at block granularity")
     p.add_argument("--tune", action="store_true",
                    help="per (D, kv_block), at the first S and sparsity, pick the fastest tile/backward variant")
-    p.add_argument("--flex-head-dims", type=_ints, default=None, help="head dims to time flex at (default all)")
     p.add_argument("--sweep", action="store_true",
                    help="time tile variants of each kernel at the first sparsity and exit")
     p.add_argument("--profile-trace", action="store_true",
                    help="torch.profiler at the first shape: kernel time vs timed time of selection, fwd, bwd; exit")
     p.add_argument("--profile-once", action="store_true",
                    help="run selection + fwd + bwd once at the first shape (for ncu) and exit")
-    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--time-budget-s", type=float, default=0.0,
+                   help="stop starting kernels after this many seconds (0 = no limit); each one not run is a "
+                        "'skipped' row, so a device call never dies mid-run")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: smoke run of the same path under TRITON_INTERPRET=1 at tiny sizes")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_<gpu>_<time>.json)")
-    return p.parse_args(argv)
-
-
-def env_info():
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip())
-    except Exception:  # no git on the device machine: the caller passes the commit
-        commit, dirty = os.environ.get("DSV_GIT_COMMIT", "unknown"), None
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "git_commit": commit,
-        "git_dirty_tracked": dirty,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    args = p.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device cpu runs our Triton kernels in the interpreter: set TRITON_INTERPRET=1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device; use --device cpu with TRITON_INTERPRET=1 for the smoke path")
+    bad = [b for b in args.flex_blocks if b < 16 or b & (b - 1)]
+    if bad:
+        p.error(f"--flex-blocks {bad}: FlexAttention blocks must be powers of two >= 16 (e.g. 128,64)")
+    return args
 
 
 def bench(fn):
-    return do_bench(fn, warmup=ARGS.warmup, rep=ARGS.rep, return_mode="median")
-
-
-def peak_mem(fn):
-    """Peak bytes allocated by ``fn`` above what was allocated before it."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def _fwd_bwd_fns(attn, q, k, v, do):
-    """fwd, bwd-only (graph built outside) and fwd+bwd callables for ``attn(q, k, v) -> out``."""
-    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-
-    def fwd():
-        with torch.no_grad():
-            attn(q, k, v)
-
-    def fwd_bwd():
-        out = attn(qg, kg, vg)
-        torch.autograd.grad(out, (qg, kg, vg), do)
-
-    state = {}
-
-    def setup_bwd():
-        state["out"] = attn(qg, kg, vg)
-
-    def bwd():
-        torch.autograd.grad(state["out"], (qg, kg, vg), do, retain_graph=True)
-
-    return fwd, setup_bwd, bwd, fwd_bwd
-
-
-def time_attention(attn, q, k, v, do):
-    fwd, setup_bwd, bwd, fwd_bwd = _fwd_bwd_fns(attn, q, k, v, do)
-    t_fwd = bench(fwd)
-    setup_bwd()
-    t_bwd = bench(bwd)
-    t_fb = bench(fwd_bwd)
-    mem = peak_mem(fwd_bwd)
-    return {"fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_bwd_ms": t_fb, "peak_mem_gib": mem / 2**30}
-
-
-def dense_cudnn(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-_FLEX = {}
-
-
-def flex_block_sparse(b, h, s, density, device):
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    nb = s // 128
-    kb = max(1, round(density * nb))
-    idx = torch.rand(b, h, nb, nb, device=device).argsort(dim=-1)[..., :kb].sort(dim=-1).values
-    full_idx = torch.zeros(b, h, nb, nb, dtype=torch.int32, device=device)
-    full_idx[..., :kb] = idx.to(torch.int32)
-    full_num = torch.full((b, h, nb), kb, dtype=torch.int32, device=device)
-    zero_num = torch.zeros(b, h, nb, dtype=torch.int32, device=device)
-    mask = BlockMask.from_kv_blocks(zero_num, full_idx.clone(), full_num, full_idx, BLOCK_SIZE=128)
-    fn = _FLEX["fn"]
-    return (lambda q, k, v: fn(q, k, v, block_mask=mask)), kb / nb
+    return Timer("cuda", ARGS.warmup, ARGS.rep)(fn)
 
 
 def check_correctness(q, k, v, do, index: SparseIndex, heads=2, options=None):
-    """Relative errors of our kernel (variant ``options``) vs the fp32 reference on the first
-    ``heads`` heads (out, LSE) and on head 0 (dq, dk, dv; heads are independent, so head 0's
-    gradients of the full problem equal those of the one-head problem)."""
-    scale = q.shape[-1] ** -0.5
-
-    def sub(ix, hs):
-        return SparseIndex(ix.kv_idx[:, hs].contiguous(), ix.kv_count[:, hs].contiguous(), ix.group_size,
-                           ix.kv_block, ix.seq_len_q, ix.seq_len_kv)
-
-    def rel(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = sparse_attention(qg, kg, vg, index, backend="triton", options=options)
-    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), do)
-    hs = slice(0, heads)
-    with torch.no_grad():
-        ref_o, ref_l = sparse_attention_reference(q[:, hs].float(), k[:, hs].float(), v[:, hs].float(), sub(index, hs), scale)
-    res = {"out": rel(out[:, hs], ref_o), "lse": rel(lse[:, hs], ref_l)}
-    del ref_o, ref_l
-    h0 = slice(0, 1)
-    q0, k0, v0 = (t[:, h0].float().detach().requires_grad_(True) for t in (q, k, v))
-    ro, _ = sparse_attention_reference(q0, k0, v0, sub(index, h0), scale)
-    rdq, rdk, rdv = torch.autograd.grad(ro, (q0, k0, v0), do[:, h0].float())
-    del ro
-    res.update(dq=rel(dq[:, h0], rdq), dk=rel(dk[:, h0], rdk), dv=rel(dv[:, h0], rdv))
-    res["ok"] = all(math.isfinite(x) and x < 2e-2 for x in res.values())
+    """Errors of our kernel (variant ``options``) vs the fp32 reference (see ``ReferenceCheck``)."""
+    ref = ReferenceCheck(q, k, v, do, index, heads=heads)
+    res = ref.check(lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=options), q, k, v)
+    del ref
     torch.cuda.empty_cache()
     return res
 
@@ -221,7 +141,7 @@ SWEEP = {
 
 def sweep():
     """Time each kernel's tile variants (others at their defaults) on the first sparsity."""
-    info = env_info()
+    info = env_info("cuda")
     print(f"# sweep on {info['gpu']}", flush=True)
     res = []
     b, h, r = ARGS.batch, ARGS.heads, ARGS.rank
@@ -265,7 +185,7 @@ def sweep():
                                 tune={"dkdv" if kind == "fused" else kind: cfg},
                             )
                             try:
-                                fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(_attn(index, opts), q, k, v, do)
+                                fwd, setup_bwd, bwd, _ = fwd_bwd_fns(_attn(index, opts), q, k, v, do)
                                 if kind == "fwd":
                                     t = bench(fwd)
                                 else:
@@ -309,11 +229,11 @@ def _attn(index, options):
 def tune(index, q, k, v, do, kvb):
     """Fastest forward tiles and backward variant for this (D, kv_block); returns the choice."""
     def t_fwd(c):
-        return bench(_fwd_bwd_fns(_attn(index, KernelOptions(tune={"fwd": c})), q, k, v, do)[0])
+        return bench(fwd_bwd_fns(_attn(index, KernelOptions(tune={"fwd": c})), q, k, v, do)[0])
 
     def t_bwd(tiles):
         # the variant is fixed when the forward runs (autograd keeps it for the backward)
-        _, setup_bwd, bwd, _ = _fwd_bwd_fns(_attn(index, KernelOptions(tune={"fwd": best_f, **tiles})), q, k, v, do)
+        _, setup_bwd, bwd, _ = fwd_bwd_fns(_attn(index, KernelOptions(tune={"fwd": best_f, **tiles})), q, k, v, do)
         setup_bwd()
         return bench(bwd)
 
@@ -376,7 +296,7 @@ def _kernel_table(fn, iters=5):
 def profile_trace():
     """Selection, forward and backward at the first shape: the timed (do_bench) time next to the
     sum of their kernels' device times, so launch gaps, host syncs and small glue ops show up."""
-    info = env_info()
+    info = env_info("cuda")
     b, h, r, s, d = ARGS.batch, ARGS.heads, ARGS.rank, ARGS.seqlens[0], ARGS.head_dims[0]
     kvb, g, sp = ARGS.kv_blocks[0], ARGS.group_sizes[0], ARGS.sparsities[0]
     print(f"# profile on {info['gpu']} S={s} D={d} kvb={kvb} G={g} sp={sp}", flush=True)
@@ -388,7 +308,7 @@ def profile_trace():
     def attn(q_, k_, v_):
         return sparse_attention(q_, k_, v_, index, backend="triton")[0]
 
-    fwd, setup_bwd, bwd, fwd_bwd = _fwd_bwd_fns(attn, q, k, v, do)
+    fwd, setup_bwd, bwd, fwd_bwd = fwd_bwd_fns(attn, q, k, v, do)
     setup_bwd()
 
     phases = {
@@ -418,6 +338,237 @@ def profile_trace():
             json.dump({"env": info, "args": vars(ARGS), "rows": rows}, f, indent=1)
 
 
+class KernelBench:
+    """One run of the kernel table: the timer, the rows so far (written after each), and the peers'
+    state (the compiled FlexAttention, the (D, block) pairs it failed to compile, tuned variants)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.dtype = DTYPES[args.dtype]
+        self.timer = Timer(args.device, args.warmup, args.rep)
+        self.info = env_info(args.device)
+        self.rows = []
+        self.flex = FlexPeer() if args.flex_blocks else None
+        self.flex_failed = {}
+        self.tuned = {}
+        self.t_start = time.perf_counter()
+        self.out = args.out
+        if self.out is None:
+            gpu = self.info["gpu"].replace(" ", "_").replace("/", "_")
+            self.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"attention_{gpu}_{time.strftime('%Y%m%d_%H%M%S')}.json")
+
+    def data(self):
+        return {"env": self.info, "args": vars(self.args), "rows": self.rows}
+
+    def add(self, row, msg=None):
+        self.rows.append(row)
+        write_json(self.data(), self.out)
+        print(msg if msg is not None else f"  {row}", flush=True)
+        return row
+
+    def budget_spent(self):
+        """Why no further kernel starts (the time budget is spent), or None."""
+        budget = self.args.time_budget_s
+        elapsed = time.perf_counter() - self.t_start
+        if budget > 0 and elapsed > budget:
+            return f"time budget of {budget:.0f} s spent ({elapsed:.0f} s elapsed)"
+        return None
+
+    def skip(self, why, **keys):
+        return self.add({**keys, "skipped": why}, f"  {keys}: skipped, {why}")
+
+    def run(self):
+        a = self.args
+        print(f"# {self.info['gpu']} | torch {self.info['torch']} | triton {self.info['triton']} | "
+              f"cudnn-frontend {self.info['nvidia-cudnn-frontend']} | commit {self.info['git_commit'][:12]}", flush=True)
+        for s in a.seqlens:
+            for d in a.head_dims:
+                why = self.budget_spent()
+                if why:
+                    self.skip(why, kind="shape", S=s, D=d)
+                    continue
+                self.shape(s, d)
+                if self.args.device == "cuda":
+                    torch.cuda.empty_cache()
+        write_json(self.data(), self.out)
+        from benchmarks.attention_report import report
+
+        print(f"\nwrote {self.out}\n")
+        print(report(self.data()))
+
+    def shape(self, s, d):
+        a, dev = self.args, self.args.device
+        b, h, r = a.batch, a.heads, a.rank
+        torch.manual_seed(0)
+        q, k, v, do = (torch.randn(b, h, s, d, device=dev, dtype=self.dtype) for _ in range(4))
+        q_lr, k_lr = (torch.randn(b, h, s, r, device=dev, dtype=self.dtype) for _ in range(2))
+        dense = {"kind": dense_kind(dev), "S": s, "D": d, "sparsity": 0.0}
+        time_attention(self.timer, dense_sdpa, q, k, v, do, dense)
+        flops = 4.0 * b * h * s * s * d
+        dense.update(fwd_tflops=flops / dense["fwd_ms"] / 1e9, fwd_bwd_tflops=3.5 * flops / dense["fwd_bwd_ms"] / 1e9)
+        self.add(dense, f"S={s} D={d} {dense['kind']}: fwd {dense['fwd_ms']:.2f} ms, fwd+bwd {dense['fwd_bwd_ms']:.2f} ms")
+        for i, sp in enumerate(a.sparsities):
+            self.sparsity(s, d, sp, i == 0, q, k, v, do, q_lr, k_lr, dense)
+
+    def sparsity(self, s, d, sp, first, q, k, v, do, q_lr, k_lr, dense):
+        """Ours at every (kv_block, G), then the peers on the 64x64 index (ours where we ran it)."""
+        a = self.args
+        check = first and not a.no_check
+        shared = None
+        for kvb in a.kv_blocks:
+            for g in a.group_sizes:
+                why = self.budget_spent()
+                if why:
+                    self.skip(why, kind=f"dsv_kvb{kvb}", S=s, D=d, G=g, kv_block=kvb, sparsity_nominal=sp)
+                    continue
+                res = self.ours(s, d, sp, kvb, g, first, check, q, k, v, do, q_lr, k_lr, dense)
+                if (kvb, g) == (PEER_BLOCK, PEER_BLOCK):
+                    shared = res
+        if not (a.cudnn_block_sparse or a.flex_blocks):
+            return
+        if shared is None:
+            kh = int(k_from_sparsity(torch.tensor(sp), s // PEER_BLOCK))
+            index = select_topk(q_lr, k_lr, PEER_BLOCK, kh, kv_block=PEER_BLOCK, backend="triton")
+            t_sel = self.timer(lambda: select_topk(q_lr, k_lr, PEER_BLOCK, kh, kv_block=PEER_BLOCK, backend="triton"))
+            ref = ReferenceCheck(q, k, v, do, index) if check else None
+            shared = (index, t_sel, ref, None)
+        index, t_sel, ref, ours_run = shared
+        if a.cudnn_block_sparse:
+            self.cudnn(s, d, sp, first, q, k, v, do, index, t_sel, ref, ours_run, dense)
+        for blk in a.flex_blocks:
+            if a.flex_head_dims is None or d in a.flex_head_dims:
+                self.flex_row(s, d, sp, blk, first, check, q, k, v, do, shared, dense)
+
+    def ours(self, s, d, sp, kvb, g, first, check, q, k, v, do, q_lr, k_lr, dense):
+        """Our selection + Triton kernels; returns (index, selection ms, reference, our outputs)."""
+        a = self.args
+        n_units = s // kvb
+        kh = int(k_from_sparsity(torch.tensor(sp), n_units))
+
+        def select():
+            return select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
+
+        index = select()
+        t_sel = self.timer(select)
+        row = {"kind": f"dsv_kvb{kvb}", "S": s, "D": d, "G": g, "kv_block": kvb, "sparsity_nominal": sp,
+               "sparsity": 1.0 - kh / n_units, "K_units": kh, "select_ms": t_sel}
+        if first:
+            row["first_call"] = first_calls(
+                lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton"), q, k, v, do, self.timer)
+        opts = KernelOptions()
+        if a.tune:
+            key = (d, kvb, g)
+            if key not in self.tuned:
+                self.tuned[key] = tune(index, q, k, v, do, kvb)
+                print(f"  tuned D={d} kvb={kvb} G={g}: {self.tuned[key]}", flush=True)
+            opts = tuned_options(self.tuned[key])
+            row["tune"] = self.tuned[key]
+
+        def fn(q_, k_, v_):
+            return sparse_attention(q_, k_, v_, index, backend="triton", options=opts)
+
+        ref = ours_run = None
+        if check:
+            ref = ReferenceCheck(q, k, v, do, index)
+            ours_run = ref.run(fn, q, k, v)
+            row["check"] = ref.errors(*ours_run)
+            print(f"  check kvb={kvb} G={g}: {row['check']}", flush=True)
+        attn = _attn(index, opts)
+        time_attention(self.timer, attn, q, k, v, do, row)
+        fb = fwd_bwd_fns(attn, q, k, v, do)[3]
+        row["peak_mem_gib"] = self.timer.peak_mem_gib(lambda: (select(), fb()))
+        flops = 4.0 * index.computed_pairs() * d
+        total = t_sel + row["fwd_bwd_ms"]
+        row.update(
+            total_ms=total,
+            speedup_fwd_bwd=dense["fwd_bwd_ms"] / total,
+            speedup_fwd=dense["fwd_ms"] / (t_sel + row["fwd_ms"]),
+            select_frac=t_sel / total,
+            fwd_tflops=flops / row["fwd_ms"] / 1e9,
+            fwd_bwd_tflops=3.5 * flops / row["fwd_bwd_ms"] / 1e9,
+        )
+        if a.atomic_compare and kvb > 1:
+            _, setup_bwd, bwd, _ = fwd_bwd_fns(_attn(index, dataclasses.replace(opts, force_atomic_dkdv=True)), q, k, v, do)
+            setup_bwd()
+            row["bwd_ms_atomic_dkdv"] = self.timer(bwd)
+        self.add(row, (
+            f"  dsv kvb={kvb} G={g} sp={row['sparsity']:.3f}: sel {t_sel:.2f} fwd {row['fwd_ms']:.2f} "
+            f"bwd {row['bwd_ms']:.2f} fwd+bwd {row['fwd_bwd_ms']:.2f} ms -> x{row['speedup_fwd_bwd']:.2f} "
+            f"({row['fwd_tflops']:.0f}/{row['fwd_bwd_tflops']:.0f} TF/s)"
+            + (f" atomic bwd {row['bwd_ms_atomic_dkdv']:.2f}" if "bwd_ms_atomic_dkdv" in row else "")))
+        return index, t_sel, ref, ours_run
+
+    def cudnn(self, s, d, sp, first, q, k, v, do, index, t_sel, ref, ours_run, dense):
+        base = {"kind": "cudnn_block_sparse", "S": s, "D": d, "sparsity_nominal": sp}
+        why = self.budget_spent()
+        if why:
+            return self.skip(why, **base)
+        status, reason = cudnn_status(q, k, index)
+        base.update(status=status, reason=reason)
+        if status != "ok":
+            return self.add(base, f"  cuDNN block-sparse sp={sp}: {status}: {reason}")
+        return self.peer(base, lambda: cudnn_fn(index), index, first, ref, ours_run, q, k, v, do, t_sel, dense)
+
+    def flex_row(self, s, d, sp, blk, first, check, q, k, v, do, shared, dense):
+        base = {"kind": f"flex_block{blk}", "S": s, "D": d, "sparsity_nominal": sp, "block": blk}
+        why = self.budget_spent()
+        if why:
+            return self.skip(why, **base)
+        failed = self.flex_failed.get((d, blk))
+        if failed is not None:
+            base.update(error=failed["error"], error_stage=failed["error_stage"],
+                        not_retried=f"failed at S={failed['S']} with this head dim and block")
+            return self.add(base, f"  flex {blk} sp={sp}: {base['error']} (not retried)")
+        index, t_sel, ref, ours_run = shared
+        if blk != PEER_BLOCK:
+            b, h = q.shape[:2]
+            kh = int(k_from_sparsity(torch.tensor(sp), s // blk))
+            index = random_block_index(b, h, s, blk, kh, q.device)
+            ref = ReferenceCheck(q, k, v, do, index) if check else None
+            ours_run = None
+        row = self.peer(base, lambda: self.flex.attention(index), index, first, ref, ours_run, q, k, v, do, t_sel, dense)
+        if row.get("error_stage") in ("build", "first call"):
+            self.flex_failed[(d, blk)] = {"error": row["error"], "error_stage": row["error_stage"], "S": s}
+        return row
+
+    def peer(self, row, make_fn, index, first, ref, against, q, k, v, do, t_sel, dense):
+        """A block-sparse peer over ``index``: first calls and check (at the first sparsity), then
+        timings; a failure is the row's ``error`` (its first line) and the stage it happened in."""
+        b, h, s, d = q.shape
+        row.update(sparsity=1.0 - index.computed_pairs() / (b * h * s * index.seq_len_kv),
+                   K_blocks=int(index.kv_count.max()), select_ms=t_sel)
+        stage = "build"
+        try:
+            fn = make_fn()
+            stage = "first call"
+            if first:
+                row["first_call"] = first_calls(fn, q, k, v, do, self.timer)
+            if ref is not None:
+                stage = "check"
+                row["check"] = ref.check(fn, q, k, v, against)
+            stage = "timing"
+            time_attention(self.timer, lambda q_, k_, v_: fn(q_, k_, v_)[0], q, k, v, do, row)
+            flops = 4.0 * index.computed_pairs() * d
+            total = t_sel + row["fwd_bwd_ms"]
+            row.update(
+                total_ms=total, speedup_fwd_bwd=dense["fwd_bwd_ms"] / total,
+                speedup_kernel_only=dense["fwd_bwd_ms"] / row["fwd_bwd_ms"],
+                speedup_fwd=dense["fwd_ms"] / (t_sel + row["fwd_ms"]),
+                fwd_tflops=flops / row["fwd_ms"] / 1e9, fwd_bwd_tflops=3.5 * flops / row["fwd_bwd_ms"] / 1e9,
+            )
+            msg = (f"  {row['kind']} sp={row['sparsity']:.3f}: fwd {row['fwd_ms']:.2f} bwd {row['bwd_ms']:.2f} "
+                   f"fwd+bwd {row['fwd_bwd_ms']:.2f} ms -> x{row['speedup_fwd_bwd']:.2f}"
+                   + (f", check {row['check']}" if "check" in row else "")
+                   + (f", first call {row['first_call']}" if "first_call" in row else ""))
+        except Exception as err:  # record and go on: one peer's failure must not hide the other columns
+            row.update(error=first_line(err), error_stage=stage)
+            msg = f"  {row['kind']} sp={row['sparsity_nominal']}: failed at {stage}: {row['error']}"
+        if self.args.device == "cuda":
+            torch.cuda.empty_cache()
+        return self.add(row, msg)
+
+
 def main():
     if ARGS.profile_once:
         return profile_once()
@@ -425,128 +576,7 @@ def main():
         return profile_trace()
     if ARGS.sweep:
         return sweep()
-    info = env_info()
-    print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']} | commit {info['git_commit'][:12]}", flush=True)
-    dev = "cuda"
-    b, h, r = ARGS.batch, ARGS.heads, ARGS.rank
-    rows = []
-    tuned = {}
-    out = ARGS.out
-    if out is None:
-        gpu = info["gpu"].replace(" ", "_").replace("/", "_")
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"attention_{gpu}_{time.strftime('%Y%m%d_%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-
-    def save():
-        with open(out, "w") as f:
-            json.dump({"env": info, "args": vars(ARGS), "rows": rows}, f, indent=1)
-
-    for s in ARGS.seqlens:
-        for d in ARGS.head_dims:
-            torch.manual_seed(0)
-            q, k, v, do = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(4))
-            q_lr, k_lr = (torch.randn(b, h, s, r, device=dev, dtype=torch.bfloat16) for _ in range(2))
-            dense = time_attention(dense_cudnn, q, k, v, do)
-            dense_flops = 4.0 * b * h * s * s * d
-            dense.update(kind="cudnn_dense", S=s, D=d, sparsity=0.0,
-                         fwd_tflops=dense_flops / dense["fwd_ms"] / 1e9,
-                         fwd_bwd_tflops=3.5 * dense_flops / dense["fwd_bwd_ms"] / 1e9)
-            rows.append(dense)
-            print(f"S={s} D={d} cudnn dense: fwd {dense['fwd_ms']:.2f} ms, fwd+bwd {dense['fwd_bwd_ms']:.2f} ms", flush=True)
-            for sp in ARGS.sparsities:
-                if ARGS.flex and (ARGS.flex_head_dims is None or d in ARGS.flex_head_dims):
-                    try:
-                        fattn, dens = flex_block_sparse(b, h, s, 1.0 - sp, dev)
-                        t = time_attention(fattn, q, k, v, do)
-                        flops = dense_flops * dens
-                        t.update(kind="flex_block128", S=s, D=d, sparsity=1 - dens,
-                                 speedup_fwd_bwd=dense["fwd_bwd_ms"] / t["fwd_bwd_ms"],
-                                 fwd_tflops=flops / t["fwd_ms"] / 1e9,
-                                 fwd_bwd_tflops=3.5 * flops / t["fwd_bwd_ms"] / 1e9)
-                        rows.append(t)
-                        print(f"  flex sp={sp}: fwd+bwd {t['fwd_bwd_ms']:.2f} ms (x{t['speedup_fwd_bwd']:.1f})", flush=True)
-                    except Exception as err:  # report and go on: flex is a baseline, not our code
-                        print(f"  flex sp={sp}: failed: {type(err).__name__}: {err}", flush=True)
-                for kvb in ARGS.kv_blocks:
-                    for g in ARGS.group_sizes:
-                        n_units = s // kvb
-                        kh = int(k_from_sparsity(torch.tensor(sp), n_units))
-                        index = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
-                        t_sel = bench(lambda: select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"))
-                        row = {"kind": f"dsv_kvb{kvb}", "S": s, "D": d, "G": g, "kv_block": kvb,
-                               "sparsity": 1.0 - kh / n_units, "K_units": kh, "select_ms": t_sel}
-
-                        opts = KernelOptions()
-                        if ARGS.tune:
-                            key = (d, kvb, g)
-                            if key not in tuned:
-                                tuned[key] = tune(index, q, k, v, do, kvb)
-                                print(f"  tuned D={d} kvb={kvb} G={g}: {tuned[key]}", flush=True)
-                            opts = tuned_options(tuned[key])
-                            row["tune"] = tuned[key]
-                        attn = _attn(index, opts)
-                        if not ARGS.no_check and sp == ARGS.sparsities[0]:
-                            row["check"] = check_correctness(q, k, v, do, index, options=opts)
-                            print(f"  check kvb={kvb} G={g}: {row['check']}", flush=True)
-                        row.update(time_attention(attn, q, k, v, do))
-                        fb = _fwd_bwd_fns(attn, q, k, v, do)[3]
-                        row["peak_mem_gib"] = peak_mem(lambda: (
-                            select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton"), fb(),
-                        )) / 2**30
-                        flops = 4.0 * index.computed_pairs() * d
-                        total = t_sel + row["fwd_bwd_ms"]
-                        row.update(
-                            total_ms=total,
-                            speedup_fwd_bwd=dense["fwd_bwd_ms"] / total,
-                            speedup_fwd=dense["fwd_ms"] / (t_sel + row["fwd_ms"]),
-                            select_frac=t_sel / total,
-                            fwd_tflops=flops / row["fwd_ms"] / 1e9,
-                            fwd_bwd_tflops=3.5 * flops / row["fwd_bwd_ms"] / 1e9,
-                        )
-                        if ARGS.atomic_compare and kvb > 1:
-                            atomic = _attn(index, dataclasses.replace(opts, force_atomic_dkdv=True))
-                            fwd, setup_bwd, bwd, _ = _fwd_bwd_fns(atomic, q, k, v, do)
-                            setup_bwd()
-                            row["bwd_ms_atomic_dkdv"] = bench(bwd)
-                        rows.append(row)
-                        save()
-                        print(
-                            f"  dsv kvb={kvb} G={g} sp={row['sparsity']:.3f}: sel {t_sel:.2f} fwd {row['fwd_ms']:.2f} "
-                            f"bwd {row['bwd_ms']:.2f} fwd+bwd {row['fwd_bwd_ms']:.2f} ms -> x{row['speedup_fwd_bwd']:.2f} "
-                            f"({row['fwd_tflops']:.0f}/{row['fwd_bwd_tflops']:.0f} TF/s)"
-                            + (f" atomic bwd {row['bwd_ms_atomic_dkdv']:.2f}" if "bwd_ms_atomic_dkdv" in row else ""),
-                            flush=True,
-                        )
-                        del index
-                        torch.cuda.empty_cache()
-            del q, k, v, do, q_lr, k_lr
-            torch.cuda.empty_cache()
-    save()
-    print(f"\nwrote {out}\n")
-    print(markdown_table(rows, info))
-
-
-def markdown_table(rows, info):
-    lines = [
-        f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['git_commit'][:12]}, "
-        f"B={ARGS.batch}, H={ARGS.heads}, bf16; speedup = cuDNN dense fwd+bwd / (selection + sparse fwd+bwd)",
-        "",
-        "| S | D | kind | G | sparsity | select ms | fwd ms | bwd ms | fwd+bwd ms | speedup | fwd TF/s | fwd+bwd TF/s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['S']} | {r['D']} | {r['kind']} | {r.get('G', '')} | {r['sparsity']:.3f} | "
-            f"{r['select_ms']:.2f} | " if "select_ms" in r else
-            f"| {r['S']} | {r['D']} | {r['kind']} | | {r['sparsity']:.3f} | | "
-        )
-        lines[-1] += (
-            f"{r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
-            f"{('x%.2f' % r['speedup_fwd_bwd']) if 'speedup_fwd_bwd' in r else '1'} | "
-            f"{r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | {r['peak_mem_gib']:.2f} |"
-        )
-    return "\n".join(lines)
+    KernelBench(ARGS).run()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,17 @@ def _load():
     return api
 
 
+def cudnn_import_error() -> Optional[str]:
+    """``None`` when the package's block-sparse attention imports, else why not (the ImportError's
+    text and how to install it). Independent of tensors, so a benchmark can say "not importable"
+    apart from "this case is not served"."""
+    try:
+        _load()
+    except ImportError as err:
+        return f"the cuDNN frontend's block-sparse attention is not importable ({err}); {INSTALL_HINT}"
+    return None
+
+
 def cudnn_supported(q: torch.Tensor, k: torch.Tensor, index: SparseIndex) -> Tuple[bool, str]:
     """Whether this backend computes ``sparse_attention(q, k, v, index)`` forward and backward, and why.
 
@@ -86,11 +97,10 @@ def cudnn_supported(q: torch.Tensor, k: torch.Tensor, index: SparseIndex) -> Tup
             f"SM90 block-sparse attention uses {BLOCK}x{BLOCK} blocks (--dsv-query-group with "
             f"{BLOCK} tokens and --dsv-kv-block {BLOCK})"
         )
-    try:
-        _load()
-        version = getattr(importlib.import_module("cudnn"), "__version__", "unknown")
-    except ImportError as err:
-        return False, f"the cuDNN frontend's block-sparse attention is not importable ({err}); {INSTALL_HINT}"
+    missing = cudnn_import_error()
+    if missing is not None:
+        return False, missing
+    version = getattr(importlib.import_module("cudnn"), "__version__", "unknown")
     return True, f"cuDNN frontend {version} block-sparse attention (SM90, bf16, D=128, MHA, {BLOCK}x{BLOCK} blocks)"
 
 
@@ -217,4 +227,4 @@ def sparse_attention_cudnn(
     return _CudnnSparseAttention.apply(q, k, v, index, scale, bool(out_sbhd))
 
 
-__all__ = ["cudnn_supported", "sparse_attention_cudnn", "block_metadata", "BLOCK", "INSTALL_HINT"]
+__all__ = ["cudnn_import_error", "cudnn_supported", "sparse_attention_cudnn", "block_metadata", "BLOCK", "INSTALL_HINT"]
