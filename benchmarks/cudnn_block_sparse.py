@@ -14,29 +14,26 @@ Speedup = dense fwd+bwd / (selection + sparse fwd+bwd); TF/s count 4*pairs*D FLO
 fwd+bwd) of the computed pairs.
 
     python benchmarks/cudnn_block_sparse.py --sparsities 0.9,0.95 --out results.json
+
+The kernel table with every peer (cuDNN dense, ours, cuDNN block-sparse, FlexAttention) over S, D
+and sparsity is ``benchmarks/attention.py``; this script adds the layer's layout and its cost.
+Both share ``benchmarks/sparse_peers.py`` (timer, reference check, first calls, dense SDPA).
 """
 
 import argparse
-import datetime
-import importlib.metadata
 import json
-import math
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
+from benchmarks.sparse_peers import ReferenceCheck, Timer, dense_sdpa, env_info, first_calls, rel  # noqa: E402
 from megatron_dsv.ops.selection import select_topk  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention.cudnn import cudnn_supported, sparse_attention_cudnn  # noqa: E402
-from megatron_dsv.ops.sparse_attention.naive import sparse_attention_reference  # noqa: E402
-from megatron_dsv.ops.sparse_index import SparseIndex, k_from_sparsity  # noqa: E402
+from megatron_dsv.ops.sparse_index import k_from_sparsity  # noqa: E402
 
 
 def parse_args():
@@ -53,32 +50,8 @@ def parse_args():
     return p.parse_args()
 
 
-def _version(dist):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def env_info():
-    from benchmarks.dense_path import git_commit
-
-    commit = git_commit()
-    return {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "cudnn_backend_torch": torch.backends.cudnn.version(),
-        "nvidia-cudnn-frontend": _version("nvidia-cudnn-frontend"), "nvidia-cutlass-dsl": _version("nvidia-cutlass-dsl"),
-        "apache-tvm-ffi": _version("apache-tvm-ffi"), "commit": commit,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def bench(fn):
-    return do_bench(fn, warmup=ARGS.warmup, rep=ARGS.rep, return_mode="median")
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return Timer("cuda", ARGS.warmup, ARGS.rep)(fn)
 
 
 def sbhd_views(*ts):
@@ -93,52 +66,20 @@ def backends(index):
     }
 
 
-def grads_of(fn, q, k, v, do, sbhd=False):
-    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = fn(qg, kg, vg, sbhd)
-    return (out, lse, *torch.autograd.grad(out, (qg, kg, vg), do))
-
-
-def first_calls(fn, q, k, v, do, sbhd):
-    """Host-clock seconds of the first forward and the first backward (compilation included)."""
-    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out, _ = fn(qg, kg, vg, sbhd)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    torch.autograd.grad(out, (qg, kg, vg), do)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return {"fwd_s": t1 - t0, "bwd_s": t2 - t1}
-
-
-def sub_index(ix, hs):
-    return SparseIndex(ix.kv_idx[:, hs].contiguous(), ix.kv_count[:, hs].contiguous(), ix.group_size, ix.kv_block,
-                       ix.seq_len_q, ix.seq_len_kv)
-
-
-def check(index, q, k, v, do, scale):
-    """Errors of both kernels vs the fp32 reference (out/LSE on 2 heads, grads on head 0)."""
-    hs, h0 = slice(0, 2), slice(0, 1)
-    with torch.no_grad():
-        ref_o, ref_l = sparse_attention_reference(q[:, hs].float(), k[:, hs].float(), v[:, hs].float(), sub_index(index, hs), scale)
-    q0, k0, v0 = (t[:, h0].float().detach().requires_grad_(True) for t in (q, k, v))
-    ro, _ = sparse_attention_reference(q0, k0, v0, sub_index(index, h0), scale)
-    ref_g = torch.autograd.grad(ro, (q0, k0, v0), do[:, h0].float())
-    del ro
-    res = {"bf16_rounding_of_reference": {"out": rel(ref_o.bfloat16(), ref_o),
-                                          **{n: rel(g.bfloat16(), g) for n, g in zip(("dq", "dk", "dv"), ref_g)}}}
+def check(index, q, k, v, do):
+    """Errors of both kernels vs the fp32 reference (out/LSE on 2 heads, grads on head 0), next to
+    the reference's own bf16 rounding, and each kernel's layer layout against its bhsd layout."""
+    ref = ReferenceCheck(q, k, v, do, index)
+    res = {"bf16_rounding_of_reference": ref.rounding}
+    qs, ks, vs, dos = sbhd_views(q, k, v, do)
     for name, fn in backends(index).items():
         try:
-            out, lse, dq, dk, dv = grads_of(fn, q, k, v, do)
-            r = {"out": rel(out[:, hs], ref_o), "lse": rel(lse[:, hs], ref_l),
-                 "dq": rel(dq[:, h0], ref_g[0]), "dk": rel(dk[:, h0], ref_g[1]), "dv": rel(dv[:, h0], ref_g[2]),
-                 "all_finite": all(bool(torch.isfinite(t).all()) for t in (out, lse, dq, dk, dv))}
-            r["ok"] = r["all_finite"] and all(math.isfinite(r[x]) and r[x] < 2e-2 for x in ("out", "lse", "dq", "dk", "dv"))
+            out, lse, dq, dk, dv = ref.run(fn, q, k, v)
+            r = ref.errors(out, lse, dq, dk, dv)
             # the layer's layout (sbhd views in, sbhd out) against bhsd: same kernels, other strides
-            qs, ks, vs, dos = sbhd_views(q, k, v, do)
-            outs, lses, dqs, dks, dvs = grads_of(fn, qs, ks, vs, dos, sbhd=True)
+            qsg, ksg, vsg = (t.detach().clone().requires_grad_(True) for t in (qs, ks, vs))
+            outs, lses = fn(qsg, ksg, vsg, True)
+            dqs, dks, dvs = torch.autograd.grad(outs, (qsg, ksg, vsg), dos)
             r["sbhd_vs_bhsd"] = {"out": rel(outs, out), "lse": rel(lses, lse), "dq": rel(dqs, dq), "dk": rel(dks, dk),
                                  "dv": rel(dvs, dv), "out_is_sbhd_memory": outs.permute(2, 0, 1, 3).is_contiguous()}
             del out, lse, dq, dk, dv, outs, lses, dqs, dks, dvs
@@ -179,15 +120,8 @@ def time_kernel(fn, q, k, v, do, qs, ks, vs, dos):
     return r
 
 
-def dense_cudnn(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
 def main():
-    info = env_info()
+    info = env_info("cuda")
     print(f"# {info}", flush=True)
     b, h, s, d, r = ARGS.batch, ARGS.heads, ARGS.seqlen, ARGS.head_dim, ARGS.rank
     result = {"env": info, "args": vars(ARGS), "rows": []}
@@ -214,14 +148,14 @@ def main():
             key = f"{name}_{'sbhd' if sbhd else 'bhsd'}"
             try:
                 args = (qs, ks, vs, dos) if sbhd else (q, k, v, do)
-                result["first_call"][key] = {"first": first_calls(fn, *args, sbhd), "second": first_calls(fn, *args, sbhd)}
+                result["first_call"][key] = first_calls(lambda q_, k_, v_: fn(q_, k_, v_, sbhd), *args, Timer("cuda"))
             except Exception as err:
                 result["first_call"][key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
             print(f"first call {key}: {result['first_call'][key]}", flush=True)
     save()
 
     # 2. correctness at the benchmark shape (first sparsity)
-    result["check"] = check(index, q, k, v, do, d**-0.5)
+    result["check"] = check(index, q, k, v, do)
     result["check"].update(S=s, D=d, sparsity=sparsities[0], K_blocks=first_k)
     print(f"check: {json.dumps(result['check'])}", flush=True)
     save()
@@ -230,7 +164,7 @@ def main():
 
     # 3. timings
     dense = {"kind": "cudnn_sdpa_dense", "S": s, "D": d}
-    dense.update(time_kernel(lambda q_, k_, v_, sbhd=False: (dense_cudnn(q_, k_, v_), None), q, k, v, do, qs, ks, vs, dos))
+    dense.update(time_kernel(lambda q_, k_, v_, sbhd=False: (dense_sdpa(q_, k_, v_), None), q, k, v, do, qs, ks, vs, dos))
     dense_flops = 4.0 * b * h * s * s * d
     dense.update(fwd_tflops=dense_flops / dense["fwd_ms"] / 1e9, fwd_bwd_tflops=3.5 * dense_flops / dense["fwd_bwd_ms"] / 1e9)
     result["rows"].append(dense)
@@ -270,7 +204,7 @@ def print_table(result):
     rows = result["rows"]
     dense = rows[0]
     print(f"\n{result['env']['gpu']}, torch {result['env']['torch']}, triton {result['env']['triton']}, "
-          f"cudnn-frontend {result['env']['nvidia-cudnn-frontend']}, commit {result['env']['commit'][:12]}")
+          f"cudnn-frontend {result['env']['nvidia-cudnn-frontend']}, commit {result['env']['git_commit'][:12]}")
     print(f"cuDNN dense: fwd {dense['fwd_ms']:.2f} ms, bwd {dense['bwd_ms']:.2f}, fwd+bwd {dense['fwd_bwd_ms']:.2f} "
           f"({dense['fwd_bwd_tflops']:.0f} TF/s)")
     print("| kernel | sparsity | select ms | fwd ms | bwd ms | fwd+bwd ms | layer layout fwd+bwd ms | speedup | fwd+bwd TF/s |")
