@@ -111,12 +111,7 @@ def time_kernel(fn, q, k, v, do, qs, ks, vs, dos):
 
     r = {"fwd_ms": bench(fwd), "bwd_ms": bench(bwd), "fwd_bwd_ms": bench(fwd_bwd), "fwd_bwd_layer_layout_ms": bench(fwd_bwd_layer)}
     del out
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    r["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    r["peak_mem_gib"] = Timer("cuda").peak_mem_gib(fwd_bwd)
     return r
 
 
