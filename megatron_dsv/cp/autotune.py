@@ -140,6 +140,21 @@ def measure_ms(step: Callable[[], None], device, warmup: int = 2, reps: int = 5)
     return statistics.median(times)
 
 
+def max_over_ranks(values: Sequence[float], groups, device) -> Tuple[List[float], bool]:
+    """``values`` maxed over every process group of ``groups`` (None and size-1 groups skipped), so
+    every rank decides on the slowest rank's times, with a flag that some rank's values were
+    non-finite or negative: carried through the same reduction, so every rank raises and none
+    waits alone."""
+    bad = not all(math.isfinite(v) and v >= 0 for v in values)
+    t = torch.tensor([0.0 if bad else float(v) for v in values] + [float(bad)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        for group in groups:
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    out = t.cpu().tolist()
+    return out[:-1], out[-1] > 0
+
+
 def _check_inputs(shape: AttentionShape, kv_units, cp_size: int, group_size: int, kv_block: int) -> Optional[List[int]]:
     s_local, units = shape.seq_len // cp_size, shape.seq_len // kv_block
     if shape.seq_len % cp_size or s_local % group_size or s_local % kv_block:
@@ -290,18 +305,13 @@ def autotune_layer(
         local_ms.append(float(ms))
         del step
     del inputs
-    # a bad time travels as a flag through the same reduction, so every rank raises (none waits alone)
-    bad = not all(math.isfinite(x) and x >= 0 for x in local_ms)
-    worst = torch.tensor([0.0 if bad else x for x in local_ms] + [float(bad)], dtype=torch.float64, device=device)
-    if groups.size > 1:
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=groups.cp_group)
-    if worst[-1] > 0:
+    worst, bad = max_over_ranks(local_ms, (groups.cp_group,), device)
+    if bad:
         raise RuntimeError(
             f"autotune measured a non-finite or negative time on some CP rank (this rank {groups.rank}: {local_ms}); "
             "check the timer, or set --dsv-cp-autotune off."
         )
-    worst = worst[:-1]
-    table = tuple(CandidateTime(c.plan, c.total_ms, float(ms)) for c, ms in zip(timed, worst.cpu().tolist()))
+    table = tuple(CandidateTime(c.plan, c.total_ms, float(ms)) for c, ms in zip(timed, worst))
     best = min(table, key=lambda c: (c.measured_ms, -c.plan.head_size))
     return AutotuneResult(best.plan, comparison.best.plan, table)
 

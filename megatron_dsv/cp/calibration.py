@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_dsv.cp.groups import collective_device
 from megatron_dsv.cp.cost_model import AttentionShape, Calibration, fit_link
 
 LATENCY_PROBE_BYTES = 64 * 1024
@@ -53,12 +54,6 @@ def layer_message_bytes(shape: AttentionShape, cp_size: int, max_bytes: int = 25
         2 * s * shape.num_kv_heads * tok,
     }
     return sorted({min(int(x), int(max_bytes)) for x in sizes})
-
-
-def _device(group) -> torch.device:
-    if "nccl" in str(dist.get_backend(group)):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _node_ids(group, nodes: Optional[Sequence[int]]) -> List[int]:
@@ -132,7 +127,7 @@ def measure_links(
     n, me = dist.get_world_size(group), dist.get_rank(group)
     if n < 2:
         raise ValueError("measure_links needs a group of at least 2 ranks.")
-    device = _device(group)
+    device = collective_device(group)
     node = _node_ids(group, nodes)
     local = [sum(1 for q in range(r) if node[q] == node[r]) for r in range(n)]  # index within its node
     buf = torch.zeros(2 * sizes[-1] * (n - 1), dtype=torch.uint8, device=device)

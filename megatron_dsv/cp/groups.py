@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 
 
@@ -101,4 +102,12 @@ def build_cp_groups(cp_group, hierarchical_groups: Optional[Sequence] = None) ->
     return CPGroups(cp_group, splits)
 
 
-__all__ = ["CPGroups", "build_cp_groups", "split_ranks", "slot_and_chunk", "divisors"]
+def collective_device(group) -> torch.device:
+    """Where a tensor for a collective on ``group`` must live: the current GPU under NCCL, the CPU
+    otherwise (gloo)."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+__all__ = ["CPGroups", "build_cp_groups", "collective_device", "split_ranks", "slot_and_chunk", "divisors"]

@@ -28,6 +28,7 @@ from megatron_dsv.cp.cost_model import (
     PlanCost,
     check_density,
 )
+from megatron_dsv.cp.groups import collective_device
 from megatron_dsv.cp.plan import LayerPlan, balance_heads, even_slots, head_unit
 
 def _unit(shape: AttentionShape, head_size: int) -> int:
@@ -359,10 +360,6 @@ def check_plans_agree(plans: Sequence[Optional[LayerPlan]], group=None) -> str:
     return digest
 
 
-def _device(group):
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else "cpu"
-
-
 def _check_distributed(what: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs an initialised torch.distributed process group.")
@@ -398,7 +395,7 @@ def synced_union_density(union_density, group) -> List[float]:
     """
     u = _remote_union(union_density)
     _check_distributed("synced_union_density")
-    device = _device(group)
+    device = collective_device(group)
     n = torch.tensor([len(u)], dtype=torch.int64, device=device)
     lo, hi = n.clone(), n.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
@@ -460,7 +457,7 @@ def synced_union_densities(exchanges: Sequence, num_kv_heads: Sequence[int], gro
                 values[offset + h] = max(float(values[offset + h]), x)
                 covered[offset + h] = 1.0
         offset += hkv
-    packed = torch.cat([missing, covered, values]).to(_device(group))
+    packed = torch.cat([missing, covered, values]).to(collective_device(group))
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     packed = packed.cpu()
     missing, covered, values = packed[:layers], packed[layers:layers + total], packed[layers + total:]

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv.config import DSVConfig
+from megatron_dsv.cp.groups import collective_device
 from megatron_dsv.layers.attention import DSVCoreAttention, dsv_attention_layers
 from megatron_dsv.layers.decision import hysteresis_decision
 from megatron_dsv.layers.profiler import RecallCurve
@@ -410,8 +411,7 @@ class DSVController:
                 counts[i] = torch.tensor([ex.fetched_bytes, ex.allgather_bytes, 1.0], dtype=torch.float64)
         group = layers[0].cp_groups.cp_group
         if dist.get_world_size(group) > 1:
-            nccl = "nccl" in str(dist.get_backend(group))
-            on = counts.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+            on = counts.to(collective_device(group))
             dist.all_reduce(on, group=group)
             counts = on.cpu()
         by_layer = {id(l): c.tolist() for l, c in zip(layers, counts)}

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_dsv.cp.autotune import measure_ms
+from megatron_dsv.cp.autotune import max_over_ranks, measure_ms
 from megatron_dsv.layers.attention import sdpa_backends
 from megatron_dsv.layers.predictor import LowRankPredictor
 from megatron_dsv.ops.mask import CausalMask
@@ -210,20 +209,6 @@ def _steps(shape: ProbeShape, kv: list, dense: DenseFn, seed: int):
     return sparse_step, dense_step, kernels
 
 
-def _max_over(values: Sequence[float], groups, device: torch.device) -> Tuple[list, bool]:
-    """``values`` maxed over every process group of ``groups`` (None and size-1 groups skipped), with
-    a flag that some rank's values were non-finite or negative (carried through the same reduction,
-    so every rank raises and none waits alone)."""
-    bad = not all(math.isfinite(v) and v >= 0 for v in values)
-    t = torch.tensor([0.0 if bad else v for v in values] + [float(bad)], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        for group in groups:
-            if group is not None and dist.get_world_size(group) > 1:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    out = t.cpu().tolist()
-    return out[:-1], out[-1] > 0
-
-
 def probe_layer(
     shape: ProbeShape,
     kv_units,
@@ -259,7 +244,7 @@ def probe_layer(
         for arm, step in (("sparse", sparse_step), ("dense", dense_step)):
             ms = timer(arm, step) if timer is not None else measure_ms(step, device, warmup, reps)
             times.append(float(ms))
-    worst, bad = _max_over(times, groups, device)
+    worst, bad = max_over_ranks(times, groups, device)
     if bad:
         raise RuntimeError(
             f"the speed probe measured a non-finite or negative time on some rank (this rank: sparse "
