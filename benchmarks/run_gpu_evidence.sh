@@ -7,7 +7,8 @@
 #         oracle / mean-pooled / LSE ranking, attention time at equal recall), <= 120 s each
 #  GPU 1: the GPU tests (pytest -m gpu, <= 120 s), then benchmarks/learned_speed.py (issue 14 item 4:
 #         2.7B-shaped layers at 64k tokens with the K per head the quality arms learned, transplanted,
-#         against dense cuDNN, peak memory), <= 240 s
+#         against dense cuDNN, peak memory), <= 240 s, then benchmarks/overhead.py at 16k (issue 13's
+#         stage-1 / stage-2 overhead at this commit), <= 150 s
 # $OUT returns at most 8 files: the JSONs, and every log in logs.tar.gz.
 # CPU_SMOKE=1: the same steps at tiny sizes on the CPU (checks the plumbing; numbers mean nothing).
 set -uo pipefail
@@ -48,6 +49,8 @@ run() {  # NAME LIMIT CMD...: the step's log in $LOGS, its tail printed
   export CUDA_VISIBLE_DEVICES=$GPU1
   run gpu_tests 120 bash -c "$TESTS"
   TAIL=20 run learned_speed 240 python3 benchmarks/learned_speed.py --arms "$ARMS_JSON" "${SPEED[@]}" --out "$OUT/learned_speed.json"
+  [ -n "$GPU1" ] && TAIL=12 run overhead_16k 150 python3 benchmarks/overhead.py --seqlens 16384 --fit closed_form \
+      --out "$OUT/overhead_16k.json"
 ) > "$LOGS/lane1.txt" 2>&1 &
 wait
 cat "$LOGS/lane0.txt" "$LOGS/lane1.txt"
