@@ -377,9 +377,13 @@ def time_all(args, res, captured, cubes, kv_blocks, rankings, grid, model_cube, 
     if not cuda:
         return {"skipped": "no GPU: attention times are measured on CUDA devices only"}
     b = min(args.time_batch, captured[0][1].shape[0])
+    # The capture keeps fp32 copies for the statistics; attention is timed in the training
+    # precision (bf16: cuDNN's SDPA has no fp32 kernel, and fp32 Triton tiles are not what trains).
+    dt = torch.bfloat16 if res["precision"] == "bf16" else torch.float32
+    captured = [(layer, *(x[:b].to(dt) for x in (q, k, v))) for layer, q, k, v in captured]
     layer0, q0, k0, v0 = captured[0]
     timing: Dict = {"rule": args.time_rule, "batch": b, "warmup_ms": args.warmup, "rep_ms": args.rep,
-                    "dense_ms": time_dense(q0[:b], k0[:b], v0[:b], layer0.softmax_scale, args.warmup, args.rep),
+                    "dense_ms": time_dense(q0, k0, v0, layer0.softmax_scale, args.warmup, args.rep),
                     "sparse_ms": {}, "skipped": []}
     deadline = t_start + args.deadline_s if args.deadline_s else None
     by_layer = {rec["layer"]: rec for rec in res["layers"]}
@@ -396,7 +400,7 @@ def time_all(args, res, captured, cubes, kv_blocks, rankings, grid, model_cube, 
                     memo = (g, kb, tuple(kh))
                     if memo not in done:
                         idx = relayout_index(grid, model_cube, cube, q.device)
-                        qg, kg, vg = (x[:b, :, idx] for x in (q, k, v))
+                        qg, kg, vg = (x[:, :, idx] for x in (q, k, v))
                         done[memo] = time_sparse(layer, qg, kg, vg, g, kb, torch.tensor(kh), args.warmup, args.rep)
                     timing["sparse_ms"].setdefault(key, {})[str(layer.layer_number)] = round(done[memo], 4)
         if args.out:

@@ -232,16 +232,19 @@ def test_timing_plan_times_each_distinct_k_once_and_honours_the_deadline(megatro
         layers.append(rec)
     # both layers get the same K per head: a distinct K is timed once
     layers[1]["granularity"]["32"] = layers[0]["granularity"]["32"]
-    calls = []
-    monkeypatch.setattr(gran, "time_dense", lambda *a: 10.0)
-    monkeypatch.setattr(gran, "time_sparse", lambda layer, q, k, v, g, kb, kh, *a: calls.append((g, kb, kh.tolist())) or 1.0 + kb)
+    calls, dtypes = [], set()
+    monkeypatch.setattr(gran, "time_dense", lambda q, k, v, *a: dtypes.add(q.dtype) or 10.0)
+    monkeypatch.setattr(gran, "time_sparse", lambda layer, q, k, v, g, kb, kh, *a: calls.append((g, kb, kh.tolist())) or
+                        dtypes.add(q.dtype) or 1.0 + kb)
+    # the capture is fp32; a bf16 run is timed in bf16 (cuDNN's SDPA has no fp32 kernel)
     res = {"layers": layers, "group_cubes": {"32": [2, 4, 4]}, "kv_blocks": kbs, "critical_mass": 0.9, "t": 0.5,
-           "seq_len": 128}
+           "seq_len": 128, "precision": "bf16"}
     args = argparse.Namespace(time_batch=1, time_rule="recall", warmup=1, rep=1, deadline_s=0, out=None)
     timing = gran.time_all(args, res, captured, cubes, kbs, ["pooled", "oracle"], (4, 4, 8), model.cube, True, 0.0)
     distinct = {(32, kb, tuple(layers[0]["granularity"]["32"][str(kb)][r]["recall"]["k"])) for kb in kbs
                 for r in ("pooled", "oracle")}
     assert len(calls) == len(distinct) and timing["dense_ms"] == 10.0 and not timing["skipped"]
+    assert dtypes == {torch.bfloat16}
     assert timing["sparse_ms"]["G32_KB64_oracle"] == {"1": 65.0, "2": 65.0}
     gran.print_table({**res, "timing": timing})
     assert "| 32 | 64 |" in capsys.readouterr().out.split("| 32 | 16 |")[1]
