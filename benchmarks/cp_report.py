@@ -59,10 +59,28 @@ def load_cp(paths: Sequence[str]) -> Dict:
     return {"rows": rows, "dit": dits, "files": files}
 
 
+def _met(flag: Optional[bool]) -> str:
+    return "-" if flag is None else ("yes" if flag else "NO")
+
+
+def _ratio(row: Dict, key: str) -> str:
+    return f"x{row[key]:.3f}" if key in row else "-"
+
+
+def _autotune(row: Dict, v: Dict, unit: str, key: str) -> str:
+    """The autotuned variant's time and split; "-" for results from before the variant existed."""
+    if "autotune" not in v or key not in row:
+        return "-"
+    a = v["autotune"]
+    split = a["split"] if "split" in a else f"{a['plan']['head_size']}x{a['plan']['seq_size']}"
+    return f"{a[unit]['ms']:.2f} ({split})"
+
+
 def stack_table(rows: List[Dict]) -> List[str]:
-    out = ["| S | profile | planner split | planner ms | head ms | seq ms | dense ms | planner vs best pure | "
-           "target met | attn ms measured / predicted: planner, head, seq, dense | correct |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| S | profile | planner split | planner ms | autotune ms (split) | head ms | seq ms | dense ms | "
+           "planner / autotune vs best pure | target met: planner / autotune | "
+           "attn ms measured / predicted: planner, head, seq, dense | correct |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         v = r["variants"]
         pp = v["planner"]["plan"]
@@ -71,25 +89,30 @@ def stack_table(rows: List[Dict]) -> List[str]:
         checked = r.get("correctness_checked", False)
         out.append(
             f"| {r['S']} | {r['profile']} | {pp['head_size']}x{pp['seq_size']} | {v['planner']['block']['ms']:.2f} | "
+            f"{_autotune(r, v, 'block', 'block_autotune_speedup_vs_best_pure')} | "
             f"{v['head']['block']['ms']:.2f} | {v['seq']['block']['ms']:.2f} | {v['dense']['block']['ms']:.2f} | "
-            f"x{r['block_planner_speedup_vs_best_pure']:.3f} | {'yes' if r['target_met'] else 'NO'} | {att} | "
+            f"x{r['block_planner_speedup_vs_best_pure']:.3f} / {_ratio(r, 'block_autotune_speedup_vs_best_pure')} | "
+            f"{_met(r['target_met'])} / {_met(r.get('autotune_target_met'))} | {att} | "
             f"{('yes' if ok else 'NO') if checked else 'not checked'} |")
     return out
 
 
 def dit_table(dits: List[Dict]) -> List[str]:
-    out = ["| S | planner ms (split) | head ms | seq ms | planner vs best pure | target met | loss check |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| S | planner ms (split) | autotune ms (split) | head ms | seq ms | planner / autotune vs best pure | "
+           "target met: planner / autotune | loss check |",
+           "|---|---|---|---|---|---|---|---|"]
     for d in dits:
         if "skipped" in d:
-            out.append(f"| {d['S']} | skipped: {d['skipped']} | | | | | |")
+            out.append(f"| {d['S']} | skipped: {d['skipped']} | | | | | | |")
             continue
         v = d["variants"]
         checked = any("correct" in x for x in v.values())
         ok = all(x.get("correct", {}).get("passed", True) for x in v.values())
         out.append(f"| {d['S']} | {v['planner']['step']['ms']:.2f} ({v['planner']['split']}) | "
+                   f"{_autotune(d, v, 'step', 'autotune_speedup_vs_best_pure')} | "
                    f"{v['head']['step']['ms']:.2f} | {v['seq']['step']['ms']:.2f} | "
-                   f"x{d['planner_speedup_vs_best_pure']:.3f} | {'yes' if d['target_met'] else 'NO'} | "
+                   f"x{d['planner_speedup_vs_best_pure']:.3f} / {_ratio(d, 'autotune_speedup_vs_best_pure')} | "
+                   f"{_met(d['target_met'])} / {_met(d.get('autotune_target_met'))} | "
                    f"{('yes' if ok else 'NO') if checked else 'not checked'} |")
     return out
 
@@ -293,7 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     result = {"note": args.note, "cp": cp, "calibration": cal, "pretrain": pre,
               "target_met_every_case": (all(r["target_met"] for r in cp["rows"])
                                         and all(d["target_met"] for d in cp["dit"] if "target_met" in d))
-              if cp["rows"] else None}
+              if cp["rows"] else None,
+              # what the runtime picks by default (--dsv-cp-autotune on); None for results without the variant
+              "autotune_target_met_every_case": (all(r["autotune_target_met"] for r in cp["rows"])
+                                                 and all(d["autotune_target_met"] for d in cp["dit"] if "target_met" in d))
+              if cp["rows"] and all("autotune_target_met" in r for r in cp["rows"]) else None}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(args.out + ".md", "w") as f:
