@@ -52,9 +52,17 @@ def _stats(path, exchanges, plans):
 def test_report_tables_ratios_agreement_and_exchange(tmp_path):
     rows = [_row(65536, "hetero", 80.0, 78.0, 100.0, 286.0, (2, 1)),  # 2.6% slower than head: missed
             _row(65536, "uniform", 70.0, 71.0, 72.0, 286.0, (1, 2))]
+    # the autotuner timed the candidates and kept head (hetero) and the planner's 1x2 (uniform)
+    for r, (ms, split) in zip(rows, ((78.0, (2, 1)), (70.0, (1, 2)))):
+        r["variants"]["autotune"] = _variant(ms, ms / 2, ms / 2.5, split)
+        r["block_autotune_speedup_vs_best_pure"] = min(r["variants"]["head"]["block"]["ms"],
+                                                       r["variants"]["seq"]["block"]["ms"]) / ms
+        r["autotune_target_met"] = True
     dits = [{"S": 65536, "variants": {"planner": {"step": {"ms": 200.0}, "split": "2x1"},
+                                      "autotune": {"step": {"ms": 200.0}, "split": "2x1"},
                                       "head": {"step": {"ms": 200.0}}, "seq": {"step": {"ms": 230.0}}},
-             "planner_speedup_vs_best_pure": 1.0, "target_met": True},
+             "planner_speedup_vs_best_pure": 1.0, "target_met": True,
+             "autotune_speedup_vs_best_pure": 1.0, "autotune_target_met": True},
             {"S": 262144, "skipped": "not T x 64 x 64"}]
     refit = {"cases": 6, **{k: {"intra_node_gbps": g, "latency_ms": 0.05, "compute_scale": 1.0,
                                 "median_abs_rel_err": e, "max_abs_rel_err": 2 * e}
@@ -87,6 +95,7 @@ def test_report_tables_ratios_agreement_and_exchange(tmp_path):
         "--run", f"cp2_dense={tmp_path / 'dense.log'}", "--run", f"cp2_sparse_seq={tmp_path / 'sparse.log'}:{tmp_path / 'sparse.jsonl'}",
     ])
     assert res["target_met_every_case"] is False  # the hetero row misses by 2.6%
+    assert res["autotune_target_met_every_case"] is True
     pre = res["pretrain"]
     assert pre["steps"]["cp2_auto"]["median_step_ms"] == 100.0 and pre["steps"]["cp2_auto"]["switch_iteration"] == 15
     assert pre["steps"]["cp2_auto"]["cp_plans_at_end"] == ["2x1", "2x1"]
@@ -104,9 +113,10 @@ def test_report_tables_ratios_agreement_and_exchange(tmp_path):
         (1, 20.0, 100.0, pytest.approx(0.2), 3), (2, 30.0, 100.0, pytest.approx(0.3), 3)]
     assert e["ratio_all_layers"] == pytest.approx(0.25) and "cp2_auto" not in pre["exchange"]
     md = (tmp_path / "rep.md").read_text()
-    assert "| 65536 | hetero | 2x1 | 80.00 | 78.00 | 100.00 | 286.00 | x0.975 | NO |" in md
-    assert "| 65536 | uniform | 1x2 | 70.00 | 71.00 | 72.00 | 286.00 | x1.014 | yes |" in md
-    assert "| 65536 | 200.00 (2x1) | 200.00 | 230.00 | x1.000 | yes |" in md and "skipped: not T x 64 x 64" in md
+    assert "| 65536 | hetero | 2x1 | 80.00 | 78.00 (2x1) | 78.00 | 100.00 | 286.00 | x0.975 / x1.000 | NO / yes |" in md
+    assert "| 65536 | uniform | 1x2 | 70.00 | 70.00 (1x2) | 71.00 | 72.00 | 286.00 | x1.014 / x1.014 | yes / yes |" in md
+    assert "| 65536 | 200.00 (2x1) | 200.00 (2x1) | 200.00 | 230.00 | x1.000 / x1.000 | yes / yes |" in md
+    assert "skipped: not T x 64 x 64" in md
     assert "| intra_a2a (measured) | 123.4 | 0.031 | 2 |" in md and "| bandwidth_latency | 42 |" in md
     assert "| cp2_sparse_seq | 20 | 50.0 | x0.400 |" in md and "| 1 | 20.00 | 100.00 | 0.200 | 3 |" in md
     assert (tmp_path / "rep.png").stat().st_size > 1000
