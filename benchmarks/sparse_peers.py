@@ -105,9 +105,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sub_index(ix: SparseIndex, hs: slice) -> SparseIndex:
-    """The heads ``hs`` of an (unmasked) index."""
+    """The heads ``hs`` of an index, its causal mask and query offset kept."""
     return SparseIndex(ix.kv_idx[:, hs].contiguous(), ix.kv_count[:, hs].contiguous(), ix.group_size, ix.kv_block,
-                       ix.seq_len_q, ix.seq_len_kv)
+                       ix.seq_len_q, ix.seq_len_kv, ix.mask, ix.q_offset)
 
 
 def dense_kind(device: str) -> str:

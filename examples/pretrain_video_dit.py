@@ -31,6 +31,17 @@ quantiles, each item with its own fixed noise, the same at every evaluation (Meg
 walks on through the validation set; each evaluation consumes exactly one pass of it). Besides
 the overall flow loss, validation reports the loss per t bucket (``flow loss t=0.xxx``).
 
+Chunk-causal (autoregressive) video, issue 19: ``--dsv-causal-chunk T`` (the config's
+``dsv_causal_chunk``, the flag the quickstart's ``--causal-chunk`` sets) makes every self-attention
+layer full inside chunks of T patch-grid frames and causal across them (a latent whose patched
+frame count T does not divide is refused when the model is built). Training then draws one t per
+chunk (``draw_chunk_times``, as ``flow_matching_loss(per_chunk_t=True)``): a clean prefix of chunks
+at t = 1 (clean data; t = 0 is pure noise here), uniform over 0..n-1 chunks per video, and
+logit-normal times for the rest, and scores only the noisy chunks' tokens (a clean chunk is
+context: the condition ``sample_autoregressive`` generates each chunk in). The fixed validation set
+keeps one t per video for every chunk (each item's quantile; all chunks noisy, the condition of
+``sample``), so its per-bucket losses stay comparable across evaluations and with dense runs.
+
 Context parallelism (``--context-parallel-size N``, ``--dsv-cp-split auto|head|seq|HxS``; see
 ``examples/scripts/pretrain_cp.sh``): Megatron's sampler shards the data by data-parallel rank
 only, so the N CP ranks of a data-parallel rank load the same videos, and :func:`get_batch` seeds
@@ -174,10 +185,16 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     cp = pg_collection.cp.size() if pg_collection is not None and pg_collection.cp is not None else args.context_parallel_size
     c, t, h, w = (int(v) for v in args.latent_shape.split("x"))
     model = VideoDiT(cfg, in_channels=c, patch=args.dit_patch, num_classes=args.dit_num_classes, pg_collection=pg_collection)
-    model.token_range(model.grid((t, h, w)))  # fails now, with the shapes that fit, not at step 1
+    grid = model.grid((t, h, w))
+    model.token_range(grid)  # fails now, with the shapes that fit, not at step 1
+    model.set_causal_grid(grid)  # and a causal chunk that does not divide the patched frames
     apply_dsv_context_parallel(model)  # collective: every rank builds the same groups, once
     print_rank_0(f"VideoDiT {args.dit_config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{args.seq_length} tokens per video, DSV mode {cfg.dsv_mode}")
+    if model.chunk_causal:
+        print_rank_0(f"chunk-causal: {model.num_chunks((t, h, w))} chunks of {model.chunk_causal} frames = "
+                     f"{model.chunk_causal * grid[1] * grid[2]} tokens; trained with per-chunk t (a clean prefix "
+                     "of chunks, the loss on the noisy chunks), validated at one t per video")
     if cp > 1:
         plans = [f"layer {a.layer_number}: " + (f"{a.cp_plan.head_size}x{a.cp_plan.seq_size}" if a.cp_plan else "-")
                  for a in dsv_attention_layers(model)]
@@ -229,15 +246,28 @@ def datasets_provider(train_val_test_num_samples):
 datasets_provider.is_distributed = True  # every rank builds its own (procedural: no I/O)
 
 
-def loss_func(buckets, output_tensor):
+def loss_func(buckets, output_tensor, scored=None):
     """``output_tensor``: squared errors ``[B, tokens, patch]`` of this rank's tokens. Returns (sum,
     element count, report); with CP the counts are the local ones (see the module docstring).
     ``buckets``: None in training; on the fixed validation set ``(t_bucket [B], t values [Q])``,
-    and the report adds ``[sum, count]`` per t bucket."""
-    loss_sum = output_tensor.sum()
-    # Megatron sums the token counts of microbatches into an int tensor
+    and the report adds ``[sum, count]`` per t bucket.
+
+    ``scored``: None (every token scored), or for per-chunk times ``(mask [B, tokens], fraction)``:
+    which of this rank's tokens lie in noisy chunks, and the noisy share of the whole microbatch's
+    tokens (all CP ranks; a scalar tensor). The loss is then the mean over the noisy tokens only."""
     count = torch.tensor(output_tensor.numel(), device=output_tensor.device, dtype=torch.int)
-    report = {"flow loss": torch.cat([loss_sum.detach().view(1), count.view(1).float()])}
+    if scored is None:
+        loss_sum = output_tensor.sum()
+        report = {"flow loss": torch.cat([loss_sum.detach().view(1), count.view(1).float()])}
+    else:
+        mask, fraction = scored
+        noisy_sum = (output_tensor.sum(-1) * mask).sum()
+        # Megatron divides by this rank's element count and averages over the CP ranks, so the
+        # returned sum is scaled to make that the mean over the microbatch's noisy elements on all
+        # ranks: the ranks hold unequal numbers of noisy tokens (a clean prefix may fill a shard).
+        loss_sum = noisy_sum / fraction
+        noisy_count = mask.sum() * output_tensor.shape[-1]
+        report = {"flow loss": torch.stack([noisy_sum.detach(), noisy_count.float()])}
     if buckets is not None:
         bucket, t_values = buckets
         per_sample = output_tensor.detach().flatten(1).sum(1)
@@ -248,12 +278,20 @@ def loss_func(buckets, output_tensor):
     return loss_sum, count, report
 
 
+def chunk_count(args) -> int:
+    """Causal chunks per video for ``--dsv-causal-chunk`` (0 without): the patched frames over
+    the chunk (the model refuses a chunk that does not divide them when it is built)."""
+    if not args.dsv_causal_chunk:
+        return 0
+    return (int(args.latent_shape.split("x")[1]) // args.dit_patch[0]) // args.dsv_causal_chunk
+
+
 _draws = {"microbatch": 0}  # microbatches drawn by this process (the same count on every CP rank)
 
 
 def get_batch(data_iterator, device):
     """One microbatch and its flow-matching draws: ``latents [B, C, T, H, W]``, ``labels [B]`` (or
-    None), ``t [B]`` and ``noise``; validation items bring their own t, noise and ``t_bucket``
+    None), ``t [B]`` (chunk-causal: ``[B, n]``, :func:`chunk_count`) and ``noise``; validation items bring their own t, noise and ``t_bucket``
     (the fixed validation set), so evaluations do not depend on the iteration.
 
     t and the noise depend on (seed, iteration, data-parallel rank, microbatch), never on the
@@ -261,6 +299,8 @@ def get_batch(data_iterator, device):
     """
     from megatron.core import parallel_state as mpu
     from megatron.training import get_args
+
+    from megatron_dsv.models.video_dit import draw_chunk_times
 
     args = get_args()
     batch = next(data_iterator)
@@ -272,7 +312,11 @@ def get_batch(data_iterator, device):
     _draws["microbatch"] += 1
     seed = (args.seed * 1_000_003 + args.curr_iteration) * 65_537 + mpu.get_data_parallel_rank() * 257 + _draws["microbatch"]
     g = torch.Generator(device=device).manual_seed(seed % (2**62))
-    t = torch.sigmoid(torch.randn(latents.shape[0], generator=g, device=device))
+    chunks = chunk_count(args)
+    if chunks:  # [B, n]: a clean prefix (t = 1), then logit-normal times
+        t = draw_chunk_times(latents.shape[0], chunks, generator=g, device=device)
+    else:
+        t = torch.sigmoid(torch.randn(latents.shape[0], generator=g, device=device))
     noise = torch.randn(latents.shape, generator=g, device=device)
     return {"latents": latents, "labels": labels, "t": t, "noise": noise}
 
@@ -288,12 +332,18 @@ def forward_step(data_iterator, model):
     batch = get_batch(data_iterator, next(model.parameters()).device)
     x_t, velocity = flow_interpolate(batch["latents"], batch["t"], batch["noise"])
     v = model(x_t, batch["t"], batch["labels"], local_tokens=True)  # [B, S/CP, pvol]
-    target = unwrap_model(model).shard_tokens(velocity)
+    dit = unwrap_model(model)
+    target = dit.shard_tokens(velocity)
     per_elem = (v.float() - target.float()).pow(2)
     if "t_bucket" in batch:
         t_values = logit_normal_quantiles(get_args().val_t_quantiles).float()
         return per_elem, partial(loss_func, (batch["t_bucket"], t_values))
-    return per_elem, partial(loss_func, None)
+    scored = None
+    if batch["t"].dim() == 2:  # per-chunk times: only the noisy chunks are scored
+        noisy = batch["t"] < 1  # [B, n]
+        mask = noisy[:, dit.local_chunk_ids(batch["latents"].shape[-3:], per_elem.device)].float()
+        scored = (mask, noisy.float().mean())
+    return per_elem, partial(loss_func, None, scored=scored)
 
 
 def main(argv=None):

@@ -67,8 +67,111 @@ def test_example_until_pretrain():
     assert "OK" in res.stdout
 
 
-def _example_cp_rank(rank, world, root):
-    """One CP rank of the example's data and loss path, against CP = 1 on the same weights."""
+CAUSAL_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "examples"))
+from tests.megatron_shim import init_megatron_state
+init_megatron_state()
+import pretrain_video_dit as p
+# patch grid 6x4x4 = 96 tokens in 3 chunks of 2 frames (32 tokens); 4 validation items = 2 videos x 2 t
+argv = ["--dit-config", "tiny", "--latent-shape", "4x6x8x8", "--micro-batch-size", "2",
+        "--train-iters", "5", "--lr", "1e-3", "--dsv-query-group", "2x2x4", "--use-cpu-initialization",
+        "--dit-num-classes", "3", "--dsv-predictor-rank", "8", "--num-workers", "0", "--dsv-causal-chunk", "2",
+        "--eval-iters", "2", "--val-t-quantiles", "2"]
+defaults, extra = p._pre_parse(argv)
+sys.argv = ["pretrain_video_dit.py"] + argv + extra
+from megatron.training.arguments import parse_and_validate_args
+from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+from megatron_dsv.layers.attention import dsv_attention_layers
+from megatron_dsv.models.video_dit import flow_matching_loss
+args = parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)
+assert args.dsv_causal_chunk == 2 and p.chunk_count(args) == 3
+args.curr_iteration = 0
+torch.manual_seed(0)
+model = p.model_provider()
+model.set_input_tensor([None])
+selfs = [a for a in dsv_attention_layers(model) if a.is_self_attention]
+train, valid, _ = p.datasets_provider([10, 4, 0])
+
+def validation():
+    loader = iter(build_pretraining_data_loader(valid, consumed_samples=0))
+    total = torch.zeros(2)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            out, lf = p.forward_step(loader, model)
+            _, _, report = lf(out)
+            assert len(report) == 3  # the overall loss and 2 t buckets: every chunk at the item's t
+            total += report["flow loss"]
+    model.train()
+    return float(total[0] / total[1])
+
+seen = {}
+get_batch = p.get_batch
+p.get_batch = lambda it, dev: seen.clear() or seen.update(get_batch(it, dev)) or seen
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+before = validation()
+clean_prefixes, losses = 0, []
+loader = iter(build_pretraining_data_loader(train, consumed_samples=0))
+for it in range(5):
+    args.curr_iteration = it
+    out, lf = p.forward_step(loader, model)
+    t = seen["t"]
+    assert t.shape == (2, 3), t.shape  # one t per chunk
+    clean = t == 1  # t = 1 is the data itself (x_t = (1 - t) noise + t x): the clean context
+    assert torch.equal(clean, clean.cummin(dim=1).values) and not bool(clean[:, -1].any()), t
+    assert bool((t[~clean] > 0).all())
+    clean_prefixes += int(clean[:, 0].sum())
+    store = []
+    loss, _ = forward_step_calc_loss(model, out, lf, model.config, None, False, 1, store, cp_group_size=1,
+                                     is_last_stage=True)
+    if it == 0:  # the library's per-chunk objective on the same draws: noisy chunks only
+        with torch.no_grad():
+            want = flow_matching_loss(model, seen["latents"], seen["labels"], t=t, noise=seen["noise"], per_chunk_t=True)
+        assert abs(float(loss) - float(want)) <= 1e-5 * float(want), (float(loss), float(want))
+        report = store[0]["flow loss"]
+        assert abs(float(report[0] / report[1]) - float(want)) <= 1e-5 * float(want)
+        assert report[1] == (~clean).sum() * 32 * 16  # noisy chunks x 32 tokens x 16 patch values
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    losses.append(float(loss))
+assert clean_prefixes > 0  # some draws condition on clean earlier chunks
+assert all(a.causal_mask().chunk_tokens == 32 for a in selfs)
+after = validation()
+assert after < 0.95 * before, (before, after, losses)  # measured: 1.159 -> 1.035
+import gc
+from megatron.core import parallel_state as ps
+ps.destroy_model_parallel(); torch.distributed.destroy_process_group(); del model, selfs; gc.collect()
+print("OK", before, after, losses)
+"""
+
+
+def _run_fresh(script):
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", TRITON_INTERPRET="1")
+    for var in ("MASTER_PORT", "MASTER_ADDR"):  # the parent's gloo store holds its port
+        env.pop(var, None)
+    code = "ROOT = " + repr(ROOT) + "\n" + script
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "OK" in res.stdout
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_chunk_causal_example_trains_with_per_chunk_times():
+    """--dsv-causal-chunk 2: the example builds a chunk-causal DiT, get_batch draws one t per chunk
+    with a clean prefix (t = 1) and a noisy last chunk, the loss through Megatron's loss path is
+    flow_matching_loss(per_chunk_t=True) on the same draws (noisy chunks only), five training steps
+    lower the fixed validation loss, which scores every chunk at the item's t."""
+    print(_run_fresh(CAUSAL_SCRIPT))
+
+
+def _example_cp_rank(rank, world, root, causal=False):
+    """One CP rank of the example's data and loss path, against CP = 1 on the same weights.
+    ``causal``: --dsv-causal-chunk 2 on a 6x4x4 patch grid (3 chunks of 32 tokens), so each of
+    the 2 ranks' 48 tokens holds one chunk and half of the middle one, with per-chunk times."""
     import torch
     import torch.distributed as dist
 
@@ -91,11 +194,13 @@ def _example_cp_rank(rank, world, root):
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
     from megatron_dsv.models.video_dit import VideoDiT, flow_interpolate
 
-    argv = ["--dit-config", "tiny", "--latent-shape", "4x4x8x16", "--micro-batch-size", "2",
+    tokens = 96 if causal else 128
+    argv = ["--dit-config", "tiny", "--latent-shape", "4x6x8x8" if causal else "4x4x8x16", "--micro-batch-size", "2",
             "--train-iters", "3", "--lr", "1e-3", "--dsv-query-group", "2x2x4", "--use-cpu-initialization",
             "--dit-num-classes", "3", "--dsv-predictor-rank", "8", "--context-parallel-size", str(world),
             "--dsv-cp-split", "auto", "--num-workers", "0",
             "--dsv-predictor-fit", "gradient"]  # the predictor's auxiliary-loss gradient under CP
+    argv += ["--dsv-causal-chunk", "2"] if causal else []
     defaults, extra = p._pre_parse(argv)
     sys.argv = ["pretrain_video_dit.py"] + argv + extra
     args = parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)
@@ -129,7 +234,8 @@ def _example_cp_rank(rank, world, root):
     out, loss_func = p.forward_step(iter([batch]), model)
     for name in ("latents", "labels", "t", "noise"):
         same_on_cp_ranks(name, seen[name])
-    assert out.shape == (2, 128 // world, 16)
+    assert out.shape == (2, tokens // world, 16)
+    assert seen["t"].shape == ((2, 3) if causal else (2,))
 
     def megatron_loss(m, output, lf, cp):
         """Megatron's own loss path (scaling by token count, microbatches and CP; aux-loss scale)."""
@@ -141,7 +247,12 @@ def _example_cp_rank(rank, world, root):
     loss, report = megatron_loss(model, out, loss_func, world)
     x_t, velocity = flow_interpolate(seen["latents"], seen["t"], seen["noise"])
     ref_out = (ref(x_t, seen["t"], seen["labels"], local_tokens=True) - ref.shard_tokens(velocity)).pow(2)
-    ref_loss, ref_report = megatron_loss(ref, ref_out, lambda o: p.loss_func(None, o), 1)
+    scored = None
+    if causal:  # the noisy chunks of the whole video, scored on one process
+        noisy = seen["t"] < 1
+        scored = (noisy.repeat_interleave(tokens // 3, dim=1).float(), noisy.float().mean())
+        assert 0 < noisy.sum() < noisy.numel(), seen["t"]  # these draws hold clean and noisy chunks
+    ref_loss, ref_report = megatron_loss(ref, ref_out, lambda o: p.loss_func(None, o, scored=scored), 1)
 
     dist.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))  # as training.py
     assert abs(report[0] / report[1] - ref_report[0] / ref_report[1]) <= 2e-5 * ref_report[0] / ref_report[1]
@@ -181,3 +292,13 @@ def test_example_data_and_loss_under_context_parallel():
     from tests.cp.distributed import run_ranks
 
     run_ranks(_example_cp_rank, 2, ROOT)
+
+
+@pytest.mark.slow
+def test_chunk_causal_example_under_context_parallel():
+    """As above with --dsv-causal-chunk 2 and per-chunk times, on shards that cut the middle
+    chunk: Megatron's loss path on each rank (unequal noisy-token counts) reports the CP = 1
+    noisy-chunk loss, and the CP-averaged gradients are the CP = 1 ones."""
+    from tests.cp.distributed import run_ranks
+
+    run_ranks(_example_cp_rank, 2, ROOT, True)

@@ -34,6 +34,7 @@ whole chunks or lie inside one, which the DSV layers check at the first forward
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -361,6 +362,33 @@ class VideoDiT(MegatronModule):
         grid = self.grid(video_shape)
         return grid[0] // self.chunk_causal if self.chunk_causal else 1
 
+    def local_chunk_ids(self, video_shape: Sequence[int], device=None) -> Tensor:
+        """Causal chunk (long ``[S/N]``) of each of this CP rank's tokens, in the order of
+        :meth:`shard_tokens`: chunk ``j`` is the ``j``-th run of ``S/n`` cube-major tokens (all 0
+        for a bidirectional model). A rank's run may hold parts of two chunks (e.g. 1.5 chunks)."""
+        grid = self.grid(video_shape)
+        lo, hi = self.token_range(grid)
+        s = grid[0] * grid[1] * grid[2]
+        return torch.arange(lo, hi, device=device) // (s // self.num_chunks(video_shape))
+
+    def _local_chunk_conditioning(self, cvec: Tensor, grid: Sequence[int], lo: int, hi: int) -> Tensor:
+        """Per-chunk conditioning ``[n, B, h]`` of the whole video -> ``[m, B, h]`` over ``m`` equal
+        runs of this rank's tokens ``[lo, hi)``, the form :func:`modulate` and :func:`gate` take.
+        Without CP, or a shard of whole chunks, the runs are the chunks; a shard that chunk
+        boundaries cut unequally (1.5 chunks: pieces of 2L/3 and L/3 tokens) takes runs of the gcd
+        of its pieces, each with its chunk's row. Pieces are whole query-group cubes (chunk and
+        shard boundaries both are), so m <= shard / G rows: the adaLN linears then run on at most
+        1/G as many rows as the layer's own linears."""
+        n, s = cvec.shape[0], grid[0] * grid[1] * grid[2]
+        if n == 1 or (lo, hi) == (0, s):
+            return cvec
+        size = s // n
+        chunks = range(lo // size, (hi - 1) // size + 1)
+        pieces = [min(hi, (j + 1) * size) - max(lo, j * size) for j in chunks]
+        run = functools.reduce(math.gcd, pieces)
+        rows = [j for j, piece in zip(chunks, pieces) for _ in range(piece // run)]
+        return cvec.index_select(0, torch.tensor(rows, device=cvec.device))
+
     def _check_chunk_times(self, t: Tensor, grid: Sequence[int], batch: int) -> None:
         if not self.chunk_causal:
             raise ValueError(
@@ -414,7 +442,9 @@ class VideoDiT(MegatronModule):
         A chunk-causal model also takes per-chunk times ``t [B, n]`` (``n`` = the latent's chunks
         of ``dsv_causal_chunk`` patch-grid frames): chunk ``j``'s tokens are modulated by the
         embedding of ``t[:, j]`` (autoregressive generation feeds earlier chunks clean, ``t = 1``,
-        with the chunk being sampled at its own ``t``; :func:`sample_autoregressive`).
+        with the chunk being sampled at its own ``t``; :func:`sample_autoregressive`). Under CP
+        each rank modulates its own tokens by their chunks' times, also when its run of tokens
+        holds parts of two chunks.
 
         ``text [B, L, text_dim]`` / ``text_mask [B, L]`` (True = real token): text-encoder tokens
         for the cross-attention (models built with ``text_dim``).
@@ -438,6 +468,8 @@ class VideoDiT(MegatronModule):
         patches = self.patchify(latents)[:, perm[lo:hi]]
         x = self.patch_embed(patches.to(self.patch_embed.weight.dtype)).transpose(0, 1).contiguous()  # [s, B, h]
         cvec = self.conditioning(t, labels, cond)
+        if t.dim() == 2:
+            cvec = self._local_chunk_conditioning(cvec, grid, lo, hi)
         # The angles of this rank's tokens. Megatron's SelfAttention applies rotary_pos_emb as given
         # on the [s, b, h, d] path (its CP zigzag slicing is in RotaryEmbedding/THD only, unused here).
         rope = rope_3d_freqs(grid, self.cube, self.head_dim, device=latents.device)[lo:hi]
@@ -506,7 +538,9 @@ def flow_matching_loss(model: VideoDiT, latents: Tensor, labels: Optional[Tensor
     ``per_chunk_t=True`` draws ``t [B, n]`` per chunk (:func:`draw_chunk_times`: a clean prefix,
     then independent times), or takes a given ``t [B, n]``; chunks at ``t = 1`` are context, input
     only: the loss is the MSE over the other chunks' tokens (a clean input carries no noise to
-    predict a velocity from).
+    predict a velocity from). Under CP a rank's tokens may hold more, fewer or no noisy tokens than
+    another's; its loss is its noisy tokens' squared-error sum over the whole video's noisy-token
+    count, times N, so the mean over the CP ranks is still the single-process loss.
     """
     b = latents.shape[0]
     chunks = model.num_chunks(latents.shape[-3:]) if per_chunk_t else 1
@@ -524,11 +558,15 @@ def flow_matching_loss(model: VideoDiT, latents: Tensor, labels: Optional[Tensor
     err = (v.float() - model.shard_tokens(velocity).float()).pow(2)
     if not per_chunk_t:
         return err.mean()
-    # tokens in cube-major order: chunk j is the j-th run of S/n tokens (CP is refused with chunks)
-    noisy = (t < 1).repeat_interleave(err.shape[1] // chunks, dim=1).to(err.dtype)  # [B, S]
-    if not bool(noisy.any()):
+    scored = t < 1  # [B, n]
+    if not bool(scored.any()):
         raise ValueError("every chunk is at t = 1 (clean context): the loss has no noisy chunk to score.")
-    return (err.mean(-1) * noisy).sum() / noisy.sum()
+    noisy = scored[:, model.local_chunk_ids(latents.shape[-3:], latents.device)].to(err.dtype)  # [B, S/N]
+    # The mean over the whole video's noisy tokens, as this rank's share: its sum over the global
+    # noisy-token count (known on every rank: t is), times N, so the mean over the CP ranks is the
+    # single-process loss also when the ranks hold unequal numbers of noisy tokens (or none).
+    noisy_tokens = scored.sum() * (err.shape[1] * model.cp_size // chunks)
+    return (err.mean(-1) * noisy).sum() * model.cp_size / noisy_tokens
 
 
 def _velocity(model, x, t, labels, guidance, text, text_mask) -> Tensor:

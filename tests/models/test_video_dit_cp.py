@@ -210,3 +210,48 @@ def test_chunk_causal_video_dit_cp_matches_single_process():
     """A chunk-causal VideoDiT (dsv_causal_chunk=2) at CP = 2: loss, gradients and the forward
     equal CP = 1, dense stage 1 and sparse, sequence and head splits."""
     run_ranks(_causal_rank, 2)
+
+
+# Per-chunk times under CP: patch grid 6x4x4 = 96 tokens (6 cubes of 2x2x4) in 3 chunks of 2 grid
+# frames = 32 tokens, so each CP = 2 rank's 48 tokens hold one chunk and half of the middle one
+# (a head split: a sequence split refuses shards that cut a chunk).
+PER_CHUNK_LATENT = (2, 4, 6, 8, 8)
+
+
+def _per_chunk_rank(rank, world):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsv.models.video_dit import flow_interpolate, flow_matching_loss
+    from tests.megatron_shim import init_megatron_state
+
+    init_megatron_state(cp=world, rank=rank, world_size=world, seed=7)
+    singles = [dist.new_group([r]) for r in range(world)]
+    model, ref = _models(world, singles[rank], "auto", "head", chunk=2)
+    want_ids = [0] * 32 + [1] * 16 if rank == 0 else [1] * 16 + [2] * 32
+    assert model.local_chunk_ids(PER_CHUNK_LATENT[2:]).tolist() == want_ids
+    gen = torch.Generator().manual_seed(11)
+    latents, noise = torch.randn(PER_CHUNK_LATENT, generator=gen), torch.randn(PER_CHUNK_LATENT, generator=gen)
+    labels, kw = torch.tensor([0, 3]), dict(text=torch.randn(2, 5, TEXT_DIM, generator=gen))
+    # sample 1 has no noisy token on rank 0; in the second case rank 0 has none at all
+    for t in (torch.tensor([[1.0, 0.4, 0.7], [1.0, 1.0, 0.2]]), torch.tensor([[1.0, 1.0, 0.3], [1.0, 1.0, 0.6]])):
+        label = f"per-chunk t={t.tolist()} rank {rank}"
+        model.zero_grad(), ref.zero_grad()
+        loss = flow_matching_loss(model, latents, labels, t=t, noise=noise, per_chunk_t=True, **kw)
+        _megatron_backward(model, loss, world)
+        ref_loss = flow_matching_loss(ref, latents, labels, t=t, noise=noise, per_chunk_t=True, **kw)
+        ref_loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss, group=ps.get_context_parallel_group())
+        _close(f"{label} loss", mean_loss / world, ref_loss)
+        _check_grads(f"{label} flow loss", model, ref, world)
+        x_t, _ = flow_interpolate(latents, t, noise)
+        with torch.no_grad():
+            _close(f"{label} forward", model(x_t, t, labels, **kw), ref(x_t, t, labels, **kw))
+
+
+def test_per_chunk_times_under_cp_match_single_process():
+    """Per-chunk times t [B, n] at CP = 2 with shards that cut a chunk in half: each rank modulates
+    its tokens by their own chunk's time, and the per-chunk flow loss (noisy chunks only; a rank
+    may hold none) averaged over the CP ranks, its gradients and the forward equal CP = 1."""
+    run_ranks(_per_chunk_rank, 2)
