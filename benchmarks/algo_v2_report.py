@@ -42,6 +42,15 @@ def build(run_dir: str) -> dict:
             "recall_at_k": _mean(l["recall_at_k"]), "recall_exact_at_k": _mean(l["recall_exact_at_k"]),
             "relative_recall": _mean(l["relative_recall"]), "predictor_loss": l["loss"],
         })
+    # "every sparse layer holds recall >= 0.9 at its chosen K": the lowest head-mean recall at K over
+    # the stage-2 profiling iterations where the layer ran sparse
+    for rec in layers:
+        held = [l for s in stats if s["stage"] == 2 for l in s["layers"] if l["layer"] == rec["layer"] and l["sparse"]]
+        rec["sparse_profiles"] = len(held)
+        rec["first_sparse_iteration"] = next((s["iteration"] for s in stats for l in s["layers"]
+                                              if l["layer"] == rec["layer"] and l["sparse"]), None)
+        rec["min_recall_at_k_while_sparse"] = min((_mean(l["recall_at_k"]) for l in held), default=None)
+        rec["min_recall_exact_at_k_while_sparse"] = min((_mean(l["recall_exact_at_k"]) for l in held), default=None)
     dense_ms = {r["iteration"]: r["ms"] for r in runs["dense"]["train"]}
     auto_ms = {r["iteration"]: r["ms"] for r in runs["auto"]["train"]}
 
@@ -104,11 +113,15 @@ def main(argv=None):
         json.dump(res, f, indent=1)
     plot(res, a.out + ".png")
     print(f"switch at {res['switch_iteration']} (on its own: {res['switch_on_its_own']})")
-    print("| layer | sparse | token sparsity | density for recall target | recall at K | exact-q/k recall at K | relative |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | sparse | token sparsity | density for recall target | recall at K | exact-q/k recall at K | "
+          "relative | sparse from | min recall at K while sparse (exact q/k) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for l in res["layers"]:
         print(f"| {l['layer']} | {l['sparse']} | {l['token_sparsity']:.3f} | {l['density_for_target']:.3f} | "
-              f"{l['recall_at_k']:.3f} | {l['recall_exact_at_k']:.3f} | {l['relative_recall']:.3f} |")
+              f"{l['recall_at_k']:.3f} | {l['recall_exact_at_k']:.3f} | {l['relative_recall']:.3f} | "
+              f"{l['first_sparse_iteration'] if l['first_sparse_iteration'] is not None else '-'} | "
+              f"{fmt(l['min_recall_at_k_while_sparse'])} ({fmt(l['min_recall_exact_at_k_while_sparse'])}) |")
     print("step time:", json.dumps(res["step_time"]))
 
 
