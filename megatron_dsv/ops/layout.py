@@ -1,7 +1,7 @@
 """Video token order: (t, h, w) raster order <-> cube-major order.
 
 A video latent of ``T x H x W`` tokens is usually flattened in raster order ``(t, h, w)``. DSV
-shares one set of critical keys per query group, a small cube of the video (default 2x4x4).
+shares one set of critical keys per query group, a small cube of the video (default 4x4x4).
 In cube-major order the tokens of each cube are contiguous, so a query group is a contiguous
 run of ``G = ct*ch*cw`` tokens and kernels read contiguous memory. The model permutes tokens once
 after patch embedding and un-permutes once before the output head.

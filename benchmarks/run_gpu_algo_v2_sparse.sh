@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One call on nvidia-h200-x2 for issue 13's remaining evidence (and what fits beside it), carrying
+# .whl and a checkout of the GPU-refit branch in .gpurefit (both ignored by git):
+#   run(command="DSV_COMMIT=<sha> REFIT_COMMIT=<sha> bash benchmarks/run_gpu_algo_v2_sparse.sh",
+#       kind="nvidia-h200-x2", carry=[".whl", ".gpurefit"])
+# GPU 1: the pretraining example of run_gpu_algo_v2.sh (small DiT, 16k tokens, 4x4x4 groups, seed
+#        1234) in --dsv-mode auto with --dsv-min-sparsity 0.5, so the measured speed probe
+#        (--dsv-speed-table measure, the default) decides whether a layer goes sparse; Megatron
+#        stops it after EXIT_MIN (7) minutes. Its dense twin ran at ee52a79
+#        (algo_v2_h200_20261130_qg64*): same seed, data and flags but the mode.
+# GPU 0, in order, each under a timeout and all by LANE0_S (530 s):
+#   1. the GPU refit test of .gpurefit (the Triton Jacobi eigensolver's first GPU run)
+#   2. .gpurefit's benchmarks/overhead.py at 16k and 64k (stage-1 / stage-2 overhead with the refit on the GPU)
+#   3. .gpurefit's benchmarks/profile_cost.py (the refit alone, per shape)
+#   4. benchmarks/attention.py: query groups 32/64 x key blocks 16/32/64 at density 0.25 and 0.1,
+#      64k tokens, D 128 (attention time at equal density, issue 13 item 6)
+#   5. the masked-kernel GPU tests and benchmarks/causal_attention.py (issue 19) in the time left
+# $OUT: algo_v2.{json,png}, dsv_stats_auto.jsonl, overhead.json, profile_cost.json, attention.json,
+# causal_attention.json, logs.tar.gz (8 files, the device tool's limit).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d /tmp/algo_sparse.XXXX)}
+LOGS=$(mktemp -d /tmp/algo_sparse_logs.XXXX)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+MAIN=$PWD REFIT=$PWD/.gpurefit LANE0_S=${LANE0_S:-530}
+COMMON="--dit-config small --latent-shape 4x16x64x64 --dsv-query-group 4x4x4 --dsv-kv-block 64
+  --micro-batch-size 1 --global-batch-size 4 --train-iters 1500 --lr 3e-4 --min-lr 3e-5
+  --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.0 --clip-grad 1.0 --bf16
+  --eval-interval 100 --eval-iters 8 --log-interval 10 --seed 1234 --num-workers 2
+  --dsv-switch-min-iters 200 --dsv-switch-max-iters 600 --dsv-profile-interval-stage1 10
+  --dsv-profile-interval-stage2 50 --dsv-min-dwell 100"
+step() {  # NAME CAP DIR CMD...: CMD in DIR under min(CAP, time left in lane 0)
+  local name=$1 cap=$2 dir=$3 left=$((LANE0_S - SECONDS))
+  shift 3
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 20 ]; then echo "== $name skipped (${cap}s left)"; return; fi
+  local t0=$SECONDS
+  (cd "$dir" && timeout --kill-after=10 "$cap" "$@") > "$LOGS/$name.log" 2>&1
+  echo "== $name rc=$? in $((SECONDS - t0)) s (limit $cap)"; grep -v -i warn "$LOGS/$name.log" | tail -${TAIL:-6}
+}
+(
+  CUDA_VISIBLE_DEVICES=1 timeout 570 torchrun --nproc-per-node 1 --master-port 29518 examples/pretrain_video_dit.py $COMMON \
+    --dsv-mode auto --dsv-min-sparsity 0.5 --exit-duration-in-mins ${EXIT_MIN:-7} \
+    --dsv-stats-log $OUT/dsv_stats_auto.jsonl > $LOGS/pretrain_auto.log 2>&1
+  echo "== pretrain auto rc=$?"
+) > $LOGS/lane1.txt 2>&1 &
+(
+  export CUDA_VISIBLE_DEVICES=0
+  step refit_test 90 "$REFIT" env PYTHONPATH=/tmp/site:$REFIT python3 -m pytest -q -m gpu tests/gpu/test_gpu_refit.py tests/ops/test_eigh_triton.py -p no:cacheprovider
+  TAIL=8 step overhead 120 "$REFIT" env PYTHONPATH=/tmp/site:$REFIT python3 benchmarks/overhead.py --seqlens 16384,65536 --fit closed_form --out $OUT/overhead.json
+  step profile_cost 90 "$REFIT" env PYTHONPATH=/tmp/site:$REFIT python3 benchmarks/profile_cost.py --out $OUT/profile_cost.json
+  TAIL=30 step attention 130 "$MAIN" python3 benchmarks/attention.py --seqlens 65536 --head-dims 128 \
+    --sparsities 0.75,0.9 --kv-blocks 16,32,64 --group-sizes 32,64 --no-cudnn-block-sparse --flex-blocks "" \
+    --time-budget-s 110 --out $OUT/attention.json
+  step causal_tests 100 "$MAIN" python3 -m pytest -q tests/ops/test_causal_triton.py -p no:cacheprovider
+  TAIL=12 step causal_bench 200 "$MAIN" python3 benchmarks/causal_attention.py --out $OUT/causal_attention.json
+) > $LOGS/lane0.txt 2>&1 &
+wait
+cat $LOGS/lane0.txt $LOGS/lane1.txt
+cp $LOGS/pretrain_auto.log $OUT/pretrain_auto.log 2>/dev/null
+grep -E "DSV (stage|layer)" $LOGS/pretrain_auto.log | tail -24
+# the report pairs this auto run with the dense twin of ee52a79, whose log travels in the checkout
+tar xzf benchmarks/results/algo_v2_h200_20261130_qg64_logs.tar.gz -C $OUT pretrain_dense.log
+python3 benchmarks/algo_v2_report.py --dir $OUT --out $OUT/algo_v2 --note "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x 2, auto at commit ${DSV_COMMIT:-unknown} (--dsv-min-sparsity 0.5), dense from ee52a79 (another call)"
+rm -f $OUT/pretrain_dense.log $OUT/pretrain_auto.log
+tar czf $OUT/logs.tar.gz -C $LOGS .
+ls $OUT
