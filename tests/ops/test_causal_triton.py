@@ -67,19 +67,19 @@ def _reference(q, k, v, keep, do, dlse):
 
 
 TILES16 = {kind: {"BLOCK_M": 16} for kind in ("fwd", "dq", "dkdv")}
-# A masked index with 1 < kv_block < the forward's key tile is refused (masked_tile_problem):
-# kv_block 16 runs with 16-key forward tiles.
-FWD_N16 = {"fwd": {"BLOCK_N": 16}}
+# A masked index with 1 < kv_block < the forward's or dq's key tile is refused (masked_tile_problem):
+# kv_block 16 runs with 16-key tiles in both.
+KEY_TILES16 = {"fwd": {"BLOCK_N": 16}, "dq": {"BLOCK_N": 16}}
 
 CASES = [
     # b, h, hkv, s, d, g, kv_block, mask, K per head, kernel options
     pytest.param(2, 2, 1, 64, 32, 16, 1, CAUSAL, ["need", 48], {}, id="token-causal-gqa-K>allowed"),
     pytest.param(1, 3, 3, 96, 32, 16, 1, chunk(24), ["need", 40, "all"], {}, id="token-chunk24-Kall"),
-    pytest.param(1, 4, 2, 128, 32, 32, 16, CAUSAL, ["need", 3, 5, "all"], {"tune": FWD_N16}, id="block16-causal-keymajor-gqa"),
-    pytest.param(2, 2, 2, 128, 32, 16, 16, chunk(40), ["need", 6], {"tune": FWD_N16}, id="block16-chunk40-cuts-units"),
-    pytest.param(1, 2, 1, 128, 32, 32, 16, CAUSAL, ["need", 6], {"tune": {**TILES16, "fwd": {"BLOCK_M": 16, "BLOCK_N": 16}}}, id="block16-query-tiles<group"),
-    pytest.param(1, 2, 2, 128, 32, 32, 16, chunk(48), ["need", 5], {"force_atomic_dkdv": True, "tune": FWD_N16}, id="block16-atomic-dkdv"),
-    pytest.param(1, 2, 2, 128, 32, 32, 16, CAUSAL, ["need", 5], {"fused_dq_atomic": True, "tune": FWD_N16}, id="block16-fused-dq"),
+    pytest.param(1, 4, 2, 128, 32, 32, 16, CAUSAL, ["need", 3, 5, "all"], {"tune": KEY_TILES16}, id="block16-causal-keymajor-gqa"),
+    pytest.param(2, 2, 2, 128, 32, 16, 16, chunk(40), ["need", 6], {"tune": KEY_TILES16}, id="block16-chunk40-cuts-units"),
+    pytest.param(1, 2, 1, 128, 32, 32, 16, CAUSAL, ["need", 6], {"tune": {**TILES16, **{k: {"BLOCK_M": 16, "BLOCK_N": 16} for k in ("fwd", "dq")}}}, id="block16-query-tiles<group"),
+    pytest.param(1, 2, 2, 128, 32, 32, 16, chunk(48), ["need", 5], {"force_atomic_dkdv": True, "tune": KEY_TILES16}, id="block16-atomic-dkdv"),
+    pytest.param(1, 2, 2, 128, 32, 32, 16, CAUSAL, ["need", 5], {"fused_dq_atomic": True, "tune": KEY_TILES16}, id="block16-fused-dq"),
     pytest.param(1, 2, 1, 128, 32, 32, 32, CAUSAL, ["need", 3], {}, id="block32-contig-causal"),
     pytest.param(1, 2, 2, 128, 48, 32, 32, chunk(64), ["need", "all"], {}, id="block32-chunk64-d48"),
     pytest.param(1, 2, 2, 256, 32, 64, 64, CAUSAL, ["need", 3], {}, id="block64-g64-causal"),
@@ -100,19 +100,21 @@ def _triton_matches_reference(q, k, v, index, options, do, dlse):
 @CPU_OK
 @pytest.mark.parametrize("b,h,hkv,s,d,g,kvb,mask,ks,opts", CASES)
 def test_masked_kernels_match_masked_dense(b, h, hkv, s, d, g, kvb, mask, ks, opts, poisoned):
-    torch.manual_seed(0)
-    q = torch.randn(b, h, s, d, device=DEVICE)
-    k, v = (torch.randn(b, hkv, s, d, device=DEVICE) for _ in range(2))
-    do = torch.randn(b, h, s, d, device=DEVICE, dtype=torch.float64)
-    dlse = torch.randn(b, h, s, device=DEVICE, dtype=torch.float64)
+    # drawn on the CPU, so the GPU run sees the inputs the interpreter run sees
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, s, d, generator=gen).to(DEVICE)
+    k, v = (torch.randn(b, hkv, s, d, generator=gen).to(DEVICE) for _ in range(2))
+    do = torch.randn(b, h, s, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    dlse = torch.randn(b, h, s, generator=gen, dtype=torch.float64).to(DEVICE)
     index = _index(b, h, s, g, kvb, ks, mask)
     assert bool((index.kv_idx == PAD).any())  # heads differ in K: padding entries exist
     ref = _triton_matches_reference(q, k, v, index, dataclasses.replace(poisoned, **opts), do, dlse)
-    # the mask matters here: the same units without it are far outside the tolerance
+    # the mask matters here: the same units without it are far outside the tolerance (on the
+    # H200's draws the smallest change was 0.105, 21x the tolerance)
     unmasked = dataclasses.replace(index, mask=None)
     loose = _reference(q, k, v, unmasked.to_dense_mask(), do, dlse)
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], loose, ref):
-        assert _rel(a, r) > 100 * TOL, f"{name}: dropping the mask changes it by only {_rel(a, r):.2e}"
+        assert _rel(a, r) > 10 * TOL, f"{name}: dropping the mask changes it by only {_rel(a, r):.2e}"
 
 
 @CPU_OK
@@ -126,7 +128,7 @@ def test_cases_cover_filler_units():
 @pytest.mark.parametrize("mask,kvb", [(CAUSAL, 1), (chunk(48), 16)])
 def test_forward_backward_blocks_on_masked_index(mask, kvb, poisoned):
     """Context parallelism's building blocks (forward only, backward given out/lse) on Triton."""
-    poisoned = dataclasses.replace(poisoned, tune=FWD_N16)
+    poisoned = dataclasses.replace(poisoned, tune=KEY_TILES16)
     torch.manual_seed(1)
     b, h, s, d, g = 1, 2, 96, 32, 16
     q, k, v, do = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(4))
@@ -150,7 +152,7 @@ def test_masked_index_without_a_readable_key_is_refused():
     good = torch.tensor([[[[0], [1], [2], [3]]]], dtype=torch.int32, device=DEVICE)
     count = torch.ones(1, 1, dtype=torch.int32, device=DEVICE)
     index = SparseIndex(good, count, g, kvb, s, s, CAUSAL)
-    n16 = KernelOptions(tune=FWD_N16)
+    n16 = KernelOptions(tune=KEY_TILES16)
     sparse_attention(q, q, q, index, backend="triton", options=n16)  # every group lists its own unit: fine
     bad = good.clone()
     bad[0, 0, 2, 0] = 3  # group 2 (queries 32..47) lists only keys 48..63
@@ -181,7 +183,7 @@ def test_masked_blocks_below_the_forward_tile_are_refused(mask, monkeypatch, cap
 
     b, h, s, d, g = 1, 2, 96, 32, 16
     q = torch.randn(b, h, s, d, device=DEVICE)
-    for kvb, tune, refused in [(4, {}, True), (16, {}, True), (16, FWD_N16, False), (32, {}, False), (1, {}, False)]:
+    for kvb, tune, refused in [(4, {}, True), (16, {}, True), (16, KEY_TILES16, False), (32, {}, False), (1, {}, False)]:
         index = _index(b, h, s, g, kvb, ["need", "all"], mask)
         opts = KernelOptions(tune=tune)
         assert (masked_tile_problem(index, d, q.dtype, opts) is not None) == refused, (kvb, tune)
@@ -194,6 +196,10 @@ def test_masked_blocks_below_the_forward_tile_are_refused(mask, monkeypatch, cap
             for call in calls:
                 with pytest.raises(ValueError, match=rf"kv_block {kvb} < its forward key tile 32 .*multiple of 32"):
                     call()
+    # 16-key forward tiles alone are not enough: dq's 32-key tile gave a wrong dq on the H200
+    index = _index(b, h, s, g, 16, ["need", "all"], mask)
+    fwd_only = KernelOptions(tune={"fwd": {"BLOCK_N": 16}})
+    assert "kv_block 16 < its dq key tile 32" in masked_tile_problem(index, d, q.dtype, fwd_only)
     # GPU tiles: bf16 at D=64 uses 64-key forward tiles, so kv_block 16 and 32 are refused there
     for kvb, refused in [(16, True), (32, True), (64, False), (1, False)]:
         index = _index(1, 2, 128, 32, kvb, ["need", "need"], mask)
@@ -255,7 +261,7 @@ def test_masked_bf16_gpu(mask, kvb, g, d, poisoned):
 OFFSET_CASES = [
     # b, h, hkv, s_q, s_kv, q_offset, d, g, kv_block, mask, K per head, kernel options
     pytest.param(1, 2, 1, 32, 96, 48, 32, 16, 1, CAUSAL, [40, 70], {}, id="token-causal-gqa"),
-    pytest.param(1, 2, 2, 32, 128, 64, 32, 16, 16, chunk(32), [3, 6], {"tune": FWD_N16}, id="block16-chunk32"),
+    pytest.param(1, 2, 2, 32, 128, 64, 32, 16, 16, chunk(32), [3, 6], {"tune": KEY_TILES16}, id="block16-chunk32"),
     pytest.param(1, 4, 2, 64, 192, 64, 32, 32, 32, CAUSAL, [3, 4, 5, 6], {}, id="block32-causal-keymajor-keys-after"),
     pytest.param(1, 2, 2, 64, 128, 32, 32, 32, 32, chunk(64), [3, 4], {}, id="block32-chunk64-offset-inside-chunk"),
 ]
