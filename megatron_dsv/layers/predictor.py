@@ -817,6 +817,7 @@ def reduced_rank_fit_exact(
 #   warm, another sample, W drifted 2%: within 2x of cold (D=128 r=16: n=8 1.3e-10)
 #   warm, same sample, W drifted 0.2%:  D=64 r=16 n=2 6.1e-10, n=4 2.3e-12; D=128 r=16 n=4 5.7e-11
 #   planted rank 16 + noise 1e-3 (D=128): n=0 3e-13 absolute (the rounding floor)
+#   Gaussian heads with a linear spectrum, no gap at all (16 heads of 128, r=16): n=8 1.8e-5
 # With p = r + 8: n=8 1.1e-06 (D=64 r=16); with p = r and no Rayleigh-Ritz step: 1e-3 after 64.
 # One count for cold and warm starts: a count chosen from host state (a "fitted before" flag) that
 # checkpoints do not carry would break bit-exact resume, and a device-side test would synchronise.
