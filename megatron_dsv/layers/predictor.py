@@ -830,11 +830,11 @@ _ITERATION_SHIFT = 1e-7
 _QR_SHIFT = 1e-14
 
 
-def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+def _orthonormalize(y: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of ``y [H, D, p]`` by shifted Cholesky-QR, twice (one
     batched Cholesky and one batched triangular solve per pass, no host sync; the Gram is only
-    ``p x p``). A column dependent on the others comes out as a normalised residual."""
-    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+    ``p x p``, ``eye`` its identity). A column dependent on the others comes out as a normalised
+    residual."""
     for _ in range(2):
         g = y.transpose(-1, -2) @ y
         shift = _QR_SHIFT * g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=torch.finfo(y.dtype).tiny)
@@ -904,11 +904,12 @@ def reduced_rank_fit(
     cold = torch.gather(m, 2, cols.unsqueeze(1).expand(h, d, p))
     warm = l_q.transpose(-1, -2) @ start.to(c_q)
     warm = torch.where(torch.isfinite(warm).flatten(1).all(-1).view(h, 1, 1), warm, cold[..., :rank])
-    x = _orthonormalize(torch.cat([warm, cold[..., rank:]], -1))
+    eye_p = torch.eye(p, dtype=m.dtype, device=m.device)
+    x = _orthonormalize(torch.cat([warm, cold[..., rank:]], -1), eye_p)
     eye = torch.eye(d, dtype=m.dtype, device=m.device)
     shifted = m + (_ITERATION_SHIFT * total).view(h, 1, 1) * eye
     for _ in range(iterations):
-        x = _orthonormalize(shifted @ x)
+        x = _orthonormalize(shifted @ x, eye_p)
     ritz = x.transpose(-1, -2) @ m @ x
     values, vectors = batched_eigh(0.5 * (ritz + ritz.transpose(-1, -2)), backend=backend)
     energy = values.flip(-1)[:, :rank].clamp(min=0)  # s^2, descending
