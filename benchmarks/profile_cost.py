@@ -6,7 +6,9 @@ For q, k of ``[1, H, S, D]`` (random, bf16) and the low-rank projections of a ra
 times with do_bench (median) the parts a profiling forward runs: the recall curve over the sampled
 rows (``recall_curve``), token sparsity on all sampled rows and on every 8th (``sampled_attention_stats``),
 the score moments (``accumulate_moments``), the predictor loss without grad (``predictor_loss``),
-and the closed-form refit (``refit``), beside a dense cuDNN forward+backward of the same shape.
+and the closed-form refit (``refit``: alone, as ``refit_ms``, and after the moments), beside a
+dense cuDNN forward+backward of the same shape. The refit is ``LowRankPredictor.refit``, the call
+the runtime makes (``DSVCoreAttention.refit_predictor``): on the GPU, without host sync.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="16x16384x128,8x16384x64,16x65536x128")
     p.add_argument("--stride", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows_out = []
@@ -40,11 +43,11 @@ def main():
         h, s, d = (int(v) for v in shape.split("x"))
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        pred = LowRankPredictor(h, d, 16, device="cuda").requires_grad_(False)
+        pred = LowRankPredictor(h, d, args.rank, device="cuda").requires_grad_(False)
         q_lr, k_lr = pred.project(q, k)
         rows = sample_rows(s, args.stride, 3, q.device)
         scale = d ** -0.5
-        res = {"H": h, "S": s, "D": d, "rows": rows.numel()}
+        res = {"H": h, "S": s, "D": d, "rank": args.rank, "rows": rows.numel()}
         bench = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")  # noqa: E731
 
         def dense():
@@ -72,6 +75,9 @@ def main():
             pred.refit()
 
         res["moments_and_refit_ms"] = bench(refit)
+        pred.accumulate_moments(q[:, :, rows], k)
+        res["refit_ms"] = bench(lambda: pred.refit(reset=False))  # the same moments each time
+        pred.reset_moments()
         res["profile_total_ms"] = (res["recall_curve_ms"] + res["token_sparsity_every8_ms"] + res["moments_ms"]
                                    + res["predictor_loss_ms"] + res["moments_and_refit_ms"] - res["moments_ms"])
         res["profile_vs_dense_step"] = res["profile_total_ms"] / res["dense_fwd_bwd_ms"]

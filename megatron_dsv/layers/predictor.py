@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron_dsv.ops.eigh import batched_eigh
 from megatron_dsv.ops.mask import CausalMask
 
 # Exact-score rows per chunk in the reference loss, so it never holds [N, S] for all rows.
@@ -206,9 +207,13 @@ class LowRankPredictor(nn.Module):
     def refit(self, eps: float = 1e-6, group=None, reset: bool = True) -> torch.Tensor:
         """Replace ``W_q, W_k`` by the closed-form optimum of the accumulated moments, in place.
 
-        Heads without sampled rows (or whose rows' scores do not vary) keep their weights. The factors are balanced so that the
-        low-rank queries and keys have columns of equal RMS (bf16/fp16 range), and are written in
-        the weights' dtype and device.
+        Heads without sampled rows (or whose rows' scores do not vary, or whose moments are not
+        finite) keep their weights. The factors are balanced so that the low-rank queries and keys
+        have columns of equal RMS (bf16/fp16 range), and are written in the weights' dtype and
+        device. Runs on the moments' device with batched ops and no host synchronisation
+        (:func:`reduced_rank_fit`, warm-started from the current weights): every head is fitted,
+        the heads that must keep their weights are fitted to a stand-in (identity) moment and
+        their weights written back unchanged.
 
         Args:
             eps: ridge, relative to the mean eigenvalue of each moment (``C + eps tr(C)/D I``).
@@ -217,9 +222,9 @@ class LowRankPredictor(nn.Module):
             reset: clear the moments afterwards (the next fit sees only new rows).
 
         Returns:
-            fp64 ``[H]``: the fit's residual, the fraction of the rows' weighted centred score
-            energy the rank-r optimum misses (the rows' mean relative MSE for one sample);
-            NaN for heads without rows.
+            fp64 ``[H]`` on the moments' device: the fit's residual, the fraction of the rows'
+            weighted centred score energy the rank-r fit misses (the rows' mean relative MSE for
+            one sample); NaN for heads that kept their weights.
         """
         self._check_closed_form()
         if self.moments is None:
@@ -229,18 +234,19 @@ class LowRankPredictor(nn.Module):
         # Heads whose moments are not finite (NaN/Inf in this iteration's q or k) keep their weights.
         finite = torch.isfinite(m.c_q).flatten(1).all(-1) & torch.isfinite(m.c_k).flatten(1).all(-1)
         fit = (m.rows > 0) & (trace(m.c_q) > 0) & (trace(m.c_k) > 0) & finite
-        residual = torch.full((self.num_heads,), float("nan"), dtype=torch.float64, device=m.c_q.device)
-        if bool(fit.any()):
-            idx = torch.nonzero(fit).flatten()
-            # On the CPU: the GPU's solvers loop over these small matrices (112 ms for 16 heads of
-            # 128 on the H200, measured), the CPU's take a few ms per head, on one thread.
-            with _one_cpu_thread():
-                w_q, w_k, res = reduced_rank_fit(*(c.cpu() for c in m.balanced_metrics(idx)), self.rank, eps)
-            res = res.to(residual.device)
-            residual[idx] = res
-            dev_idx = idx.to(self.weight_q.device)
-            self.weight_q.index_copy_(0, dev_idx, w_q.to(self.weight_q.device, self.weight_q.dtype))
-            self.weight_k.index_copy_(0, dev_idx, w_k.to(self.weight_k.device, self.weight_k.dtype))
+        heads = torch.arange(self.num_heads, device=m.c_q.device)
+        c_q, c_k = m.balanced_metrics(heads)
+        eye = torch.eye(self.head_dim, dtype=torch.float64, device=m.c_q.device)
+        keep = ~fit.view(-1, 1, 1)
+        c_q, c_k = torch.where(keep, eye, c_q), torch.where(keep, eye, c_k)
+        start = self.weight_q.detach().to(device=m.c_q.device, dtype=torch.float64)
+        with _one_cpu_thread(m.c_q.device):
+            w_q, w_k, res = reduced_rank_fit(c_q, c_k, start, eps)
+        ok = fit & torch.isfinite(res) & torch.isfinite(w_q).flatten(1).all(-1) & torch.isfinite(w_k).flatten(1).all(-1)
+        residual = torch.where(ok, res, float("nan"))
+        ok = ok.to(self.weight_q.device).view(-1, 1, 1)
+        for weight, new in ((self.weight_q, w_q), (self.weight_k, w_k)):
+            weight.copy_(torch.where(ok, new.to(weight.device, weight.dtype), weight))
         if reset:
             self.moments = None
         return residual
@@ -710,13 +716,16 @@ def _segment_moments(q: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 @contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Run the closed-form fit's small CPU solvers on one thread. Threads do not pay on ``[H, D, D]``
-    matrices and, where other processes or threads load the cores, their spin-waits cost far more
-    than the work: ``eigh`` of 6 x 64 x 64 fp64 took 1.2-3.1 ms on one thread and 156-374 ms on two
-    on a loaded 2-core machine (measured), and the H200 quality arms (two training processes on one
-    host) showed 1.9-4 s profiling steps. ``torch.set_num_threads`` is process-wide, so the previous
-    count is restored on exit."""
+def _one_cpu_thread(device) -> Iterator[None]:
+    """Run the closed-form fit's small CPU solvers on one thread (a no-op for other devices).
+    Threads do not pay on ``[H, D, D]`` matrices and, where other processes or threads load the
+    cores, their spin-waits cost far more than the work: ``eigh`` of 6 x 64 x 64 fp64 took 1.2-3.1
+    ms on one thread and 156-374 ms on two on a loaded 2-core machine (measured), and the H200
+    quality arms (two training processes on one host) showed 1.9-4 s profiling steps.
+    ``torch.set_num_threads`` is process-wide, so the previous count is restored on exit."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -725,20 +734,33 @@ def _one_cpu_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _cholesky_ridge(c: torch.Tensor, eps: float) -> torch.Tensor:
-    """Lower Cholesky factor of symmetric PSD ``[..., D, D]`` with the relative ridge
-    ``eps tr(C)/D`` (directions no row or key spans stay finite)."""
+def _ridged(c: torch.Tensor, eps: float) -> torch.Tensor:
+    """Symmetric PSD ``[..., D, D]`` plus the relative ridge ``eps tr(C)/D`` (directions no row or
+    key spans stay finite)."""
     d = c.shape[-1]
     ridge = (eps * c.diagonal(dim1=-2, dim2=-1).sum(-1) / d).clamp(min=torch.finfo(c.dtype).tiny)
     eye = torch.eye(d, dtype=c.dtype, device=c.device)
-    return torch.linalg.cholesky(0.5 * (c + c.transpose(-1, -2)) + ridge.view(*ridge.shape, 1, 1) * eye)
+    return 0.5 * (c + c.transpose(-1, -2)) + ridge.view(*ridge.shape, 1, 1) * eye
+
+
+def _cholesky_ridge(c: torch.Tensor, eps: float) -> torch.Tensor:
+    """Lower Cholesky factor of :func:`_ridged` (raises on failure: a host sync)."""
+    return torch.linalg.cholesky(_ridged(c, eps))
+
+
+def _cholesky_ridge_ex(c: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of :func:`_ridged` and its info ``[...]`` (non-zero: failed), no
+    host sync."""
+    return torch.linalg.cholesky_ex(_ridged(c, eps))
 
 
 @torch.no_grad()
-def reduced_rank_fit(
+def reduced_rank_fit_exact(
     c_q: torch.Tensor, c_k: torch.Tensor, rank: int, eps: float = 1e-6
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-r ``A = W_q W_k^T`` minimising ``tr((A - I) C_k (A - I)^T C_q)``, per head.
+    """Best rank-r ``A = W_q W_k^T`` minimising ``tr((A - I) C_k (A - I)^T C_q)``, per head: the
+    reference of :func:`reduced_rank_fit` (a full ``eigh`` per head; it checks its input on the
+    host, so it synchronises; the runtime never calls it).
 
     With ``C = L L^T`` (Cholesky) and ``T = L_q^T L_k`` the objective is ``|L_q^T A L_k - T|_F^2``,
     so (Eckart-Young) ``L_q^T A L_k = U_r S_r V_r^T``, the top-r SVD of ``T``:
@@ -768,9 +790,7 @@ def reduced_rank_fit(
     # Whitening by Cholesky factors (C = L L^T): the objective is |L_q^T (A - I) L_k|_F^2, so the
     # optimum is the top-r SVD of T = L_q^T L_k, read from the eigenvectors of T T^T. Same optimum
     # and singular values as symmetric square roots, at one Cholesky per moment instead of an
-    # eigendecomposition, and one symmetric eigendecomposition instead of an SVD: a layer of 16
-    # heads of 128 fits in about 20 ms on one CPU thread (two eigh + SVD: ~60 ms; on the H200's
-    # GPU solvers, which loop over these small matrices: 112 ms).
+    # eigendecomposition, and one symmetric eigendecomposition instead of an SVD.
     l_q = _cholesky_ridge(c_q, eps)
     l_k = _cholesky_ridge(c_k, eps)
     t = l_q.transpose(-1, -2) @ l_k
@@ -783,4 +803,126 @@ def reduced_rank_fit(
     w_q = torch.linalg.solve_triangular(l_q.transpose(-1, -2), u_r * root, upper=True)  # L_q^-T U_r S_r^1/2
     w_k = torch.linalg.solve_triangular(l_k.transpose(-1, -2), v_r * root, upper=True)
     residual = energy[:, rank:].sum(-1) / energy.sum(-1).clamp(min=torch.finfo(torch.float64).tiny)
+    return w_q, w_k, residual
+
+
+# Subspace iterations of reduced_rank_fit, from measurement (fp64, eps 1e-6; measured on the CPU).
+# RoPE'd heads (3D RoPE on a 8x16x16 grid, anisotropic q/k with means, 512 sampled rows, 8 heads)
+# have a small gap at the rank, lambda_{r+1}/lambda_r = 0.82-0.99, so the objective converges at
+# the oversampled rate lambda_{p+1}/lambda_r. Error of the residual relative to the exact one
+# (reduced_rank_fit_exact), worst head, after n iterations:
+#   cold (the JL sketch)            D=64 r=16:  n=4 3.9e-07, n=6 7.1e-10, n=8 2.5e-12
+#                                   D=128 r=16: n=4 5.2e-06, n=6 3.7e-08, n=8 2.4e-10
+#                                   D=128 r=32: n=2 1.2e-11 (D=64 r=32: p = D, exact at n=0)
+#   warm, another sample, W drifted 2%: within 2x of cold (D=128 r=16: n=8 1.3e-10)
+#   warm, same sample, W drifted 0.2%:  D=64 r=16 n=2 6.1e-10, n=4 2.3e-12; D=128 r=16 n=4 5.7e-11
+#   planted rank 16 + noise 1e-3 (D=128): n=0 3e-13 absolute (the rounding floor)
+#   Gaussian heads with a linear spectrum, no gap at all (16 heads of 128, r=16): n=8 1.8e-5
+# With p = r + 8: n=8 1.1e-06 (D=64 r=16); with p = r and no Rayleigh-Ritz step: 1e-3 after 64.
+# One count for cold and warm starts: a count chosen from host state (a "fitted before" flag) that
+# checkpoints do not carry would break bit-exact resume, and a device-side test would synchronise.
+FIT_ITERATIONS = 8
+# M + tau tr(M) I (same eigenvectors) bounds the condition of M X by 1/tau, so the Cholesky-QR
+# below never meets a numerically singular block (rank-deficient moments, eps = 0 in tests).
+_ITERATION_SHIFT = 1e-7
+# Shift of the Cholesky-QR Gram, relative to its trace: keeps the factorisation defined for a
+# block with (nearly) dependent columns; a second pass restores orthonormality.
+_QR_SHIFT = 1e-14
+
+
+def _orthonormalize(y: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``y [H, D, p]`` by shifted Cholesky-QR, twice (one
+    batched Cholesky and one batched triangular solve per pass, no host sync; the Gram is only
+    ``p x p``, ``eye`` its identity). A column dependent on the others comes out as a normalised
+    residual."""
+    for _ in range(2):
+        g = y.transpose(-1, -2) @ y
+        shift = _QR_SHIFT * g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=torch.finfo(y.dtype).tiny)
+        r, _ = torch.linalg.cholesky_ex(g + shift.view(-1, 1, 1) * eye, upper=True)
+        y = torch.linalg.solve_triangular(r, y, upper=True, left=False)
+    return y
+
+
+@torch.no_grad()
+def reduced_rank_fit(
+    c_q: torch.Tensor,
+    c_k: torch.Tensor,
+    start: torch.Tensor,
+    eps: float = 1e-6,
+    iterations: int = FIT_ITERATIONS,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`reduced_rank_fit_exact`'s optimum by block subspace iteration, on the moments'
+    device with batched ops and no host synchronisation.
+
+    With ``T = L_q^T L_k`` (Cholesky factors of the ridged moments) the top-r left singular
+    vectors of ``T`` are the top-r eigenvectors of ``M = T T^T``. A block of ``p = min(2r, D)``
+    columns is iterated ``X <- orth(M X)`` (shifted Cholesky-QR), then one Rayleigh-Ritz step
+    (``eigh`` of the ``p x p`` ``X^T M X``, :func:`megatron_dsv.ops.eigh.batched_eigh`, Jacobi on
+    CUDA) gives the top-r Ritz pairs ``U_r, S_r^2``. The first r columns start from
+    ``L_q^T start``, which spans ``U_r`` when ``start`` is ``W_q`` of a fit to similar moments
+    (warm start); the other ``p - r`` from the columns of ``M`` of largest diagonal (deterministic;
+    they also replace the warm columns of a head whose ``start`` is not finite). The residual is
+    ``1 - sum(S_r^2) / tr(M)``, the true residual of the returned weights; the split is that of
+    :func:`reduced_rank_fit_exact`.
+
+    Args:
+        c_q, c_k: fp64 ``[H, D, D]`` symmetric PSD moments with positive trace (no check: a head
+            without one gets non-finite output, which the caller masks).
+        start: ``[H, D, r]`` the current ``W_q`` (any float dtype); r is the rank.
+        eps: ridge, relative to the mean eigenvalue of each moment.
+        iterations: subspace iterations (:data:`FIT_ITERATIONS`).
+        backend: of the ``p x p`` eigensolver (``"auto"``: Triton on CUDA, else the reference).
+
+    Returns:
+        ``W_q, W_k`` fp64 ``[H, D, r]`` and the residual fp64 ``[H]``, NaN where a Cholesky
+        factorisation of a moment failed.
+    """
+    if c_q.dim() != 3 or c_q.shape != c_k.shape or c_q.shape[-1] != c_q.shape[-2]:
+        raise ValueError(f"c_q and c_k must both be [H, D, D]; got {tuple(c_q.shape)} and {tuple(c_k.shape)}.")
+    h, d = c_q.shape[0], c_q.shape[-1]
+    if start.dim() != 3 or start.shape[:2] != (h, d):
+        raise ValueError(f"start must be [{h}, {d}, r] (W_q of the heads); got {tuple(start.shape)}.")
+    rank = start.shape[-1]
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, {d}] (the head dim), got {rank}.")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}.")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}.")
+    c_q, c_k = c_q.double(), c_k.double()
+    p = min(2 * rank, d)
+    tiny = torch.finfo(torch.float64).tiny
+    l_q, info_q = _cholesky_ridge_ex(c_q, eps)
+    l_k, info_k = _cholesky_ridge_ex(c_k, eps)
+    t = l_q.transpose(-1, -2) @ l_k
+    m = t @ t.transpose(-1, -2)
+    m = 0.5 * (m + m.transpose(-1, -2))
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    total = diag.sum(-1)
+    cols = torch.topk(diag, p, dim=-1).indices  # [H, p]
+    cold = torch.gather(m, 2, cols.unsqueeze(1).expand(h, d, p))
+    warm = l_q.transpose(-1, -2) @ start.to(c_q)
+    warm = torch.where(torch.isfinite(warm).flatten(1).all(-1).view(h, 1, 1), warm, cold[..., :rank])
+    eye_p = torch.eye(p, dtype=m.dtype, device=m.device)
+    x = _orthonormalize(torch.cat([warm, cold[..., rank:]], -1), eye_p)
+    eye = torch.eye(d, dtype=m.dtype, device=m.device)
+    shifted = m + (_ITERATION_SHIFT * total).view(h, 1, 1) * eye
+    for _ in range(iterations):
+        x = _orthonormalize(shifted @ x, eye_p)
+    ritz = x.transpose(-1, -2) @ m @ x
+    values, vectors = batched_eigh(0.5 * (ritz + ritz.transpose(-1, -2)), backend=backend)
+    energy = values.flip(-1)[:, :rank].clamp(min=0)  # s^2, descending
+    u_r = x @ vectors.flip(-1)[..., :rank]
+    # Eigenvectors have no sign: fix one (largest entry of each column positive), so the weights
+    # do not depend on the eigensolver or on rounding in the start (CP ranks write the same).
+    peak = torch.gather(u_r, 1, u_r.abs().argmax(1, keepdim=True))
+    u_r = u_r * torch.where(peak < 0, -1.0, 1.0)
+    s_r = energy.sqrt()
+    root = s_r.sqrt().unsqueeze(-2)
+    v_r = t.transpose(-1, -2) @ u_r / s_r.clamp(min=tiny).unsqueeze(-2)
+    w_q = torch.linalg.solve_triangular(l_q.transpose(-1, -2), u_r * root, upper=True)  # L_q^-T U_r S_r^1/2
+    w_k = torch.linalg.solve_triangular(l_k.transpose(-1, -2), v_r * root, upper=True)
+    residual = (total - energy.sum(-1)) / total.clamp(min=tiny)
+    residual = torch.where((info_q == 0) & (info_k == 0), residual, float("nan"))
     return w_q, w_k, residual
