@@ -68,3 +68,15 @@ def test_bad_inputs_raise(kwargs, err):
 def test_bad_dtype_raises():
     with pytest.raises(TypeError, match="floating point"):
         select_topk(torch.ones(1, 1, 8, 4, dtype=torch.int64), torch.randn(1, 1, 8, 4), 8, 1)
+
+
+def test_k_per_head_extremes_are_read_on_the_host():
+    """select_topk takes min/max K from the host copy it validates, so a CUDA index needs no
+    read-back (tests/gpu/test_gpu_no_sync.py checks the whole sparse step on the device)."""
+    from megatron_dsv.ops.selection import _k_per_head
+
+    counts, k_min, k_max = _k_per_head([3, 5, 4], 2, 3, 8, "cpu")
+    assert counts.dtype == torch.int32 and counts.tolist() == [[3, 5, 4], [3, 5, 4]]
+    assert (k_min, k_max) == (3, 5)
+    counts, k_min, k_max = _k_per_head(torch.tensor([[1, 8], [2, 7]]), 2, 2, 8, "cpu")
+    assert (k_min, k_max) == (1, 8) and counts.tolist() == [[1, 8], [2, 7]]

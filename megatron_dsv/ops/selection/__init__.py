@@ -12,7 +12,7 @@ is wanted, e.g. on profiling iterations, to stop or fall back to dense attention
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -26,7 +26,13 @@ KPerHead = Union[int, Sequence[int], torch.Tensor]
 
 
 def normalize_k_per_head(k_per_head: KPerHead, batch: int, heads: int, num_units: int, device) -> torch.Tensor:
-    """Turn an int, a per-head list, an ``[H]`` or a ``[B, H]`` tensor into int32 ``[B, H]``.
+    """Turn an int, a per-head list, an ``[H]`` or a ``[B, H]`` tensor into int32 ``[B, H]``
+    on ``device`` (see :func:`_k_per_head` for the checks)."""
+    return _k_per_head(k_per_head, batch, heads, num_units, device)[0]
+
+
+def _k_per_head(k_per_head: KPerHead, batch: int, heads: int, num_units: int, device) -> Tuple[torch.Tensor, int, int]:
+    """``(K int32 [B, H] on device, min K, max K)``, the extremes read on the host.
 
     Values must be integers (a float such as 16.5 is an error, never truncated) in
     ``[1, num_units]``; they are checked on the host (a device tensor is copied there).
@@ -66,7 +72,14 @@ def normalize_k_per_head(k_per_head: KPerHead, batch: int, heads: int, num_units
             f"k_per_head must lie in [1, {num_units}] (the number of key units = S_kv / kv_block); "
             f"got {int(k.max())}. Lower the density or use a smaller kv_block."
         )
-    return k.to(device=device, dtype=torch.int32).contiguous()
+    k_min, k_max = int(k.min()), int(k.max())
+    k = k.to(torch.int32).contiguous()
+    if torch.device(device).type == "cuda":
+        # From pinned memory without blocking: a pageable copy makes the host wait for every
+        # kernel already queued (torch synchronises the stream after it), and so does reading
+        # the max back from the device. Each sparse layer's forward did both (two host syncs).
+        return k.pin_memory().to(device, non_blocking=True), k_min, k_max
+    return k.to(device), k_min, k_max
 
 
 def select_topk(
@@ -158,18 +171,19 @@ def select_topk(
     elif q_offset != 0:
         raise ValueError(f"q_offset={q_offset} places queries under a causal mask; pass mask= or q_offset=0.")
     backend = resolve_backend(backend, q_lr, "megatron_dsv.ops.selection.triton", "selection")
-    kv_count = normalize_k_per_head(k_per_head, b, h, s_kv // kv_block, q_lr.device)
+    kv_count, k_min, k_max = _k_per_head(k_per_head, b, h, s_kv // kv_block, q_lr.device)
     if mask is not None:
         # over the whole key sequence: the K rule is global, and a shard's groups need no more
-        mask.check_k(int(kv_count.min()), s_kv, group_size, kv_block)
-        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, mask=mask, q_offset=q_offset)
+        mask.check_k(k_min, s_kv, group_size, kv_block)
+        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, mask=mask, q_offset=q_offset,
+                                      k_max=k_max)
         return _mark_valid(index)
     if backend == "triton":
         from megatron_dsv.ops.selection.triton import select_topk_triton
 
-        index = select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block, options=options)
+        index = select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block, options=options, k_max=k_max)
     else:
-        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block)
+        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, k_max=k_max)
     return _mark_valid(index)
 
 

@@ -47,14 +47,16 @@ def select_topk_reference(
     kv_block: int = 1,
     mask: Optional[CausalMask] = None,
     q_offset: int = 0,
+    k_max: Optional[int] = None,
 ) -> SparseIndex:
-    """Top-``kv_count[b, h]`` key units per query group; see :func:`select_topk` for shapes."""
+    """Top-``kv_count[b, h]`` key units per query group; see :func:`select_topk` for shapes.
+    ``k_max``: ``kv_count.max()`` when the caller knows it on the host (else read from it)."""
     b, h, s_q, _ = q_lr.shape
     s_kv = k_lr.shape[2]
     proxy = group_proxies(q_lr, group_size)
     units = pool_keys(k_lr, kv_block)
     n_units = units.shape[2]
-    k_max = int(kv_count.max())
+    k_max = int(kv_count.max()) if k_max is None else k_max
     gq = proxy.shape[2]
     chunk = max(1, _CHUNK_ELEMS // max(1, b * h * n_units))
     kv_idx = torch.empty(b, h, gq, k_max, dtype=torch.int32, device=q_lr.device)

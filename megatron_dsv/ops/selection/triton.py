@@ -34,6 +34,7 @@ finite score) plus the first ``K - F`` non-finite units in memory order (the ref
 """
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -377,6 +378,7 @@ def select_topk_triton(
     kv_block: int = 1,
     max_passes: int = 24,
     options: KernelOptions = DEFAULT_OPTIONS,
+    k_max: Optional[int] = None,
 ) -> SparseIndex:
     """Top-``kv_count[b, h]`` key units per query group with Triton.
 
@@ -387,6 +389,8 @@ def select_topk_triton(
         kv_block: tokens per key unit.
         max_passes: bound on search passes (reached only with many tied scores).
         options: which one-program kernel runs and up to how many units (``select_fused_*``).
+        k_max: ``kv_count.max()`` when the caller knows it on the host (:func:`select_topk`
+            does); None reads it from ``kv_count`` (a host sync for a device tensor).
 
     Returns:
         :class:`SparseIndex` with ``kv_idx int32 [B, H, S_q/G, max K]`` ascending, ``-1`` padded.
@@ -399,7 +403,7 @@ def select_topk_triton(
     gq, n = proxy.shape[2], units.shape[2]
     bh = b * h
     kv_count = kv_count.to(device=dev, dtype=torch.int32).contiguous()
-    k_max = int(kv_count.max())
+    k_max = int(kv_count.max()) if k_max is None else k_max
     k_sel = kv_count.view(bh, 1).long()
     precision = "ieee" if _INTERPRET else "tf32x3"
     n_pow2 = max(16, triton.next_power_of_2(n))
