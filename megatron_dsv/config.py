@@ -261,8 +261,8 @@ class DSVConfig:
     """Query-group cube (t, h, w) in tokens; its queries share one key set. 4x4x4 = 64 tokens:
     on a trained 16k-token DiT (H200, benchmarks/results/granularity_h200_20261130_g*.json) 64-token
     groups needed 0.93-1.00x the key-block density of 2x4x4 groups for recall 0.9 per layer,
-    while the kernels run them x1.68 faster at equal density (64k tokens, density 0.1: x6.33 vs
-    x3.76 over cuDNN dense)."""
+    and the kernels run them x1.66 faster at equal density (S=64k, D=128, density 0.1: x6.45 vs
+    x3.88 over cuDNN dense, attention_h200_20261130_granularity.json)."""
 
     dsv_kv_block: int = knob(1, Int(1, 1024))
     """Key granularity: 1 selects single keys, n selects contiguous blocks of n keys."""
