@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 torchrun --nproc-per-node 1 examples/pretrain_video_dit.py \
-    --dit-config small --latent-shape 4x16x64x64 --dsv-query-group 2x4x4 --dsv-kv-block 64 \
+    --dit-config small --latent-shape 4x16x64x64 --dsv-query-group 4x4x4 --dsv-kv-block 64 \
     --micro-batch-size 2 --global-batch-size 2 --train-iters 1000 --lr 2e-4 --min-lr 2e-5 \
     --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.0 --clip-grad 1.0 --bf16 \
     --eval-interval 100 --eval-iters 32 --log-interval 10 --seed 1234 \
