@@ -56,15 +56,20 @@ print("OK", float(loss / count))
 """
 
 
-@pytest.mark.slow
-def test_example_until_pretrain():
+def _run_fresh(script):
     env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", TRITON_INTERPRET="1")
     for var in ("MASTER_PORT", "MASTER_ADDR"):  # the parent's gloo store holds its port
         env.pop(var, None)
-    code = "ROOT = " + repr(ROOT) + "\n" + SCRIPT
+    code = "ROOT = " + repr(ROOT) + "\n" + script
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "OK" in res.stdout
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_example_until_pretrain():
+    _run_fresh(SCRIPT)
 
 
 CAUSAL_SCRIPT = r"""
@@ -146,17 +151,6 @@ from megatron.core import parallel_state as ps
 ps.destroy_model_parallel(); torch.distributed.destroy_process_group(); del model, selfs; gc.collect()
 print("OK", before, after, losses)
 """
-
-
-def _run_fresh(script):
-    env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", TRITON_INTERPRET="1")
-    for var in ("MASTER_PORT", "MASTER_ADDR"):  # the parent's gloo store holds its port
-        env.pop(var, None)
-    code = "ROOT = " + repr(ROOT) + "\n" + script
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "OK" in res.stdout
-    return res.stdout
 
 
 @pytest.mark.slow

@@ -743,6 +743,18 @@ def _ridged(c: torch.Tensor, eps: float) -> torch.Tensor:
     return 0.5 * (c + c.transpose(-1, -2)) + ridge.view(*ridge.shape, 1, 1) * eye
 
 
+def _check_fit_args(c_q: torch.Tensor, c_k: torch.Tensor, rank: Optional[int], eps: float) -> None:
+    """The fits' shared argument checks: ``[H, D, D]`` moments of one shape, ``1 <= rank <= D``
+    (unless ``rank`` is None), ``eps >= 0``."""
+    if c_q.dim() != 3 or c_q.shape != c_k.shape or c_q.shape[-1] != c_q.shape[-2]:
+        raise ValueError(f"c_q and c_k must both be [H, D, D]; got {tuple(c_q.shape)} and {tuple(c_k.shape)}.")
+    d = c_q.shape[-1]
+    if rank is not None and not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, {d}] (the head dim), got {rank}.")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}.")
+
+
 def _cholesky_ridge(c: torch.Tensor, eps: float) -> torch.Tensor:
     """Lower Cholesky factor of :func:`_ridged` (raises on failure: a host sync)."""
     return torch.linalg.cholesky(_ridged(c, eps))
@@ -776,13 +788,8 @@ def reduced_rank_fit_exact(
         ``W_q, W_k`` fp64 ``[H, D, r]`` and the residual fp64 ``[H]``: ``sum_{t > r} s_t^2 /
         sum_t s_t^2``, the fraction of the weighted energy the optimum misses.
     """
-    if c_q.dim() != 3 or c_q.shape != c_k.shape or c_q.shape[-1] != c_q.shape[-2]:
-        raise ValueError(f"c_q and c_k must both be [H, D, D]; got {tuple(c_q.shape)} and {tuple(c_k.shape)}.")
+    _check_fit_args(c_q, c_k, rank, eps)
     d = c_q.shape[-1]
-    if not 1 <= rank <= d:
-        raise ValueError(f"rank must be in [1, {d}] (the head dim), got {rank}.")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}.")
     c_q, c_k = c_q.double(), c_k.double()
     for name, c in (("c_q", c_q), ("c_k", c_k)):
         if not bool((c.diagonal(dim1=-2, dim2=-1).sum(-1) > 0).all()):
@@ -878,16 +885,12 @@ def reduced_rank_fit(
         ``W_q, W_k`` fp64 ``[H, D, r]`` and the residual fp64 ``[H]``, NaN where a Cholesky
         factorisation of a moment failed.
     """
-    if c_q.dim() != 3 or c_q.shape != c_k.shape or c_q.shape[-1] != c_q.shape[-2]:
-        raise ValueError(f"c_q and c_k must both be [H, D, D]; got {tuple(c_q.shape)} and {tuple(c_k.shape)}.")
+    _check_fit_args(c_q, c_k, None, eps)
     h, d = c_q.shape[0], c_q.shape[-1]
     if start.dim() != 3 or start.shape[:2] != (h, d):
         raise ValueError(f"start must be [{h}, {d}, r] (W_q of the heads); got {tuple(start.shape)}.")
     rank = start.shape[-1]
-    if not 1 <= rank <= d:
-        raise ValueError(f"rank must be in [1, {d}] (the head dim), got {rank}.")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}.")
+    _check_fit_args(c_q, c_k, rank, eps)
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}.")
     c_q, c_k = c_q.double(), c_k.double()
