@@ -16,9 +16,11 @@ groups of ``--group-size`` and key blocks of ``--kv-block`` tokens:
 - ``ours_sparse``: our Triton kernel at each density of ``--densities``: the fraction of the
   allowed key blocks computed, over all query groups (K per head is the smallest that reaches it;
   a group with fewer allowed blocks than K computes them all). The index comes from masked
-  selection (``select_topk(..., mask=)``, the reference backend, the only one that takes a mask)
-  over random rank-r projections of q and k: ``selection_ms`` is the time of both, what a layer
-  pays today besides the kernel.
+  selection (``select_topk(..., mask=)`` on the Triton backend, what a layer runs on a GPU) over
+  random rank-r projections of q and k: ``selection_ms`` is the time of both, what a layer pays
+  besides the kernel; ``selection_reference_ms`` the same with the PyTorch reference selection
+  (what layers ran before the Triton selection took a mask), and ``selection_same_as_reference``
+  the fraction of index entries the two agree on (1 up to near-ties at the K-th score).
 
 Correctness first, before anything is timed, for each index: (a) the whole problem at
 ``--check-seqlen`` tokens (chunks scaled by the same factor, same groups and blocks): out and LSE on
@@ -134,12 +136,13 @@ def k_for_density(allowed: torch.Tensor, density: float, floor: int) -> int:
     return int(allowed.max())
 
 
-def build_index(q, k, args, s, chunk, kv_units_k, seed=0) -> SparseIndex:
-    """Masked selection (reference backend) over random rank-r projections of q and k."""
+def build_index(q, k, args, s, chunk, kv_units_k, seed=0, backend="triton") -> SparseIndex:
+    """Masked selection over random rank-r projections of q and k (Triton; under
+    TRITON_INTERPRET=1 on the CPU smoke path)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     w = torch.randn(q.shape[-1], args.rank, generator=gen).to(q.device)
     q_lr, k_lr = q.float() @ w, k.float() @ w
-    return select_topk(q_lr, k_lr, args.group_size, kv_units_k, kv_block=args.kv_block, backend="reference",
+    return select_topk(q_lr, k_lr, args.group_size, kv_units_k, kv_block=args.kv_block, backend=backend,
                        mask=CausalMask("chunk_causal", chunk))
 
 
@@ -334,6 +337,10 @@ class CausalBench:
                    "density_allowed_blocks": blocks / (b * h * float(allowed.sum())),
                    "density_of_all_pairs": blocks * a.group_size * a.kv_block / (b * h * s * s)}
             row["selection_ms"] = self.timer(lambda: build_index(q, k, a, s, chunk, kk))
+            row["selection_reference_ms"] = self.timer(lambda: build_index(q, k, a, s, chunk, kk, backend="reference"))
+            ref_idx = build_index(q, k, a, s, chunk, kk, backend="reference").kv_idx
+            row["selection_same_as_reference"] = (index.kv_idx == ref_idx).float().mean().item()
+            del ref_idx
             row["first_selection_s"] = select_s
             if not a.no_check:
                 row["check_whole"] = bool(whole_ok.get(density))

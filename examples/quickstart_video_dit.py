@@ -11,7 +11,7 @@ model run dense, and a sample generated with the learned sparse attention.
 
 ``--causal-chunk T`` trains a chunk-causal DiT (``dsv_causal_chunk``, issue 19): attention is full
 inside chunks of T latent frames (after patching) and causal across them. Its sparse attention runs
-the masked Triton kernels on a GPU (the reference on CPU); the masked selection runs the reference.
+the masked Triton kernels on a GPU (the reference on CPU), and so does its masked selection.
 It is trained with per-chunk times (``flow_matching_loss(..., per_chunk_t=True)``: a clean prefix
 of chunks, the others at their own noise levels) and its sample is generated chunk by chunk
 (``sample_autoregressive``: each chunk conditioned on the clean chunks before it).

@@ -87,4 +87,6 @@ def test_cpu_smoke_writes_checked_rows(tmp_path):
         assert r["K"] == k and r["density_allowed_blocks"] == pytest.approx(dens)
         assert r["check_whole"] and r["check_rows"]["ok"] and r["fwd_bwd_ms"] > 0
         assert r["pairs"] == round(dens * 160) * 32 * 32 * 2  # computed blocks x block pairs x heads
+        # the Triton masked selection (timed) gives the reference's index; the interpreter is exact
+        assert r["selection_same_as_reference"] == 1.0 and r["selection_reference_ms"] > 0
     assert rows[("ours_sparse", 0.1)]["speedup_vs_ours_block_causal_dense"] > 0

@@ -198,9 +198,8 @@ class SyntheticStep:
             lr_shape = (b, len(cp.heads), s_chunk, shape.predictor_rank)
             self.lowrank = tuple(torch.randn(lr_shape, generator=g, device=q_in.device).to(q_in.dtype) for _ in range(2))
             self.k_here = torch.tensor([kv[h] for h in cp.heads], dtype=torch.int32, device=q_in.device)
-        # as DSVCoreAttention.selection_backend: cuDNN has no selection, a masked one runs the reference
-        self.selection_backend = ("reference" if self.mask is not None
-                                  else "auto" if backend == "cudnn" else backend)
+        # as DSVCoreAttention.selection_backend: cuDNN has no selection
+        self.selection_backend = "auto" if backend == "cudnn" else backend
         self.index: Optional[SparseIndex] = None
         self.out: Optional[torch.Tensor] = None
 

@@ -17,7 +17,7 @@ size in tokens the model gives with :meth:`DSVCoreAttention.set_frame_tokens`. B
 the mask: dense through SDPA (``is_causal`` or a boolean block mask), sparse through a
 :class:`~megatron_dsv.ops.mask.CausalMask` on the selection and the index. Masked sparse
 attention runs on the Triton kernels or the reference (not cuDNN, whose block-sparse API has no
-token mask) and masked selection on the reference. Under context parallelism a mask holds over
+token mask), and so does masked selection. Under context parallelism a mask holds over
 the whole sequence: each sequence shard selects with its first token as ``q_offset``, the dense
 ring and the selective exchange skip disallowed shards, and the predictor's masked statistics
 take the sampled rows' positions in the whole sequence; a chunk-causal mask needs shards that
@@ -531,17 +531,13 @@ class DSVCoreAttention(MegatronModule):
                 lowrank = self._project(cp, q, k)
                 index = select_topk(
                     lowrank[0], lowrank[1], self.dsv.group_size, self._kv_count_for(cp, self.last_seq_len, causal),
-                    kv_block=self.dsv.dsv_kv_block, backend=self.selection_backend(causal), mask=causal,
+                    kv_block=self.dsv.dsv_kv_block, backend=self.selection_backend(), mask=causal,
                     q_offset=cp.query_offset(q.shape[2], causal),
                 )
             self._kernels = (
                 attention_backend(self.dsv.dsv_backend, q, k, index) if cp.seq_group is None
                 else choose_backend(self.selection_backend(), q.device, what="DSV selective exchange")
             )
-            if causal is not None and self.dsv.dsv_backend != "reference":
-                note = "masked selection on the reference (the Triton selection kernel takes no mask yet, issue 19)"
-                log_once(logging.INFO, f"DSV: {note}.")
-                self._kernels = BackendChoice(self._kernels.name, f"{self._kernels.reason}; {note}")
             out = cp.sparse(q, k, v, index, self.softmax_scale, self._kernels.name)
             self._exchange = cp.exchange
         else:
@@ -590,12 +586,9 @@ class DSVCoreAttention(MegatronModule):
                 "and shard contiguous runs of whole cubes (VideoDiT does)."
             )
 
-    def selection_backend(self, causal: Optional[CausalMask] = None) -> str:
-        """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``. A
-        masked selection runs the reference: the Triton selection kernel takes no mask yet
-        (issue 19); :meth:`describe` says so."""
-        if causal is not None:
-            return "reference"
+    def selection_backend(self) -> str:
+        """Selection has no cuDNN kernel: Triton (or the reference on CPU) under ``cudnn``; with
+        or without a causal mask (both selection backends take it)."""
         return "auto" if self.dsv.dsv_backend == "cudnn" else self.dsv.dsv_backend
 
     def _kv_count_for(self, cp: CPAttention, seq_len_kv: int, causal: Optional[CausalMask] = None) -> Tensor:

@@ -294,7 +294,7 @@ class DSVController:
             num_kv_heads=layer.num_kv_heads, head_dim=layer.head_dim, dtype=layer.last_dtype,
             device=str(param.device), group_size=cfg.group_size, kv_block=cfg.dsv_kv_block,
             predictor_rank=cfg.dsv_predictor_rank, backend=cfg.dsv_backend,
-            selection_backend=layer.selection_backend(causal), mask=causal,
+            selection_backend=layer.selection_backend(), mask=causal,
             hidden_size=layer.config.hidden_size if cfg.dsv_predictor_input == "hidden" else None,
             scale=layer.softmax_scale,
         )

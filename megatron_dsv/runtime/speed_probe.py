@@ -61,8 +61,7 @@ class ProbeShape:
         group_size, kv_block: query group and key block (tokens).
         predictor_rank: the predictor's rank r.
         backend: ``--dsv-backend`` (``attention_backend`` resolves it as the layer does).
-        selection_backend: what the layer's selection runs (Triton, or the reference on CPU or
-            under a causal mask).
+        selection_backend: what the layer's selection runs (Triton, or the reference on CPU).
         mask: the layer's causal mask, None when bidirectional.
         hidden_size: the layer input's width for ``--dsv-predictor-input hidden``, None for ``qk``.
         scale: softmax scale (default ``head_dim ** -0.5``).

@@ -126,14 +126,12 @@ def test_selection_keeps_top_k_among_allowed_units(mask, kvb):
     assert torch.equal(kept[:, 2, :, :units] & allowed, allowed.expand(b, -1, -1))
 
 
-def test_selection_refuses_k_below_the_forced_units_and_masked_triton():
+def test_selection_refuses_k_below_the_forced_units():
     q_lr = torch.randn(1, 2, 32, 4)
     mask = CausalMask("causal")
     need = mask.max_forced(32, 8, 1)
     with pytest.raises(ValueError, match=f"at least {need}"):
         select_topk(q_lr, q_lr, 8, need - 1, mask=mask)
-    with pytest.raises(NotImplementedError, match="reference backend only"):
-        select_topk(q_lr, q_lr, 8, need, mask=mask, backend="triton")
     with pytest.raises(ValueError, match=r"q_offset=40, S_q=32, S_kv=64"):
         select_topk(q_lr, torch.randn(1, 2, 64, 4), 8, need, mask=mask, q_offset=40)
 

@@ -116,8 +116,8 @@ def select_topk(
             its own queries; K must be at least :meth:`CausalMask.max_forced`), then its best
             allowed units; a group with fewer allowed units than K keeps all of them and fills up
             with disallowed units, which attention drops (see ``selection/naive.py``). The index
-            carries the mask. Reference backend only for now (issue 19): ``"triton"``, or
-            ``"auto"`` on CUDA tensors, raises NotImplementedError.
+            carries the mask. Both backends give the same index (the Triton kernels' ``MASK``
+            specialisation, see ``selection/triton.py``).
         q_offset: with ``mask``, the key token of query row 0 (a sequence shard's first token
             when ``k_lr`` is the gathered sequence); a multiple of ``group_size``,
             ``q_offset + S_q <= S_kv``. The index
@@ -163,11 +163,6 @@ def select_topk(
                 f"a causal mask needs the queries to be key tokens [q_offset, q_offset + S_q) of the keys; "
                 f"got q_offset={q_offset}, S_q={s_q}, S_kv={s_kv}."
             )
-        if backend == "triton" or (backend == "auto" and q_lr.is_cuda):
-            raise NotImplementedError(
-                "masked (causal) selection runs on the reference backend only for now (issue 19): the "
-                "Triton selection kernel does not apply CausalMask. Pass backend='reference'."
-            )
     elif q_offset != 0:
         raise ValueError(f"q_offset={q_offset} places queries under a causal mask; pass mask= or q_offset=0.")
     backend = resolve_backend(backend, q_lr, "megatron_dsv.ops.selection.triton", "selection")
@@ -175,15 +170,14 @@ def select_topk(
     if mask is not None:
         # over the whole key sequence: the K rule is global, and a shard's groups need no more
         mask.check_k(k_min, s_kv, group_size, kv_block)
-        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, mask=mask, q_offset=q_offset,
-                                      k_max=k_max)
-        return _mark_valid(index)
     if backend == "triton":
         from megatron_dsv.ops.selection.triton import select_topk_triton
 
-        index = select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block, options=options, k_max=k_max)
+        index = select_topk_triton(q_lr, k_lr, group_size, kv_count, kv_block, options=options, k_max=k_max,
+                                   mask=mask, q_offset=q_offset)
     else:
-        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, k_max=k_max)
+        index = select_topk_reference(q_lr, k_lr, group_size, kv_count, kv_block, mask=mask, q_offset=q_offset,
+                                      k_max=k_max)
     return _mark_valid(index)
 
 
