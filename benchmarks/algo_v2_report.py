@@ -61,8 +61,19 @@ def build(run_dir: str) -> dict:
         a, d = statistics.median(auto_ms[i] for i in its), statistics.median(dense_ms[i] for i in its)
         return {"iterations": [min(its), max(its)], "dsv_ms": a, "dense_ms": d, "ratio": a / d}
 
+    def own(lo, hi):  # the DSV run alone: its step before vs after layers went sparse (one GPU)
+        its = [i for i in auto_ms if lo < i <= hi]
+        return {"iterations": [min(its), max(its)], "dsv_ms": statistics.median(auto_ms[i] for i in its)} if its else None
+
     end = max(auto_ms) if auto_ms else 0
+    starts = [l["first_sparse_iteration"] for l in layers if l["first_sparse_iteration"] is not None]
+    sparse_effect = None
+    if switch is not None and starts:
+        before, after = own(switch + 50, min(starts)), own(max(starts) + 10, end)
+        if before and after:
+            sparse_effect = {"before": before, "after": after, "ratio": after["dsv_ms"] / before["dsv_ms"]}
     return {
+        "stage2_before_vs_after_sparse": sparse_effect,
         "switch_iteration": switch,
         "switch_on_its_own": switch is not None and not any("max-iters" in e for e in events if "stage switch" in e),
         "events": events,
@@ -123,6 +134,7 @@ def main(argv=None):
               f"{l['first_sparse_iteration'] if l['first_sparse_iteration'] is not None else '-'} | "
               f"{fmt(l['min_recall_at_k_while_sparse'])} ({fmt(l['min_recall_exact_at_k_while_sparse'])}) |")
     print("step time:", json.dumps(res["step_time"]))
+    print("the DSV run's own stage-2 step, before vs after layers went sparse:", json.dumps(res["stage2_before_vs_after_sparse"]))
 
 
 if __name__ == "__main__":

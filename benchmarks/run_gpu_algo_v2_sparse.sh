@@ -1,29 +1,29 @@
 #!/usr/bin/env bash
-# One call on nvidia-h200-x2 for issue 13's remaining evidence (and what fits beside it), carrying
-# .whl and a checkout of the GPU-refit branch in .gpurefit (both ignored by git):
-#   run(command="DSV_COMMIT=<sha> REFIT_COMMIT=<sha> bash benchmarks/run_gpu_algo_v2_sparse.sh",
-#       kind="nvidia-h200-x2", carry=[".whl", ".gpurefit"])
+# One call on nvidia-h200-x2 for issue 13's remaining evidence (and what fits beside it), carrying .whl:
+#   run(command="DSV_COMMIT=<sha> bash benchmarks/run_gpu_algo_v2_sparse.sh", kind="nvidia-h200-x2", carry=[".whl"])
 # GPU 1: the pretraining example of run_gpu_algo_v2.sh (small DiT, 16k tokens, 4x4x4 groups, seed
 #        1234) in --dsv-mode auto with --dsv-min-sparsity 0.5, so the measured speed probe
 #        (--dsv-speed-table measure, the default) decides whether a layer goes sparse; Megatron
 #        stops it after EXIT_MIN (7) minutes. Its dense twin ran at ee52a79
-#        (algo_v2_h200_20261130_qg64*): same seed, data and flags but the mode.
+#        (algo_v2_h200_20261130_qg64*): same seed, data and flags but the mode. The step time
+#        before and after layers go sparse, inside this run, is the comparison that matters (at
+#        f8d3904 going sparse made the step 9% slower; two host syncs per sparse forward were
+#        removed since).
 # GPU 0, in order, each under a timeout and all by LANE0_S (530 s):
-#   1. the GPU refit test of .gpurefit (the Triton Jacobi eigensolver's first GPU run)
-#   2. .gpurefit's benchmarks/overhead.py at 16k and 64k (stage-1 / stage-2 overhead with the refit on the GPU)
-#   3. .gpurefit's benchmarks/profile_cost.py (the refit alone, per shape)
-#   4. benchmarks/attention.py: query groups 32/64 x key blocks 16/32/64 at density 0.25 and 0.1,
-#      64k tokens, D 128 (attention time at equal density, issue 13 item 6)
-#   5. the masked-kernel GPU tests and benchmarks/causal_attention.py (issue 19) in the time left
-# $OUT: algo_v2.{json,png}, dsv_stats_auto.jsonl, overhead.json, profile_cost.json, attention.json,
-# causal_attention.json, logs.tar.gz (8 files, the device tool's limit).
+#   1. the GPU tests (-m gpu: no-sync, refit, kernels) and the CPU-marked kernel tests that run on
+#      CUDA when it is there (masked kernels, masked Triton selection, the Jacobi eigensolver)
+#   2. benchmarks/overhead.py at 16k and 64k (stage-1 / stage-2 overhead, refit on the GPU)
+#   3. benchmarks/causal_attention.py (issue 19: masked kernels and the Triton masked selection)
+# (At f8d3904 lane 0 ran the GPU-refit branch from a carried .gpurefit checkout, profile_cost.py and
+# an attention.py granularity sweep: the results named in the README.)
+# $OUT: algo_v2.{json,png}, dsv_stats_auto.jsonl, overhead.json, causal_attention.json, logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d /tmp/algo_sparse.XXXX)}
 LOGS=$(mktemp -d /tmp/algo_sparse_logs.XXXX)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-MAIN=$PWD REFIT=$PWD/.gpurefit LANE0_S=${LANE0_S:-530}
+MAIN=$PWD LANE0_S=${LANE0_S:-530}
 COMMON="--dit-config small --latent-shape 4x16x64x64 --dsv-query-group 4x4x4 --dsv-kv-block 64
   --micro-batch-size 1 --global-batch-size 4 --train-iters 1500 --lr 3e-4 --min-lr 3e-5
   --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.0 --clip-grad 1.0 --bf16
@@ -47,13 +47,9 @@ step() {  # NAME CAP DIR CMD...: CMD in DIR under min(CAP, time left in lane 0)
 ) > $LOGS/lane1.txt 2>&1 &
 (
   export CUDA_VISIBLE_DEVICES=0
-  step refit_test 90 "$REFIT" env PYTHONPATH=/tmp/site:$REFIT python3 -m pytest -q -m gpu tests/gpu/test_gpu_refit.py tests/ops/test_eigh_triton.py -p no:cacheprovider
-  TAIL=8 step overhead 120 "$REFIT" env PYTHONPATH=/tmp/site:$REFIT python3 benchmarks/overhead.py --seqlens 16384,65536 --fit closed_form --out $OUT/overhead.json
-  step profile_cost 90 "$REFIT" env PYTHONPATH=/tmp/site:$REFIT python3 benchmarks/profile_cost.py --out $OUT/profile_cost.json
-  TAIL=30 step attention 130 "$MAIN" python3 benchmarks/attention.py --seqlens 65536 --head-dims 128 \
-    --sparsities 0.75,0.9 --kv-blocks 16,32,64 --group-sizes 32,64 --no-cudnn-block-sparse --flex-blocks "" \
-    --time-budget-s 110 --out $OUT/attention.json
-  step causal_tests 100 "$MAIN" python3 -m pytest -q tests/ops/test_causal_triton.py -p no:cacheprovider
+  TAIL=12 step gpu_tests 220 "$MAIN" python3 -m pytest -q -p no:cacheprovider tests/gpu tests/ops/test_causal_triton.py \
+    tests/ops/test_selection_triton_masked.py tests/ops/test_eigh_triton.py
+  TAIL=8 step overhead 120 "$MAIN" python3 benchmarks/overhead.py --seqlens 16384,65536 --fit closed_form --out $OUT/overhead.json
   TAIL=12 step causal_bench 200 "$MAIN" python3 benchmarks/causal_attention.py --out $OUT/causal_attention.json
 ) > $LOGS/lane0.txt 2>&1 &
 wait

@@ -35,3 +35,17 @@ def test_switch_lowest_recall_while_sparse_and_step_windows(tmp_path):
     assert abs(one["min_recall_exact_at_k_while_sparse"] - 0.93) < 1e-12
     assert two["first_sparse_iteration"] is None and two["min_recall_at_k_while_sparse"] is None
     assert res["step_time"]["stage1"]["ratio"] == 1.2 and res["step_time"]["stage2"]["ratio"] == 0.9
+    # layer 1 went sparse at 100 (the switch): no stage-2 iterations before it in this log
+    assert res["stage2_before_vs_after_sparse"] is None
+
+
+def test_step_before_and_after_going_sparse(tmp_path):
+    n = 300
+    _log(tmp_path / "pretrain_dense.log", [1.0] * n, [100.0] * n)
+    _log(tmp_path / "pretrain_auto.log", [1.0] * n, [120.0] * 100 + [100.0] * 100 + [110.0] * 100, switch=100)
+    stats = [{"iteration": it, "stage": 1 if it < 100 else 2, "switch_iteration": None if it < 100 else 100,
+              "layers": [_layer(1, it >= 200, [0.9, 0.9], [0.9, 0.9])]} for it in (50, 100, 150, 200, 250)]
+    (tmp_path / "dsv_stats_auto.jsonl").write_text("\n".join(json.dumps(s) for s in stats) + "\n")
+    eff = algo_v2_report.build(str(tmp_path))["stage2_before_vs_after_sparse"]
+    assert eff["before"]["iterations"] == [151, 200] and eff["before"]["dsv_ms"] == 100.0
+    assert eff["after"]["iterations"] == [211, 300] and eff["after"]["dsv_ms"] == 110.0 and eff["ratio"] == 1.1
