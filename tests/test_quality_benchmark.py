@@ -15,7 +15,7 @@ from benchmarks import quality_report as report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, timeout=150):
+def _run(args, timeout=400):  # 150 s timed out with the 2 cores at load 13-27 (other helpers)
     env = dict(os.environ, TRITON_INTERPRET="1")
     for var in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
@@ -310,3 +310,33 @@ def test_fitted_phase_cpu_smoke(tmp_path):
     assert report.sparse_fraction(dsv) == pytest.approx(5 / 6)
     text = open(tmp_path / "quality.md").read()
     assert "in the checkpoint" in text and "| 1 | 1/1 | 1 |" in text  # layer 1: sparse at the end, first at 1
+
+
+def test_report_first_sparse_and_protocol_mixing(tmp_path):
+    dsv = _run_rec("dsv", 0, 1.0, sparse_from=1)
+    dsv["schedule"].append({"iteration": 2, "layers": [[False, None], [True, [2, 2]]]})
+    assert report.first_sparse(dsv) == [1, 2]
+    assert report.first_sparse(_run_rec("dsv", 1, 1.0)) == [None, None]
+    assert report.first_sparse(_run_rec("dense", 0, 1.0)) is None
+    a = _fake(tmp_path, "a.json", [_run_rec("dense", 0, 1.0), dsv])
+    rep = report.build([a])["procedural"]
+    text = report.markdown({"procedural": rep})
+    assert "fits its predictor from scratch" in text  # no dsv_start: rounds 1-2
+    fitted = json.loads(open(a).read())
+    fitted["dsv_start"] = "checkpoint"
+    fitted["runs"] = [_run_rec("dense", 1, 1.0), dict(_run_rec("dsv", 1, 1.0, sparse_from=1), dsv_start="checkpoint",
+                                                        switch_iteration=0)]
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(fitted))
+    with pytest.raises(ValueError, match="dsv_start 'checkpoint' differs"):
+        report.build([a, str(b)])
+    rep = report.build([str(b)])["procedural"]
+    row = next(r for r in rep["arms"] if r["arm"] == "dsv")
+    assert row["switch_iterations"] == [] and row["from_checkpoint"] == 1
+    assert "| in the checkpoint |" in report.markdown({"procedural": rep})
+    other = json.loads(open(a).read())
+    other["setup"]["query_group"] = [4, 4, 4]
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(other | {"runs": [_run_rec("dense", 2, 1.0)]}))
+    with pytest.raises(ValueError, match="setup"):
+        report.build([a, str(c)])
