@@ -10,7 +10,7 @@ One phase per device call (each fits 10 minutes on one H200 at the sizes in the 
         --arms dense,dsv,control,aa --seeds 0,1,2 --out $OUT/quality_procedural_arms.json
 
 ``pretrain-dense --fit-predictor`` (round 3) trains the same dense trajectory while the DSV
-controller runs in ``auto`` with every layer held dense (``FIT_HOLD``): the closed-form predictor
+controller runs in ``auto`` with every layer held dense (``FIT_HOLD_FIELDS``): the closed-form predictor
 fits and the statistics EMA, recall curves and stage accumulate, and the checkpoint carries them
 (``dsv_state.pt``). The ``dsv`` arm then starts from them (``arms --dsv-start checkpoint``, the
 default for such a checkpoint) in stage 2, so a layer eligible at its first decision (the end of
@@ -275,13 +275,17 @@ def check_dsv_state(manifest: Dict, setup: Setup, overrides: Dict) -> None:
     cfg = DSVConfig(dsv_mode="auto", dsv_query_group=tuple(setup.query_group), dsv_kv_block=setup.kv_block,
                     **overrides)
     saved = manifest["dsv"]["config"]
-    plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731  (JSON turns tuples into lists)
-    diff = {k: (saved.get(k), v) for k, v in cfg.result_fields().items() if plain(saved.get(k)) != plain(v)}
+    diff = {k: (saved.get(k), v) for k, v in cfg.result_fields().items() if _as_json(saved.get(k)) != _as_json(v)}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs arms {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"the checkpoint's fitted DSV state was measured with another DSV config ({lines}); pass the "
                          "same --dsv values to pretrain-dense --fit-predictor and arms, or run the arms with "
                          "--dsv-start scratch (the predictor fitted afresh in each dsv arm).")
+
+
+def _as_json(v):
+    """A config value as the manifest's JSON holds it (tuples become lists)."""
+    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 def load_dsv_state(model, path: str) -> Dict:
