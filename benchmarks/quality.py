@@ -9,11 +9,21 @@ One phase per device call (each fits 10 minutes on one H200 at the sizes in the 
     python benchmarks/quality.py arms --ckpt $OUT/quality_procedural/ckpt --iters 400 \\
         --arms dense,dsv,control,aa --seeds 0,1,2 --out $OUT/quality_procedural_arms.json
 
+``pretrain-dense --fit-predictor`` (round 3) trains the same dense trajectory while the DSV
+controller runs in ``auto`` with every layer held dense (``FIT_HOLD_FIELDS``): the closed-form predictor
+fits and the statistics EMA, recall curves and stage accumulate, and the checkpoint carries them
+(``dsv_state.pt``). The ``dsv`` arm then starts from them (``arms --dsv-start checkpoint``, the
+default for such a checkpoint) in stage 2, so a layer eligible at its first decision (the end of
+the arm's iteration 0) runs sparse from iteration 1 instead of after a stage-1 wait. Rounds 1-2
+fitted the predictor from scratch in each ``dsv`` arm (``--dsv-start scratch``) with 2x4x4 query
+groups (``--query-group 2x4x4``; the JSONs record the setup).
+
 Arms (each seed ``s`` fixes the data order and the flow-matching t/noise draws):
 
 * ``dense``: the checkpoint trained on, dense attention.
-* ``dsv``: the same with DSV (``--dsv-mode auto``): stage 1 dense while the predictors fit, the
-  switch, stage 2 with the layers the controller sends sparse at the K it chooses per head.
+* ``dsv``: the same with DSV (``--dsv-mode auto``): from scratch, stage 1 dense while the
+  predictors fit, the switch, stage 2 with the layers the controller sends sparse at the K it
+  chooses per head; from a fitted checkpoint, stage 2 from the start with its predictors and statistics.
 * ``control``: a positive control the protocol must detect: the ``dsv`` arm's schedule replayed
   (same layers sparse at the same iterations with the same K per head) but each query group
   attends to K *random* key blocks per head (:func:`random_block_selection`, benchmark-only).
@@ -56,6 +66,17 @@ MAX_FILE_BYTES = 16 * 2**20  # what comes back through a device call's $OUT, per
 PRETRAIN_DATA_SEED = 10_000  # the checkpoint's videos; arms use seeds 0, 1, 2, ... (other videos)
 AA_SEED_OFFSET = 1_000
 ARMS = ("dense", "dsv", "control", "aa")
+DSV_STATE_FILE = "dsv_state.pt"  # --fit-predictor: every DSV layer's predictor (fp32) and LayerState
+
+# The checkpoint run of --fit-predictor holds every layer dense with --dsv-min-sparsity 1.0: the
+# controller checks it first in a stage-2 decision (before the recall hysteresis and the speed
+# probe, which would draw synthetic tensors), and K >= 1 key unit makes 1 - density < 1, so no layer
+# can go sparse. It is not a result-changing field (the runtime lets a resumed run retune it), so
+# the arms' own value replaces it when they load the state. The switch at the end of iteration 0
+# puts the checkpoint in stage 2, where the arms start; stage 2 profiles (and refits) as often as
+# stage 1, so the statistics EMA follows the model to the checkpoint's last iterations. These four
+# knobs come from the hold; --dsv may not set them for --fit-predictor.
+FIT_HOLD_FIELDS = ("dsv_min_sparsity", "dsv_switch_min_iters", "dsv_switch_max_iters", "dsv_profile_interval_stage2")
 
 
 @dataclass(frozen=True)
@@ -80,9 +101,11 @@ class Setup:
 
 SIZES = {
     # 8 layers, 6 heads of 64 (the head dim of the H100/H200 runs), 16k tokens per video;
-    # 21.8M parameters = 43.7 MB in bf16: three files of 14-15 MB through $OUT (measured)
+    # 21.8M parameters = 43.7 MB in bf16: three files of 14-15 MB through $OUT (measured).
+    # Query groups of 4x4x4, the library default since round 3; rounds 1-2 ran 2x4x4
+    # (pretrain-dense --query-group 2x4x4 repeats them; the manifest and JSONs record it).
     "quality": dict(num_layers=8, hidden_size=384, num_heads=6, ffn_hidden_size=1536, latent_shape=(4, 16, 64, 64),
-                    patch=(1, 2, 2), query_group=(2, 4, 4), kv_block=64, val_videos=8),
+                    patch=(1, 2, 2), query_group=(4, 4, 4), kv_block=64, val_videos=8),
     # CPU smoke test: 128 tokens, 16 key blocks of 8
     "tiny": dict(num_layers=2, hidden_size=128, num_heads=4, ffn_hidden_size=512, latent_shape=(4, 4, 8, 16),
                  patch=(1, 2, 2), query_group=(2, 2, 4), kv_block=8, val_videos=2),
@@ -119,9 +142,70 @@ def build_model(setup: Setup, mode: str, device, dsv_overrides: Optional[Dict] =
                     num_classes=setup.num_classes).to(device)
 
 
-def save_checkpoint(model, setup: Setup, path: str, info: Dict) -> Dict:
+def dsv_overrides(items: Sequence[str]) -> Dict:
+    """``--dsv KEY=VALUE`` items as DSV config fields (``dsv_`` prefixed); the mode is the arm's."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--dsv {item!r} is not KEY=VALUE (e.g. --dsv critical_mass=0.9).")
+        key = key if key.startswith("dsv_") else "dsv_" + key
+        if key == "dsv_mode":
+            raise ValueError("--dsv mode=... is not an override: each arm sets its mode (dense arms dense, DSV auto).")
+        out[key] = _parse_value(value)
+    return out
+
+
+def fit_overrides(setup: Setup, user: Dict) -> Dict:
+    """The DSV config of the ``--fit-predictor`` checkpoint run: the size's defaults and ``user``'s
+    values (what the arms will run with), then the hold (``FIT_HOLD_FIELDS``)."""
+    from megatron_dsv.config import DSVConfig
+
+    clash = sorted(set(user) & set(FIT_HOLD_FIELDS))
+    if clash:
+        raise ValueError(f"pretrain-dense --fit-predictor sets {clash} itself (they hold every layer dense, see "
+                         "FIT_HOLD_FIELDS); drop them from --dsv (the arms take their own values).")
+    kw = dict(DSV_DEFAULTS.get(setup.size, {}))
+    kw.update(user)
+    if kw.get("dsv_predictor_fit", "closed_form") != "closed_form":
+        raise ValueError("--fit-predictor fits the closed-form predictor, which takes no gradient and so leaves the "
+                         "dense trajectory unchanged; a gradient-fitted predictor would enter the gradient clipping "
+                         "norm. Drop --dsv predictor_fit=gradient.")
+    every = kw.get("dsv_profile_interval_stage1", DSVConfig().dsv_profile_interval_stage1)
+    kw.update(dsv_min_sparsity=1.0, dsv_switch_min_iters=0, dsv_switch_max_iters=0, dsv_profile_interval_stage2=every)
+    return kw
+
+
+def _dsv_layers(model) -> Dict[str, torch.nn.Module]:
+    """The model's DSV attention layers with a predictor, by module name."""
+    from megatron_dsv.layers.attention import dsv_attention_layers
+
+    layers = {id(a) for a in dsv_attention_layers(model) if a.predictor is not None}
+    return {name: m for name, m in model.named_modules() if id(m) in layers}
+
+
+def _save_dsv_state(model, path: str) -> Dict:
+    """``DSV_STATE_FILE``: per DSV layer its predictor weights in fp32 (the closed-form refit warm-
+    starts from them; bf16 would move its ranking) and its LayerState (``get_extra_state``)."""
+    layers = _dsv_layers(model)
+    if not layers:
+        raise ValueError("the model has no DSV layer with a predictor: --fit-predictor builds it with dsv_mode=auto.")
+    state = {name: {"predictor": {k: v.detach().to("cpu", torch.float32).clone()
+                                  for k, v in m.predictor.state_dict().items()},
+                    "state": m.get_extra_state()} for name, m in layers.items()}
+    torch.save(state, os.path.join(path, DSV_STATE_FILE))
+    size = os.path.getsize(os.path.join(path, DSV_STATE_FILE))
+    if size > MAX_FILE_BYTES:
+        raise RuntimeError(f"{DSV_STATE_FILE} is {size} bytes, over the {MAX_FILE_BYTES} a device call returns.")
+    first = next(iter(state.values()))["state"]
+    return {"file": DSV_STATE_FILE, "bytes": size, "layers": len(state), "config": first["config"],
+            "schedule": {k: first["schedule"].get(k) for k in ("stage", "switch_iteration")}}
+
+
+def save_checkpoint(model, setup: Setup, path: str, info: Dict, dsv_state: bool = False) -> Dict:
     """Model tensors in bf16 (no predictor, no DSV state), packed greedily into files of at most
-    ``MAX_FILE_BYTES``, and ``manifest.json``. A tensor too large for one file is refused."""
+    ``MAX_FILE_BYTES``, and ``manifest.json``. A tensor too large for one file is refused. With
+    ``dsv_state`` (``--fit-predictor``), also ``DSV_STATE_FILE`` (manifest key ``dsv``)."""
     os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()
                if isinstance(v, torch.Tensor) and "predictor" not in k and not k.endswith("_extra_state")}
@@ -147,6 +231,8 @@ def save_checkpoint(model, setup: Setup, path: str, info: Dict) -> Dict:
             raise RuntimeError(f"{name} is {size} bytes, over the {MAX_FILE_BYTES} a device call returns.")
         files.append({"file": name, "bytes": size, "tensors": len(shard)})
     manifest = {"format": FORMAT, "setup": dataclasses.asdict(setup), "files": files, **info}
+    if dsv_state:
+        manifest["dsv"] = _save_dsv_state(model, path)
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
@@ -178,6 +264,47 @@ def load_checkpoint(model, path: str) -> None:
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}; build the arms from the manifest's setup.")
+
+
+def check_dsv_state(manifest: Dict, setup: Setup, overrides: Dict) -> None:
+    """Refuse, before any arm trains, a fitted checkpoint whose DSV config differs from the arms'
+    in a result-changing field (``DSVConfig.result_fields``: the layers' ``set_extra_state`` would
+    refuse it in the dsv arm, after the dense arm had run)."""
+    from megatron_dsv.config import DSVConfig
+
+    cfg = DSVConfig(dsv_mode="auto", dsv_query_group=tuple(setup.query_group), dsv_kv_block=setup.kv_block,
+                    **overrides)
+    saved = manifest["dsv"]["config"]
+    diff = {k: (saved.get(k), v) for k, v in cfg.result_fields().items() if _as_json(saved.get(k)) != _as_json(v)}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs arms {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"the checkpoint's fitted DSV state was measured with another DSV config ({lines}); pass the "
+                         "same --dsv values to pretrain-dense --fit-predictor and arms, or run the arms with "
+                         "--dsv-start scratch (the predictor fitted afresh in each dsv arm).")
+
+
+def _as_json(v):
+    """A config value as the manifest's JSON holds it (tuples become lists)."""
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def load_dsv_state(model, path: str) -> Dict:
+    """Load ``DSV_STATE_FILE`` into the DSV layers of ``model`` (an arm's, built with the arms' DSV
+    config): predictor weights, then each layer's LayerState through ``set_extra_state``, which
+    refuses another result-changing config. Returns the manifest's ``dsv`` entry."""
+    _, manifest = read_manifest(path)
+    if "dsv" not in manifest:
+        raise ValueError(f"{path} holds no DSV state; write the checkpoint with pretrain-dense --fit-predictor, or "
+                         "run the arms with --dsv-start scratch.")
+    saved = torch.load(os.path.join(path, manifest["dsv"]["file"]), map_location="cpu", weights_only=True)
+    layers = _dsv_layers(model)
+    if sorted(saved) != sorted(layers):
+        raise ValueError(f"{path}: the DSV state covers layers {sorted(saved)[:3]}..., the model has "
+                         f"{sorted(layers)[:3]}...; build the arms from the manifest's setup.")
+    for name, m in layers.items():
+        m.predictor.load_state_dict(saved[name]["predictor"], strict=True)
+        m.set_extra_state(saved[name]["state"])
+    return manifest["dsv"]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -305,11 +432,13 @@ def _layer_state(layers) -> List[Tuple[bool, Optional[List[int]]]]:
 
 def train(model, setup: Setup, batches, *, arm: str, noise_seed: int, iters: int, lr: float, warmup: int,
           device, precision: str, eval_every: int, val, replay: Optional[List[Dict]] = None,
-          deadline: Optional[float] = None, stop_after: Optional[int] = None, log=print) -> Dict:
+          deadline: Optional[float] = None, stop_after: Optional[int] = None, fit: bool = False, log=print) -> Dict:
     """Train ``model`` on ``batches`` (``iters`` of them; the learning-rate schedule spans
     ``iters``); returns the arm's record (see the module docstring). With ``deadline``
     (``time.time()``), training stops at the first evaluation point past it; with ``stop_after``,
-    after that many iterations (the schedule still spans ``iters``: a deadline-cut run repeated)."""
+    after that many iterations (the schedule still spans ``iters``: a deadline-cut run repeated).
+    The DSV controller runs for ``arm="dsv"``, and with ``fit`` (``--fit-predictor``: the model's
+    config holds every layer dense, see ``fit_overrides``)."""
     from megatron_dsv.layers.attention import dsv_attention_layers
     from megatron_dsv.layers.state import StepControl
     from megatron_dsv.models.video_dit import flow_matching_loss
@@ -322,7 +451,7 @@ def train(model, setup: Setup, batches, *, arm: str, noise_seed: int, iters: int
     opt = torch.optim.AdamW([g for g in groups if gradient_fit or not g.get(PREDICTOR_GROUP_KEY)], betas=(0.9, 0.99))
     events: List[str] = []
     ctl = None
-    if arm == "dsv":
+    if arm == "dsv" or fit:
         ctl = DSVController(model, optimizer=opt if gradient_fit else None, log=events.append)
     g = torch.Generator(device=device).manual_seed(noise_seed)
     control_gen = torch.Generator(device=device).manual_seed(noise_seed + 17)
@@ -417,20 +546,31 @@ def environment(device) -> Dict:
     return env
 
 
-def pretrain_dense(args) -> Dict:
+def pretrain_model(args) -> Tuple[torch.nn.Module, Setup, Dict]:
+    """The checkpoint run: ``(model, setup, record)``. With ``--fit-predictor`` the model is built
+    with ``dsv_mode=auto`` and the hold (``fit_overrides``); its weights and trajectory are a plain
+    dense run's (the predictors draw from a generator of their own and take no gradient)."""
     from megatron_dsv.runtime.megatron import init_megatron
 
     init_megatron(torch.device(args.device).type)
     preset = dict(SIZES[args.size])
     if args.latent_shape:
         preset["latent_shape"] = tuple(int(v) for v in args.latent_shape.split("x"))
+    if args.query_group:
+        preset["query_group"] = tuple(int(v) for v in args.query_group.split("x"))
     if args.val_videos:
         preset["val_videos"] = args.val_videos
     setup = Setup(size=args.size, data=args.data, num_classes=8, t_quantiles=8, val_seed=args.val_seed, **preset)
-    model = build_model(setup, "dense", args.device)
-    n_params = sum(p.numel() for p in model.parameters())
+    user = dsv_overrides(args.dsv)
+    if user and not args.fit_predictor:
+        raise ValueError("--dsv sets the DSV config of the --fit-predictor run; a plain dense checkpoint has none.")
+    overrides = fit_overrides(setup, user) if args.fit_predictor else None
+    model = build_model(setup, "auto" if args.fit_predictor else "dense", args.device, overrides)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if ".predictor." not in n)
     print(f"pretrain-dense: {args.size} ({n_params / 1e6:.2f}M parameters), data {args.data}, latent "
-          f"{setup.latent_shape}, {args.iters} iterations of batch {args.batch}", flush=True)
+          f"{setup.latent_shape}, query groups {'x'.join(map(str, setup.query_group))}, {args.iters} iterations of "
+          f"batch {args.batch}" + (", predictor fitted with every layer held dense" if args.fit_predictor else ""),
+          flush=True)
     t_start = time.time()
     n_batches = min(args.iters, args.stop_after or args.iters)
     batches = load_batches(make_dataset(setup, n_batches * args.batch, PRETRAIN_DATA_SEED), n_batches, args.batch,
@@ -438,14 +578,24 @@ def pretrain_dense(args) -> Dict:
     deadline = t_start + 60 * args.max_minutes if args.max_minutes else None
     rec = train(model, setup, batches, arm="dense", noise_seed=PRETRAIN_DATA_SEED, iters=args.iters, lr=args.lr,
                 warmup=args.warmup, device=args.device, precision=args.precision, eval_every=args.eval_every,
-                val=validation_videos(setup), deadline=deadline, stop_after=args.stop_after)
+                val=validation_videos(setup), deadline=deadline, stop_after=args.stop_after, fit=args.fit_predictor)
+    rec.update(parameters=n_params, fit_predictor=args.fit_predictor, wall_s=time.time() - t_start)
+    if overrides is not None:
+        rec["dsv_config"] = overrides
+    return model, setup, rec
+
+
+def pretrain_dense(args) -> Dict:
+    model, setup, rec = pretrain_model(args)
     info = {"iteration": rec["iterations"], "planned_iterations": args.iters, "batch": args.batch, "lr": args.lr,
             "data_seed": PRETRAIN_DATA_SEED, "final": rec["final"], "environment": environment(args.device)}
-    manifest = save_checkpoint(model, setup, os.path.join(args.out, "ckpt"), info)
-    rec.update(phase="pretrain-dense", setup=dataclasses.asdict(setup), parameters=n_params,
-               checkpoint=manifest["files"], wall_s=time.time() - t_start, **info)
+    manifest = save_checkpoint(model, setup, os.path.join(args.out, "ckpt"), info, dsv_state=args.fit_predictor)
+    rec.update(phase="pretrain-dense", setup=dataclasses.asdict(setup), checkpoint=manifest["files"], **info)
+    if "dsv" in manifest:
+        rec["checkpoint_dsv"] = manifest["dsv"]
     write_json(rec, os.path.join(args.out, "pretrain.json"))
-    print(f"saved {len(manifest['files'])} files ({sum(e['bytes'] for e in manifest['files']) / 2**20:.1f} MiB) "
+    extra = f" + DSV state {manifest['dsv']['bytes'] / 2**10:.1f} KiB" if "dsv" in manifest else ""
+    print(f"saved {len(manifest['files'])} files ({sum(e['bytes'] for e in manifest['files']) / 2**20:.1f} MiB){extra} "
           f"under {args.out}/ckpt; fixed-validation loss {rec['final']['loss']:.5f} at iteration "
           f"{rec['iterations']} of {args.iters}", flush=True)
     return rec
@@ -476,16 +626,22 @@ def run_arms(args) -> Dict:
         arms.remove("control")
         arms.insert(arms.index("dsv") + 1, "control")
     overrides = dict(DSV_DEFAULTS.get(setup.size, {}))
+    # the switch schedule of an arm fitted from scratch (a fitted checkpoint starts in stage 2)
     overrides.setdefault("dsv_switch_min_iters", max(1, args.iters // 10))
     overrides.setdefault("dsv_switch_max_iters", max(2, args.iters // 3))
-    for item in args.dsv:
-        key, _, value = item.partition("=")
-        overrides[key if key.startswith("dsv_") else "dsv_" + key] = _parse_value(value)
+    overrides.update(dsv_overrides(args.dsv))
+    dsv_start = args.dsv_start or ("checkpoint" if "dsv" in manifest else "scratch")
+    if dsv_start == "checkpoint":
+        if "dsv" not in manifest:
+            raise ValueError(f"--dsv-start checkpoint: {args.ckpt} holds no DSV state; write it with pretrain-dense "
+                             "--fit-predictor, or use --dsv-start scratch.")
+        if "dsv" in arms:
+            check_dsv_state(manifest, setup, overrides)
     val = validation_videos(setup)
     out = {"phase": "arms", "setup": dataclasses.asdict(setup), "checkpoint": {
-        "iteration": manifest["iteration"], "final": manifest.get("final")},
+        "iteration": manifest["iteration"], "final": manifest.get("final"), "dsv": manifest.get("dsv")},
         "iters": args.iters, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "precision": args.precision,
-        "dsv_config": overrides, "environment": environment(args.device), "runs": []}
+        "dsv_config": overrides, "dsv_start": dsv_start, "environment": environment(args.device), "runs": []}
     t_start = time.time()
     seed_s = 0.0
     for n_done, seed in enumerate(seeds):
@@ -508,6 +664,8 @@ def run_arms(args) -> Dict:
             mode = "dense" if arm in ("dense", "aa") else "auto"
             model = build_model(setup, mode, args.device, overrides, seed=seed)
             load_checkpoint(model, args.ckpt)
+            if arm == "dsv" and dsv_start == "checkpoint":
+                load_dsv_state(model, args.ckpt)
             t0 = time.time()
             print(f"arm {arm} seed {seed} (data seed {data_seed}, noise seed {noise_seed})", flush=True)
             rec = train(model, setup, cache[data_seed], arm=arm, noise_seed=noise_seed, iters=args.iters, lr=args.lr,
@@ -518,6 +676,8 @@ def run_arms(args) -> Dict:
             rec.update(arm=arm, seed=seed, data_seed=data_seed, noise_seed=noise_seed, wall_s=time.time() - t0)
             if arm == "aa":
                 rec["aa_vary"] = args.aa_vary
+            if arm == "dsv":
+                rec["dsv_start"] = dsv_start
             out["runs"].append(rec)
             out["wall_s"] = time.time() - t_start
             write_json(out, args.out)  # after every arm: a call cut short keeps what finished
@@ -537,7 +697,7 @@ def _parse_value(v: str):
     return v
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="phase", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -555,7 +715,14 @@ def main(argv=None):
     a.add_argument("--data", choices=("procedural", "natural"), default="procedural")
     a.add_argument("--latent-shape", default=None, help="C x T x H x W (default: the size's)")
     a.add_argument("--val-videos", type=int, default=None, help="held-out videos of the fixed validation set")
+    a.add_argument("--query-group", default=None,
+                   help="T x H x W query-group cube (default: the size's; 2x4x4 repeats rounds 1-2 of --size quality)")
     a.add_argument("--val-seed", type=int, default=0)
+    a.add_argument("--fit-predictor", action="store_true",
+                   help="run the DSV controller with every layer held dense (the dense trajectory unchanged) so the "
+                        "checkpoint carries fitted predictors and statistics for the dsv arms (%s)" % DSV_STATE_FILE)
+    a.add_argument("--dsv", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --fit-predictor: DSV config override; the result-changing ones must match the arms'")
     a.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop at the first evaluation point after this long and save what was reached")
     a.add_argument("--stop-after", type=int, default=None,
@@ -573,6 +740,9 @@ def main(argv=None):
                         % AA_SEED_OFFSET)
     b.add_argument("--dsv", action="append", default=[], metavar="KEY=VALUE",
                    help="DSV config override, e.g. --dsv critical_mass=0.9 (repeatable)")
+    b.add_argument("--dsv-start", choices=("checkpoint", "scratch"), default=None,
+                   help="the dsv arm's predictor and statistics: the checkpoint's (pretrain-dense --fit-predictor; "
+                        "the default when it has them) or fitted from scratch in the arm (rounds 1-2)")
     b.add_argument("--max-minutes", type=float, default=0.0,
                    help="start no further seed once the slowest seed so far would not fit in this budget")
     b.add_argument("--out", required=True, help="arms JSON")
@@ -584,6 +754,11 @@ def main(argv=None):
         args.workers = 8 if cuda else 0
     if args.iters < 1 or args.batch < 1:
         raise SystemExit("--iters and --batch must be >= 1.")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.phase == "pretrain-dense":
         os.makedirs(args.out, exist_ok=True)
         return pretrain_dense(args)

@@ -9,7 +9,10 @@ merged; runs are keyed by (data source, arm, seed). For each data source and eac
 difference with the ``dense`` arm of the same seed is taken on the final fixed-validation loss,
 in percent of the dense loss; its mean and 95% interval use the t distribution with n - 1
 degrees of freedom. Verdicts: DSV against the +-1% target; the control is "detected" when its
-interval excludes zero.
+interval excludes zero. Per DSV arm: the fraction of layer-iterations that ran sparse and the
+iteration each layer first went sparse (from the run's schedule), and where its predictor started
+(fitted in the checkpoint run, round 3, or from scratch in the arm). Files of one data source must
+share the setup (query group, ...) and that start: rounds of another protocol are not merged.
 """
 
 from __future__ import annotations
@@ -68,9 +71,16 @@ def load_runs(paths: Sequence[str]) -> Dict:
         if d.get("phase") != "arms":
             raise ValueError(f"{path} is not a `benchmarks/quality.py arms` result (phase {d.get('phase')!r}).")
         data = d["setup"]["data"]
-        out[data]["meta"].append({k: d.get(k) for k in ("setup", "iters", "batch", "lr", "environment", "checkpoint",
-                                                         "dsv_config")}
-                                 | {"file": os.path.basename(path), "seeds": sorted({r["seed"] for r in d["runs"]})})
+        meta = {k: d.get(k) for k in ("setup", "iters", "batch", "lr", "environment", "checkpoint", "dsv_config")}
+        meta.update(file=os.path.basename(path), seeds=sorted({r["seed"] for r in d["runs"]}),
+                    dsv_start=d.get("dsv_start", "scratch"))  # rounds 1-2 wrote none: fitted in the arm
+        if out[data]["meta"]:
+            first = out[data]["meta"][0]
+            for key in ("setup", "dsv_start"):
+                if meta[key] != first[key]:
+                    raise ValueError(f"{path}: {data} {key} {meta[key]!r} differs from {first['file']}'s "
+                                     f"{first[key]!r}; report each protocol's files separately.")
+        out[data]["meta"].append(meta)
         for run in d["runs"]:
             key = (run["arm"], run["seed"])
             if key in out[data]["runs"]:
@@ -94,6 +104,20 @@ def sparse_fraction(run: Dict) -> Optional[float]:
     for cur, nxt in zip(sched, sched[1:] + [{"iteration": iters}]):
         total += sum(bool(sp) for sp, _ in cur["layers"]) * (min(nxt["iteration"], iters) - cur["iteration"])
     return total / (iters * n_layers)
+
+
+def first_sparse(run: Dict) -> Optional[List[Optional[int]]]:
+    """Per layer, the first iteration a DSV run ran it sparse (None: never; the list is None
+    without a schedule)."""
+    sched = run.get("schedule")
+    if not sched:
+        return None
+    first: List[Optional[int]] = [None] * len(sched[0]["layers"])
+    for entry in sched:
+        for i, (sp, _) in enumerate(entry["layers"]):
+            if sp and first[i] is None:
+                first[i] = entry["iteration"]
+    return first
 
 
 def paired(runs: Dict) -> List[Dict]:
@@ -148,10 +172,14 @@ def arm_rows(runs: Dict) -> List[Dict]:
         for key in ("all", "stage1", "stage2"):
             vals = [r["step_time"][key]["median_ms"] for r in rs if r["step_time"].get(key)]
             st[key] = sum(vals) / len(vals) if vals else None
-        switch = [r.get("switch_iteration") for r in rs if r.get("switch_iteration") is not None]
+        # a dsv arm started from a fitted checkpoint runs stage 2 from its first iteration: the
+        # switch it reports is the checkpoint run's
+        switch = [r.get("switch_iteration") for r in rs
+                  if r.get("switch_iteration") is not None and r.get("dsv_start") != "checkpoint"]
         frac = [f for f in (sparse_fraction(r) for r in rs) if f is not None]
         rows.append({"arm": arm, "seeds": seeds, **interval([r["final"]["loss"] for r in rs]), "step_ms": st,
-                     "switch_iterations": switch, "sparse_fraction": frac})
+                     "switch_iterations": switch, "sparse_fraction": frac,
+                     "from_checkpoint": sum(r.get("dsv_start") == "checkpoint" for r in rs)})
     return rows
 
 
@@ -160,6 +188,7 @@ def layer_rows(runs: Dict) -> List[Dict]:
     rs = [r for (a, _), r in sorted(runs.items()) if a == "dsv" and r.get("layers")]
     if not rs:
         return []
+    firsts = [first_sparse(r) for r in rs]
     out = []
     for i, first in enumerate(rs[0]["layers"]):
         def mean_of(name):
@@ -170,7 +199,8 @@ def layer_rows(runs: Dict) -> List[Dict]:
         out.append({"layer": first["layer"], "sparse_seeds": sum(bool(r["layers"][i]["sparse"]) for r in rs),
                     "seeds": len(rs), "density": mean_of("density"), "recall_at_k": mean_of("recall_at_k"),
                     "recall_exact_at_k": mean_of("recall_exact_at_k"), "relative_recall": mean_of("relative_recall"),
-                    "token_sparsity": mean_of("sparsity")})
+                    "token_sparsity": mean_of("sparsity"),
+                    "first_sparse": [None if f is None else f[i] for f in firsts]})
     return out
 
 
@@ -187,9 +217,14 @@ def markdown(report: Dict) -> str:
         files = [f"{m['file']} (seeds {', '.join(map(str, m['seeds']))}; checkpoint at iteration "
                  f"{(m.get('checkpoint') or {}).get('iteration')}, commit {str((m.get('environment') or {}).get('commit', '?'))[:10]})"
                  for m in rep["meta"]]
+        group = setup.get("query_group")
+        start = ("the dsv arm starts from the predictor and statistics fitted in the checkpoint run"
+                 if meta["dsv_start"] == "checkpoint" else "the dsv arm fits its predictor from scratch")
         lines += [f"#### {data} videos: {setup['num_layers']} layers x {setup['hidden_size']} hidden "
-                  f"({setup['num_heads']} heads), latent {'x'.join(map(str, setup['latent_shape']))}, "
-                  f"{meta['iters']} iterations per arm from a dense checkpoint; {env.get('gpu', env.get('device', '?'))}",
+                  f"({setup['num_heads']} heads), latent {'x'.join(map(str, setup['latent_shape']))}"
+                  + (f", query groups {'x'.join(map(str, group))}" if group else "")
+                  + f", {meta['iters']} iterations per arm from a dense checkpoint ({start}); "
+                  f"{env.get('gpu', env.get('device', '?'))}",
                   "", "From " + "; ".join(files) + (
                       ". Each file trained its own checkpoint (same recipe); seeds pair within a file." if len(files) > 1
                       else "."), ""]
@@ -207,15 +242,19 @@ def markdown(report: Dict) -> str:
         for r in rep["arms"]:
             sd = "" if r["sd"] is None else f" +- {r['sd']:.5f}"
             st = r["step_ms"]
+            switch = ", ".join(map(str, r["switch_iterations"])) or "-"
+            if r["from_checkpoint"]:
+                switch = "in the checkpoint" if switch == "-" else f"{switch}; in the checkpoint"
             lines.append(f"| {r['arm']} | {r['n']} | {r['mean']:.5f}{sd} | {_f(st['all'], '{:.1f}')} | "
-                         f"{_f(st['stage1'], '{:.1f}')} | {_f(st['stage2'], '{:.1f}')} | "
-                         f"{', '.join(map(str, r['switch_iterations'])) or '-'} | "
+                         f"{_f(st['stage1'], '{:.1f}')} | {_f(st['stage2'], '{:.1f}')} | {switch} | "
                          f"{', '.join(f'{100 * f:.0f}%' for f in r['sparse_fraction']) or '-'} |")
         if rep["layers"]:
-            lines += ["", "| DSV layer | sparse (seeds) | token sparsity | chosen density | recall at K | exact-q/k recall | relative |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["", "| DSV layer | sparse at the end (seeds) | first sparse at (per seed) | token sparsity | "
+                          "chosen density | recall at K | exact-q/k recall | relative |",
+                      "|---|---|---|---|---|---|---|---|"]
             for r in rep["layers"]:
-                lines.append(f"| {r['layer']} | {r['sparse_seeds']}/{r['seeds']} | {_f(r['token_sparsity'])} | "
+                first = ", ".join("never" if f is None else str(f) for f in r["first_sparse"])
+                lines.append(f"| {r['layer']} | {r['sparse_seeds']}/{r['seeds']} | {first} | {_f(r['token_sparsity'])} | "
                              f"{_f(r['density'])} | {_f(r['recall_at_k'])} | {_f(r['recall_exact_at_k'])} | "
                              f"{_f(r['relative_recall'])} |")
         lines.append("")
