@@ -19,6 +19,7 @@ from megatron_dsv.ops.mask import CausalMask  # noqa: E402
 from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import group_proxies, pool_keys, select_topk  # noqa: E402
 from megatron_dsv.ops.selection import triton as sel_triton  # noqa: E402
+from tests.ops.test_selection_triton import _captured  # noqa: E402  (one definition of the captured score)
 
 # The three selection drivers (see selection/triton.py): one program per group tile with the
 # scores in registers or streamed, and the split path (forced by a unit limit of 0).
@@ -177,12 +178,6 @@ def test_unmasked_kernels_compile_without_the_mask(name):
         use = re.compile(rf"%{arg}\b(?!:)")
         assert not use.search(plain), arg
         assert use.search(masked), arg
-
-
-def _captured(index, proxy, units):
-    idx = index.kv_idx.long()
-    s = torch.einsum("bhgr,bhnr->bhgn", proxy, units)
-    return torch.where(idx >= 0, s.gather(-1, idx.clamp(min=0)), torch.zeros_like(idx, dtype=s.dtype)).sum()
 
 
 @pytest.mark.gpu
