@@ -102,8 +102,8 @@ def test_sparse_with_all_keys_equals_dense(megatron_state):
 
 
 def test_sparse_differs_from_dense_when_sparse(megatron_state):
-    s = 256  # four key blocks of 64 (the default): sparsity 0.75 keeps one
-    block = build(dsv_mode="sparse", dsv_fixed_sparsity=0.75)
+    s = 256  # four key blocks of 64 (the library's default): sparsity 0.75 keeps one
+    block = build(dsv_mode="sparse", dsv_fixed_sparsity=0.75, dsv_kv_block=64)
     x = torch.randn(s, B, HID)
     with torch.no_grad():
         y_sparse = block(x, attention_mask=None)

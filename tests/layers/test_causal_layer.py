@@ -23,9 +23,6 @@ def build(causal: bool, **cfg):
     from megatron_dsv.specs import get_dsv_gpt_layer_spec
 
     torch.manual_seed(0)
-    # token keys unless a test picks blocks: the masks here are token-level on 64 tokens, which
-    # one 64-key block (the default) would cover whole, leaving masked selection no choice
-    cfg.setdefault("dsv_kv_block", 1)
     block = TransformerBlock(tiny_config(**cfg), get_dsv_gpt_layer_spec(causal=causal))
     if cfg.get("dsv_causal_chunk"):
         for a in dsv_attention_layers(block):
