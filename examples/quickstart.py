@@ -73,7 +73,9 @@ def main():
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False,
-        dsv_mode="auto", dsv_query_group=(2, 2, 4), dsv_profile_stride=4, dsv_min_keys=8,
+        # key blocks of 16 = one 2x2x4 cube, the unit the task's objects are made of (the default
+        # 64 would leave 4 blocks of 256 tokens to choose from)
+        dsv_mode="auto", dsv_query_group=(2, 2, 4), dsv_kv_block=16, dsv_profile_stride=4, dsv_min_keys=8,
         dsv_k_multiple=1, dsv_min_sparsity=0.6, dsv_switch_min_iters=20, dsv_switch_max_iters=args.steps // 2,
         dsv_profile_interval_stage1=1, dsv_profile_interval_stage2=5, dsv_stats_log=args.stats_log,
         dsv_log_interval=10,

@@ -72,7 +72,10 @@ def main():
         ffn_hidden_size=shape.ffn_hidden_size, use_cpu_initialization=True, hidden_dropout=0.0,
         attention_dropout=0.0, bias_dropout_fusion=False, gradient_accumulation_fusion=False,
         normalization="RMSNorm", qk_layernorm=True,
-        dsv_mode="auto", dsv_query_group=(2, 2, 4), dsv_profile_stride=8, dsv_min_keys=16, dsv_k_multiple=16,
+        # single keys: 256 tokens are only 4 blocks of the default 64, and with --causal-chunk on a GPU
+        # the Triton kernels refuse masked blocks under their key tile (16 < 32 in fp32)
+        dsv_mode="auto", dsv_query_group=(2, 2, 4), dsv_kv_block=1, dsv_profile_stride=8, dsv_min_keys=16,
+        dsv_k_multiple=16,
         dsv_profile_interval_stage1=2, dsv_profile_interval_stage2=5, dsv_switch_min_iters=20,
         dsv_switch_max_iters=args.steps // 2,
         # A tiny model trained for 60 steps on CPU: its attention holds 90% of the mass only at

@@ -43,14 +43,19 @@ def init_megatron_state(tp: int = 1, seed: int = 1234, rank: int = 0, world_size
 
 
 def tiny_config(**overrides):
-    """A small DSVTransformerConfig for CPU tests (2 layers, 4 heads of 16... 32 dims)."""
+    """A small DSVTransformerConfig for CPU tests (2 layers, 4 heads of 16... 32 dims).
+
+    Single keys (``dsv_kv_block=1``), like its 8-token query groups and key floor of 1: the tests'
+    sequences of 32-128 tokens (CP shards of 16-64) hold at most two 64-key blocks of the default,
+    too few for selection to choose, and CP shards need whole blocks. A test of the default passes
+    ``dsv_kv_block=64`` with a longer sequence."""
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
 
     kw = dict(
         num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False,
-        dsv_query_group=(2, 2, 2), dsv_min_keys=1, dsv_k_multiple=1, dsv_profile_stride=4,
+        dsv_query_group=(2, 2, 2), dsv_kv_block=1, dsv_min_keys=1, dsv_k_multiple=1, dsv_profile_stride=4,
     )
     kw.update(overrides)
     return DSVTransformerConfig(**kw)

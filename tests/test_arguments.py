@@ -157,8 +157,8 @@ def test_speed_table_checked_before_the_model(tmp_path):
     rows = [{"kind": "dsv_kvb64", "kv_block": 64, "S": 16384, "D": 128, "sparsity": 0.9, "speedup_fwd_bwd": 4.0}]
     table.write_text(json.dumps({"rows": rows}))
     with pytest.raises(ValueError, match="no DSV rows .* for kv_block=1; write one with benchmarks/attention.py"):
-        validate_dsv_args(namespace(["--dsv-speed-table", str(table)]))
-    assert validate_dsv_args(namespace(["--dsv-speed-table", str(table), "--dsv-kv-block", "64"])).dsv_kv_block == 64
+        validate_dsv_args(namespace(["--dsv-speed-table", str(table), "--dsv-kv-block", "1"]))
+    assert validate_dsv_args(namespace(["--dsv-speed-table", str(table)])).dsv_kv_block == 64
     # the two rules are no files: measure (the default) and assume
     assert validate_dsv_args(namespace([])).dsv_speed_table == "measure"
     assert validate_dsv_args(namespace(["--dsv-speed-table", "assume", "--dsv-speed-margin", "0.1"])).dsv_speed_margin == 0.1

@@ -102,12 +102,13 @@ def test_sparse_with_all_keys_equals_dense(megatron_state):
 
 
 def test_sparse_differs_from_dense_when_sparse(megatron_state):
-    block = build(dsv_mode="sparse", dsv_fixed_sparsity=0.75)
-    x = torch.randn(S, B, HID)
+    s = 256  # four key blocks of 64 (the library's default): sparsity 0.75 keeps one
+    block = build(dsv_mode="sparse", dsv_fixed_sparsity=0.75, dsv_kv_block=64)
+    x = torch.randn(s, B, HID)
     with torch.no_grad():
         y_sparse = block(x, attention_mask=None)
         for a in dsv_attention_layers(block):
-            assert a.kv_count(S).tolist() == [16] * 4
+            assert a.kv_count(s).tolist() == [1] * 4
             a.set_sparse(False)
         y_dense = block(x, attention_mask=None)
     assert (y_sparse - y_dense).abs().max() > 1e-3

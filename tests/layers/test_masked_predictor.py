@@ -275,7 +275,8 @@ def test_layer_learns_from_allowed_pairs_only(megatron_state, monkeypatch, spec)
     monkeypatch.setattr(LowRankPredictor, "accumulate_moments", spy_acc)
     chunk = spec.pop("dsv_causal_chunk", 0)
     torch.manual_seed(0)
-    block = TransformerBlock(tiny_config(dsv_mode="auto", dsv_causal_chunk=chunk), get_dsv_gpt_layer_spec(**spec))
+    block = TransformerBlock(tiny_config(dsv_mode="auto", dsv_causal_chunk=chunk, dsv_kv_block=1),
+                             get_dsv_gpt_layer_spec(**spec))
     layers = dsv_attention_layers(block)
     for a in layers:
         if chunk:
@@ -384,7 +385,8 @@ def _predictor_grads(dtype):
     from tests.megatron_shim import tiny_config
 
     torch.manual_seed(7)
-    cfg = tiny_config(dsv_mode="auto", num_query_groups=2, dsv_fixed_sparsity=0.8, dsv_predictor_fit="gradient")
+    cfg = tiny_config(dsv_mode="auto", num_query_groups=2, dsv_fixed_sparsity=0.8, dsv_predictor_fit="gradient",
+                      dsv_kv_block=1)
     block = TransformerBlock(cfg, get_dsv_gpt_layer_spec(causal=True)).to(dtype)
     layers = dsv_attention_layers(block)
     for layer in layers:

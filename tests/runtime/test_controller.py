@@ -25,7 +25,7 @@ def build(seed=0, **cfg):
         hidden_size=HID, num_attention_heads=4, ffn_hidden_size=128, dsv_mode="auto", dsv_min_keys=4,
         dsv_k_multiple=1, dsv_profile_stride=4, dsv_switch_min_iters=10, dsv_switch_max_iters=50,
         dsv_profile_interval_stage1=1, dsv_profile_interval_stage2=4, dsv_min_sparsity=0.4,
-        dsv_stats_ema=0.8,
+        dsv_stats_ema=0.8, dsv_kv_block=1,  # 128 tokens are two 64-key blocks: the toy task's density is per key
     )
     kw.update(cfg)
     torch.manual_seed(seed)
