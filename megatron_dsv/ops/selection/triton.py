@@ -156,7 +156,10 @@ def _bracket(b_lo, b_max, n_fin, k_sel):
     A group with fewer than K finite scores is done at once: ``hi = lo`` selects every finite
     score, and its count is set to K so the search skips it.
     """
-    b_hi = b_max + (b_max - b_lo) * 1e-3 + tl.abs(b_max) * 1e-6 + 1e-30
+    # a group without finite scores (b_max = -inf, b_lo = +inf) gets hi = -inf, not NaN: it is
+    # short (done at once) or, masked with K' = 0, skipped (_skip_search)
+    some = n_fin > 0
+    b_hi = b_max + tl.where(some, b_max - b_lo, 0.0) * 1e-3 + tl.where(some, tl.abs(b_max), 0.0) * 1e-6 + 1e-30
     short = n_fin < k_sel
     return tl.where(short, b_lo, b_hi), tl.where(short, k_sel, n_fin)
 
