@@ -100,6 +100,9 @@ class LowRankPredictor(nn.Module):
         # Summed score moments for the closed-form refit (None until accumulate_moments); a plain
         # attribute, not a buffer, so Megatron's bf16 cast of the module leaves them in fp64.
         self.moments: Optional[ScoreMoments] = None
+        # Device index of a CP rank's head slot, per (heads, device): built once, so a projection
+        # under context parallelism copies nothing from the host (a pageable copy syncs the host).
+        self._head_index: dict = {}
         # Clipping by their own gradient norm (Megatron's grad_norm_group) is applied by the
         # runtime: megatron_dsv.runtime.lr.separate_predictor_grad_norm.
         for p in (self.weight_q, self.weight_k):
@@ -120,7 +123,10 @@ class LowRankPredictor(nn.Module):
         """``W_q, W_k`` of all heads, or of ``heads`` (a context-parallel rank's head slot)."""
         if heads is None:
             return self.weight_q, self.weight_k
-        idx = torch.as_tensor(list(heads), dtype=torch.long, device=self.weight_q.device)
+        key = (tuple(heads), self.weight_q.device)
+        idx = self._head_index.get(key)
+        if idx is None:
+            idx = self._head_index[key] = torch.as_tensor(key[0], dtype=torch.long, device=key[1])
         return self.weight_q.index_select(0, idx), self.weight_k.index_select(0, idx)
 
     def project_queries(

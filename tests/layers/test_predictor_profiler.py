@@ -119,3 +119,14 @@ def test_predictor_gqa_shapes_and_grad_isolation():
     assert pred.weight_q.grad.abs().sum() > 0 and pred.weight_k.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="not a multiple"):
         LowRankPredictor(num_heads=3, head_dim=16, rank=8, num_kv_heads=2)
+
+
+def test_head_slot_weights_reuse_one_device_index():
+    """A CP rank's head slot: the right rows, from an index built once per (heads, device)."""
+    pred = LowRankPredictor(6, 16, 4)
+    slot = [4, 1, 3]
+    for _ in range(2):
+        w_q, w_k = pred.weights(slot)
+        assert torch.equal(w_q, pred.weight_q[slot]) and torch.equal(w_k, pred.weight_k[slot])
+    pred.weights([0, 2])
+    assert len(pred._head_index) == 2
