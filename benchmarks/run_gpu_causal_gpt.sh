@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One call on nvidia-h200 for issue 19's last item: Megatron-LM's own pretrain_gpt.py on the patched
+# clone with the causal DSV spec, dense (--dsv-mode dense) then DSV (--dsv-mode auto), same seed and
+# mock data, and whether the DSV loss tracks the dense one. Stage the clone first, on the CPU machine:
+#   bash benchmarks/stage_clone.sh
+#   run(command="DSV_COMMIT=<sha> bash benchmarks/run_gpu_causal_gpt.sh", kind="nvidia-h200",
+#       carry=[".stage_clone"], timeout_s=600)
+# No megatron-core wheel: megatron comes from the clone, megatron_dsv from this working tree.
+# Model: GPT, 8 layers, hidden 512, 8 heads of 64, RoPE, 16384 tokens per sample (256 query groups of
+# 64 tokens x 256 key blocks of 64), micro/global batch 1, 300 iterations, no dropout (so the two runs
+# differ only in attention), Megatron's MockGPTDataset (NullTokenizer, vocab 1000). DSV: switch
+# between iterations 50 and 150, --dsv-min-sparsity 0.5, and --dsv-speed-table assume (sparse at
+# density <= 0.5 without timing it), so that layers do go sparse and the loss comparison covers
+# sparse attention; the step times are reported beside it (SPEED_TABLE=measure to let the speed
+# probe decide instead). Each run has its own timeout (DENSE_TIMEOUT 200 s, DSV_TIMEOUT 290 s) so
+# the call ends within 9 minutes; a run cut short still leaves its log and the rows so far.
+# $OUT gets: env.txt, gpt_dense.log, gpt_auto.log, dsv_stats_auto.jsonl, causal_gpt.json (5 files).
+# CPU_SMOKE=1: the same command line at tiny size on this CPU machine; Megatron stops at its CUDA
+# check (initialize_megatron: "Megatron requires CUDA") after parsing and validating every flag, so
+# the smoke checks the staged clone, the imports and the flags, and that the report runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d /tmp/causal_gpt.XXXX)}
+CLONE=$PWD/.stage_clone/mlm
+export PYTHONPATH=$CLONE:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+DSV_COMMIT=${DSV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+
+if ! python3 patches/apply.py check --megatron "$CLONE" > "$OUT/env.txt" 2>&1; then
+  cat "$OUT/env.txt"
+  echo "error: $CLONE is not a patched Megatron-LM clone; run bash benchmarks/stage_clone.sh here and carry .stage_clone" >&2
+  exit 2
+fi
+
+if [ "${CPU_SMOKE:-0}" = 1 ]; then
+  SIZE=(--num-layers 2 --hidden-size 128 --num-attention-heads 2 --ffn-hidden-size 512 --seq-length 512
+        --max-position-embeddings 512 --train-iters 4)
+  SWITCH=(--dsv-switch-min-iters 2 --dsv-switch-max-iters 3)
+  DENSE_TIMEOUT=120 DSV_TIMEOUT=120
+  echo "cpu (CPU_SMOKE)" >> "$OUT/env.txt"
+else
+  SIZE=(--num-layers 8 --hidden-size 512 --num-attention-heads 8 --ffn-hidden-size 2048 --seq-length 16384
+        --max-position-embeddings 16384 --train-iters ${ITERS:-300})
+  SWITCH=(--dsv-switch-min-iters 50 --dsv-switch-max-iters 150)
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$OUT/env.txt" 2>&1
+  # pretrain_gpt.py's dataset needs the C++ helpers; compiled here, for the device's Python.
+  ls "$CLONE"/megatron/core/datasets/helpers_cpp*.so > /dev/null 2>&1 || make -C "$CLONE/megatron/core/datasets" >> "$OUT/env.txt" 2>&1
+fi
+python3 -W ignore -c 'import torch, triton, megatron.training, megatron_dsv; print("torch", torch.__version__, "triton", triton.__version__, "megatron", megatron.training.__file__, "megatron_dsv", megatron_dsv.__file__)' >> "$OUT/env.txt" 2>&1
+echo "megatron_dsv commit $DSV_COMMIT" >> "$OUT/env.txt"
+
+# Megatron without Transformer Engine and apex: the local layers, no fusions that need apex.
+COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --global-batch-size 1
+  --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0
+  --bf16 --seed 1234 --hidden-dropout 0 --attention-dropout 0
+  --eval-interval 50 --eval-iters 4 --log-interval 10 --log-throughput
+  --mock-data --tokenizer-type NullTokenizer --vocab-size 1000 --no-create-attention-mask-in-dataloader
+  --spec megatron_dsv.specs dsv_gpt_causal_layer_spec
+  --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
+  --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion)
+DSV=("${SWITCH[@]}" --dsv-min-sparsity 0.5 --dsv-speed-table ${SPEED_TABLE:-assume}
+  --dsv-profile-interval-stage1 10 --dsv-profile-interval-stage2 25 --dsv-stats-log "$OUT/dsv_stats_auto.jsonl")
+echo "flags: ${COMMON[*]} | auto: ${DSV[*]}" >> "$OUT/env.txt"
+
+run() {  # mode timeout extra-flags...
+  local mode=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" "$CLONE/pretrain_gpt.py" "${COMMON[@]}" \
+    --dsv-mode "$mode" "$@" > "$OUT/gpt_$mode.log" 2>&1
+  local rc=$?
+  echo "run_gpu_causal_gpt: exit code $rc" >> "$OUT/gpt_$mode.log"
+  echo "mode $mode rc=$rc ($((SECONDS - start)) s)"
+  grep -E "iteration +[0-9]+/|validation loss at|DSV (stage|layer|hooks|warning|refuses)|Error|requires CUDA" \
+    "$OUT/gpt_$mode.log" | grep -v -i warn | tail -6
+}
+run dense "${DENSE_TIMEOUT:-200}"
+run auto "${DSV_TIMEOUT:-290}" "${DSV[@]}"
+python3 benchmarks/causal_gpt_report.py --dense "$OUT/gpt_dense.log" --dsv "$OUT/gpt_auto.log" \
+  --out "$OUT/causal_gpt.json" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "NVIDIA|CPU_SMOKE" "$OUT/env.txt"); $(grep -m1 "^flags: " "$OUT/env.txt")"
+rc=$?
+if [ "${CPU_SMOKE:-0}" = 1 ]; then
+  # Both runs must stop at Megatron's CUDA check, i.e. after every flag was accepted.
+  n=$(grep -l "Megatron requires CUDA" "$OUT/gpt_dense.log" "$OUT/gpt_auto.log" | wc -l)
+  echo "CPU_SMOKE: $n of 2 runs reached Megatron's CUDA check (flags accepted); report rc=$rc; OUT=$OUT"
+  [ "$n" = 2 ] && [ "$rc" = 0 ] || exit 1
+fi
+exit $rc
