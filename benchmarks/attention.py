@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.json_out import write_json  # noqa: E402
+from benchmarks.json_out import ResultLog  # noqa: E402
 from benchmarks.sparse_peers import (  # noqa: E402
-    FlexPeer, ReferenceCheck, Timer, cudnn_fn, cudnn_status, dense_kind, dense_sdpa, env_info, first_calls,
-    first_line, fwd_bwd_fns, random_block_index, time_attention,
+    DTYPES, FlexPeer, ReferenceCheck, Timer, cudnn_fn, cudnn_status, dense_kind, dense_sdpa, env_info, first_calls,
+    first_line, float_list, fwd_bwd_fns, int_list, random_block_index, time_attention,
 )
 from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import group_proxies, pool_keys, select_topk  # noqa: E402
@@ -51,32 +51,21 @@ from megatron_dsv.ops.sparse_index import SparseIndex, k_from_sparsity  # noqa: 
 
 # The block of cuDNN's block-sparse kernels and of the index every peer shares with ours.
 PEER_BLOCK = 64
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _ints(s):
-    return [int(x) for x in s.split(",") if x]
-
-
-def _floats(s):
-    return [float(x) for x in s.split(",") if x]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seqlens", type=_ints, default=[16384, 32768, 65536])
-    p.add_argument("--head-dims", type=_ints, default=[64, 128])
-    p.add_argument("--sparsities", type=_floats, default=[0.8, 0.9, 0.95, 0.98])
-    p.add_argument("--kv-blocks", type=_ints, default=[1, 64], help="key-unit sizes to time (1 = token)")
-    p.add_argument("--group-sizes", type=_ints, default=[64], help="query group sizes G")
+    p.add_argument("--seqlens", type=int_list, default=[16384, 32768, 65536])
+    p.add_argument("--head-dims", type=int_list, default=[64, 128])
+    p.add_argument("--sparsities", type=float_list, default=[0.8, 0.9, 0.95, 0.98])
+    p.add_argument("--kv-blocks", type=int_list, default=[1, 64], help="key-unit sizes to time (1 = token)")
+    p.add_argument("--group-sizes", type=int_list, default=[64], help="query group sizes G")
     p.add_argument("--rank", type=int, default=16, help="low-rank predictor dimension r")
     p.add_argument("--cudnn-block-sparse", action=argparse.BooleanOptionalAction, default=True,
                    help="time cuDNN's block-sparse attention on our index (a row says why where it cannot run)")
-    p.add_argument("--flex-blocks", type=_ints, default=[128, 64],
+    p.add_argument("--flex-blocks", type=int_list, default=[128, 64],
                    help="FlexAttention block sizes to time ('' = none)")
-    p.add_argument("--flex-head-dims", type=_ints, default=None, help="head dims to time flex at (default all)")
+    p.add_argument("--flex-head-dims", type=int_list, default=None, help="head dims to time flex at (default all)")
     p.add_argument("--atomic-compare", action="store_true", help="also time atomic dk/dv at block granularity")
     p.add_argument("--tune", action="store_true",
                    help="per (D, kv_block), at the first S and sparsity, pick the fastest tile/backward variant")
@@ -347,23 +336,18 @@ class KernelBench:
         self.dtype = DTYPES[args.dtype]
         self.timer = Timer(args.device, args.warmup, args.rep)
         self.info = env_info(args.device)
-        self.rows = []
+        self.log = ResultLog("attention", self.info, args, args.out)
+        self.rows, self.out = self.log.rows, self.log.path
         self.flex = FlexPeer() if args.flex_blocks else None
         self.flex_failed = {}
         self.tuned = {}
         self.t_start = time.perf_counter()
-        self.out = args.out
-        if self.out is None:
-            gpu = self.info["gpu"].replace(" ", "_").replace("/", "_")
-            self.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"attention_{gpu}_{time.strftime('%Y%m%d_%H%M%S')}.json")
 
     def data(self):
-        return {"env": self.info, "args": vars(self.args), "rows": self.rows}
+        return self.log.data()
 
     def add(self, row, msg=None):
-        self.rows.append(row)
-        write_json(self.data(), self.out)
+        self.log.add(row)
         print(msg if msg is not None else f"  {row}", flush=True)
         return row
 
@@ -391,7 +375,7 @@ class KernelBench:
                 self.shape(s, d)
                 if self.args.device == "cuda":
                     torch.cuda.empty_cache()
-        write_json(self.data(), self.out)
+        self.log.write()
         from benchmarks.attention_report import report
 
         print(f"\nwrote {self.out}\n")

@@ -53,21 +53,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.json_out import write_json  # noqa: E402
+from benchmarks.json_out import ResultLog  # noqa: E402
 # CHECK_TOL: the relative error bound of every check here, the other kernel benchmarks' bound
-from benchmarks.sparse_peers import CHECK_TOL, ReferenceCheck, Timer, env_info, first_line, rel, time_attention  # noqa: E402
+from benchmarks.sparse_peers import (  # noqa: E402
+    CHECK_TOL, DTYPES, ReferenceCheck, Timer, env_info, first_line, float_list, rel, time_attention,
+)
 from megatron_dsv.ops.mask import CausalMask  # noqa: E402
 from megatron_dsv.ops.selection import select_topk  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention.naive import sparse_attention_reference  # noqa: E402
 from megatron_dsv.ops.sparse_index import SparseIndex  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _floats(s):
-    return [float(x) for x in s.split(",") if x]
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +74,7 @@ def parse_args(argv=None):
                    help="tokens per causal chunk (a video chunk of f frames of H x W patches: f*H*W)")
     p.add_argument("--group-size", type=int, default=64, help="query group G (tokens)")
     p.add_argument("--kv-block", type=int, default=64, help="key block (tokens)")
-    p.add_argument("--densities", type=_floats, default=[0.9, 0.1],
+    p.add_argument("--densities", type=float_list, default=[0.9, 0.1],
                    help="fractions of the allowed key blocks computed (0.9: the issue's case; 0.1: 90%% sparse)")
     p.add_argument("--rank", type=int, default=16, help="low-rank dimension of the selection's inputs")
     p.add_argument("--check-seqlen", type=int, default=8192, help="length of the whole-problem check")
@@ -235,19 +230,14 @@ class CausalBench:
         self.dtype = DTYPES[args.dtype]
         self.timer = Timer(args.device, args.warmup, args.rep)
         self.info = env_info(args.device)
-        self.rows, self.failed = [], False
-        self.out = args.out
-        if self.out is None:
-            gpu = self.info["gpu"].replace(" ", "_").replace("/", "_")
-            self.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"causal_attention_{gpu}_{time.strftime('%Y%m%d_%H%M%S')}.json")
+        self.log = ResultLog("causal_attention", self.info, args, args.out)
+        self.rows, self.out, self.failed = self.log.rows, self.log.path, False
 
     def data(self):
-        return {"env": self.info, "args": vars(self.args), "rows": self.rows}
+        return self.log.data()
 
     def add(self, row):
-        self.rows.append(row)
-        write_json(self.data(), self.out)
+        self.log.add(row)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
         print(f"  {shown}", flush=True)
         return row
@@ -361,7 +351,7 @@ class CausalBench:
             del index
             if a.device == "cuda":
                 torch.cuda.empty_cache()
-        write_json(self.data(), self.out)
+        self.log.write()
         print(f"\nwrote {self.out}")
         for r in self.rows:
             if "fwd_bwd_ms" in r:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+import time
+from typing import Dict, Optional
 
 
 def write_json(obj: Dict, path: str) -> None:
@@ -15,3 +16,27 @@ def write_json(obj: Dict, path: str) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f)
     os.replace(tmp, path)
+
+
+class ResultLog:
+    """One benchmark run's ``{"env", "args", "rows"}``, rewritten whole after every row (so a call
+    cut short keeps every finished row). Without ``path``: ``benchmarks/results/<stem>_<gpu>_<time>.json``."""
+
+    def __init__(self, stem: str, env: Dict, args, path: Optional[str] = None):
+        self.env, self.args, self.rows = env, args, []
+        if path is None:
+            gpu = env["gpu"].replace(" ", "_").replace("/", "_")
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"{stem}_{gpu}_{time.strftime('%Y%m%d_%H%M%S')}.json")
+        self.path = path
+
+    def data(self) -> Dict:
+        return {"env": self.env, "args": vars(self.args), "rows": self.rows}
+
+    def write(self) -> None:
+        write_json(self.data(), self.path)
+
+    def add(self, row: Dict) -> Dict:
+        self.rows.append(row)
+        self.write()
+        return row

@@ -22,6 +22,19 @@ from megatron_dsv.ops.sparse_attention.cudnn import cudnn_import_error, cudnn_su
 from megatron_dsv.ops.sparse_attention.naive import sparse_attention_reference
 from megatron_dsv.ops.sparse_index import SparseIndex
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The ``--dtype`` names of the attention benchmarks."""
+
+
+def int_list(s: str):
+    """``--flag 1,64`` -> ``[1, 64]`` (``''`` -> ``[]``)."""
+    return [int(x) for x in s.split(",") if x]
+
+
+def float_list(s: str):
+    """``--flag 0.9,0.95`` -> ``[0.9, 0.95]`` (``''`` -> ``[]``)."""
+    return [float(x) for x in s.split(",") if x]
+
 # Relative error (vs the fp32 reference) above which a kernel's check fails: at S=64k, D=128, 90%
 # (H200, cudnn_block_sparse_h200_20261130.json) ours and cuDNN's out/dq/dk/dv measured 2.3e-3 to
 # 2.9e-3 (LSE 6e-8), the bf16 rounding of the reference itself 1.7e-3; 2e-2 is the bound the
