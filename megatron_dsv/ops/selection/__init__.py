@@ -13,7 +13,6 @@ is wanted, e.g. on profiling iterations, to stop or fall back to dense attention
 from __future__ import annotations
 
 import logging
-
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -64,17 +63,17 @@ def _k_per_head(k_per_head: KPerHead, batch: int, heads: int, num_units: int, de
         k = k.view(1, heads).expand(batch, heads)
     elif tuple(k.shape) != (batch, heads):
         raise ValueError(f"k_per_head must be an int, [H] or [B, H]; got shape {tuple(k.shape)}.")
-    if int(k.min()) < 1:
-        raise ValueError(
-            f"k_per_head must lie in [1, {num_units}] (the number of key units = S_kv / kv_block); "
-            f"got {int(k.min())}: every head keeps at least 1 key unit, raise K to 1 or more."
-        )
-    if int(k.max()) > num_units:
-        raise ValueError(
-            f"k_per_head must lie in [1, {num_units}] (the number of key units = S_kv / kv_block); "
-            f"got {int(k.max())}. Lower the density or use a smaller kv_block."
-        )
     k_min, k_max = int(k.min()), int(k.max())
+    if k_min < 1:
+        raise ValueError(
+            f"k_per_head must lie in [1, {num_units}] (the number of key units = S_kv / kv_block); "
+            f"got {k_min}: every head keeps at least 1 key unit, raise K to 1 or more."
+        )
+    if k_max > num_units:
+        raise ValueError(
+            f"k_per_head must lie in [1, {num_units}] (the number of key units = S_kv / kv_block); "
+            f"got {k_max}. Lower the density or use a smaller kv_block."
+        )
     k = k.to(torch.int32).contiguous()
     if torch.device(device).type == "cuda":
         # From pinned memory without blocking: a pageable copy makes the host wait for every
@@ -119,7 +118,8 @@ def select_topk(
             allowed units; a group with fewer allowed units than K keeps all of them and fills up
             with disallowed units, which attention drops (see ``selection/naive.py``). The index
             carries the mask. Both backends give the same index (the Triton kernels' ``MASK``
-            specialisation, see ``selection/triton.py``).
+            specialisation, see ``selection/triton.py``); ``"auto"`` keeps the reference for masks
+            on CUDA until the masked Triton selection has passed its tests on a GPU (logged).
         q_offset: with ``mask``, the key token of query row 0 (a sequence shard's first token
             when ``k_lr`` is the gathered sequence); a multiple of ``group_size``,
             ``q_offset + S_q <= S_kv``. The index
