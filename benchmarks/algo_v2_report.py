@@ -45,12 +45,12 @@ def build(run_dir: str) -> dict:
     # "every sparse layer holds recall >= 0.9 at its chosen K": the lowest head-mean recall at K over
     # the stage-2 profiling iterations where the layer ran sparse
     for rec in layers:
-        held = [l for s in stats if s["stage"] == 2 for l in s["layers"] if l["layer"] == rec["layer"] and l["sparse"]]
+        held = [(s["iteration"], l) for s in stats if s["stage"] == 2 for l in s["layers"]
+                if l["layer"] == rec["layer"] and l["sparse"]]
         rec["sparse_profiles"] = len(held)
-        rec["first_sparse_iteration"] = next((s["iteration"] for s in stats for l in s["layers"]
-                                              if l["layer"] == rec["layer"] and l["sparse"]), None)
-        rec["min_recall_at_k_while_sparse"] = min((_mean(l["recall_at_k"]) for l in held), default=None)
-        rec["min_recall_exact_at_k_while_sparse"] = min((_mean(l["recall_exact_at_k"]) for l in held), default=None)
+        rec["first_sparse_iteration"] = held[0][0] if held else None
+        rec["min_recall_at_k_while_sparse"] = min((_mean(l["recall_at_k"]) for _, l in held), default=None)
+        rec["min_recall_exact_at_k_while_sparse"] = min((_mean(l["recall_exact_at_k"]) for _, l in held), default=None)
     dense_ms = {r["iteration"]: r["ms"] for r in runs["dense"]["train"]}
     auto_ms = {r["iteration"]: r["ms"] for r in runs["auto"]["train"]}
 
