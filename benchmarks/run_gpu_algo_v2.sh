@@ -13,12 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 ITERS=${ITERS:-1500}
 NGPU=$(nvidia-smi -L | wc -l)
-COMMON="--dit-config small --latent-shape 4x16x64x64 --dsv-query-group ${QG:-4x4x4} --dsv-kv-block 64
-  --micro-batch-size 1 --global-batch-size 4 --train-iters $ITERS --lr 3e-4 --min-lr 3e-5
-  --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.0 --clip-grad 1.0 --bf16
-  --eval-interval 100 --eval-iters 8 --log-interval 10 --seed 1234 --num-workers 2
-  --dsv-switch-min-iters 200 --dsv-switch-max-iters 600 --dsv-profile-interval-stage1 10
-  --dsv-profile-interval-stage2 50 --dsv-min-dwell 100"
+source "$(dirname "$0")/algo_v2_flags.sh"  # COMMON: the run's flags, shared with run_gpu_algo_v2_sparse.sh
 launch() {  # MODE GPU PORT [extra args]
   local mode=$1 gpu=$2 port=$3
   shift 3

@@ -24,12 +24,8 @@ LOGS=$(mktemp -d /tmp/algo_sparse_logs.XXXX)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 MAIN=$PWD LANE0_S=${LANE0_S:-530}
-COMMON="--dit-config small --latent-shape 4x16x64x64 --dsv-query-group 4x4x4 --dsv-kv-block 64
-  --micro-batch-size 1 --global-batch-size 4 --train-iters 1500 --lr 3e-4 --min-lr 3e-5
-  --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.0 --clip-grad 1.0 --bf16
-  --eval-interval 100 --eval-iters 8 --log-interval 10 --seed 1234 --num-workers 2
-  --dsv-switch-min-iters 200 --dsv-switch-max-iters 600 --dsv-profile-interval-stage1 10
-  --dsv-profile-interval-stage2 50 --dsv-min-dwell 100"
+ITERS=1500 QG=4x4x4
+source "$(dirname "$0")/algo_v2_flags.sh"  # COMMON: the flags of its dense twin (run_gpu_algo_v2.sh), so the pair differs only in the mode
 step() {  # NAME CAP DIR CMD...: CMD in DIR under min(CAP, time left in lane 0)
   local name=$1 cap=$2 dir=$3 left=$((LANE0_S - SECONDS))
   shift 3
