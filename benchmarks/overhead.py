@@ -14,6 +14,12 @@ For each sequence length, on the same input, one forward+backward of a Transform
 * ``sparse``: stage-2 sparse attention at ``--sparsity`` with no predictor work;
 * ``sparse_profile``: the same + profiling, predictor step or refit (every ``--dsv-profile-interval-stage2``).
 
+``--strides 32,64`` times the two profiling variants again at every further profile stride (rows
+sampled every n-th query: a profiling step's cost apart from the refit scales with the rows) as
+``stage1_profile_s64_ms`` / ``sparse_profile_s64_ms``, and ``--intervals1 10,20`` reports the
+stage-1 overhead per step of every (stride, stage-1 interval) pair from the same timings
+(``stage1_overhead``: ``{"s32_i10": ...}``), so a default can be chosen against the 5% target.
+
 The stage-2 overhead per step is ``(sparse_profile - sparse) / interval2``, reported against the
 dense step (target < 5%). ``dense_opt`` / ``sparse_opt`` time the whole training step, forward +
 backward + a fused AdamW step over the block's parameters (the end-to-end step of the project's targets), with
@@ -23,6 +29,7 @@ peak memory including the optimizer state; each optimizer is freed before the ne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,6 +45,7 @@ def main():
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from benchmarks.dense_path import env_info
+    from benchmarks.sparse_peers import int_list
     from megatron_dsv.layers.attention import dsv_attention_layers
     from megatron_dsv.layers.state import StepControl
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
@@ -51,9 +59,13 @@ def main():
     p.add_argument("--kv-block", type=int, default=64)
     p.add_argument("--interval1", type=int, default=10)
     p.add_argument("--interval2", type=int, default=50)
+    p.add_argument("--strides", default="32", help="profile strides; the first is the main one")
+    p.add_argument("--intervals1", default=None, help="stage-1 intervals to report (default: --interval1)")
     p.add_argument("--fit", default="closed_form", choices=("closed_form", "gradient"))
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    strides = int_list(args.strides)
+    intervals1 = int_list(args.intervals1) if args.intervals1 else [args.interval1]
     init_megatron("cuda")
     torch.manual_seed(1234)
     rows = []
@@ -66,7 +78,7 @@ def main():
                 hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
                 gradient_accumulation_fusion=False, bf16=True, params_dtype=torch.bfloat16,
                 dsv_mode=mode, dsv_query_group=(4, 4, 4), dsv_kv_block=args.kv_block,
-                dsv_fixed_sparsity=args.sparsity, dsv_profile_stride=32, dsv_predictor_fit=args.fit,
+                dsv_fixed_sparsity=args.sparsity, dsv_profile_stride=strides[0], dsv_predictor_fit=args.fit,
             )
             torch.manual_seed(0)
             blocks[mode] = TransformerBlock(cfg, dsv_gpt_layer_spec).cuda().bfloat16()
@@ -107,6 +119,16 @@ def main():
             torch.cuda.reset_peak_memory_stats()
             res[f"{name}_ms"] = do_bench(step(block, flags), warmup=100, rep=500, return_mode="median", grad_to_none=params)
             res[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        main_cfg = [a.dsv for a in attn]
+        for stride in strides[1:]:
+            for a, c in zip(attn, main_cfg):
+                a.dsv = dataclasses.replace(c, dsv_profile_stride=stride)
+            for name in ("stage1_profile", "sparse_profile"):
+                block, flags = variants[name]
+                setup(*flags)
+                res[f"{name}_s{stride}_ms"] = do_bench(step(block, flags), warmup=100, rep=500, return_mode="median", grad_to_none=params)
+        for a, c in zip(attn, main_cfg):
+            a.dsv = c
         for name, block, flags in (("dense_opt", blocks["dense"], None), ("sparse_opt", blocks["auto"], (True, False, False))):
             if flags is not None:
                 setup(*flags)
@@ -129,6 +151,14 @@ def main():
         res["stage2_overhead_per_step_vs_dense"] = (res["sparse_profile_ms"] - res["sparse_ms"]) / args.interval2 / d
         res["stage2_overhead_per_step_vs_sparse"] = (res["sparse_profile_ms"] - res["sparse_ms"]) / args.interval2 / res["sparse_ms"]
         res["sparse_step_speedup"] = d / res["sparse_ms"]
+        res["stage1_overhead"] = {}
+        res["stage2_overhead_vs_dense"] = {}
+        for stride in strides:
+            tag = "" if stride == strides[0] else f"_s{stride}"
+            for every in intervals1:
+                profile = res[f"stage1_profile{tag}_ms"] - res["stage1_ms"]
+                res["stage1_overhead"][f"s{stride}_i{every}"] = (res["stage1_ms"] - d + profile / every) / d
+            res["stage2_overhead_vs_dense"][f"s{stride}_i{args.interval2}"] = (res[f"sparse_profile{tag}_ms"] - res["sparse_ms"]) / args.interval2 / d
         rows.append(res)
         print(json.dumps(res), flush=True)
         del blocks, x, gy
@@ -145,6 +175,11 @@ def main():
         print(f"| {r['S']} | {r['dense_ms']:.1f} | {r['stage1_ms']:.1f} ({r['stage1_profile_ms']:.1f}) | "
               f"{r['sparse_ms']:.1f} ({r['sparse_profile_ms']:.1f}) | {100 * r['stage1_overhead_per_step']:.1f}% | "
               f"{100 * r['stage2_overhead_per_step_vs_dense']:.2f}% | x{r['sparse_step_speedup']:.2f} |")
+    if len(strides) > 1 or len(intervals1) > 1:
+        print("\n| S | " + " | ".join(f"stage 1, stride {k.split('_')[0][1:]}, every {k.split('_')[1][1:]}" for k in rows[0]["stage1_overhead"]) + " |")
+        print("|---|" + "---|" * len(rows[0]["stage1_overhead"]))
+        for r in rows:
+            print(f"| {r['S']} | " + " | ".join(f"{100 * v:.1f}%" for v in r["stage1_overhead"].values()) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -12,7 +12,8 @@
 # GPU 0, in order, each under a timeout and all by LANE0_S (530 s):
 #   1. the GPU tests (-m gpu: no-sync, refit, kernels) and the CPU-marked kernel tests that run on
 #      CUDA when it is there (masked kernels, masked Triton selection, the Jacobi eigensolver)
-#   2. benchmarks/overhead.py at 16k and 64k (stage-1 / stage-2 overhead, refit on the GPU)
+#   2. benchmarks/overhead.py at 16k, 32k and 64k (stage-1 / stage-2 overhead, refit on the GPU),
+#      the profiling steps at profile strides 32 and 64, stage-1 overhead every 10 and 20 iterations
 #   3. benchmarks/causal_attention.py (issue 19: masked kernels and the Triton masked selection)
 # (At f8d3904 lane 0 ran the GPU-refit branch from a carried .gpurefit checkout, profile_cost.py and
 # an attention.py granularity sweep: the results named in the README.)
@@ -43,10 +44,11 @@ step() {  # NAME CAP DIR CMD...: CMD in DIR under min(CAP, time left in lane 0)
 ) > $LOGS/lane1.txt 2>&1 &
 (
   export CUDA_VISIBLE_DEVICES=0
-  TAIL=12 step gpu_tests 220 "$MAIN" python3 -m pytest -q -p no:cacheprovider tests/gpu tests/ops/test_causal_triton.py \
+  TAIL=12 step gpu_tests 200 "$MAIN" python3 -m pytest -q -p no:cacheprovider tests/gpu tests/ops/test_causal_triton.py \
     tests/ops/test_selection_triton_masked.py tests/ops/test_eigh_triton.py
-  TAIL=8 step overhead 120 "$MAIN" python3 benchmarks/overhead.py --seqlens 16384,65536 --fit closed_form --out $OUT/overhead.json
-  TAIL=12 step causal_bench 200 "$MAIN" python3 benchmarks/causal_attention.py --out $OUT/causal_attention.json
+  TAIL=14 step overhead 180 "$MAIN" python3 benchmarks/overhead.py --seqlens 16384,32768,65536 --fit closed_form \
+    --strides 32,64 --intervals1 10,20 --out $OUT/overhead.json
+  TAIL=12 step causal_bench 150 "$MAIN" python3 benchmarks/causal_attention.py --out $OUT/causal_attention.json
 ) > $LOGS/lane0.txt 2>&1 &
 wait
 cat $LOGS/lane0.txt $LOGS/lane1.txt
