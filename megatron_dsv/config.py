@@ -289,11 +289,13 @@ class DSVConfig:
     95% intervals inside +-0.15%), while random key blocks at the same K were +20% / +53% worse;
     lower targets are not measured."""
 
-    dsv_min_sparsity: float = knob(0.8, Real(0.0, 1.0))
+    dsv_min_sparsity: float = knob(0.5, Real(0.0, 1.0))
     """A layer goes sparse only when the density K/units chosen for the target recall leaves at
-    least this fraction of key units out (1 - density >= this). 0.8 stays: at 0.5, two layers of
-    the pretraining example went sparse at density 0.47 (the speed probe timed them 9-15% faster)
-    and the training step got 9% slower (H200, 16k tokens); re-measure after the sync fix."""
+    least this fraction of key units out (1 - density >= this); above it the speed table decides
+    (``--dsv-speed-table``). 0.5: in the pretraining example (H200, 16k tokens, commit 9df742e)
+    layers 1-2 went sparse at density 0.45-0.50, the speed probe timed them 3.43 / 3.55 ms sparse
+    against 3.98 / 4.00 ms dense, recall held >= 0.900, and the run's own step got 2.3% faster
+    (274.1 -> 267.9 ms); at 0.8 (the old default) no layer of that run went sparse."""
 
     dsv_fixed_sparsity: float = knob(0.9, Real(0.0, 1.0, hi_open=True))
     """Per-head sparsity used when no profile exists (``sparse`` mode from scratch, or a head the
@@ -323,9 +325,14 @@ class DSVConfig:
     dsv_profile_stride: int = knob(32, Int(1))
     """Profile and train the predictor on every n-th query (16 to 64 in the paper)."""
 
-    dsv_profile_interval_stage1: int = knob(10, Int(1))
-    """Profile every n iterations during stage 1 (dense); the predictor trains every iteration.
-    Measured on an H100 (2 layers, 64k tokens): a profiling step costs about one dense step."""
+    dsv_profile_interval_stage1: int = knob(20, Int(1))
+    """Profile, and refit the closed-form predictor, every n iterations during stage 1 (dense; the
+    gradient fit trains every iteration). 20: a profiling step of 2.7B-shaped layers costs 0.72
+    / 0.56 / 0.39 of a dense step (H200, ``benchmarks/overhead.py``), so the stage-1 overhead
+    per step is 3.9% / 3.8% / 1.7% at 16k / 32k / 64k tokens, against 7.5% / 6.6% / 3.7% every
+    10 (target 5%). Sampling every 64th query instead (``--dsv-profile-stride``) every 10 gives
+    5.5% / 3.7% / 2.1% with half the rows per measurement; the statistics are EMAs over
+    profiles, so fewer profiles keep each one as precise."""
 
     dsv_profile_interval_stage2: int = knob(50, Int(1))
     """Profile, and train the predictor, every n iterations during stage 2 (sparse)."""

@@ -47,7 +47,9 @@ def batched_eigh(a: torch.Tensor, backend: str = "auto", tol: float = 1e-14) -> 
     from megatron_dsv.ops.eigh.triton import jacobi_eigh
 
     w, v = jacobi_eigh(a.double(), tol=tol)
-    w, order = torch.sort(w, dim=-1)
+    # stable: tied eigenvalues (a zero or scaled-identity block) keep the kernel's column order, the
+    # same on every device and run, so CP ranks that refit the same moments write the same weights
+    w, order = torch.sort(w, dim=-1, stable=True)
     v = torch.gather(v, 2, order.unsqueeze(1).expand_as(v))
     return w.to(a.dtype), v.to(a.dtype)
 

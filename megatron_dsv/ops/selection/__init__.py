@@ -12,12 +12,11 @@ is wanted, e.g. on profiling iterations, to stop or fall back to dense attention
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from megatron_dsv.ops._utils import check_finite, log_once, resolve_backend
+from megatron_dsv.ops._utils import check_finite, resolve_backend
 from megatron_dsv.ops.mask import CausalMask
 from megatron_dsv.ops.options import KernelOptions, resolve_options
 from megatron_dsv.ops.selection.naive import group_proxies, pool_keys, select_topk_reference
@@ -118,8 +117,8 @@ def select_topk(
             allowed units; a group with fewer allowed units than K keeps all of them and fills up
             with disallowed units, which attention drops (see ``selection/naive.py``). The index
             carries the mask. Both backends give the same index (the Triton kernels' ``MASK``
-            specialisation, see ``selection/triton.py``); ``"auto"`` keeps the reference for masks
-            on CUDA until the masked Triton selection has passed its tests on a GPU (logged).
+            specialisation, see ``selection/triton.py``; equal on an H200 and in the interpreter,
+            ``tests/ops/test_selection_triton_masked.py``).
         q_offset: with ``mask``, the key token of query row 0 (a sequence shard's first token
             when ``k_lr`` is the gathered sequence); a multiple of ``group_size``,
             ``q_offset + S_q <= S_kv``. The index
@@ -167,14 +166,6 @@ def select_topk(
             )
     elif q_offset != 0:
         raise ValueError(f"q_offset={q_offset} places queries under a causal mask; pass mask= or q_offset=0.")
-    if mask is not None and backend == "auto" and q_lr.is_cuda:
-        # The masked Triton selection equals the reference in the interpreter (48 cases) but has not
-        # run compiled on a GPU, where the masked attention kernels once gave wrong results that
-        # the interpreter did not (issue 19). Until tests/ops/test_selection_triton_masked.py has
-        # passed on one, "auto" keeps the reference for masks; backend="triton" runs the kernel.
-        log_once(logging.INFO, "DSV: masked selection runs the reference under 'auto' on CUDA (the masked "
-                               "Triton selection is not yet verified on a GPU, issue 19); backend='triton' runs it.")
-        backend = "reference"
     backend = resolve_backend(backend, q_lr, "megatron_dsv.ops.selection.triton", "selection")
     kv_count, k_min, k_max = _k_per_head(k_per_head, b, h, s_kv // kv_block, q_lr.device)
     if mask is not None:
