@@ -178,6 +178,26 @@ def test_gqa_and_cross_attention(megatron_state):
         cross.set_sparse(True)
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_autocast_runs_attention_in_its_dtype(megatron_state, mode):
+    """Under autocast q and k may arrive in fp32 (a qk RMSNorm runs in fp32 there) and v in bf16:
+    both paths compute in the autocast dtype, as SDPA does, and the layer records that dtype (the
+    speed probe times it), not fp32."""
+    core = make_core(dsv_mode=mode)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(S, B, 4, 32, generator=g), torch.randn(S, B, 4, 32, generator=g)
+    v = torch.randn(S, B, 4, 32, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = core(q, k, v, None)
+    assert core.last_dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_first = core(q.bfloat16(), k.bfloat16(), v, None)
+    torch.testing.assert_close(out, cast_first, rtol=0, atol=0)
+    fp32 = core(q, k, v.float(), None)
+    assert core.last_dtype == torch.float32 and fp32.dtype == torch.float32
+    assert (fp32 - out.float()).abs().max() > 0  # the cast happened: bf16 rounding shows
+
+
 def test_bad_inputs_raise(megatron_state):
     from megatron.core.transformer.enums import AttnMaskType
 
