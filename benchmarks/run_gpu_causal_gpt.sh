@@ -75,7 +75,7 @@ run() {  # mode timeout extra-flags...
 run dense "${DENSE_TIMEOUT:-200}"
 run auto "${DSV_TIMEOUT:-290}" "${DSV[@]}"
 python3 benchmarks/causal_gpt_report.py --dense "$OUT/gpt_dense.log" --dsv "$OUT/gpt_auto.log" \
-  --out "$OUT/causal_gpt.json" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "NVIDIA|CPU_SMOKE" "$OUT/env.txt"); $(grep -m1 "^flags: " "$OUT/env.txt")"
+  --out "$OUT/causal_gpt.json" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$OUT/env.txt"); $(grep -m1 "^flags: " "$OUT/env.txt")"
 rc=$?
 if [ "${CPU_SMOKE:-0}" = 1 ]; then
   # Both runs must stop at Megatron's CUDA check, i.e. after every flag was accepted.

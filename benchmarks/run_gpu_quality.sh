@@ -35,7 +35,8 @@ else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 DSV_COMMIT=${DSV_COMMIT:-unknown}
 fi
-# The arms' DSV settings: the library defaults except --dsv-min-sparsity 0.5 (see the README).
+# The arms' DSV settings: the library defaults, --dsv-min-sparsity 0.5 named (the default since ec1df4a;
+# rounds 1-2 set it against the then default 0.8).
 # FIT_DSV: --dsv values of the fitting checkpoint run; its result-changing ones must match ARM_DSV's.
 # Exported: PHASE=pretrain and PHASE=arms run the steps in `bash -c` (an unexported default was lost there).
 export ARM_DSV=${ARM_DSV:---dsv min_sparsity=0.5} FIT_DSV=${FIT_DSV:-}
