@@ -22,12 +22,17 @@ Gram. The loss and the moments then group the sampled rows by prefix (one segmen
 ``limit``: one per chunk for chunk-causal, one per row for token-causal) and build each segment's
 Gram incrementally (:func:`prefix_centered_grams`, every key read once, ``S D^2`` per head plus
 ``D^2`` per segment). A segment enters the moments as a sample does (Kronecker approximation
-across segments, exact when every sampled row shares one prefix). The segments run in a Python
-loop: at 4096 tokens, 512 sampled rows, 4 heads of 64, one CPU thread (measured), the loss with
-its backward takes 12 ms chunk-causal (8 chunks) and 259 ms token-causal (512 segments) against
-14 ms unmasked; the moments 16 / 118 / 34 ms. The layer passes only sampled rows with a ranking
-choice (``CausalMask.rows_with_choice``): a row whose keys all lie in units its group always keeps
-has nothing to fit, and one reading 2 keys made a layer's gradient 33x another's.
+across segments, exact when every sampled row shares one prefix). The segments are batched
+(:func:`mask_segments`, one host read; :func:`prefix_centered_grams` and :func:`segment_row_blocks`,
+blocks of :func:`block_elems`): the ops launched do not grow with the segments. The per-segment
+loop before ran one ``nonzero`` (a host sync) and 70-90 ops per segment and statistic (issue 19
+measured ~6 s for a token-causal profiling iteration on an H200 against ~55 ms for a plain one: 8
+layers, 16k tokens, 512 rows). At 4096 tokens, 512 sampled rows, 4 heads of 64, one CPU thread
+(measured), the loss with its backward takes 7.5 ms chunk-causal (8 chunks) and 47 ms
+token-causal (512 segments), 5.4 / 203 ms with the per-segment loop; the moments 8.5 / 41 ms,
+6.4 / 80 ms before. The layer passes only sampled rows with a ranking choice
+(``CausalMask.rows_with_choice``): a row whose keys all lie in units its group always keeps has
+nothing to fit, and one reading 2 keys made a layer's gradient 33x another's.
 """
 
 from __future__ import annotations
@@ -353,10 +358,11 @@ def mask_segments(mask: CausalMask, rows: torch.Tensor, seq_len: int) -> MaskSeg
 def block_elems(device) -> int:
     """Elements of one block of per-run (or per-row) Gram matrices in the masked statistics.
 
-    CUDA: 2^24 (128 MiB in fp64), few blocks, since every op is a kernel launch. CPU: 2^16, blocks
-    that stay in cache (4 heads of 64, 4096 tokens, 504 token-causal rows, one thread, measured:
-    the loss 50 ms and the moments 74 ms with 2^16, 132 and 298 ms with 2^24)."""
-    return 1 << 24 if torch.device(device).type == "cuda" else 1 << 16
+    CUDA: 2^24 (128 MiB in fp64), few blocks, since every op is a kernel launch. CPU: 2^17, blocks
+    that stay in cache (4 heads of 64, 4096 tokens, 512 token-causal rows, one thread, measured:
+    the loss with its backward 47 ms and the moments 41 ms with 2^17; 77 / 60 ms with 2^16, 136 /
+    192 ms with 2^20; chunk-causal, 8 chunks: 7.5 / 8.5 ms with 2^17, 9.6 / 10.2 ms with 2^16)."""
+    return 1 << 24 if torch.device(device).type == "cuda" else 1 << 17
 
 
 def prefix_centered_grams(
