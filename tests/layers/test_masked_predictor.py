@@ -188,6 +188,29 @@ def test_masked_statistics_run_a_fixed_number_of_ops(mask):
     assert counts[0] == counts[1], counts
 
 
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("variant", ["qk_gqa", "hidden"])
+def test_masked_statistics_do_not_depend_on_the_blocking(mask, variant, monkeypatch):
+    """Blocks of a few elements (one run per prefix block, a few padded rows per row block, rows of
+    uneven segments padded together) give the loss, its gradient and the moments of one block."""
+    b, h, hkv, s, d, r, hid = 2, 4, 2, 64, 8, 3, 10
+    q, k = problem(b, h, hkv, s, d, seed=6)
+    x = torch.randn(b, s, hid, dtype=torch.float64) + 0.7 if variant == "hidden" else None
+    rows = torch.cat([torch.arange(1, 20, 1), torch.arange(21, s, 7)])  # dense rows, then sparse ones
+    results = []
+    for elems in (None, 150):
+        if elems is not None:
+            monkeypatch.setattr(predictor_mod, "block_elems", lambda device: elems)
+        pred = LowRankPredictor(h, d, r, num_kv_heads=hkv, input_dim=hid if x is not None else None, dtype=torch.float64)
+        u = pred.project_queries(q[:, :, rows] if x is None else x[:, rows])
+        loss = predictor_loss(pred, q[:, :, rows], u, k, 0.4, x=x, mask=mask, rows=rows)
+        grads = torch.autograd.grad(loss, (pred.weight_q, pred.weight_k))
+        moments = score_moments(q[:, :, rows], k, mask=mask, rows=rows)._fields() if x is None else ()
+        results.append((loss.detach(), *grads, *moments))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
 def brute_loss(q_lr_rows, k_lr, q_rows, k, rows, mask, scale, w):
     """Mean row loss, each row's scores sliced to its allowed keys."""
     total, count = 0.0, 0
