@@ -22,17 +22,24 @@ Gram. The loss and the moments then group the sampled rows by prefix (one segmen
 ``limit``: one per chunk for chunk-causal, one per row for token-causal) and build each segment's
 Gram incrementally (:func:`prefix_centered_grams`, every key read once, ``S D^2`` per head plus
 ``D^2`` per segment). A segment enters the moments as a sample does (Kronecker approximation
-across segments, exact when every sampled row shares one prefix). The segments run in a Python
-loop: at 4096 tokens, 512 sampled rows, 4 heads of 64, one CPU thread (measured), the loss with
-its backward takes 12 ms chunk-causal (8 chunks) and 259 ms token-causal (512 segments) against
-14 ms unmasked; the moments 16 / 118 / 34 ms. The layer passes only sampled rows with a ranking
-choice (``CausalMask.rows_with_choice``): a row whose keys all lie in units its group always keeps
-has nothing to fit, and one reading 2 keys made a layer's gradient 33x another's.
+across segments, exact when every sampled row shares one prefix). The segments are batched
+(:func:`mask_segments`, one host read; :func:`prefix_centered_grams` and :func:`segment_row_blocks`,
+blocks of :func:`block_elems`): the ops launched do not grow with the segments. The per-segment
+loop before ran one ``nonzero`` (a host sync) and 70-90 ops per segment and statistic (issue 19
+measured ~6 s for a token-causal profiling iteration on an H200 against ~55 ms for a plain one: 8
+layers, 16k tokens, 512 rows). At 4096 tokens, 512 sampled rows, 4 heads of 64, one CPU thread
+(measured), the loss with its backward takes 7.5 ms chunk-causal (8 chunks) and 47 ms
+token-causal (512 segments), 5.4 / 203 ms with the per-segment loop; the moments 8.5 / 41 ms,
+6.4 / 80 ms before. The layer passes only sampled rows with a ranking choice
+(``CausalMask.rows_with_choice``): a row whose keys all lie in units its group always keeps has
+nothing to fit, and one reading 2 keys made a layer's gradient 33x another's.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -289,19 +296,73 @@ def centered_gram(
         return out
 
 
-def mask_segments(mask: CausalMask, rows: torch.Tensor, seq_len: int) -> List[Tuple[int, torch.Tensor]]:
-    """Sampled rows grouped by the key prefix they may read: ``[(end, idx)]`` with ``end`` ascending,
-    ``idx`` int64 indices into ``rows`` of the rows that read keys ``[0, end)``.
+@dataclass(frozen=True)
+class MaskSegments:
+    """Sampled rows grouped by the key prefix they may read (one segment per distinct prefix end).
+
+    Attributes:
+        ends: ascending distinct prefix ends (host ints): segment ``j``'s rows read keys ``[0, ends[j])``.
+        starts: host ints ``[M + 1]``: segment ``j``'s rows are ``order[starts[j]:starts[j + 1]]``.
+        order: int64 ``[N]`` on the rows' device: indices into ``rows``, sorted by prefix end.
+        segment: int64 ``[N]`` on the rows' device: the segment of ``rows[order[i]]``.
+        slot: int64 ``[N]`` on the rows' device: the rank of ``rows[order[i]]`` in its segment.
+        device_ends: int64 ``[M]`` on the rows' device: ``ends`` (no host-to-device copy, which
+            synchronises on CUDA).
+    """
+
+    ends: Tuple[int, ...]
+    starts: Tuple[int, ...]
+    order: torch.Tensor
+    segment: torch.Tensor
+    slot: torch.Tensor
+    device_ends: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def rows_per_segment_times_end(self) -> int:
+        """``sum_j |segment j| * ends[j]``: the keys the rows read, summed over rows (host int)."""
+        return sum((b - a) * e for a, b, e in zip(self.starts, self.starts[1:], self.ends))
+
+
+def mask_segments(mask: CausalMask, rows: torch.Tensor, seq_len: int) -> MaskSegments:
+    """Sampled rows grouped by the key prefix they may read (:class:`MaskSegments`).
+
+    One sort on the device and one host read (the rows' range and their sorted ends): the only
+    host synchronisation. Building one ``nonzero`` per segment instead synchronised once per
+    sampled row under a token-causal mask (512 per layer and statistic at 16k tokens, stride 32).
 
     Raises unless ``rows`` is an int64 ``[N]`` of positions in ``[0, seq_len)``."""
     if rows is None or rows.dim() != 1 or rows.dtype != torch.int64:
         raise ValueError("a masked predictor statistic needs the sampled rows' positions: rows=int64 [N].")
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= seq_len):
-        raise ValueError(f"row positions must lie in [0, {seq_len}) (the keys' sequence); got "
-                         f"[{int(rows.min())}, {int(rows.max())}].")
     ends = (mask.limit(rows) + 1).clamp(max=seq_len)
-    uniq, inverse = torch.unique(ends, return_inverse=True)
-    return [(int(e), torch.nonzero(inverse == i).flatten()) for i, e in enumerate(uniq.tolist())]
+    sorted_ends, order = torch.sort(ends, stable=True)
+    new = torch.ones_like(sorted_ends, dtype=torch.bool)
+    new[1:] = sorted_ends[1:] != sorted_ends[:-1]
+    segment = new.long().cumsum(0) - 1
+    place = torch.arange(rows.numel(), device=rows.device)
+    slot = place - torch.where(new, place, 0).cummax(0).values
+    if not rows.numel():
+        return MaskSegments((), (0,), order, segment, slot, sorted_ends)
+    lo, hi, *host = torch.cat([rows.min().view(1), rows.max().view(1), sorted_ends]).tolist()
+    if lo < 0 or hi >= seq_len:
+        raise ValueError(f"row positions must lie in [0, {seq_len}) (the keys' sequence); got [{lo}, {hi}].")
+    firsts = [i for i in range(len(host)) if i == 0 or host[i] != host[i - 1]]
+    uniq = tuple(host[i] for i in firsts)
+    # [M] distinct ends on the device without a boolean index (which synchronises): every row of
+    # a segment writes the same value.
+    device_ends = sorted_ends.new_zeros(len(uniq)).scatter_(0, segment, sorted_ends)
+    return MaskSegments(uniq, tuple(firsts) + (len(host),), order, segment, slot, device_ends)
+
+
+def block_elems(device) -> int:
+    """Elements of one block of per-run (or per-row) Gram matrices in the masked statistics.
+
+    CUDA: 2^24 (128 MiB in fp64), few blocks, since every op is a kernel launch. CPU: 2^17, blocks
+    that stay in cache (4 heads of 64, 4096 tokens, 512 token-causal rows, one thread, measured:
+    the loss with its backward 47 ms and the moments 41 ms with 2^17; 77 / 60 ms with 2^16, 136 /
+    192 ms with 2^20; chunk-causal, 8 chunks: 7.5 / 8.5 ms with 2^17, 9.6 / 10.2 ms with 2^16)."""
+    return 1 << 24 if torch.device(device).type == "cuda" else 1 << 17
 
 
 def prefix_centered_grams(
@@ -309,21 +370,30 @@ def prefix_centered_grams(
     pairs: Sequence[Tuple[int, int]],
     ends: Sequence[int],
     dtype: torch.dtype,
-    chunk: int = 8192,
     group=None,
-) -> Iterator[List[torch.Tensor]]:
-    """For each ``end`` of ascending ``ends``, the centred Grams of the tokens ``[0, end)``: one
-    ``[B, G, Da, Db]`` per ``(a, b)`` of ``pairs`` (indices into ``tensors``, each ``[B, G or 1,
-    S, D_t]``), the same as :func:`centered_gram` of the prefix, no grad.
+    *,
+    device_ends: Optional[torch.Tensor] = None,
+    piece: Optional[int] = None,
+    max_elems: Optional[int] = None,
+) -> Iterator[Tuple[int, int, List[torch.Tensor]]]:
+    """Centred Grams of the prefixes ``[0, end)`` for ascending ``ends``, in blocks: yields
+    ``(j0, j1, grams)`` with ``grams`` one ``[B, G, j1 - j0, Da, Db]`` per ``(a, b)`` of ``pairs``
+    (indices into ``tensors``, each ``[B, G or 1, S, D_t]``) for ``ends[j0:j1]``; the blocks cover
+    ``ends`` in order. Each Gram is :func:`centered_gram` of its prefix; no grad.
 
-    Incremental: each token is read once, in runs (between consecutive ends, at most ``chunk``
-    tokens) whose means and Grams about those means are merged into the prefix's (Chan et al.'s
-    pairwise update, ``M = M_A + M_B + n_A n_B / n (m_B - m_A)(m_B - m_A)^T``). Every term is
-    relative to a run's own mean, so a short prefix's Gram keeps its precision even when its keys
-    sit far from the sequence's mean (early RoPE'd keys do): with sums about one sequence-wide
-    shift instead, fp32 put rounding noise the size of ``1e-7 |k - shift|^2`` into the Grams of
-    the first few keys of a token-causal sequence (zero exactly), and a CP = 2 block's predictor
-    gradient differed from the single-process one by 2e-4 of its largest entry.
+    Every token is read once, in runs between consecutive ends cut into pieces of at most
+    ``piece`` tokens (default: the mean run length, so there are at most twice as many pieces as
+    ends), batched: each piece's mean and Gram about that mean, and the prefixes as cumulative sums
+    of Chan et al.'s update (:meth:`_Moments.then_each`), carried from one block of pieces to the
+    next. Every term is relative to a piece's own mean, so a short prefix's Gram keeps its
+    precision even when its keys sit far from the sequence's mean (early RoPE'd keys do): with sums
+    about one sequence-wide shift instead, fp32 put rounding noise the size of ``1e-7 |k -
+    shift|^2`` into the Grams of the first few keys of a token-causal sequence (zero exactly), and
+    a CP = 2 block's predictor gradient differed from the single-process one by 2e-4 of its largest
+    entry. A block holds at most ``max_elems`` elements of Grams (and of gathered tokens; default
+    :func:`block_elems`), so the Python steps and kernel launches grow with the blocks, not with the
+    ends (one ``nonzero`` and about 90 ops per token-causal end before), and nothing synchronises
+    with the host.
 
     With ``group`` (context parallelism) the tensors are this rank's shard of a sequence split
     into equal contiguous shards in the group's rank order (rank ``p`` holds tokens ``[p*S, (p+1)*S)``),
@@ -332,10 +402,21 @@ def prefix_centered_grams(
     the shard need under a mask that :meth:`CausalMask.check_shards` accepts. Every shard's means
     and Grams are all-gathered once (``D^2`` numbers per head and shard), so a prefix's Gram is the
     earlier shards' merged with this shard's running one. The collective runs when this function
-    is called, on every rank, whether or not it has ends."""
-    ends = list(ends)
+    is called, on every rank, whether or not it has ends.
+
+    ``device_ends``: ``ends`` as int64 ``[M]`` on the tensors' device (:attr:`MaskSegments.device_ends`);
+    without it they are copied there (a host synchronisation on CUDA)."""
+    ends = [int(e) for e in ends]
     if any(b <= a for a, b in zip(ends, ends[1:])) or (ends and ends[0] < 1):
         raise ValueError(f"prefix ends must be ascending and >= 1, got {ends}.")
+    if piece is not None and piece < 1:
+        raise ValueError(f"piece must be >= 1 token, got {piece}.")
+    device = tensors[0].device
+    max_elems = block_elems(device) if max_elems is None else max_elems
+    if max_elems < 1:
+        raise ValueError(f"max_elems must be >= 1, got {max_elems}.")
+    if device_ends is not None and (device_ends.shape != (len(ends),) or device_ends.device != device):
+        raise ValueError(f"device_ends must be [{len(ends)}] on {device}, got {tuple(device_ends.shape)} on {device_ends.device}.")
     s = tensors[0].shape[2]
     n_shards = 1 if group is None else dist.get_world_size(group)
     me = 0 if group is None else dist.get_rank(group)
@@ -346,67 +427,269 @@ def prefix_centered_grams(
             f"prefix ends {outside} lie neither in this shard's tokens ({lo}, {lo + s}] nor on a shard "
             f"boundary (a multiple of {s} up to {total}): the mask cuts a sequence shard (see CausalMask.check_shards)."
         )
+    shape = _RunShape.of(tensors, pairs)
     cum: List[Optional[_Moments]] = [None]  # cum[p]: the tokens [0, p*S)
     if group is not None:
         with torch.no_grad():
-            own = _Moments.of(tensors, pairs, 0, s, chunk, dtype)
+            own = _shard_moments(tensors, pairs, dtype, shape, max_elems)
             fields = own.means + own.grams
             flat = torch.cat([x.flatten() for x in fields])
             gathered = [torch.empty_like(flat) for _ in range(n_shards)]
             dist.all_gather(gathered, flat, group=group)
             for part in gathered:
                 views = [x.view_as(y) for x, y in zip(part.split([y.numel() for y in fields]), fields)]
-                shard = _Moments(s, views[: len(tensors)], views[len(tensors):])
+                shard = _Moments(own.n, views[: len(tensors)], views[len(tensors):])
                 cum.append(shard if cum[-1] is None else cum[-1].merge(shard, pairs))
-    return _prefix_grams(tensors, pairs, ends, cum, lo, chunk, dtype)
+    if device_ends is None:
+        device_ends = torch.tensor(ends, dtype=torch.int64, device=device)
+    return _prefix_blocks(tensors, pairs, ends, device_ends, cum, lo, dtype, shape, piece, max_elems)
+
+
+@dataclass(frozen=True)
+class _RunShape:
+    """Elements per run of the batched moments: gathered tokens (per token) and Grams."""
+
+    token_elems: int
+    gram_elems: int
+
+    @classmethod
+    def of(cls, tensors, pairs) -> "_RunShape":
+        b = tensors[0].shape[0]
+        heads = lambda i: tensors[i].shape[1]  # noqa: E731
+        return cls(
+            token_elems=b * sum(t.shape[1] * t.shape[3] for t in tensors),
+            gram_elems=b * sum(max(heads(i), heads(j)) * tensors[i].shape[3] * tensors[j].shape[3] for i, j in pairs),
+        )
+
+    def runs_per_block(self, length: int, max_elems: int) -> int:
+        return max(1, max_elems // max(self.gram_elems, self.token_elems * length))
 
 
 @dataclass
 class _Moments:
-    """Token count, means ``[B, G, 1, D_t]`` per tensor and Grams about the means ``[B, G, Da, Db]``
-    per pair of a run of tokens."""
+    """Token counts ``[R]``, means ``[B, G, R, D_t]`` per tensor and Grams about the means
+    ``[B, G, R, Da, Db]`` per pair of ``R`` token runs; a run may be empty (count 0, mean 0,
+    Gram 0)."""
 
-    n: int
+    n: torch.Tensor
     means: List[torch.Tensor]
     grams: List[torch.Tensor]
 
-    @classmethod
-    def of(cls, tensors, pairs, start: int, stop: int, chunk: int, dtype) -> Optional["_Moments"]:
-        """Moments of local tokens ``[start, stop)`` (None when empty), in runs of ``chunk``."""
-        out = None
-        for i in range(start, stop, chunk):
-            parts = [t[:, :, i : min(i + chunk, stop)].to(dtype) for t in tensors]
-            means = [x.mean(2, keepdim=True) for x in parts]
-            centred = [x - m for x, m in zip(parts, means)]
-            run = cls(parts[0].shape[2], means, [centred[a].transpose(-1, -2) @ centred[b] for a, b in pairs])
-            out = run if out is None else out.merge(run, pairs)
-        return out
-
     def merge(self, other: "_Moments", pairs) -> "_Moments":
-        """The moments of this run followed by ``other`` (Chan et al.); ``pairs`` as the Grams
-        were built."""
+        """The moments of each run of this followed by the same run of ``other`` (Chan et al.;
+        ``R`` = 1 broadcasts); ``pairs`` as the Grams were built. An empty side leaves the other
+        unchanged."""
         n = self.n + other.n
+        safe = n.clamp(min=1)
+        share = (other.n / safe).view(-1, 1)
+        w = (self.n * other.n / safe).view(-1, 1, 1)
         delta = [b - a for a, b in zip(self.means, other.means)]
-        means = [a + d * (other.n / n) for a, d in zip(self.means, delta)]
-        w = self.n * other.n / n
-        grams = [ga + gb + w * delta[a].transpose(-1, -2) @ delta[b] for (a, b), ga, gb in zip(pairs, self.grams, other.grams)]
+        means = [a + d * share for a, d in zip(self.means, delta)]
+        grams = [ga + gb + w * (delta[a].unsqueeze(-1) * delta[b].unsqueeze(-2))
+                 for (a, b), ga, gb in zip(pairs, self.grams, other.grams)]
+        return _Moments(n, means, grams)
+
+    def last(self) -> "_Moments":
+        """The last run's moments, copied (a view would keep the whole block's memory)."""
+        return _Moments(self.n[-1:].clone(), [m[:, :, -1:].clone() for m in self.means],
+                        [g[:, :, -1:].clone() for g in self.grams])
+
+    def then_each(self, runs: "_Moments", pairs) -> "_Moments":
+        """For every ``i``, the moments of these (one run) followed by ``runs`` ``0..i``.
+
+        Chan's update applied run by run is ``P_i = P_{i-1} + M_i + w_i d_i d_i^T`` with ``d_i =
+        m_i - mu_{i-1}`` (run ``i``'s mean minus the prefix mean before it) and ``w_i = N_{i-1}
+        n_i / N_i``, so the prefix Grams are a cumulative sum of these terms (the same terms, in
+        the same order, as the sequential merge; each is about a run's own mean) once the prefix
+        means are known, and those are a cumulative sum of ``n_i (m_i - ref)`` with ``ref`` this
+        prefix's mean (or the first run's): rounding relative to the distance from ``ref``, not to
+        the keys' size. A few passes over ``[R, D, D]``: a log-depth (Hillis-Steele) scan of the
+        merge made ``log2 R``, 2.4 s for the moments on one CPU thread for 4 heads of 64 at 4096
+        tokens and 958 runs, against 78 ms for the per-end loop it replaced."""
+        n = self.n + runs.n.cumsum(0)
+        before = (n - runs.n).view(-1, 1)
+        safe = n.clamp(min=1).view(-1, 1)
+        had = (self.n > 0).view(1, 1)
+        refs = [torch.where(had, m, r[:, :, :1]) for m, r in zip(self.means, runs.means)]
+        means = [ref + (runs.n.view(-1, 1) * (r - ref)).cumsum(2) / safe for ref, r in zip(refs, runs.means)]
+        prev = [torch.cat([ref, m[:, :, :-1]], 2) for ref, m in zip(refs, means)]
+        delta = [r - p for r, p in zip(runs.means, prev)]
+        w = torch.sqrt(before * runs.n.view(-1, 1) / safe)  # w d d^T = (sqrt(w) d)(sqrt(w) d)^T
+        scaled = [d * w for d in delta]
+        grams = []
+        for (a, b), g0, g in zip(pairs, self.grams, runs.grams):
+            left, right = (scaled[i].expand(*g.shape[:3], -1).reshape(-1, g.shape[-2 + j], 1) for j, i in ((0, a), (1, b)))
+            term = torch.baddbmm(g.flatten(0, 2), left, right.transpose(-1, -2)).view(g.shape)
+            term[:, :, :1] += g0  # the carried prefix enters the first run's term
+            grams.append(term.cumsum_(2))
         return _Moments(n, means, grams)
 
 
-def _prefix_grams(tensors, pairs, ends, cum, lo: int, chunk: int, dtype) -> Iterator[List[torch.Tensor]]:
+def _run_moments(tensors, pairs, starts: torch.Tensor, stops: torch.Tensor, length: int, dtype) -> _Moments:
+    """Moments of the local token runs ``[starts[i], stops[i])`` (int64 ``[R]`` on the tensors'
+    device, each at most ``length`` tokens), every run about its own mean."""
+    r, s = starts.shape[0], tensors[0].shape[2]
+    idx = starts.unsqueeze(1) + torch.arange(length, device=starts.device)  # [R, L]
+    valid = idx < stops.unsqueeze(1)
+    weight = valid.to(dtype).unsqueeze(-1)  # [R, L, 1]: padding positions read token S-1, zeroed
+    n = valid.sum(1).to(dtype)
+    idx = idx.clamp(max=s - 1).flatten()
+    means, centred = [], []
+    for t in tensors:
+        x = t.index_select(2, idx).to(dtype).view(t.shape[0], t.shape[1], r, length, t.shape[3]) * weight
+        m = x.sum(3) / n.clamp(min=1).view(-1, 1)
+        means.append(m)
+        centred.append((x - m.unsqueeze(3)) * weight)
+    return _Moments(n, means, [centred[a].transpose(-1, -2) @ centred[b] for a, b in pairs])
+
+
+def _empty_moments(tensors, pairs, dtype) -> _Moments:
+    b, dev = tensors[0].shape[0], tensors[0].device
+    z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
+    return _Moments(
+        z(1),
+        [z(b, t.shape[1], 1, t.shape[3]) for t in tensors],
+        [z(b, max(tensors[i].shape[1], tensors[j].shape[1]), 1, tensors[i].shape[3], tensors[j].shape[3]) for i, j in pairs],
+    )
+
+
+def _scan_runs(tensors, pairs, bounds: torch.Tensor, length: int, carry: _Moments, dtype, shape: _RunShape,
+               max_elems: int) -> Iterator[Tuple[int, int, _Moments]]:
+    """Prefix moments ``carry + tokens [0, bounds[i])`` for runs ending at ascending ``bounds``
+    (int64 ``[R]``, each run at most ``length`` tokens), in blocks ``(r0, r1, moments [r1 - r0])``."""
+    starts = torch.cat([bounds.new_zeros(1), bounds[:-1]])
+    block = shape.runs_per_block(length, max_elems)
+    for r0 in range(0, bounds.shape[0], block):
+        r1 = min(bounds.shape[0], r0 + block)
+        prefix = carry.then_each(_run_moments(tensors, pairs, starts[r0:r1], bounds[r0:r1], length, dtype), pairs)
+        carry = prefix.last()
+        yield r0, r1, prefix
+
+
+def _run_length(extent: int, runs: int, shape: _RunShape, max_elems: int) -> int:
+    """Tokens per run: ``extent / runs`` (rounded up), capped so one run's gathered tokens fit
+    ``max_elems``."""
+    return max(1, min(-(-extent // max(1, runs)), max_elems // shape.token_elems))
+
+
+def _shard_moments(tensors, pairs, dtype, shape: _RunShape, max_elems: int) -> _Moments:
+    """Moments of the whole local shard (one run)."""
     s = tensors[0].shape[2]
-    local, done = None, 0  # the moments of local tokens [0, done)
-    for end in ends:
+    length = _run_length(s, 1, shape, max_elems)
+    bounds = torch.cat([torch.arange(length, s, length, device=tensors[0].device),
+                        torch.full((1,), s, dtype=torch.int64, device=tensors[0].device)])
+    *_, (_, _, prefix) = _scan_runs(tensors, pairs, bounds, length, _empty_moments(tensors, pairs, dtype), dtype,
+                                    shape, max_elems)
+    return prefix.last()
+
+
+def _prefix_blocks(tensors, pairs, ends, device_ends, cum, lo: int, dtype, shape: _RunShape, piece, max_elems):
+    s = tensors[0].shape[2]
+    i0 = bisect.bisect_right(ends, lo)  # ends up to lo: earlier shard boundaries
+    i1 = bisect.bisect_right(ends, lo + s)  # ends in this shard; after i1: later shard boundaries
+
+    def boundary_block(j0, j1):
         with torch.no_grad():
-            if lo < end <= lo + s:
-                run = _Moments.of(tensors, pairs, done, end - lo, chunk, dtype)
-                local = run if local is None else local.merge(run, pairs)
-                done = end - lo
-                base = cum[lo // s]
-                prefix = local if base is None else base.merge(local, pairs)
-            else:
-                prefix = cum[end // s]
-        yield list(prefix.grams)
+            grams = [torch.cat([cum[ends[j] // s].grams[p] for j in range(j0, j1)], 2) for p in range(len(pairs))]
+        return j0, j1, grams
+
+    if i0:
+        yield boundary_block(0, i0)
+    if i1 > i0:
+        with torch.no_grad():
+            local, m = [e - lo for e in ends[i0:i1]], i1 - i0
+            length = piece or _run_length(local[-1], m, shape, max_elems)
+            # The runs between consecutive ends, each cut into ceil(len / length) pieces of at most
+            # `length` tokens (at most 2m pieces, about m when the ends are evenly spread): the
+            # host knows the piece counts (from `local`), the device computes the bounds (from
+            # `device_ends`), so nothing is copied either way. Fixed cuts at multiples of `length`
+            # also cut the short runs: 958 pieces instead of 511 for 504 token-causal ends.
+            sizes = [-(-(e - p) // length) for p, e in zip([0] + local[:-1], local)]
+            at_host = [a - 1 for a in itertools.accumulate(sizes)]  # the piece completing end j
+            dev_local = device_ends[i0:i1] - lo
+            first = torch.cat([dev_local.new_zeros(1), dev_local[:-1]])
+            pieces = -(-(dev_local - first) // length)
+            end_piece = pieces.cumsum(0)
+            run = torch.repeat_interleave(torch.arange(m, device=dev_local.device), pieces, output_size=at_host[-1] + 1)
+            offset = torch.arange(at_host[-1] + 1, device=dev_local.device) - (end_piece - pieces)[run]
+            bounds = torch.minimum(first[run] + (offset + 1) * length, dev_local[run])
+            at = end_piece - 1
+            carry = cum[lo // s] if cum[lo // s] is not None else _empty_moments(tensors, pairs, dtype)
+            blocks = _scan_runs(tensors, pairs, bounds, length, carry, dtype, shape, max_elems)
+        while True:
+            with torch.no_grad():
+                item = next(blocks, None)
+                if item is None:
+                    break
+                r0, r1, prefix = item
+                j0, j1 = bisect.bisect_left(at_host, r0), bisect.bisect_left(at_host, r1)
+                if j1 == j0:
+                    continue
+                sel = at[j0:j1] - r0
+                grams = [g.index_select(2, sel) for g in prefix.grams]
+            yield i0 + j0, i0 + j1, grams
+    if i1 < len(ends):
+        yield boundary_block(i1, len(ends))
+
+
+@dataclass(frozen=True)
+class SegmentRows:
+    """The sampled rows of a block of ``m`` segments, with the segments' prefix Grams.
+
+    Attributes:
+        idx: int64 ``[n]`` indices into the rows.
+        segment: int64 ``[n]`` each row's segment in the block (``0 .. m-1``).
+        pos: int64 ``[n]`` each row's place in the padded layout ``[m, width]`` (flattened).
+        width: the most rows of one segment in the block.
+        grams: one ``[B, G, m, Da, Db]`` per pair.
+    """
+
+    idx: torch.Tensor
+    segment: torch.Tensor
+    pos: torch.Tensor
+    width: int
+    grams: List[torch.Tensor]
+
+    def times_gram(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x_i^T G_{segment(i)}`` for rows ``x [B, H, n, Da]`` whose heads form ``G'`` equal
+        consecutive groups (GQA) and ``g [B, G', m, Da, Db]``: ``[B, H, n, Db]``, one batched
+        product per segment on the padded layout (no copy of a Gram per row)."""
+        b, h, n, da = x.shape
+        groups, m = g.shape[1], g.shape[2]
+        pad = x.new_zeros(b, h, m * self.width, da).index_copy_(2, self.pos, x)
+        y = torch.einsum("bgmad,bgjmca->bgjmcd", g, pad.view(b, groups, h // groups, m, self.width, da))
+        return y.reshape(b, h, m * self.width, -1).index_select(2, self.pos)
+
+
+def segment_row_blocks(
+    segments: MaskSegments, blocks: Iterator[Tuple[int, int, List[torch.Tensor]]], row_elems: int,
+    max_elems: Optional[int] = None,
+) -> Iterator[SegmentRows]:
+    """The sampled rows with their prefix's Grams (:class:`SegmentRows`), for
+    :func:`prefix_centered_grams`' blocks of ``segments.ends``: all rows once, in order of their
+    prefix end, in groups of consecutive segments whose padded layout holds at most ``max_elems``
+    elements (``row_elems`` per padded row; default :func:`block_elems`), or one segment.
+
+    Under a token-causal mask every segment has one row (no padding); chunk-causal segments
+    have about equally many. Copying each row's Gram instead made the chunk-causal moments 4x
+    slower than the per-segment loop on the CPU (512 rows in 8 segments)."""
+    max_elems = block_elems(segments.order.device) if max_elems is None else max_elems
+    starts = segments.starts
+    for j0, j1, grams in blocks:
+        a = j0
+        while a < j1:
+            width, stop = starts[a + 1] - starts[a], a + 1
+            while stop < j1:
+                wider = max(width, starts[stop + 1] - starts[stop])
+                if (stop + 1 - a) * wider * row_elems > max_elems:
+                    break
+                width, stop = wider, stop + 1
+            r0, r1 = starts[a], starts[stop]
+            with torch.no_grad():
+                seg = segments.segment[r0:r1] - a
+                pos = seg * width + segments.slot[r0:r1]
+            yield SegmentRows(segments.order[r0:r1], seg, pos, width, [g[:, :, a - j0 : stop - j0] for g in grams])
+            a = stop
 
 
 def row_loss_from_sums(pe, ee, pp, cosine_weight: float) -> torch.Tensor:
@@ -482,11 +765,12 @@ def predictor_loss(
         raise ValueError(f"a masked predictor loss needs the positions of the {q_rows.shape[2]} sampled rows (rows=[N]).")
     seq_len = k.shape[2] * (1 if group is None else dist.get_world_size(group))
     segments = mask_segments(mask, rows.to(k.device), seq_len)
-    tensors, pairs = ([k], [(0, 0)]) if x is None else ([k, x.detach().unsqueeze(1)], [(0, 0), (0, 1), (1, 1)])
-    grams = prefix_centered_grams(tensors, pairs, [e for e, _ in segments], acc, group=group)
+    tensors, pairs = ([k.detach()], [(0, 0)]) if x is None else ([k.detach(), x.detach().unsqueeze(1)], [(0, 0), (0, 1), (1, 1)])
+    blocks = prefix_centered_grams(tensors, pairs, segments.ends, acc, group=group, device_ends=segments.device_ends)
     total = q.new_zeros(())
-    for (_, idx), grams in zip(segments, grams):
-        total = total + _row_losses(grams, kv_of_head, wk, q[:, :, idx], u[:, :, idx], scale, cosine_weight).sum()
+    row_elems = q.shape[0] * q.shape[1] * max(t.shape[3] for t in tensors)
+    for part in segment_row_blocks(segments, blocks, row_elems):
+        total = total + _row_losses_own_grams(part, wk, q[:, :, part.idx], u[:, :, part.idx], scale, cosine_weight).sum()
     return total if reduction == "sum" else total / (q.shape[0] * q.shape[1] * q.shape[2])
 
 
@@ -504,6 +788,27 @@ def _row_losses(grams, kv_of_head, wk, q, u, scale, cosine_weight) -> torch.Tens
     ee = c2 * ((q @ g_kk) * q).sum(-1)
     pe = c2 * ((q @ g_kw) * u).sum(-1)
     pp = c2 * ((u @ g_ww) * u).sum(-1)
+    return row_loss_from_sums(pe, ee, pp, cosine_weight)
+
+
+def _row_losses_own_grams(part: SegmentRows, wk, q, u, scale, cosine_weight) -> torch.Tensor:
+    """Per-row loss ``[B, H, n]`` where each row has its segment's centred Grams (a causal
+    prefix), ``part.grams``: ``[G_kk]`` ``[B, H_kv, m, D, D]`` (``qk`` input) or ``[G_kk, G_kx [B,
+    H_kv, m, D, in], G_xx [B, 1, m, in, in]]`` (``hidden``); the sums of :func:`_row_losses`, as
+    ``v = W_k u``: ``pe = (G_kx^T q) . v``, ``pp = v^T G_xx v``.
+
+    ``pp`` is written ``2 (G v').v - (G v').v'`` with ``v'`` = ``v`` detached: the same value (both
+    products are computed identically, so exactly) and the gradient ``2 G v`` (a Gram is
+    symmetric), while autograd keeps the ``[n, D]`` product instead of every segment's Gram."""
+    c2 = scale * scale
+    grams = part.grams
+    g_kk, g_kx, g_xx = grams[0], grams[-2] if len(grams) > 1 else grams[0], grams[-1]
+    v = torch.einsum("bhnr,hir->bhni", u, wk)  # [B, H, n, D or in]
+    ee = c2 * (part.times_gram(g_kk, q) * q).sum(-1)
+    pe = c2 * (part.times_gram(g_kx, q) * v).sum(-1)
+    fixed = v.detach()
+    gv = part.times_gram(g_xx, fixed)
+    pp = c2 * (2 * (gv * v).sum(-1) - (gv * fixed).sum(-1))
     return row_loss_from_sums(pe, ee, pp, cosine_weight)
 
 
@@ -678,23 +983,26 @@ def score_moments(
     else:
         if rows is None or rows.numel() != n:
             raise ValueError(f"masked score moments need the positions of the {n} sampled rows (rows=[N]).")
-        seq_len, n_rows = k.shape[2], n
+        seq_len = k.shape[2]
+        n_rows = torch.full((1,), float(n), dtype=torch.float64, device=k.device)
         if group is not None:
             seq_len *= dist.get_world_size(group)
-            # A segment's share is of the rows of the whole sequence, so the ranks' moments sum to
-            # the single-process ones.
-            count = torch.tensor([float(n)], dtype=torch.float64, device=k.device)
-            dist.all_reduce(count, group=group)
-            n_rows = int(count.item())
+            # A row's share is of the rows of the whole sequence, so the ranks' moments sum to the
+            # single-process ones (kept on the device: no host read).
+            dist.all_reduce(n_rows, group=group)
         segments = mask_segments(mask, rows.to(k.device), seq_len)
+        h_kv = k.shape[1]
         c_q = torch.zeros(h, d, d, dtype=torch.float64, device=k.device)
-        c_k, k_energy, keys = torch.zeros_like(c_q), torch.zeros_like(ones), torch.zeros_like(ones)
-        grams = prefix_centered_grams([k.detach()], [(0, 0)], [e for e, _ in segments], torch.float64, group=group)
-        for (end, idx), (g,) in zip(segments, grams):
-            part_q, part_k, tr = _segment_moments(q[:, :, idx], g[:, kv_of_head])
-            share = idx.numel() / n_rows
-            c_q, c_k = c_q + part_q, c_k + share * part_k
-            k_energy, keys = k_energy + share * tr.sum(0), keys + share * b * end
+        c_k = torch.zeros(h_kv, d, d, dtype=torch.float64, device=k.device)
+        tr_sum = torch.zeros(h_kv, dtype=torch.float64, device=k.device)
+        blocks = prefix_centered_grams([k.detach()], [(0, 0)], segments.ends, torch.float64, group=group,
+                                       device_ends=segments.device_ends)
+        for part in segment_row_blocks(segments, blocks, b * h * d):
+            part_q, part_k, tr = _row_moments(part, q[:, :, part.idx])
+            c_q, c_k, tr_sum = c_q + part_q, c_k + part_k, tr_sum + tr
+        # Every row weighs 1 / (rows over the group): a segment's share of the rows.
+        c_k, k_energy = (c_k / n_rows)[kv_of_head], (tr_sum / n_rows)[kv_of_head]
+        keys = ones * (b * segments.rows_per_segment_times_end()) / n_rows
     return ScoreMoments(
         c_q=c_q,
         c_k=c_k,
@@ -719,6 +1027,25 @@ def _segment_moments(q: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, to
     c_q = torch.einsum("bhn,bhnd,bhne->hde", w, q, q)
     safe_tr = tr.clamp(min=torch.finfo(torch.float64).tiny)
     return c_q, (g / safe_tr.view(b, h, 1, 1)).sum(0), tr
+
+
+def _row_moments(part: SegmentRows, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``q [B, H, n, D]`` each scored against the keys of its segment's centred Gram (a
+    causal prefix; ``part.grams[0]`` ``[B, H_kv, m, D, D]``, fp64): their ``C_q`` ``[H, D, D]``
+    (as :func:`_segment_moments`), and per key head the sums over rows and samples of ``G / tr G``
+    ``[H_kv, D, D]`` and of ``tr G`` ``[H_kv]``."""
+    (g,) = part.grams
+    b, h, n, d = q.shape
+    tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # [B, H_kv, m]
+    tr_q = tr.repeat_interleave(h // g.shape[1], dim=1).index_select(2, part.segment)  # [B, H, n]
+    energy = (part.times_gram(g, q) * q).sum(-1)  # [B, H, n]
+    valid = energy > 1e-12 * tr_q * (q * q).sum(-1)
+    w = torch.where(valid, tr_q / energy.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    c_q = torch.einsum("bhn,bhnd,bhne->hde", w, q, q)
+    count = torch.zeros(g.shape[2], dtype=g.dtype, device=g.device).index_add_(
+        0, part.segment, torch.ones(n, dtype=g.dtype, device=g.device))
+    safe_tr = tr.clamp(min=torch.finfo(torch.float64).tiny)
+    return c_q, torch.einsum("bgm,bgmde->gde", count / safe_tr, g), (tr * count).sum((0, 2))
 
 
 @contextlib.contextmanager

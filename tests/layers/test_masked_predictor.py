@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from megatron_dsv.layers import predictor as predictor_mod
 from megatron_dsv.layers.predictor import (
@@ -85,8 +86,30 @@ def test_unmasked_rows_reading_every_key_give_the_plain_moments():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+def prefix_grams_by_end(*args, **kw):
+    """prefix_centered_grams' blocks as {end: [Gram per pair]}, checking that the blocks cover
+    the ends once, in order."""
+    ends = list(args[2])
+    got, covered = {}, 0
+    for j0, j1, grams in prefix_centered_grams(*args, **kw):
+        assert j0 == covered and j1 > j0, (j0, j1, covered)
+        assert all(g.shape[2] == j1 - j0 for g in grams)
+        for j in range(j0, j1):
+            got[ends[j]] = [g[:, :, j - j0] for g in grams]
+        covered = j1
+    assert covered == len(ends)
+    return got
+
+
+# (piece, max_elems): the default runs; runs of at most 3 tokens; blocks of one run, each
+# carrying the prefix before it into the next
+BLOCKINGS = [pytest.param(None, 1 << 24, id="default"), pytest.param(3, 1 << 24, id="piece3"),
+             pytest.param(None, 200, id="block1")]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_prefix_grams_equal_the_grams_of_each_prefix(dtype, tol):
+@pytest.mark.parametrize("piece,max_elems", BLOCKINGS)
+def test_prefix_grams_equal_the_grams_of_each_prefix(dtype, tol, piece, max_elems):
     """Each prefix's Gram to ``tol`` of its own size, even where the prefix's keys sit far from the
     sequence's mean (a drift of 40 over the sequence against a spread of 0.5); one key: exactly 0."""
     b, g, s, d = 2, 3, 50, 5
@@ -94,20 +117,98 @@ def test_prefix_grams_equal_the_grams_of_each_prefix(dtype, tol):
     a = (torch.randn(b, g, s, d) * 0.5 + 40.0 + drift).to(dtype)
     x = torch.randn(b, 1, s, 7, dtype=dtype)
     ends = [1, 2, 7, 8, 33, 50]
-    got = list(prefix_centered_grams([a, x], [(0, 0), (0, 1), (1, 1)], ends, dtype, chunk=4))
-    assert len(got) == len(ends)
-    for end, grams in zip(ends, got):
+    got = prefix_grams_by_end([a, x], [(0, 0), (0, 1), (1, 1)], ends, dtype, piece=piece, max_elems=max_elems)
+    for end in ends:
+        grams = got[end]
         want = [centered_gram(a[:, :, :end].double(), a[:, :, :end].double()),
                 centered_gram(a[:, :, :end].double(), x[:, :, :end].double()),
                 centered_gram(x[:, :, :end].double(), x[:, :, :end].double())]
         for gg, w in zip(grams, want):
+            assert gg.dtype == dtype and gg.shape == w.shape
             if end == 1:
                 assert not gg.any()
                 continue
             scale = float(w.abs().max())
             torch.testing.assert_close(gg.double() / scale, w / scale, rtol=0, atol=tol)
     with pytest.raises(ValueError, match="ascending"):
-        list(prefix_centered_grams([a], [(0, 0)], [5, 5], dtype))
+        prefix_centered_grams([a], [(0, 0)], [5, 5], dtype)
+    with pytest.raises(ValueError, match="piece must be"):
+        prefix_centered_grams([a], [(0, 0)], [5], dtype, piece=0)
+
+
+def test_mask_segments_group_rows_by_prefix():
+    """Segments against a plain grouping: distinct ends ascending, every row once, in its
+    prefix's segment; one device end per segment."""
+    rows = torch.tensor([40, 3, 17, 16, 63, 31, 0, 47, 32], dtype=torch.int64)
+    for mask in (CausalMask("causal"), CausalMask("chunk_causal", 16)):
+        seg = predictor_mod.mask_segments(mask, rows, 64)
+        ends = (mask.limit(rows) + 1).tolist()
+        assert list(seg.ends) == sorted(set(ends))
+        assert torch.equal(seg.device_ends, torch.tensor(seg.ends))
+        assert sorted(seg.order.tolist()) == list(range(rows.numel()))
+        for j, end in enumerate(seg.ends):
+            members = seg.order[seg.starts[j]:seg.starts[j + 1]].tolist()
+            assert sorted(members) == [i for i, e in enumerate(ends) if e == end]
+            assert (seg.segment[seg.starts[j]:seg.starts[j + 1]] == j).all()
+        assert seg.rows_per_segment_times_end() == sum(ends)
+    empty = predictor_mod.mask_segments(CausalMask("causal"), rows[:0], 64)
+    assert len(empty) == 0 and empty.starts == (0,)
+    with pytest.raises(ValueError, match=r"in \[0, 64\)"):
+        predictor_mod.mask_segments(CausalMask("causal"), rows + 30, 64)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_masked_statistics_run_a_fixed_number_of_ops(mask):
+    """The masked loss (with its backward) and moments run the same ops for 8 and for 32 sampled
+    rows (one block: no Python step per segment), and no nonzero / item (host syncs on CUDA).
+    Before: one nonzero and about 90 ops per token-causal segment."""
+    b, h, s, d, r = 1, 2, 64, 8, 3
+    q, k = problem(b, h, h, s, d, seed=2)
+    pred = LowRankPredictor(h, d, r, dtype=torch.float64)
+    counts = []
+    for stride in (8, 2):
+        rows = sample_rows(s, stride, 1)
+        pred.zero_grad(set_to_none=True)
+        with _CountOps() as mode:
+            u = pred.project_queries(q[:, :, rows])
+            predictor_loss(pred, q[:, :, rows], u, k, 0.4, mask=mask, rows=rows).backward()
+            score_moments(q[:, :, rows], k, mask=mask, rows=rows)
+        assert not {"aten.nonzero", "aten._local_scalar_dense", "aten.item"} & set(mode.ops)
+        counts.append(len(mode.ops))
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("variant", ["qk_gqa", "hidden"])
+def test_masked_statistics_do_not_depend_on_the_blocking(mask, variant, monkeypatch):
+    """Blocks of a few elements (one run per prefix block, a few padded rows per row block, rows of
+    uneven segments padded together) give the loss, its gradient and the moments of one block."""
+    b, h, hkv, s, d, r, hid = 2, 4, 2, 64, 8, 3, 10
+    q, k = problem(b, h, hkv, s, d, seed=6)
+    x = torch.randn(b, s, hid, dtype=torch.float64) + 0.7 if variant == "hidden" else None
+    rows = torch.cat([torch.arange(1, 20, 1), torch.arange(21, s, 7)])  # dense rows, then sparse ones
+    results = []
+    for elems in (None, 150):
+        if elems is not None:
+            monkeypatch.setattr(predictor_mod, "block_elems", lambda device: elems)
+        pred = LowRankPredictor(h, d, r, num_kv_heads=hkv, input_dim=hid if x is not None else None, dtype=torch.float64)
+        u = pred.project_queries(q[:, :, rows] if x is None else x[:, rows])
+        loss = predictor_loss(pred, q[:, :, rows], u, k, 0.4, x=x, mask=mask, rows=rows)
+        grads = torch.autograd.grad(loss, (pred.weight_q, pred.weight_k))
+        moments = score_moments(q[:, :, rows], k, mask=mask, rows=rows)._fields() if x is None else ()
+        results.append((loss.detach(), *grads, *moments))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
 def brute_loss(q_lr_rows, k_lr, q_rows, k, rows, mask, scale, w):
@@ -336,9 +437,12 @@ def _masked_statistics_cp_rank(rank, world):
         for name, a, w in zip(("c_q", "c_k", "q_energy", "rows", "k_energy", "keys"), moments._fields(), ref_m._fields()):
             assert (a - w).abs().max() <= 1e-10 * w.abs().max(), (mask, name)
         ends = sorted({int(e) for e in (mask.limit(rows) + 1).clamp(max=s)})
-        grams = prefix_centered_grams([k[:, :, lo:hi]], [(0, 0)], ends, torch.float64, group=dist.group.WORLD)
-        for end, (g,) in zip(ends, grams):
-            assert (g - centered_gram(k[:, :, :end], k[:, :, :end], dtype=torch.float64)).abs().max() < 1e-9, (mask, end)
+        for blocking in (dict(), dict(piece=2, max_elems=300)):  # one block; blocks of 2 runs of 2 tokens
+            grams = prefix_grams_by_end([k[:, :, lo:hi]], [(0, 0)], ends, torch.float64, group=dist.group.WORLD,
+                                        **blocking)
+            for end in ends:
+                want = centered_gram(k[:, :, :end], k[:, :, :end], dtype=torch.float64)
+                assert (grams[end][0] - want).abs().max() < 1e-9, (mask, end, blocking)
     with pytest.raises(ValueError, match="shard boundary"):
         prefix_centered_grams([k[:, :, lo:hi]], [(0, 0)], [lo + shard + 1 if rank == 0 else 7], torch.float64,
                               group=dist.group.WORLD)
