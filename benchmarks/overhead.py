@@ -46,6 +46,7 @@ def main():
 
     from benchmarks.dense_path import env_info
     from benchmarks.sparse_peers import int_list
+    from megatron_dsv.config import DSVConfig
     from megatron_dsv.layers.attention import dsv_attention_layers
     from megatron_dsv.layers.state import StepControl
     from megatron_dsv.layers.transformer_config import DSVTransformerConfig
@@ -57,13 +58,16 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--kv-block", type=int, default=64)
-    p.add_argument("--interval1", type=int, default=10)
-    p.add_argument("--interval2", type=int, default=50)
+    p.add_argument("--interval1", type=int, default=None, help="default: --dsv-profile-interval-stage1's")
+    p.add_argument("--interval2", type=int, default=None, help="default: --dsv-profile-interval-stage2's")
     p.add_argument("--strides", default="32", help="profile strides; the first is the main one")
     p.add_argument("--intervals1", default=None, help="stage-1 intervals to report (default: --interval1)")
     p.add_argument("--fit", default="closed_form", choices=("closed_form", "gradient"))
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    defaults = DSVConfig()
+    args.interval1 = args.interval1 or defaults.dsv_profile_interval_stage1
+    args.interval2 = args.interval2 or defaults.dsv_profile_interval_stage2
     strides = int_list(args.strides)
     intervals1 = int_list(args.intervals1) if args.intervals1 else [args.interval1]
     init_megatron("cuda")
