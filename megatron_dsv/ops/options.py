@@ -72,6 +72,13 @@ class KernelOptions:
             a kernel-variant choice like ``contig_loads``. Issue 15's candidate against the
             forward's and dq's L2-bound K/V streams and the dk/dv kernel's register spills (D=128);
             unmeasured until ``benchmarks/attention.py --sweep`` has run on a GPU.
+        warp_specialize: ``tl.range(..., warp_specialize=True)`` on the key loops of the forward
+            and dq kernels and the (head, group) loop of the dk/dv kernel (Triton's automatic
+            producer/consumer warp split; compiled code only, the interpreter runs those loops as
+            ``while`` loops, so there it changes nothing). Compiled for sm_90a without a GPU
+            (Triton 3.6, bf16): its pass (NVGPUWarpSpecialization) fails on all three kernels at
+            their default 4-warp tiles, with or without ``tma``; the forward with ``tma`` and 8
+            warps compiles. Unmeasured until the sweep has run.
     """
 
     force_atomic_dkdv: bool = False
@@ -83,6 +90,7 @@ class KernelOptions:
     select_fused_max_units: int = 4096
     poison_outputs: bool = False
     tma: bool = False
+    warp_specialize: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "tune", _normalize_tune(self.tune))
@@ -94,7 +102,7 @@ class KernelOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"KernelOptions.{name} must be an int >= 0, got {value!r}.")
-        for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs", "tma"):
+        for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs", "tma", "warp_specialize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelOptions.{name} must be a bool, got {getattr(self, name)!r}.")
 

@@ -54,16 +54,20 @@ CASES = [
     pytest.param(2, 4, 2, 128, 32, 32, 32, [1, 4, 2, 3], id="block32-contig-gqa-d32-K1..all"),
 ]
 
-# KernelOptions.tma: where it serves a case (fp32 key tiles are 32: kv_block 32 and 64 for the
-# forward and dq, kv_block >= 16 for dk/dv, power-of-two head dims) the descriptor loads run;
-# elsewhere the same pointer loads as tma=False.
-TMA = pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
+# Kernel variants of issue 15. KernelOptions.tma: where it serves a case (fp32 key tiles are 32:
+# kv_block 32 and 64 for the forward and dq, kv_block >= 16 for dk/dv, power-of-two head dims) the
+# descriptor loads run; elsewhere the same pointer loads as tma=False. warp_specialize changes
+# compiled loops only (the interpreter runs them as while loops): on the CPU this checks that it
+# is accepted, on a GPU that the warp-specialised kernels are right.
+VARIANTS = pytest.mark.parametrize(
+    "variant", [{}, {"tma": True}, {"tma": True, "warp_specialize": True}], ids=["ptr", "tma", "tma-ws"]
+)
 
 
 @CPU_OK
-@TMA
+@VARIANTS
 @pytest.mark.parametrize("b,h,hkv,s,d,g,kvb,kh", CASES)
-def test_sparse_attention_matches_reference(b, h, hkv, s, d, g, kvb, kh, tma, poisoned):
+def test_sparse_attention_matches_reference(b, h, hkv, s, d, g, kvb, kh, variant, poisoned):
     torch.manual_seed(0)
     dev = DEVICE
     q = torch.randn(b, h, s, d, device=dev)
@@ -74,7 +78,7 @@ def test_sparse_attention_matches_reference(b, h, hkv, s, d, g, kvb, kh, tma, po
     assert len(set(kh)) == 1 or bool((index.kv_idx == PAD).any())
     do = torch.randn(b, h, s, d, device=dev)
     dlse = torch.randn(b, h, s, device=dev)
-    got = _run(q, k, v, index, "triton", do, dlse, dataclasses.replace(poisoned, tma=tma))
+    got = _run(q, k, v, index, "triton", do, dlse, dataclasses.replace(poisoned, **variant))
     ref = _run(q, k, v, index, "reference", do, dlse)
     # fp32 end to end: the kernels differ from the reference only by summation order (~1e-7);
     # on a GPU fp32 dots run as tf32 (~1e-3).
@@ -99,11 +103,11 @@ def test_dense_equivalence_k_all(poisoned):
 
 
 @CPU_OK
-@TMA
+@VARIANTS
 @pytest.mark.parametrize("kvb,kh", [(16, [2, 3]), (32, [1, 2])], ids=["block16", "block32-contig"])
-def test_atomic_fused_and_key_major_backward_agree(kvb, kh, tma, poisoned):
+def test_atomic_fused_and_key_major_backward_agree(kvb, kh, variant, poisoned):
     torch.manual_seed(2)
-    poisoned = dataclasses.replace(poisoned, tma=tma)
+    poisoned = dataclasses.replace(poisoned, **variant)
     b, h, s, d = 1, 2, 64, 64
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(3))
     index = _index(b, h, s, 16, kvb, kh, DEVICE)
@@ -212,8 +216,8 @@ def _assert_within_2x_lowp(names, got, ref, low):
 
 
 @CPU_OK
-@TMA
-def test_fp16_matches_reference(tma, poisoned):
+@VARIANTS
+def test_fp16_matches_reference(variant, poisoned):
     """fp16, kv_block 64 (half precision's 64-key tiles: contiguous, so KernelOptions.tma serves
     every kernel), GQA, K = 1 / all / padding: out, dq, dk, dv within 2x of an fp16 PyTorch run's
     error vs fp32; the LSE within 2x of the error of an fp16-matmul logsumexp."""
@@ -226,7 +230,7 @@ def test_fp16_matches_reference(tma, poisoned):
     assert bool((index.kv_idx == PAD).any())
     do = torch.randn(b, h, s, d, device=DEVICE)
     zero = torch.zeros(b, h, s, device=DEVICE)
-    got = _run(q, k, v, index, "triton", do, zero, dataclasses.replace(poisoned, tma=tma))
+    got = _run(q, k, v, index, "triton", do, zero, dataclasses.replace(poisoned, **variant))
     ref = _run(q.float(), k.float(), v.float(), index, "reference", do, zero)
     low = _lowp_reference(q, k, v, index, do)
     _assert_within_2x_lowp(["out", "dq", "dk", "dv"], [got[0]] + got[2:], [ref[0]] + ref[2:], low)
@@ -238,9 +242,9 @@ def test_fp16_matches_reference(tma, poisoned):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@TMA
+@VARIANTS
 @pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (1, 64, 64), (64, 32, 96), (16, 32, 64)])
-def test_sparse_attention_bf16_gpu(kvb, g, d, tma, poisoned):
+def test_sparse_attention_bf16_gpu(kvb, g, d, variant, poisoned):
     torch.manual_seed(3)
     b, h, hkv, s = 2, 4, 2, 2048
     dt = torch.bfloat16
@@ -251,7 +255,7 @@ def test_sparse_attention_bf16_gpu(kvb, g, d, tma, poisoned):
     index = _index(b, h, s, g, kvb, [max(1, n_units // 10), n_units // 5, 1, n_units], "cuda")
     do = torch.randn(b, h, s, d, device="cuda")
     zero = torch.zeros(b, h, s, device="cuda")
-    got = _run(q, k, v, index, "triton", do, zero, dataclasses.replace(poisoned, tma=tma))
+    got = _run(q, k, v, index, "triton", do, zero, dataclasses.replace(poisoned, **variant))
     ref = _run(q.float(), k.float(), v.float(), index, "reference", do, zero)
     low = _lowp_reference(q, k, v, index, do)
     _assert_within_2x_lowp(["out", "dq", "dk", "dv"], [got[0]] + got[2:], [ref[0]] + ref[2:], low)
