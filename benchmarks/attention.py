@@ -110,22 +110,45 @@ def check_correctness(q, k, v, do, index: SparseIndex, heads=2, options=None):
 
 
 SWEEP = {
-    # "contig": False forces the per-token gather (KernelOptions.contig_loads) to measure what the
-    # contiguous key-block tiles gain.
-    "fwd": [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, contig=False),
+    # Tile overrides (KernelOptions.tune; {} = the defaults) plus variant flags: "contig": False
+    # forces the per-token gather (KernelOptions.contig_loads) to measure what the contiguous
+    # key-block tiles gain; "tma": True loads the streamed tiles through tensor descriptors
+    # (KernelOptions.tma, issue 15), next to the same tiles without it; "ws": True warp-specialises
+    # the loops (KernelOptions.warp_specialize; at 4 warps it did not compile for sm_90a).
+    "fwd": [dict(), dict(tma=True),
+            dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, contig=False),
+            dict(BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
             dict(BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=4),
-            dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=32, num_warps=4, num_stages=3),
-            dict(BLOCK_N=128, num_warps=8, num_stages=3)],
-    "dq": [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=2, contig=False),
-           dict(BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=4, num_stages=3),
+            dict(BLOCK_N=64, num_warps=4, num_stages=4, tma=True),
+            dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
+            dict(BLOCK_N=32, num_warps=4, num_stages=3),
+            dict(BLOCK_N=128, num_warps=8, num_stages=3),
+            dict(tma=True, ws=True), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True, ws=True)],
+    "dq": [dict(), dict(tma=True),
+           dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=2, contig=False),
+           dict(BLOCK_N=64, num_warps=4, num_stages=2),
+           dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
            dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
-           dict(BLOCK_N=64, num_warps=8, num_stages=3)],
-    "dkdv": [dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=3),
+           dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
+           dict(tma=True, ws=True), dict(BLOCK_N=64, num_warps=8, num_stages=2, tma=True, ws=True)],
+    "dkdv": [dict(), dict(tma=True),
+             dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=2, tma=True),
+             dict(num_warps=4, num_stages=3), dict(num_warps=4, num_stages=3, tma=True),
              dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2),
-             dict(BLOCK_M=32, num_warps=4, num_stages=3)],
+             dict(BLOCK_M=32, num_warps=4, num_stages=3), dict(BLOCK_M=32, num_warps=4, num_stages=3, tma=True),
+             dict(tma=True, ws=True), dict(num_warps=8, num_stages=2, tma=True, ws=True)],
     # key-major dk/dv with dq by fp32 atomics in the same kernel (no separate dq kernel)
     "fused": [dict(num_warps=4, num_stages=2)],
 }
+# SWEEP keys that pick a KernelOptions field rather than a tile: key -> (field, value when absent)
+SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False), "ws": ("warp_specialize", False)}
+
+
+def sweep_options(kind: str, variant: dict) -> KernelOptions:
+    """The KernelOptions a SWEEP entry of kernel ``kind`` names (flags as fields, the rest as tiles)."""
+    tiles = {key: value for key, value in variant.items() if key not in SWEEP_FLAGS}
+    flags = {field: variant.get(key, absent) for key, (field, absent) in SWEEP_FLAGS.items()}
+    return KernelOptions(fused_dq_atomic=kind == "fused", tune={"dkdv" if kind == "fused" else kind: tiles}, **flags)
 
 
 def sweep():
@@ -158,6 +181,13 @@ def sweep():
                         chk["select_same_as_reference"] = same
                         print(f"  check: {chk}", flush=True)
                         res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check", **chk))
+                        # the descriptor-load variant has no GPU test run behind it yet: check it too
+                        try:
+                            chk = check_correctness(q, k, v, do, index, options=KernelOptions(tma=True))
+                        except Exception as err:  # a variant that does not compile must not end the sweep
+                            chk = {"ok": False, "error": first_line(err)}
+                        print(f"  check tma: {chk}", flush=True)
+                        res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check_tma", **chk))
                         del ref_ix
                     if kvb % 16 == 0:
                         t_tr = bench(lambda: sa_triton.transpose_index(index, h))
@@ -168,23 +198,25 @@ def sweep():
                         if kind in ("dkdv", "fused") and kvb % 16:
                             continue
                         for cfg in variants:
-                            cfg = dict(cfg)
-                            opts = KernelOptions(
-                                contig_loads=cfg.pop("contig", True), fused_dq_atomic=kind == "fused",
-                                tune={"dkdv" if kind == "fused" else kind: cfg},
-                            )
+                            opts = sweep_options(kind, cfg)
                             try:
                                 fwd, setup_bwd, bwd, _ = fwd_bwd_fns(_attn(index, opts), q, k, v, do)
+                                split = {}
                                 if kind == "fwd":
                                     t = bench(fwd)
                                 else:
                                     setup_bwd()
                                     t = bench(bwd)
+                                    # KernelOptions.tma reaches the dq and the dk/dv kernel alike: each
+                                    # kernel's device time says which of them a variant helps
+                                    split = {name: round(ms, 3) for name, (ms, _) in _kernel_table(bwd)[0].items()
+                                             if name.startswith(("_bwd_dq_kernel", "_bwd_dkdv_kernel"))}
                             except Exception as err:
                                 t = float("nan")
                                 print(f"    {kind} {cfg}: failed {type(err).__name__}: {str(err)[:200]}", flush=True)
-                            print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms", flush=True)
-                            res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t))
+                            print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms {split or ''}", flush=True)
+                            res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t,
+                                            kernels_ms=split))
                     del index
                     torch.cuda.empty_cache()
             del q, k, v, do

@@ -63,6 +63,24 @@ class KernelOptions:
             whose ~10 passes each cost launches, PyTorch glue and a host sync. ``0`` forces the
             split path.
         poison_outputs: fill freshly allocated outputs with NaN before the kernels write them.
+        tma: load the tiles a key loop streams through tensor descriptors (host-side
+            ``TensorDescriptor``; TMA on Hopper and newer, ordinary loads elsewhere): K/V tiles in
+            the forward and dq kernels where the contiguous key-tile path runs (``contig_loads``,
+            ``kv_block % BLOCK_N == 0``) and the head dim is a power of two, masked indexes
+            included; Q/dO tiles in the key-major dk/dv kernel where the head dim is a power of
+            two. Other cases (token keys, small blocks, other head dims) keep the pointer loads:
+            a kernel-variant choice like ``contig_loads``. Issue 15's candidate against the
+            forward's and dq's L2-bound K/V streams and the dk/dv kernel's register spills (D=128).
+            Compiled for sm_90a without a GPU (Triton 3.6 + its ptxas, bf16, D=128, default tiles):
+            spill stores forward 216 -> 0 bytes (255 -> 203 registers), dq 896 -> 124, dk/dv
+            1168 -> 724. Speed unmeasured until ``benchmarks/attention.py --sweep`` has run on a GPU.
+        warp_specialize: ``tl.range(..., warp_specialize=True)`` on the key loops of the forward
+            and dq kernels and the (head, group) loop of the dk/dv kernel (Triton's automatic
+            producer/consumer warp split; compiled code only, the interpreter runs those loops as
+            ``while`` loops, so there it changes nothing). Compiled for sm_90a without a GPU
+            (Triton 3.6, bf16): its pass (NVGPUWarpSpecialization) fails on all three kernels at
+            their default 4-warp tiles, with or without ``tma``; the forward with ``tma`` and 8
+            warps compiles. Unmeasured until the sweep has run.
     """
 
     force_atomic_dkdv: bool = False
@@ -73,6 +91,8 @@ class KernelOptions:
     select_fused_kind: str = "resident"
     select_fused_max_units: int = 4096
     poison_outputs: bool = False
+    tma: bool = False
+    warp_specialize: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "tune", _normalize_tune(self.tune))
@@ -84,7 +104,7 @@ class KernelOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"KernelOptions.{name} must be an int >= 0, got {value!r}.")
-        for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs"):
+        for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs", "tma", "warp_specialize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelOptions.{name} must be a bool, got {getattr(self, name)!r}.")
 

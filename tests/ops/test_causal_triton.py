@@ -83,6 +83,11 @@ CASES = [
     pytest.param(1, 2, 1, 128, 32, 32, 32, CAUSAL, ["need", 3], {}, id="block32-contig-causal"),
     pytest.param(1, 2, 2, 128, 48, 32, 32, chunk(64), ["need", "all"], {}, id="block32-chunk64-d48"),
     pytest.param(1, 2, 2, 256, 32, 64, 64, CAUSAL, ["need", 3], {}, id="block64-g64-causal"),
+    # KernelOptions.tma: descriptor loads of K/V (forward, dq) and Q/dO (dk/dv) on the masked loops
+    pytest.param(1, 2, 1, 128, 32, 32, 32, CAUSAL, ["need", 3], {"tma": True}, id="block32-contig-causal-tma"),
+    pytest.param(1, 2, 2, 128, 32, 32, 32, chunk(64), ["need", "all"], {"tma": True}, id="block32-chunk64-tma"),
+    pytest.param(1, 2, 2, 256, 32, 64, 64, CAUSAL, ["need", 3], {"tma": True}, id="block64-g64-causal-tma"),
+    pytest.param(1, 2, 1, 128, 32, 32, 32, CAUSAL, ["need", 3], {"tma": True, "warp_specialize": True}, id="block32-causal-tma-ws"),
 ]
 
 
@@ -235,7 +240,10 @@ def test_backend_choice_for_masked_indexes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mask", [CAUSAL, chunk(320)], ids=["causal", "chunk320"])
 @pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (64, 32, 64)])
-def test_masked_bf16_gpu(mask, kvb, g, d, poisoned):
+@pytest.mark.parametrize(
+    "variant", [{}, {"tma": True}, {"tma": True, "warp_specialize": True}], ids=["ptr", "tma", "tma-ws"]
+)
+def test_masked_bf16_gpu(mask, kvb, g, d, variant, poisoned):
     """bf16 at S=2048: error vs an fp32 reference at most 2x that of a bf16 PyTorch run (+1e-4)."""
     from tests.ops.test_sparse_attention_triton import _lowp_reference
 
@@ -248,7 +256,8 @@ def test_masked_bf16_gpu(mask, kvb, g, d, poisoned):
     index = _index(b, h, s, g, kvb, ["need", units // 10, units // 5, "all"], mask)
     do = torch.randn(b, h, s, d, device="cuda")
     zero = torch.zeros(b, h, s, device="cuda")
-    got = _grads(q, k, v, lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=poisoned), do, zero)
+    opts = dataclasses.replace(poisoned, **variant)
+    got = _grads(q, k, v, lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=opts), do, zero)
     ref = _grads(q.float(), k.float(), v.float(), lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="reference"), do, zero)
     low = _lowp_reference(q, k, v, index, do)
     for name, a, r, lw in zip(["out", "dq", "dk", "dv"], [got[0]] + got[2:], [ref[0]] + ref[2:], low):
@@ -264,6 +273,7 @@ OFFSET_CASES = [
     pytest.param(1, 2, 2, 32, 128, 64, 32, 16, 16, chunk(32), [3, 6], {"tune": KEY_TILES16}, id="block16-chunk32"),
     pytest.param(1, 4, 2, 64, 192, 64, 32, 32, 32, CAUSAL, [3, 4, 5, 6], {}, id="block32-causal-keymajor-keys-after"),
     pytest.param(1, 2, 2, 64, 128, 32, 32, 32, 32, chunk(64), [3, 4], {}, id="block32-chunk64-offset-inside-chunk"),
+    pytest.param(1, 4, 2, 64, 192, 64, 32, 32, 32, CAUSAL, [3, 4, 5, 6], {"tma": True}, id="block32-causal-keys-after-tma"),
 ]
 
 

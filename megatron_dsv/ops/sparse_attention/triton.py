@@ -38,8 +38,12 @@ key-major dk/dv kernel does the same per key tile over its (head, group) list: g
 row's limit is below the tile read none of it, groups whose first row's limit covers the tile
 read all of it, each found by a binary search per query head sharing the key head.
 
-Kernel variants (atomic paths, tiles, poisoned outputs for tests) are chosen by a
-:class:`~megatron_dsv.ops.options.KernelOptions` passed down from the public functions.
+Kernel variants (atomic paths, tiles, tensor-descriptor (TMA) loads, poisoned outputs for tests)
+are chosen by a :class:`~megatron_dsv.ops.options.KernelOptions` passed down from the public
+functions. With ``tma``, the launchers pass host-side ``TensorDescriptor`` s over the
+``[rows, D]`` view of K/V (forward, dq) or Q/dO (dk/dv) in place of the pointers, under the same
+parameter names, and a TMA constexpr picks the load; descriptors built on the host need no
+``triton.set_allocator``, which in-kernel ones would (a process-wide setting).
 """
 
 
@@ -50,6 +54,7 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megatron_dsv.ops.options import DEFAULT_OPTIONS, KernelOptions
 from megatron_dsv.ops.sparse_index import SparseIndex
@@ -165,16 +170,40 @@ def _load_rows(x, o_rows, m_rows, o_d, m_d, D, FULL: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(
+    k, v, p_idx_row, start, n_tok, kv_base, o_d, m_d, D,
+    KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+):
+    """K and V tiles of list positions ``[start, start + BLOCK_N)``, their token ids and validity.
+
+    TMA (the launcher sets it only with CONTIG and EVEN_D): ``k``/``v`` are tensor descriptors
+    over the ``[B * H_kv * S_kv, D]`` rows with ``[BLOCK_N, D]`` blocks, read at the tile's first
+    row; descriptor coordinates are int32 (the launcher checks that the rows fit).
+    """
+    if TMA:
+        t_first = tl.load(p_idx_row + start // KVB).to(tl.int64) * KVB + start % KVB
+        o_tok = t_first + tl.arange(0, BLOCK_N)
+        m_p = o_tok >= 0
+        row = (kv_base + t_first).to(tl.int32)
+        b_k = k.load([row, 0])
+        b_v = v.load([row, 0])
+    else:
+        o_tok, m_p = _kv_rows(p_idx_row, start, n_tok, KVB, BLOCK_N, CONTIG)
+        b_k = _load_rows(k, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
+        b_v = _load_rows(v, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
+    return b_k, b_v, o_tok, m_p
+
+
+@triton.jit
 def _fwd_tile(
     k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
     KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One online-softmax step over list positions ``[start, start + BLOCK_N)``; MASKED: keep
     key ``j`` for row ``i`` only if ``j <= b_lim[i]``. Every row keeps a key in the first tile it
     sees (the group's lowest unit, validated), so its running max is finite after it."""
-    o_tok, m_p = _kv_rows(p_idx_row, start, n_tok, KVB, BLOCK_N, CONTIG)
-    b_k = _load_rows(k, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
-    b_v = _load_rows(v, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
+    b_k, b_v, o_tok, m_p = _kv_tile(k, v, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, KVB, BLOCK_N, CONTIG, EVEN_D, TMA)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
     if MASKED:
         b_s = tl.where(m_p[None, :] & (o_tok[None, :] <= b_lim[:, None]), b_s, float("-inf"))
@@ -193,22 +222,23 @@ def _fwd_tile(
 def _fwd_loop(
     k, v, b_q, b_m, b_l, b_acc, p_idx_row, lo, hi, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
     INTERPRET: tl.constexpr, KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr,
-    EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):
-    """Online softmax over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N)."""
+    """Online softmax over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N); WS: the
+    compiled loop is warp-specialised (``KernelOptions.warp_specialize``)."""
     if INTERPRET:
         start = lo
         while start < hi:
             b_m, b_l, b_acc = _fwd_tile(
                 k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
-                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED,
+                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
             )
             start += BLOCK_N
     else:
-        for start in range(lo, hi, BLOCK_N):
+        for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
             b_m, b_l, b_acc = _fwd_tile(
                 k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
-                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED,
+                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
             )
     return b_m, b_l, b_acc
 
@@ -219,8 +249,11 @@ def _fwd_kernel(
     scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, STRIDE_OB, STRIDE_OH, STRIDE_OS, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
-    MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    """Out and LSE of query tile ``i_gm`` of ``(b, h)``; with TMA, ``k``/``v`` are the
+    descriptors of :func:`_row_desc` (see :func:`_kv_tile`)."""
     i_gm = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -250,16 +283,16 @@ def _fwd_kernel(
         n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, QOFF, KVB, BLOCK_N)
         b_m, b_l, b_acc = _fwd_loop(
             k, v, b_q, b_m, b_l, b_acc, p_idx_row, 0, n_free, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
-            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False, TMA, WS,
         )
         b_m, b_l, b_acc = _fwd_loop(
             k, v, b_q, b_m, b_l, b_acc, p_idx_row, n_free, n_tok, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
-            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, True,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, True, TMA, WS,
         )
     else:
         b_m, b_l, b_acc = _fwd_loop(
             k, v, b_q, b_m, b_l, b_acc, p_idx_row, 0, n_tok, n_tok, kv_base, o_d, m_d, D, scale_log2, o_m,
-            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False, TMA, WS,
         )
     b_acc = b_acc / b_l[:, None]
     p_o = o + i_b * STRIDE_OB + i_h * STRIDE_OH + o_m[:, None] * STRIDE_OS + o_d[None, :]
@@ -292,13 +325,11 @@ def _bwd_dq_tile(
     k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
     o_d, m_d, D, scale, scale_log2, b_lim,
     KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
     """dq over list positions ``[start, start + BLOCK_N)``; optionally scatter dk/dv partials.
     MASKED: pairs with key ``j > b_lim[i]`` get ``P = 0`` (so ``dS = 0``)."""
-    o_tok, m_p = _kv_rows(p_idx_row, start, n_tok, KVB, BLOCK_N, CONTIG)
-    b_k = _load_rows(k, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
-    b_v = _load_rows(v, kv_base + o_tok, m_p, o_d, m_d, D, CONTIG and EVEN_D)
+    b_k, b_v, o_tok, m_p = _kv_tile(k, v, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, KVB, BLOCK_N, CONTIG, EVEN_D, TMA)
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
     b_p = tl.exp2(b_s - b_lse2[:, None])
     if MASKED:
@@ -323,22 +354,22 @@ def _bwd_dq_loop(
     k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, lo, hi, n_tok, kv_base,
     o_d, m_d, D, scale, scale_log2, b_lim,
     INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, CONTIG: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):
-    """dq over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N)."""
+    """dq over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N); WS as :func:`_fwd_loop`."""
     if INTERPRET:
         start = lo
         while start < hi:
             b_dq = _bwd_dq_tile(
                 k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED,
+                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
             )
             start += BLOCK_N
     else:
-        for start in range(lo, hi, BLOCK_N):
+        for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
             b_dq = _bwd_dq_tile(
                 k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED,
+                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
             )
     return b_dq
 
@@ -349,14 +380,14 @@ def _bwd_dq_kernel(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
+    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dq_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale_log2,
         H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
-        G, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, MASK, BLOCK_M, BLOCK_N, BLOCK_D,
+        G, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, MASK, TMA, WS, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
 
@@ -367,10 +398,11 @@ def _bwd_dq_program(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
+    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dq of query tile ``i_gm`` (of G / BLOCK_M per group) of ``(b, h) = i_bh``."""
+    """dq of query tile ``i_gm`` (of G / BLOCK_M per group) of ``(b, h) = i_bh``; with TMA,
+    ``k``/``v`` are the descriptors of :func:`_row_desc` (see :func:`_kv_tile`)."""
     i_b = i_bh // H
     i_h = i_bh % H
     i_hkv = i_h // (H // HKV)
@@ -399,16 +431,16 @@ def _bwd_dq_program(
         n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, QOFF, KVB, BLOCK_N)
         b_dq = _bwd_dq_loop(
             k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, 0, n_free, n_tok, kv_base,
-            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False,
+            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False, TMA, WS,
         )
         b_dq = _bwd_dq_loop(
             k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, n_free, n_tok, n_tok, kv_base,
-            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, True,
+            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, True, TMA, WS,
         )
     else:
         b_dq = _bwd_dq_loop(
             k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, 0, n_tok, n_tok, kv_base,
-            o_d, m_d, D, scale, scale_log2, o_m, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False,
+            o_d, m_d, D, scale, scale_log2, o_m, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False, TMA, WS,
         )
     tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_d[None, :])
 
@@ -418,12 +450,13 @@ def _bwd_dkdv_step(
     q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
     NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
     G: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr, MASKED: tl.constexpr,
+    MASK: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
     """Accumulate query tile ``it % (G / BLOCK_M)`` of list entry ``it // (G / BLOCK_M)`` into dk/dv.
 
     An entry is one (query head, query group) that selected this key tile (keys ``o_n``).
-    MASKED: pairs with key ``j > limit(i)`` get ``P = 0`` (so ``dS = 0``).
+    MASKED: pairs with key ``j > limit(i)`` get ``P = 0`` (so ``dS = 0``). TMA (with EVEN_D):
+    ``q``/``do`` are descriptors over the ``[B * H * S_q, D]`` rows with ``[BLOCK_M, D]`` blocks.
     """
     n_mt: tl.constexpr = G // BLOCK_M
     rep = H // HKV
@@ -433,7 +466,11 @@ def _bwd_dkdv_step(
     i_bh = i_b * H + i_h
     o_m = i_g * G + (it % n_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_qd = (i_bh * S_Q + o_m[:, None]) * D + o_d[None, :]
-    if EVEN_D:
+    if TMA:
+        row = (i_bh * S_Q + i_g * G + (it % n_mt) * BLOCK_M).to(tl.int32)
+        b_q = q.load([row, 0])
+        b_do = do.load([row, 0])
+    elif EVEN_D:
         b_q = tl.load(q + o_qd)
         b_do = tl.load(do + o_qd)
     else:
@@ -460,9 +497,9 @@ def _bwd_dkdv_loop(
     q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, lo, hi, i_b, i_hkv, H, HKV, S_Q,
     NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):
-    """Steps ``[lo, hi)`` of the flat (entry, query tile) loop.
+    """Steps ``[lo, hi)`` of the flat (entry, query tile) loop; WS as :func:`_fwd_loop`.
 
     One flat loop: Triton software-pipelines only innermost loops, and with BLOCK_M == G a nested
     per-entry loop has one trip, so the q/dO loads of the next entry would not overlap this
@@ -473,14 +510,14 @@ def _bwd_dkdv_loop(
         while it < hi:
             b_dk, b_dv = _bwd_dkdv_step(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED, TMA,
             )
             it += 1
     else:
-        for it in range(lo, hi):
+        for it in tl.range(lo, hi, warp_specialize=WS):
             b_dk, b_dv = _bwd_dkdv_step(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
-                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED, TMA,
             )
     return b_dk, b_dv
 
@@ -491,13 +528,14 @@ def _bwd_dkdv_kernel(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dkdv_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry, scale, scale_log2,
         H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
-        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, BLOCK_M, BLOCK_N, BLOCK_D,
+        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, TMA, WS, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
 
@@ -508,9 +546,11 @@ def _bwd_dkdv_program(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dk/dv of key tile ``i_un`` (of KVB / BLOCK_N per unit) of ``(b, h_kv) = i_bhkv``."""
+    """dk/dv of key tile ``i_un`` (of KVB / BLOCK_N per unit) of ``(b, h_kv) = i_bhkv``; with TMA,
+    ``q``/``do`` are the descriptors of :func:`_row_desc` (see :func:`_bwd_dkdv_step`)."""
     i_b = i_bhkv // HKV
     i_hkv = i_bhkv % HKV
     n_sub: tl.constexpr = KVB // BLOCK_N
@@ -547,19 +587,19 @@ def _bwd_dkdv_program(
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_read * n_mt, e_free * n_mt,
                 i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True, TMA, WS,
             )
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_free * n_mt, e_head * n_mt,
                 i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA, WS,
             )
             i_rep += 1
     else:
         b_dk, b_dv = _bwd_dkdv_loop(
             q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_start * n_mt, e_end * n_mt,
             i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-            G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False,
+            G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA, WS,
         )
     tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
     tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
@@ -740,6 +780,40 @@ def _mask_args(index: SparseIndex) -> Tuple[int, int, int]:
     return 2, index.mask.chunk_tokens, index.q_offset
 
 
+def _tma_head_dim(d: int) -> bool:
+    """Head dims the descriptor loads serve: a power of two (a tile is whole rows) of at most 256
+    (the largest TMA box dimension)."""
+    return triton.next_power_of_2(d) == d and d <= 256
+
+
+def _row_desc(x: torch.Tensor, block_rows: int, name: str) -> TensorDescriptor:
+    """Tensor descriptor over the rows of contiguous ``x [..., D]`` seen as ``[rows, D]``, with
+    ``[block_rows, D]`` blocks (``KernelOptions.tma``). Raises where a descriptor cannot address
+    ``x``: its coordinates are int32, and TMA needs a 16-byte aligned base and row stride."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    if rows >= 2**31:
+        raise ValueError(
+            f"KernelOptions(tma=True): {name} has {rows} rows of {d}, more than the 2^31 - 1 that int32 "
+            f"descriptor coordinates address; use tma=False."
+        )
+    if x.data_ptr() % 16 or (d * x.element_size()) % 16:
+        raise ValueError(
+            f"KernelOptions(tma=True): {name} must start at a 16-byte aligned address with rows of a "
+            f"multiple of 16 bytes (address % 16 = {x.data_ptr() % 16}, row {d * x.element_size()} bytes); "
+            f"pass a fresh tensor (.clone()) or use tma=False."
+        )
+    return TensorDescriptor(x, [rows, d], [d, 1], [block_rows, d])
+
+
+def _tma_pair(a: torch.Tensor, b: torch.Tensor, names: str, block_rows: int, on: bool):
+    """``(a, b)`` as row descriptors when ``on``, else as they are (the kernels' pointer path)."""
+    if not on:
+        return a, b
+    name_a, name_b = names.split("/")
+    return _row_desc(a, block_rows, name_a), _row_desc(b, block_rows, name_b)
+
+
 def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbhd: bool = False):
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
@@ -747,23 +821,38 @@ def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbh
     g, kvb = index.group_size, index.kv_block
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
     mask, chunk, q_off = _mask_args(index)
+    cfg = _fwd_config(g, d, q.dtype, kvb, options)
+    contig = _contig(kvb, cfg["BLOCK_N"], options)
+    tma = options.tma and contig and _tma_head_dim(d)
+    k_in, v_in = _tma_pair(k, v, "k/v", cfg["BLOCK_N"], tma)
     # out_sbhd: write [S, B, H, D] memory (returned as its [B, H, S, D] view) so Megatron's
     # [s, b, h*d] output is a free view: the layer then keeps one copy of the output, not two
     # (256 MiB per layer at 64k tokens x 16 heads x 128, bf16).
     out = _new((s_q, b, h, d), q, options).permute(1, 2, 0, 3) if out_sbhd else _new(q.shape, q, options)
     lse = _new((b, h, s_q), q, options, torch.float32)
-    cfg = _fwd_config(g, d, q.dtype, kvb, options)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     _fwd_kernel[grid](
-        q, k, v, out, lse, kv_idx, kv_count, scale * _LOG2E.value,
+        q, k_in, v_in, out, lse, kv_idx, kv_count, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2), chunk, q_off,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
-        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=contig,
+        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, TMA=tma, WS=options.warp_specialize, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return out, lse
 
 
 def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: KernelOptions):
+    b, h, s_q, d = q.shape
+    hkv, s_kv = k.shape[1], k.shape[2]
+    g, kvb = index.group_size, index.kv_block
+    kv_major = _kv_major_ok(index, options)
+    fused = kv_major and options.fused_dq_atomic
+    cfg = _dq_config(g, d, q.dtype, kvb, options)
+    contig = _contig(kvb, cfg["BLOCK_N"], options)
+    dq_tma = options.tma and contig and _tma_head_dim(d) and not fused
+    # descriptors before any kernel runs, so an input they refuse fails first
+    k_in, v_in = _tma_pair(k, v, "k/v", cfg["BLOCK_N"], dq_tma)
+    q_in, do_in = _tma_pair(q, do, "q/do", _dkdv_config(g, kvb, options)["BLOCK_M"],
+                            options.tma and kv_major and _tma_head_dim(d))
     # d lse_i / d s_ij = p_ij, so an LSE gradient (context-parallel merges) only shifts delta.
     n_rows = out.numel() // out.shape[-1]
     delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
@@ -772,15 +861,13 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
         out, do, dlse.contiguous() if dlse is not None else delta, delta, n_rows, out.shape[-1],
         HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(out.shape[-1]),
     )
-    kv_major = _kv_major_ok(index, options)
-    if kv_major and options.fused_dq_atomic:
+    if fused:
         dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dq32, dk, dv = _backward_kv_major(q, k, v, do, lse, delta, dq32, index, scale, options, dq_atomic=True)
+        dq32, dk, dv = _backward_kv_major(
+            q, k, v, do, lse, delta, dq32, index, scale, options, True, q_in, do_in,
+        )
         return dq32.to(q.dtype), dk, dv
-    b, h, s_q, d = q.shape
-    hkv, s_kv = k.shape[1], k.shape[2]
     kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
-    g, kvb = index.group_size, index.kv_block
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
     dq = _new(q.shape, q, options)
     if kv_major:
@@ -788,22 +875,24 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
     else:
         dk32 = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv32 = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    cfg = _dq_config(g, d, q.dtype, kvb, options)
     grid = (gq * (g // cfg["BLOCK_M"]), b * h)
     mask, chunk, q_off = _mask_args(index)
     _bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E.value,
+        q, k_in, v_in, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, kmax, d, chunk, q_off,
-        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=_contig(kvb, cfg["BLOCK_N"], options),
-        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=contig,
+        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, TMA=dq_tma, WS=options.warp_specialize, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
-    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale, options, dq_atomic=False)
+    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale, options, False, q_in, do_in)
 
 
-def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, options: KernelOptions, dq_atomic: bool):
-    """dk/dv key-major; with ``dq_atomic`` also adds dq into the fp32 ``dq`` with atomics."""
+def _backward_kv_major(
+    q, k, v, do, lse, delta, dq, index: SparseIndex, scale, options: KernelOptions, dq_atomic: bool, q_in, do_in,
+):
+    """dk/dv key-major; with ``dq_atomic`` also adds dq into the fp32 ``dq`` with atomics.
+    ``q_in``/``do_in``: q and do, or their row descriptors (``KernelOptions.tma``)."""
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
     g, kvb, gq = index.group_size, index.kv_block, index.num_groups
@@ -815,10 +904,11 @@ def _backward_kv_major(q, k, v, do, lse, delta, dq, index: SparseIndex, scale, o
     grid = (n_units * (kvb // cfg["BLOCK_N"]), b * hkv)
     mask, chunk, q_off = _mask_args(index)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E.value,
+        q_in, k, v, do_in, lse, delta, dq, dk, dv, offsets, entries, scale, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d, chunk, q_off,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, EVEN_D=triton.next_power_of_2(d) == d,
-        MASK=mask, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        MASK=mask, TMA=isinstance(q_in, TensorDescriptor),
+        WS=options.warp_specialize, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return dq, dk, dv
 
