@@ -155,7 +155,10 @@ def sweep():
     """Time each kernel's tile variants (others at their defaults) on the first sparsity."""
     info = env_info("cuda")
     print(f"# sweep on {info['gpu']}", flush=True)
-    res = []
+    out = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"attention_sweep_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    log = ResultLog("attention_sweep", info, ARGS, out)  # rewritten after every row: a cut call keeps them
+    t_end = time.monotonic() + ARGS.time_budget_s if ARGS.time_budget_s > 0 else float("inf")
     b, h, r = ARGS.batch, ARGS.heads, ARGS.rank
     for s in ARGS.seqlens:
         for d in ARGS.head_dims:
@@ -172,7 +175,7 @@ def sweep():
                             t_sel = bench(lambda: select_topk(
                                 q_lr, k_lr, g, kh_sel, kv_block=kvb, backend="triton", options=sel_opts))
                             print(f"S={s} D={d} kvb={kvb} G={g} sp={sp_sel}: selection {kind} {t_sel:.2f} ms", flush=True)
-                            res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp_sel, kernel="select_" + kind, ms=t_sel))
+                            log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp_sel, kernel="select_" + kind, ms=t_sel))
                     index = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="triton")
                     if not ARGS.no_check:
                         ref_ix = select_topk(q_lr, k_lr, g, kh, kv_block=kvb, backend="reference")
@@ -180,52 +183,61 @@ def sweep():
                         chk = check_correctness(q, k, v, do, index)
                         chk["select_same_as_reference"] = same
                         print(f"  check: {chk}", flush=True)
-                        res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check", **chk))
+                        log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check", **chk))
                         # the descriptor-load variant has no GPU test run behind it yet: check it too
                         try:
                             chk = check_correctness(q, k, v, do, index, options=KernelOptions(tma=True))
                         except Exception as err:  # a variant that does not compile must not end the sweep
                             chk = {"ok": False, "error": first_line(err)}
                         print(f"  check tma: {chk}", flush=True)
-                        res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check_tma", **chk))
+                        log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check_tma", **chk))
                         del ref_ix
                     if kvb % 16 == 0:
                         t_tr = bench(lambda: sa_triton.transpose_index(index, h))
                         print(f"  transpose_index {t_tr:.2f} ms", flush=True)
-                        res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="transpose_index", ms=t_tr))
+                        log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="transpose_index", ms=t_tr))
 
-                    for kind, variants in SWEEP.items():
-                        if kind in ("dkdv", "fused") and kvb % 16:
+                    for kind, cfg in sweep_order(kvb):
+                        if time.monotonic() > t_end:
+                            print(f"  {kind} {cfg}: skipped (--time-budget-s spent)", flush=True)
+                            log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg,
+                                            skipped="time budget"))
                             continue
-                        for cfg in variants:
-                            opts = sweep_options(kind, cfg)
-                            try:
-                                fwd, setup_bwd, bwd, _ = fwd_bwd_fns(_attn(index, opts), q, k, v, do)
-                                split = {}
-                                if kind == "fwd":
-                                    t = bench(fwd)
-                                else:
-                                    setup_bwd()
-                                    t = bench(bwd)
-                                    # KernelOptions.tma reaches the dq and the dk/dv kernel alike: each
-                                    # kernel's device time says which of them a variant helps
-                                    split = {name: round(ms, 3) for name, (ms, _) in _kernel_table(bwd)[0].items()
-                                             if name.startswith(("_bwd_dq_kernel", "_bwd_dkdv_kernel"))}
-                            except Exception as err:
-                                t = float("nan")
-                                print(f"    {kind} {cfg}: failed {type(err).__name__}: {str(err)[:200]}", flush=True)
-                            print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms {split or ''}", flush=True)
-                            res.append(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t,
-                                            kernels_ms=split))
+                        opts = sweep_options(kind, cfg)
+                        split = {}
+                        try:
+                            fwd, setup_bwd, bwd, _ = fwd_bwd_fns(_attn(index, opts), q, k, v, do)
+                            if kind == "fwd":
+                                t = bench(fwd)
+                            else:
+                                setup_bwd()
+                                t = bench(bwd)
+                                # KernelOptions.tma reaches the dq and the dk/dv kernel alike: each
+                                # kernel's device time says which of them a variant helps
+                                split = {name: round(ms, 3) for name, (ms, _) in _kernel_table(bwd)[0].items()
+                                         if name.startswith(("_bwd_dq_kernel", "_bwd_dkdv_kernel"))}
+                        except Exception as err:
+                            t = float("nan")
+                            print(f"    {kind} {cfg}: failed {type(err).__name__}: {str(err)[:200]}", flush=True)
+                        print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms {split or ''}", flush=True)
+                        log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t,
+                                        kernels_ms=split))
                     del index
                     torch.cuda.empty_cache()
             del q, k, v, do
             torch.cuda.empty_cache()
-    out = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"attention_sweep_{time.strftime('%Y%m%d_%H%M%S')}.json")
-    with open(out, "w") as f:
-        json.dump({"env": info, "args": vars(ARGS), "rows": res}, f, indent=1)
     print(f"wrote {out}")
+
+
+def sweep_order(kvb: int):
+    """``(kind, variant)`` of SWEEP, round-robin over the kernels (first variant of each, then the
+    second, ...), so a sweep cut by ``--time-budget-s`` still has each kernel's defaults and its
+    ``tma`` twin (the first two entries of every list); key-major kernels need kv_block % 16 == 0."""
+    lists = [(kind, variants) for kind, variants in SWEEP.items() if not (kind in ("dkdv", "fused") and kvb % 16)]
+    for i in range(max(len(v) for _, v in lists)):
+        for kind, variants in lists:
+            if i < len(variants):
+                yield kind, variants[i]
 
 
 TUNE_FWD = [dict(BLOCK_N=64, num_warps=4, num_stages=4), dict(BLOCK_N=64, num_warps=4, num_stages=3),

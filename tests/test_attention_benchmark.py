@@ -162,6 +162,23 @@ def test_sweep_entries_name_their_kernel_options():
         assert {} in attention.SWEEP[kind] and {"tma": True} in attention.SWEEP[kind]
 
 
+
+def test_sweep_order_puts_every_kernels_defaults_and_tma_first():
+    """A sweep cut by its time budget still has, per kernel, the defaults and their tma twin: the
+    order is round-robin over the kernels; key-major kernels are left out for token keys."""
+    from benchmarks import attention
+
+    order = list(attention.sweep_order(64))
+    assert len(order) == sum(len(v) for v in attention.SWEEP.values())
+    n_kernels = len(attention.SWEEP)
+    head = order[:2 * n_kernels]
+    for kind in ("fwd", "dq", "dkdv"):
+        assert (kind, {}) in head and (kind, {"tma": True}) in head
+    assert [kind for kind, _ in order[:n_kernels]] == list(attention.SWEEP)
+    token = list(attention.sweep_order(1))
+    assert {kind for kind, _ in token} == {"fwd", "dq"}
+    assert len(token) == len(attention.SWEEP["fwd"]) + len(attention.SWEEP["dq"])
+
 def _smoke(tmp_path, *extra):
     # a stand-in `cudnn` package that fails to import, whether or not the real one is installed
     fake = tmp_path / "fake" / "cudnn"
