@@ -1,6 +1,7 @@
 """Does a small causal GPT trained on bytes learn attention that DSV can make sparse? (CPU proxy)
 
-    python benchmarks/text_attention_probe.py --data stdlib --steps 300 --out benchmarks/results/text_attention_probe_cpu.json
+    python benchmarks/text_attention_probe.py --data stdlib --steps 300 \
+        --out benchmarks/results/text_attention_probe_cpu.json
 
 A cheap stand-in for the H200 ``pretrain_gpt.py`` run of ``run_gpu_causal_gpt.sh`` (8 layers, 16384
 tokens), asking what that run's DSV statistics will say before spending device time on it: a plain
@@ -139,7 +140,8 @@ def layer_stats(model: TinyGPT, tokens: torch.Tensor, block: int, target: float,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=("stdlib", "mock"), default="stdlib")
-    p.add_argument("--corpus", default=None, help="prefix of a text_corpus.py build (default: build one in a temp folder)")
+    p.add_argument("--corpus", default=None,
+                   help="prefix of a text_corpus.py build (default: build one in a temp folder)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
@@ -180,12 +182,14 @@ def main(argv=None):
 
     model = TinyGPT(args.layers, args.hidden, args.heads)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warm = 20
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))))
+    def lr_factor(i: int) -> float:  # 20 warm-up steps, cosine to a tenth, as the H200 run's schedule
+        return min(1.0, (i + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     bits = 1 / math.log(2)
     uniform = layer_stats(model, eval_tokens[:, :-1], args.block, args.target, uniform=True)[0]
-    print(f"uniform attention: density {uniform['density']:.3f} token sparsity {uniform['token_sparsity']:.3f}", flush=True)
+    print(f"uniform attention: density {uniform['density']:.3f} token sparsity {uniform['token_sparsity']:.3f}",
+          flush=True)
     profiles, losses = [], []
     start = time.perf_counter()
     for step in range(args.steps + 1):

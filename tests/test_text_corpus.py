@@ -97,7 +97,8 @@ def test_bad_input_is_refused_before_writing(tmp_path, fake_stdlib):
 
 def test_stdlib_corpus_reads_back_and_is_deterministic(tmp_path):
     cap = 60_000
-    a = text_corpus.main(["--out", str(tmp_path / "a" / "s"), "--max-bytes", str(cap), "--json", str(tmp_path / "a.json")])
+    a = text_corpus.main(["--out", str(tmp_path / "a" / "s"), "--max-bytes", str(cap),
+                          "--json", str(tmp_path / "a.json")])
     b = text_corpus.build_corpus(str(tmp_path / "b" / "s"), max_bytes=cap)
     assert a["sha256"] == b["sha256"] and a["tokens"] == b["tokens"]
     assert json.loads((tmp_path / "a.json").read_text())["sha256"] == a["sha256"]
