@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
 # One call on nvidia-h200 for issue 19's last item: Megatron-LM's own pretrain_gpt.py on the patched
 # clone with the causal DSV spec, dense (--dsv-mode dense) then DSV (--dsv-mode auto), same seed and
-# mock data, and whether the DSV loss tracks the dense one. Stage the clone first, on the CPU machine:
+# data, and whether the DSV loss tracks the dense one. Stage the clone first, on the CPU machine:
 #   bash benchmarks/stage_clone.sh
 #   run(command="DSV_COMMIT=<sha> bash benchmarks/run_gpu_causal_gpt.sh", kind="nvidia-h200",
 #       carry=[".stage_clone"], timeout_s=600)
 # No megatron-core wheel: megatron comes from the clone, megatron_dsv from this working tree.
 # Model: GPT, 8 layers, hidden 512, 8 heads of 64, RoPE, 16384 tokens per sample (256 query groups of
 # 64 tokens x 256 key blocks of 64), micro/global batch 1, 300 iterations, no dropout (so the two runs
-# differ only in attention), Megatron's MockGPTDataset (NullTokenizer, vocab 1000). DSV: switch
-# between iterations 50 and 150, --dsv-min-sparsity 0.5, and --dsv-speed-table assume (sparse at
-# density <= 0.5 without timing it), so that layers do go sparse and the loss comparison covers
-# sparse attention; the step times are reported beside it (SPEED_TABLE=measure to let the speed
-# probe decide instead). Each run has its own timeout (DENSE_TIMEOUT 200 s, DSV_TIMEOUT 290 s) so
-# the call ends within 9 minutes; a run cut short still leaves its log and the rows so far.
-# $OUT gets: env.txt, gpt_dense.log, gpt_auto.log, dsv_stats_auto.jsonl, causal_gpt.json (5 files).
+# differ only in attention). DSV: switch between iterations 50 and 150, --dsv-min-sparsity 0.5, and
+# --dsv-speed-table assume (sparse at density <= 0.5 without timing it), so that layers can go sparse
+# and the loss comparison covers sparse attention; the step times are reported beside it
+# (SPEED_TABLE=measure to let the speed probe decide instead). Each run has its own timeout
+# (DENSE_TIMEOUT 200 s, DSV_TIMEOUT 290 s) so the call ends within 9 minutes; a run cut short still
+# leaves its log and the rows so far.
+# Data (DATA=stdlib|mock, default stdlib):
+#   stdlib: benchmarks/text_corpus.py builds, on the device into /tmp, a byte-level indexed dataset of
+#     the device interpreter's standard-library .py sources (11.5 M tokens from CPython 3.12.1, 0.14 s
+#     to build plus 4 s to import megatron.core on the CPU machine; 300 samples of 16385 tokens read
+#     4.9 M), passed as --data-path with --split 98,2,0 and NullTokenizer --vocab-size 257 (bytes
+#     0..255, EOD = vocab_size - 1 = 256); its summary (tokens, sha256) goes to $OUT/corpus.json.
+#   mock: Megatron's MockGPTDataset (NullTokenizer, vocab 1000): arange runs, so predictable that every
+#     layer stayed near uniform and none went sparse (causal_gpt_h200_20261130_dsv_stats.jsonl).
+# $OUT gets: env.txt, corpus.json (stdlib), gpt_dense.log, gpt_auto.log, dsv_stats_auto.jsonl,
+# causal_gpt.json.
 # CPU_SMOKE=1: the same command line at tiny size on this CPU machine; Megatron stops at its CUDA
 # check (initialize_megatron: "Megatron requires CUDA") after parsing and validating every flag, so
-# the smoke checks the staged clone, the imports and the flags, and that the report runs.
+# the smoke checks the staged clone, the imports, the corpus build and the flags, and that the report
+# runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d /tmp/causal_gpt.XXXX)}
 CLONE=$PWD/.stage_clone/mlm
 export PYTHONPATH=$CLONE:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 DSV_COMMIT=${DSV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+DATA=${DATA:-stdlib}
+case "$DATA" in
+  stdlib|mock) ;;
+  *) echo "error: DATA=$DATA is not one of stdlib, mock" >&2; exit 2 ;;
+esac
 
 if ! python3 patches/apply.py check --megatron "$CLONE" > "$OUT/env.txt" 2>&1; then
   cat "$OUT/env.txt"
@@ -48,12 +63,32 @@ fi
 python3 -W ignore -c 'import torch, triton, megatron.training, megatron_dsv; print("torch", torch.__version__, "triton", triton.__version__, "megatron", megatron.training.__file__, "megatron_dsv", megatron_dsv.__file__)' >> "$OUT/env.txt" 2>&1
 echo "megatron_dsv commit $DSV_COMMIT" >> "$OUT/env.txt"
 
+case "$DATA" in
+  stdlib)
+    CORPUS_DIR=$(mktemp -d /tmp/stdlib_corpus.XXXX)
+    start=$SECONDS
+    if ! python3 -W ignore benchmarks/text_corpus.py --out "$CORPUS_DIR/stdlib" --json "$OUT/corpus.json" \
+        > "$CORPUS_DIR/build.log" 2>&1; then
+      cat "$CORPUS_DIR/build.log" >&2
+      echo "error: benchmarks/text_corpus.py could not build the corpus (log above)" >&2
+      exit 2
+    fi
+    DATA_NOTE="data: stdlib corpus ($((SECONDS - start)) s with imports) $(tail -1 "$CORPUS_DIR/build.log")"
+    DATA_ARGS=(--data-path "$CORPUS_DIR/stdlib" --split 98,2,0 --tokenizer-type NullTokenizer --vocab-size 257)
+    ;;
+  mock)
+    DATA_NOTE="data: MockGPTDataset"
+    DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 1000)
+    ;;
+esac
+echo "$DATA_NOTE" | tee -a "$OUT/env.txt"
+
 # Megatron without Transformer Engine and apex: the local layers, no fusions that need apex.
 COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --global-batch-size 1
   --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0
   --bf16 --seed 1234 --hidden-dropout 0 --attention-dropout 0
   --eval-interval 50 --eval-iters 4 --log-interval 10 --log-throughput
-  --mock-data --tokenizer-type NullTokenizer --vocab-size 1000 --no-create-attention-mask-in-dataloader
+  "${DATA_ARGS[@]}" --no-create-attention-mask-in-dataloader
   --spec megatron_dsv.specs dsv_gpt_causal_layer_spec
   --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
   --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion)
@@ -75,7 +110,7 @@ run() {  # mode timeout extra-flags...
 run dense "${DENSE_TIMEOUT:-200}"
 run auto "${DSV_TIMEOUT:-290}" "${DSV[@]}"
 python3 benchmarks/causal_gpt_report.py --dense "$OUT/gpt_dense.log" --dsv "$OUT/gpt_auto.log" \
-  --out "$OUT/causal_gpt.json" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$OUT/env.txt"); $(grep -m1 "^flags: " "$OUT/env.txt")"
+  --out "$OUT/causal_gpt.json" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$OUT/env.txt"); $DATA_NOTE; $(grep -m1 "^flags: " "$OUT/env.txt")"
 rc=$?
 if [ "${CPU_SMOKE:-0}" = 1 ]; then
   # Both runs must stop at Megatron's CUDA check, i.e. after every flag was accepted.
