@@ -113,8 +113,8 @@ SWEEP = {
     # Tile overrides (KernelOptions.tune; {} = the defaults) plus variant flags: "contig": False
     # forces the per-token gather (KernelOptions.contig_loads) to measure what the contiguous
     # key-block tiles gain; "tma": True loads the streamed tiles through tensor descriptors
-    # (KernelOptions.tma, issue 15), next to the same tiles without it; "ws": True warp-specialises
-    # the loops (KernelOptions.warp_specialize; at 4 warps it did not compile for sm_90a).
+    # (KernelOptions.tma, issue 15), next to the same tiles without it; an entry without "tma" runs
+    # the pointer loads (tma=False), whatever the library's default.
     "fwd": [dict(), dict(tma=True),
             dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, contig=False),
             dict(BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
@@ -122,26 +122,23 @@ SWEEP = {
             dict(BLOCK_N=64, num_warps=4, num_stages=4, tma=True),
             dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
             dict(BLOCK_N=32, num_warps=4, num_stages=3),
-            dict(BLOCK_N=128, num_warps=8, num_stages=3),
-            dict(tma=True, ws=True), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True, ws=True)],
+            dict(BLOCK_N=128, num_warps=8, num_stages=3)],
     "dq": [dict(), dict(tma=True),
            dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=2, contig=False),
            dict(BLOCK_N=64, num_warps=4, num_stages=2),
            dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
            dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
-           dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
-           dict(tma=True, ws=True), dict(BLOCK_N=64, num_warps=8, num_stages=2, tma=True, ws=True)],
+           dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True)],
     "dkdv": [dict(), dict(tma=True),
              dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=2, tma=True),
              dict(num_warps=4, num_stages=3), dict(num_warps=4, num_stages=3, tma=True),
              dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2),
-             dict(BLOCK_M=32, num_warps=4, num_stages=3), dict(BLOCK_M=32, num_warps=4, num_stages=3, tma=True),
-             dict(tma=True, ws=True), dict(num_warps=8, num_stages=2, tma=True, ws=True)],
+             dict(BLOCK_M=32, num_warps=4, num_stages=3), dict(BLOCK_M=32, num_warps=4, num_stages=3, tma=True)],
     # key-major dk/dv with dq by fp32 atomics in the same kernel (no separate dq kernel)
     "fused": [dict(num_warps=4, num_stages=2)],
 }
 # SWEEP keys that pick a KernelOptions field rather than a tile: key -> (field, value when absent)
-SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False), "ws": ("warp_specialize", False)}
+SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False)}
 
 
 def sweep_options(kind: str, variant: dict) -> KernelOptions:

@@ -143,18 +143,19 @@ def test_cudnn_status_tells_unimportable_from_unsupported(monkeypatch):
 
 
 def test_sweep_entries_name_their_kernel_options():
-    """--sweep's entries: tiles go to KernelOptions.tune of their kernel, "contig"/"tma"/"ws" to the
+    """--sweep's entries: tiles go to KernelOptions.tune of their kernel, "contig"/"tma" to the
     variant fields; every kernel has its defaults and the tma variant of them side by side."""
     from benchmarks import attention
     from megatron_dsv.ops.options import KernelOptions
 
     assert attention.sweep_options("dq", dict(BLOCK_N=64, num_stages=3, tma=True)) == KernelOptions(
         tma=True, tune={"dq": {"BLOCK_N": 64, "num_stages": 3}})
-    assert attention.sweep_options("fwd", dict(contig=False)) == KernelOptions(contig_loads=False, tune={"fwd": {}})
-    assert attention.sweep_options("dkdv", dict(tma=True, ws=True)) == KernelOptions(
-        tma=True, warp_specialize=True, tune={"dkdv": {}})
+    assert attention.sweep_options("fwd", dict(contig=False)) == KernelOptions(
+        contig_loads=False, tma=False, tune={"fwd": {}})
+    assert attention.sweep_options("dkdv", dict(tma=True)) == KernelOptions(tma=True, tune={"dkdv": {}})
+    assert attention.sweep_options("dkdv", dict()).tma is False  # an entry without "tma": pointer loads
     assert attention.sweep_options("fused", dict(num_warps=4)) == KernelOptions(
-        fused_dq_atomic=True, tune={"dkdv": {"num_warps": 4}})
+        fused_dq_atomic=True, tma=False, tune={"dkdv": {"num_warps": 4}})
     for kind, variants in attention.SWEEP.items():
         for variant in variants:
             attention.sweep_options(kind, variant)  # every entry is a valid KernelOptions

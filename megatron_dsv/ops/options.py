@@ -10,7 +10,7 @@ No field changes results beyond floating-point summation order, except ``poison_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 # Tile overrides a launcher accepts, per kernel.
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -64,23 +64,23 @@ class KernelOptions:
             split path.
         poison_outputs: fill freshly allocated outputs with NaN before the kernels write them.
         tma: load the tiles a key loop streams through tensor descriptors (host-side
-            ``TensorDescriptor``; TMA on Hopper and newer, ordinary loads elsewhere): K/V tiles in
-            the forward and dq kernels where the contiguous key-tile path runs (``contig_loads``,
-            ``kv_block % BLOCK_N == 0``) and the head dim is a power of two, masked indexes
-            included; Q/dO tiles in the key-major dk/dv kernel where the head dim is a power of
-            two. Other cases (token keys, small blocks, other head dims) keep the pointer loads:
-            a kernel-variant choice like ``contig_loads``. Issue 15's candidate against the
-            forward's and dq's L2-bound K/V streams and the dk/dv kernel's register spills (D=128).
-            Compiled for sm_90a without a GPU (Triton 3.6 + its ptxas, bf16, D=128, default tiles):
-            spill stores forward 216 -> 0 bytes (255 -> 203 registers), dq 896 -> 124, dk/dv
-            1168 -> 724. Speed unmeasured until ``benchmarks/attention.py --sweep`` has run on a GPU.
-        warp_specialize: ``tl.range(..., warp_specialize=True)`` on the key loops of the forward
-            and dq kernels and the (head, group) loop of the dk/dv kernel (Triton's automatic
-            producer/consumer warp split; compiled code only, the interpreter runs those loops as
-            ``while`` loops, so there it changes nothing). Compiled for sm_90a without a GPU
-            (Triton 3.6, bf16): its pass (NVGPUWarpSpecialization) fails on all three kernels at
-            their default 4-warp tiles, with or without ``tma``; the forward with ``tma`` and 8
-            warps compiles. Unmeasured until the sweep has run.
+            ``TensorDescriptor``, i.e. TMA on Hopper): K/V tiles in the forward and dq kernels
+            where the contiguous key-tile path runs (``contig_loads``, ``kv_block % BLOCK_N ==
+            0``) and the head dim is a power of two <= 256, masked indexes included; Q/dO tiles in
+            the key-major dk/dv kernel where the head dim is such. Other cases (token keys, small
+            blocks, other head dims) keep the pointer loads. ``None`` (the default): on for CUDA
+            tensors of a GPU of compute capability >= 9.0 whose q/k/v/dO start 16-byte aligned,
+            off elsewhere (older GPUs, where Triton lowers descriptors to ordinary loads, untimed;
+            the CPU interpreter); ``True`` forces it and refuses inputs a descriptor cannot address;
+            ``False`` keeps the pointer loads. H200 (``--sweep``, commit 487e6f3, H=16, S=64k,
+            90% sparse, 64x64 blocks, bf16): forward 9.11 -> 8.44 ms, backward 25.08 -> 23.15
+            ms (D=128; dq 9.36 -> 9.13, dk/dv 13.89 -> 13.55 ms); D=64 forward 4.77 -> 4.35,
+            backward 13.82 -> 12.79 ms; the same errors against the fp32 reference. An sm_90a
+            compile cut the forward's spill stores from 216 bytes to none (255 -> 203 registers),
+            dq's from 896 to 124 and dk/dv's from 1168 to 724. Triton's automatic warp
+            specialisation (``tl.range(..., warp_specialize=True)``) was tried on the same three
+            loops and dropped: its compiler pass failed on every kernel at the 4-warp tiles, and
+            the one variant that compiled (forward, 8 warps, tma) took 12.8 ms against 8.4.
     """
 
     force_atomic_dkdv: bool = False
@@ -91,8 +91,7 @@ class KernelOptions:
     select_fused_kind: str = "resident"
     select_fused_max_units: int = 4096
     poison_outputs: bool = False
-    tma: bool = False
-    warp_specialize: bool = False
+    tma: Optional[bool] = None
 
     def __post_init__(self):
         object.__setattr__(self, "tune", _normalize_tune(self.tune))
@@ -104,9 +103,11 @@ class KernelOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"KernelOptions.{name} must be an int >= 0, got {value!r}.")
-        for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs", "tma", "warp_specialize"):
+        for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelOptions.{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.tma is not None and not isinstance(self.tma, bool):
+            raise TypeError(f"KernelOptions.tma must be None (auto), True or False, got {self.tma!r}.")
 
     def tiles(self, kind: str) -> Dict[str, int]:
         """Tile overrides of kernel ``kind`` (``"fwd"``, ``"dq"`` or ``"dkdv"``) as a new dict."""

@@ -56,12 +56,9 @@ CASES = [
 
 # Kernel variants of issue 15. KernelOptions.tma: where it serves a case (fp32 key tiles are 32:
 # kv_block 32 and 64 for the forward and dq, kv_block >= 16 for dk/dv, power-of-two head dims) the
-# descriptor loads run; elsewhere the same pointer loads as tma=False. warp_specialize changes
-# compiled loops only (the interpreter runs them as while loops): on the CPU this checks that it
-# is accepted, on a GPU that the warp-specialised kernels are right.
-VARIANTS = pytest.mark.parametrize(
-    "variant", [{}, {"tma": True}, {"tma": True, "warp_specialize": True}], ids=["ptr", "tma", "tma-ws"]
-)
+# descriptor loads run; elsewhere the same pointer loads as tma=False. Both named explicitly: the
+# default (None) is tma on a Hopper GPU and the pointer loads in the interpreter.
+VARIANTS = pytest.mark.parametrize("variant", [{"tma": False}, {"tma": True}], ids=["ptr", "tma"])
 
 
 @CPU_OK
@@ -158,6 +155,42 @@ def test_tma_refuses_a_misaligned_input_before_running():
     # the fix the message names: a fresh copy
     out, _ = sparse_attention(q, k.clone(), v, index, backend="triton", options=KernelOptions(tma=True, poison_outputs=True))
     assert torch.isfinite(out).all()
+
+
+@CPU_OK
+@pytest.mark.parametrize("kvb,d,want", [
+    (32, 64, "tma" if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9 else "ptr"),
+    (32, 96, "ptr"),  # head dim not a power of two: never
+], ids=["block32", "d96"])
+def test_tma_default_is_hopper_only_and_never_refuses(kvb, d, want, monkeypatch):
+    """KernelOptions() (tma None): descriptor loads on a GPU of compute capability >= 9 only (the
+    interpreter and older GPUs keep the pointer loads), and a misaligned input, which tma=True
+    refuses, runs the pointer loads with the same result."""
+    made = []
+    row_desc = sa_triton._row_desc
+
+    def spy(x, block_rows, name):
+        made.append(name)
+        return row_desc(x, block_rows, name)
+
+    monkeypatch.setattr(sa_triton, "_row_desc", spy)
+    b, h, s = 1, 2, 64
+    q, k, v, do = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(4))
+    index = _index(b, h, s, 16, kvb, [1, 2], DEVICE)
+    ref = _run(q, k, v, index, "triton", do, torch.zeros(b, h, s, device=DEVICE), KernelOptions(tma=False))
+    got = _run(q, k, v, index, "triton", do, torch.zeros(b, h, s, device=DEVICE), KernelOptions())
+    assert ("tma" if made else "ptr") == want
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    made.clear()
+    # a view 4 bytes into its storage (not _run, whose clone would realign it)
+    k_off = torch.empty(b * h * s * d + 1, device=DEVICE)[1:].view(b, h, s, d).copy_(k).requires_grad_(True)
+    assert k_off.data_ptr() % 16
+    out, _ = sparse_attention(q, k_off, v, index, backend="triton", options=KernelOptions())
+    (dk,) = torch.autograd.grad((out.float() * do).sum(), (k_off,))
+    assert "k" not in made  # the K/V descriptors are skipped, not refused
+    torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk, ref[3], rtol=1e-5, atol=1e-5)
 
 
 @CPU_OK

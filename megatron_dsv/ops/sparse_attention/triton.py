@@ -222,10 +222,9 @@ def _fwd_tile(
 def _fwd_loop(
     k, v, b_q, b_m, b_l, b_acc, p_idx_row, lo, hi, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
     INTERPRET: tl.constexpr, KVB: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr,
-    EVEN_D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    EVEN_D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Online softmax over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N); WS: the
-    compiled loop is warp-specialised (``KernelOptions.warp_specialize``)."""
+    """Online softmax over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N)."""
     if INTERPRET:
         start = lo
         while start < hi:
@@ -235,7 +234,7 @@ def _fwd_loop(
             )
             start += BLOCK_N
     else:
-        for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        for start in range(lo, hi, BLOCK_N):
             b_m, b_l, b_acc = _fwd_tile(
                 k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
                 KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
@@ -249,7 +248,7 @@ def _fwd_kernel(
     scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, STRIDE_OB, STRIDE_OH, STRIDE_OS, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, CONTIG: tl.constexpr, EVEN_D: tl.constexpr,
-    MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Out and LSE of query tile ``i_gm`` of ``(b, h)``; with TMA, ``k``/``v`` are the
@@ -283,16 +282,16 @@ def _fwd_kernel(
         n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, QOFF, KVB, BLOCK_N)
         b_m, b_l, b_acc = _fwd_loop(
             k, v, b_q, b_m, b_l, b_acc, p_idx_row, 0, n_free, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
-            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False, TMA, WS,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False, TMA,
         )
         b_m, b_l, b_acc = _fwd_loop(
             k, v, b_q, b_m, b_l, b_acc, p_idx_row, n_free, n_tok, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
-            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, True, TMA, WS,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, True, TMA,
         )
     else:
         b_m, b_l, b_acc = _fwd_loop(
             k, v, b_q, b_m, b_l, b_acc, p_idx_row, 0, n_tok, n_tok, kv_base, o_d, m_d, D, scale_log2, o_m,
-            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False, TMA, WS,
+            INTERPRET, KVB, BLOCK_N, CONTIG, EVEN_D, False, TMA,
         )
     b_acc = b_acc / b_l[:, None]
     p_o = o + i_b * STRIDE_OB + i_h * STRIDE_OH + o_m[:, None] * STRIDE_OS + o_d[None, :]
@@ -354,9 +353,9 @@ def _bwd_dq_loop(
     k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, lo, hi, n_tok, kv_base,
     o_d, m_d, D, scale, scale_log2, b_lim,
     INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr, CONTIG: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
-    """dq over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N); WS as :func:`_fwd_loop`."""
+    """dq over list positions ``[lo, hi)`` (``lo`` a multiple of BLOCK_N)."""
     if INTERPRET:
         start = lo
         while start < hi:
@@ -366,7 +365,7 @@ def _bwd_dq_loop(
             )
             start += BLOCK_N
     else:
-        for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        for start in range(lo, hi, BLOCK_N):
             b_dq = _bwd_dq_tile(
                 k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
                 o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
@@ -380,14 +379,14 @@ def _bwd_dq_kernel(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dq_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale_log2,
         H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
-        G, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, MASK, TMA, WS, BLOCK_M, BLOCK_N, BLOCK_D,
+        G, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, MASK, TMA, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
 
@@ -398,7 +397,7 @@ def _bwd_dq_program(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, K_MAX, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    CONTIG: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq of query tile ``i_gm`` (of G / BLOCK_M per group) of ``(b, h) = i_bh``; with TMA,
@@ -431,16 +430,16 @@ def _bwd_dq_program(
         n_free, n_tok = _mask_split(p_idx_row, n_units, o_first, o_first + BLOCK_M - 1, MASK, CHUNK, QOFF, KVB, BLOCK_N)
         b_dq = _bwd_dq_loop(
             k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, 0, n_free, n_tok, kv_base,
-            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False, TMA, WS,
+            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False, TMA,
         )
         b_dq = _bwd_dq_loop(
             k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, n_free, n_tok, n_tok, kv_base,
-            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, True, TMA, WS,
+            o_d, m_d, D, scale, scale_log2, b_lim, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, True, TMA,
         )
     else:
         b_dq = _bwd_dq_loop(
             k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, 0, n_tok, n_tok, kv_base,
-            o_d, m_d, D, scale, scale_log2, o_m, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False, TMA, WS,
+            o_d, m_d, D, scale, scale_log2, o_m, INTERPRET, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, False, TMA,
         )
     tl.store(dq + o_qd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_d[None, :])
 
@@ -497,9 +496,9 @@ def _bwd_dkdv_loop(
     q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, lo, hi, i_b, i_hkv, H, HKV, S_Q,
     NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Steps ``[lo, hi)`` of the flat (entry, query tile) loop; WS as :func:`_fwd_loop`.
+    """Steps ``[lo, hi)`` of the flat (entry, query tile) loop.
 
     One flat loop: Triton software-pipelines only innermost loops, and with BLOCK_M == G a nested
     per-entry loop has one trip, so the q/dO loads of the next entry would not overlap this
@@ -514,7 +513,7 @@ def _bwd_dkdv_loop(
             )
             it += 1
     else:
-        for it in tl.range(lo, hi, warp_specialize=WS):
+        for it in range(lo, hi):
             b_dk, b_dv = _bwd_dkdv_step(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
                 NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED, TMA,
@@ -528,14 +527,14 @@ def _bwd_dkdv_kernel(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dkdv_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry, scale, scale_log2,
         H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
-        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, TMA, WS, BLOCK_M, BLOCK_N, BLOCK_D,
+        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, TMA, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
 
@@ -546,7 +545,7 @@ def _bwd_dkdv_program(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk/dv of key tile ``i_un`` (of KVB / BLOCK_N per unit) of ``(b, h_kv) = i_bhkv``; with TMA,
@@ -587,19 +586,19 @@ def _bwd_dkdv_program(
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_read * n_mt, e_free * n_mt,
                 i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True, TMA, WS,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True, TMA,
             )
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_free * n_mt, e_head * n_mt,
                 i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA, WS,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA,
             )
             i_rep += 1
     else:
         b_dk, b_dv = _bwd_dkdv_loop(
             q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_start * n_mt, e_end * n_mt,
             i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-            G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA, WS,
+            G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA,
         )
     tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
     tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
@@ -806,6 +805,19 @@ def _row_desc(x: torch.Tensor, block_rows: int, name: str) -> TensorDescriptor:
     return TensorDescriptor(x, [rows, d], [d, 1], [block_rows, d])
 
 
+def _tma_wanted(options: KernelOptions, *xs: torch.Tensor) -> bool:
+    """``KernelOptions.tma`` for these tensors: as given when set; ``None`` (auto): compiled
+    kernels on a GPU of compute capability >= 9.0 (TMA hardware) with every tensor's base and row
+    16-byte aligned and fewer than 2^31 rows, so auto never meets the refusals of :func:`_row_desc`."""
+    if options.tma is not None:
+        return options.tma
+    x = xs[0]
+    if _INTERPRET or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+               and t.numel() // t.shape[-1] < 2**31 for t in xs)
+
+
 def _tma_pair(a: torch.Tensor, b: torch.Tensor, names: str, block_rows: int, on: bool):
     """``(a, b)`` as row descriptors when ``on``, else as they are (the kernels' pointer path)."""
     if not on:
@@ -823,7 +835,7 @@ def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbh
     mask, chunk, q_off = _mask_args(index)
     cfg = _fwd_config(g, d, q.dtype, kvb, options)
     contig = _contig(kvb, cfg["BLOCK_N"], options)
-    tma = options.tma and contig and _tma_head_dim(d)
+    tma = contig and _tma_head_dim(d) and _tma_wanted(options, k, v)
     k_in, v_in = _tma_pair(k, v, "k/v", cfg["BLOCK_N"], tma)
     # out_sbhd: write [S, B, H, D] memory (returned as its [B, H, S, D] view) so Megatron's
     # [s, b, h*d] output is a free view: the layer then keeps one copy of the output, not two
@@ -835,7 +847,7 @@ def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbh
         q, k_in, v_in, out, lse, kv_idx, kv_count, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, kmax, d, out.stride(0), out.stride(1), out.stride(2), chunk, q_off,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, CONTIG=contig,
-        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, TMA=tma, WS=options.warp_specialize, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, TMA=tma, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return out, lse
 
@@ -848,11 +860,11 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
     fused = kv_major and options.fused_dq_atomic
     cfg = _dq_config(g, d, q.dtype, kvb, options)
     contig = _contig(kvb, cfg["BLOCK_N"], options)
-    dq_tma = options.tma and contig and _tma_head_dim(d) and not fused
+    dq_tma = contig and _tma_head_dim(d) and not fused and _tma_wanted(options, k, v)
     # descriptors before any kernel runs, so an input they refuse fails first
     k_in, v_in = _tma_pair(k, v, "k/v", cfg["BLOCK_N"], dq_tma)
     q_in, do_in = _tma_pair(q, do, "q/do", _dkdv_config(g, kvb, options)["BLOCK_M"],
-                            options.tma and kv_major and _tma_head_dim(d))
+                            kv_major and _tma_head_dim(d) and _tma_wanted(options, q, do))
     # d lse_i / d s_ij = p_ij, so an LSE gradient (context-parallel merges) only shifts delta.
     n_rows = out.numel() // out.shape[-1]
     delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
@@ -881,7 +893,7 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
         q, k_in, v_in, do, lse, delta, dq, dk32, dv32, kv_idx, kv_count, scale, scale * _LOG2E.value,
         h, hkv, s_q, s_kv, gq, kmax, d, chunk, q_off,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, ATOMIC_KV=not kv_major, CONTIG=contig,
-        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, TMA=dq_tma, WS=options.warp_specialize, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        EVEN_D=triton.next_power_of_2(d) == d, MASK=mask, TMA=dq_tma, BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
@@ -908,7 +920,7 @@ def _backward_kv_major(
         h, hkv, s_q, s_kv, gq, n_units, entries.shape[-1], d, chunk, q_off,
         G=g, INTERPRET=_INTERPRET, KVB=kvb, DQ_ATOMIC=dq_atomic, EVEN_D=triton.next_power_of_2(d) == d,
         MASK=mask, TMA=isinstance(q_in, TensorDescriptor),
-        WS=options.warp_specialize, BLOCK_D=triton.next_power_of_2(d), **cfg,
+        BLOCK_D=triton.next_power_of_2(d), **cfg,
     )
     return dq, dk, dv
 
