@@ -24,6 +24,9 @@
 #     0..255, EOD = vocab_size - 1 = 256); its summary (tokens, sha256) goes to $OUT/corpus.json.
 #   mock: Megatron's MockGPTDataset (NullTokenizer, vocab 1000): arange runs, so predictable that every
 #     layer stayed near uniform and none went sparse (causal_gpt_h200_20261130_dsv_stats.jsonl).
+# DSV_EXTRA: more flags for the auto run (e.g. "--dsv-critical-mass 0.95"). DENSE_FROM=<logs.tar.gz of an
+# earlier call>: skip the dense run and pair with that call's gpt_dense.log (refused when its corpus
+# sha256 differs), e.g. benchmarks/results/causal_gpt_h200_20261130_stdlib_logs.tar.gz.
 # $OUT gets: env.txt, corpus.json (stdlib), gpt_dense.log, gpt_auto.log, dsv_stats_auto.jsonl,
 # causal_gpt.json.
 # CPU_SMOKE=1: the same command line at tiny size on this CPU machine; Megatron stops at its CUDA
@@ -94,8 +97,10 @@ COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --globa
   --spec megatron_dsv.specs dsv_gpt_causal_layer_spec
   --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
   --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion)
+# shellcheck disable=SC2206
 DSV=("${SWITCH[@]}" --dsv-min-sparsity 0.5 --dsv-speed-table ${SPEED_TABLE:-assume}
-  --dsv-profile-interval-stage1 10 --dsv-profile-interval-stage2 25 --dsv-stats-log "$OUT/dsv_stats_auto.jsonl")
+  --dsv-profile-interval-stage1 10 --dsv-profile-interval-stage2 25 --dsv-stats-log "$OUT/dsv_stats_auto.jsonl"
+  ${DSV_EXTRA:-})
 echo "flags: ${COMMON[*]} | auto: ${DSV[*]}" >> "$OUT/env.txt"
 
 run() {  # mode timeout extra-flags...
@@ -109,15 +114,28 @@ run() {  # mode timeout extra-flags...
   grep -E "iteration +[0-9]+/|validation loss at|DSV (stage|layer|hooks|warning|refuses)|Error|requires CUDA" \
     "$OUT/gpt_$mode.log" | grep -v -i warn | tail -6
 }
-run dense "${DENSE_TIMEOUT:-200}"
+if [ -n "${DENSE_FROM:-}" ]; then
+  # the dense twin of an earlier call (same flags, seed and corpus: its sha256 must match this one's)
+  tar xzf "$DENSE_FROM" -C "$OUT" gpt_dense.log || exit 2
+  if [ "$DATA" = stdlib ]; then
+    want=$(tar xzf "$DENSE_FROM" -O corpus.json | python3 -c "import json, sys; print(json.load(sys.stdin)['sha256'])")
+    have=$(python3 -c "import json; print(json.load(open('$OUT/corpus.json'))['sha256'])")
+    [ "$want" = "$have" ] || { echo "error: corpus sha256 $have differs from the dense run's $want ($DENSE_FROM)" >&2; exit 2; }
+  fi
+  DATA_NOTE="$DATA_NOTE; dense run from $DENSE_FROM (another call)"
+  echo "dense: from $DENSE_FROM"
+else
+  run dense "${DENSE_TIMEOUT:-200}"
+fi
 run auto "${DSV_TIMEOUT:-290}" "${DSV[@]}"
 python3 benchmarks/causal_gpt_report.py --dense "$OUT/gpt_dense.log" --dsv "$OUT/gpt_auto.log" \
   --out "$OUT/causal_gpt.json" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$OUT/env.txt"); $DATA_NOTE; $(grep -m1 "^flags: " "$OUT/env.txt")"
 rc=$?
 if [ "${CPU_SMOKE:-0}" = 1 ]; then
   # Both runs must stop at Megatron's CUDA check, i.e. after every flag was accepted.
-  n=$(grep -l "Megatron requires CUDA" "$OUT/gpt_dense.log" "$OUT/gpt_auto.log" | wc -l)
-  echo "CPU_SMOKE: $n of 2 runs reached Megatron's CUDA check (flags accepted); report rc=$rc; OUT=$OUT"
-  [ "$n" = 2 ] && [ "$rc" = 0 ] || exit 1
+  logs=("$OUT/gpt_auto.log"); [ -n "${DENSE_FROM:-}" ] || logs+=("$OUT/gpt_dense.log")
+  n=$(grep -l "Megatron requires CUDA" "${logs[@]}" | wc -l)
+  echo "CPU_SMOKE: $n of ${#logs[@]} runs reached Megatron's CUDA check (flags accepted); report rc=$rc; OUT=$OUT"
+  [ "$n" = "${#logs[@]}" ] && [ "$rc" = 0 ] || exit 1
 fi
 exit $rc

@@ -183,3 +183,20 @@ def test_masked_index_refuses_kernels_that_ignore_the_mask():
     index = select_topk(torch.randn(1, 2, 32, 4), torch.randn(1, 2, 32, 4), 8, 8, mask=CausalMask("causal"))
     with pytest.raises(ValueError, match="no token-wise mask"):
         sparse_attention(q, q, q, index, backend="cudnn")
+
+
+@pytest.mark.parametrize("mask", [CausalMask("causal"), CausalMask("chunk_causal", 48)], ids=["causal", "chunk48"])
+@pytest.mark.parametrize("g,kvb", [(16, 16), (16, 8), (32, 16)])
+def test_selected_fraction_counts_allowed_units_per_group(mask, g, kvb):
+    """allowed_count equals the allowed units of unit_classes; selected_fraction is the mean over
+    heads of sum_g min(K_h, allowed_g) / sum_g allowed_g (all units: 1; one unit: a small share)."""
+    s = 192
+    units = s // kvb
+    groups = torch.arange(s // g)
+    allowed, _ = mask.unit_classes(groups, g, kvb, units)
+    count = mask.allowed_count(s, g, kvb)
+    assert count.tolist() == allowed.sum(-1).tolist()
+    k = torch.tensor([1, 5, units])
+    want = sum(float(allowed.sum(-1).clamp(max=int(kh)).sum()) / float(allowed.sum()) for kh in k) / len(k)
+    assert mask.selected_fraction(k, s, g, kvb) == pytest.approx(want, abs=1e-12)
+    assert mask.selected_fraction(torch.tensor([units]), s, g, kvb) == 1.0

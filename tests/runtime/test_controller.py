@@ -16,7 +16,7 @@ THW = (4, 4, 8)
 HID = 64
 
 
-def build(seed=0, **cfg):
+def build(seed=0, spec=None, **cfg):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_dsv.specs import dsv_gpt_layer_spec
@@ -29,7 +29,7 @@ def build(seed=0, **cfg):
     )
     kw.update(cfg)
     torch.manual_seed(seed)
-    model = torch.nn.ModuleDict({"block": TransformerBlock(tiny_config(**kw), dsv_gpt_layer_spec), "head": torch.nn.Linear(HID, HID)})
+    model = torch.nn.ModuleDict({"block": TransformerBlock(tiny_config(**kw), spec or dsv_gpt_layer_spec), "head": torch.nn.Linear(HID, HID)})
     named = list(model.named_parameters())
     opt = torch.optim.Adam([
         {"params": [p for n, p in named if not is_predictor_param(n, p)]},
@@ -313,6 +313,44 @@ def test_fallback_clears_k_and_hysteresis_holds_it_dense(megatron_state):
     assert not layer.sparse and "stay dense" in layer.decision
     ctl._redecide(130)
     assert layer.sparse and layer.kv_units_global.tolist() == [10] * 4 and layer.state.changed_at == 130
+
+
+def test_causal_density_counts_the_allowed_pairs(megatron_state):
+    """Under a token-causal mask a group with fewer allowed units than K takes them all, so the
+    density the gate and the speed table see is the share of the allowed pairs: K = 57 of 128
+    token units (0.45 of the units) selects 68% of the allowed pairs (groups of 8), and with
+    --dsv-min-sparsity 0.5 the layer stays dense; bidirectional, the same curve goes sparse."""
+    from megatron_dsv.specs import dsv_gpt_causal_layer_spec
+
+    def curve(layer, h=4, units=128, n=60):
+        mass = torch.full((h, units), 0.05 / (units - n))
+        mass[:, :n] = 0.95 / n
+        need = torch.zeros(h, units)
+        need[:, n - 1] = 16.0
+        ema = dict(layer.state.stats_ema)
+        ema.update(mass_by_rank=mass * 16, mass_by_rank_exact=mass * 16, need_count=need, need_count_exact=need,
+                   loss=torch.tensor(0.01), sparsity=torch.full((h,), 0.9), recall=torch.full((h,), 0.9))
+        return ema
+
+    decided = {}
+    for name, spec in (("causal", dsv_gpt_causal_layer_spec), ("bidirectional", None)):
+        model, opt = build(spec=spec, dsv_min_sparsity=0.5, dsv_k_multiple=1, dsv_min_keys=1)
+        ctl = DSVController(model, optimizer=opt, log=lambda s: None, speed_table=SpeedTable(default_max_density=1.0))
+        layer = ctl.layers[0]
+        ctl.on_iteration_start(0)
+        train(model, opt, ctl, make_task(), 0, 1)
+        layer.apply(layer.state.replace(stats_ema=curve(layer)))
+        c = ctl.choose_k(layer)
+        assert c["k"].tolist() == [57] * 4  # 0.95 * 57 / 60 >= 0.9
+        g = layer.dsv.group_size
+        allowed = torch.arange(g, 129, g, dtype=torch.float64).clamp(max=128)
+        want = float(allowed.clamp(max=57).sum() / allowed.sum()) if name == "causal" else 57 / 128
+        assert c["density"] == pytest.approx(want, abs=1e-9)
+        ctl.stage = 2
+        ctl._redecide(100)
+        decided[name] = (layer.sparse, layer.decision)
+    assert g == 8 and decided["causal"][0] is False and "--dsv-min-sparsity" in decided["causal"][1]
+    assert decided["bidirectional"][0] is True
 
 
 def test_nonfinite_profile_falls_back_to_dense_and_is_counted(megatron_state):
