@@ -424,6 +424,34 @@ def test_install_dsv_hooks_drives_the_controller(megatron_state):
     assert hooks.core_attention_flops(1.0, 2, 1, args) == 1.0  # no runtime: Megatron's own count
 
 
+@pytest.mark.parametrize("fit", ["closed_form", "gradient"])
+def test_install_dsv_hooks_warns_of_missing_groups_only_for_trained_predictors(megatron_state, fit):
+    """Closed-form predictors take no gradient, so Megatron's optimizer holds no predictor group
+    and none is expected (the H200 runs printed the patch-04 warning for that); a gradient-trained
+    predictor without a marked group still gets the warning."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_dsv.specs import dsv_gpt_layer_spec
+    from tests.megatron_shim import tiny_config
+
+    cfg = tiny_config(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, dsv_mode="auto",
+                      dsv_predictor_fit=fit)
+    model = TransformerBlock(cfg, dsv_gpt_layer_spec)
+    opt = type("Opt", (), {"param_groups": [{"params": [], "lr": 1e-3, "max_lr": 1e-3, "min_lr": 1e-5}]})()
+    args = type("Args", (), {"lr": 1e-3, "min_lr": 1e-5, "seq_length": 64})()
+    logs = []
+    try:
+        hooks.install_dsv_hooks([model], opt, args, stats_group=None, tb_writer=None, wandb_writer=None,
+                                log=logs.append)
+    finally:
+        args.dsv_runtime = None
+    assert "DSV hooks installed" in logs[0]
+    if fit == "closed_form":
+        assert "fitted in closed form" in logs[0] and len(logs) == 1
+    else:
+        assert "0 predictor optimizer groups" in logs[0] and "patch 04 not applied" in logs[1]
+
+
 def test_predictor_lr_flag_sets_the_predictor_groups_base():
     from types import SimpleNamespace
 

@@ -284,14 +284,19 @@ def install_dsv_hooks(model, optimizer, args, *, stats_group=None, tb_writer=Non
     if controller is not None:
         runtime.register(ITERATION_START, runtime.on_iteration_start)
         runtime.register(ITERATION_END, runtime.on_iteration_end)
-        tagged = _lr.separate_predictor_grad_norm(chunks)
         runtime.sync_predictor_lr()
-        n_groups = len(_lr.predictor_groups(optimizer))
-        log(
-            f"DSV hooks installed: {len(controller.layers)} DSV layers, stage {controller.stage}, "
-            f"{n_groups} predictor optimizer groups, {tagged} predictor parameters clipped apart"
-        )
-        if optimizer is not None and n_groups == 0:
+        missing = False
+        if any(p.requires_grad for l in layers if l.predictor is not None for p in l.predictor.parameters()):
+            tagged = _lr.separate_predictor_grad_norm(chunks)
+            n_groups = len(_lr.predictor_groups(optimizer))
+            how = f"{n_groups} predictor optimizer groups, {tagged} predictor parameters clipped apart"
+            missing = optimizer is not None and n_groups == 0
+        else:
+            # --dsv-predictor-fit closed_form (the default): the predictors take no gradient, so
+            # Megatron's optimizer holds none of them and no group is expected
+            how = "predictors fitted in closed form (no optimizer groups)"
+        log(f"DSV hooks installed: {len(controller.layers)} DSV layers, stage {controller.stage}, {how}")
+        if missing:
             log("DSV warning: no predictor optimizer group (patch 04 not applied?); the stage-2 "
                 "predictor learning-rate scale is not applied.")
     _set_runtime(args, runtime)
