@@ -480,7 +480,11 @@ class DSVCoreAttention(MegatronModule):
                 else f"{self._kernels.name} kernels: {self._kernels.reason}"
             )
             return f"layer {self.layer_number}: DSV sparse ({ks}; {kernels})"
-        why = self._state.reason or "DSV stage 1, predictor training"
+        c = self._control
+        why = self._state.reason or (
+            "DSV stage 1, predictor training" if c.train_predictor or c.collect_stats
+            else "held dense, no predictor work this iteration"
+        )
         return f"layer {self.layer_number}: dense ({self.dense_backend}) - {why}"
 
     def get_extra_state(self):

@@ -247,6 +247,16 @@ def test_describe_names_the_kernels_that_ran(megatron_state):
     assert "reference kernels: auto: cpu tensors run the PyTorch reference" in a.describe()
 
 
+def test_describe_a_dense_auto_layer_says_whether_the_predictor_works(megatron_state):
+    """A dense layer in auto mode: 'predictor training' only while the iteration asks for predictor
+    work (benchmarks that hold layers dense with no DSV work were labelled as training)."""
+    a = dsv_attention_layers(build(dsv_mode="auto"))[0]
+    a.begin_iteration(StepControl(iteration=0))
+    assert a.describe().endswith("DSV stage 1, predictor training")
+    a.begin_iteration(StepControl(train_predictor=False, collect_stats=False))
+    assert a.describe().endswith("held dense, no predictor work this iteration")
+
+
 @pytest.mark.parametrize("fit", ["gradient", "closed_form"])
 def test_one_profiled_microbatch_per_iteration(megatron_state, fit):
     """Several microbatches in one profiling iteration: the first is measured, the others only
