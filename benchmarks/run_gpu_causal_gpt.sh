@@ -28,7 +28,7 @@
 # earlier call>: skip the dense run and pair with that call's gpt_dense.log (refused when its corpus
 # sha256 differs), e.g. benchmarks/results/causal_gpt_h200_20261130_stdlib_logs.tar.gz.
 # $OUT gets: env.txt, corpus.json (stdlib), gpt_dense.log, gpt_auto.log, dsv_stats_auto.jsonl,
-# causal_gpt.json.
+# jobs.tsv, causal_gpt.json.
 # SEED (default 1234): Megatron's --seed (see run_gpu_causal_gpt_seeds_x2.sh for what it changes).
 # JOBS="mode:seed[:tag] ...": instead of the dense+auto pair above, run these jobs in order (mode dense
 # or auto; tag e.g. aa for an A/A repeat), each into gpt_<mode>_s<seed>[_<tag>].log (auto:
@@ -120,7 +120,9 @@ COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --globa
 # shellcheck disable=SC2206
 DSV=("${SWITCH[@]}" --dsv-min-sparsity 0.5 --dsv-speed-table ${SPEED_TABLE:-assume}
   --dsv-profile-interval-stage1 10 --dsv-profile-interval-stage2 25 ${DSV_EXTRA:-})
-echo "flags: ${COMMON[*]} --seed ${JOBS:+<per job>}${JOBS:-$SEED} | auto: ${DSV[*]}" >> "$OUT/env.txt"
+seed_note=$SEED
+[ -z "$JOBS" ] || seed_note="per job of JOBS=($JOBS)"
+echo "flags: ${COMMON[*]} --seed $seed_note | auto: ${DSV[*]}" >> "$OUT/env.txt"
 
 RAN_LOGS=()
 run() {  # name mode seed timeout: one pretrain_gpt.py run into gpt_<name>.log, a line in jobs.tsv
