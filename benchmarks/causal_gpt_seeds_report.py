@@ -309,7 +309,7 @@ def markdown(rep: Dict) -> str:
         at_end = f"{sp['sparse_layers_at_end']}/{sp['layers']}" if sp else "-"
         lines.append(f"| {r['name']} | {r['lane']} | {r['iterations']}{status} | {_f(r['final_validation'], '{:.4f}')} | "
                      f"{r['switch_iteration'] if r['switch_iteration'] is not None else '-'} | "
-                     f"{_f(sp.get('sparse_fraction'), '{:.1%}') if r['arm'] == 'auto' else '-'} | "
+                     f"{_f(sp.get('sparse_fraction'), '{:.1%}')} | "
                      f"{at_end} | "
                      f"{_f(sp.get('mean_density_sparse_layers'), '{:.3f}')} | {step} | {r['seconds'] if r['seconds'] is not None else '-'} |")
     fl = rep["seed_floor"]
