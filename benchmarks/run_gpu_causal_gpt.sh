@@ -28,7 +28,17 @@
 # earlier call>: skip the dense run and pair with that call's gpt_dense.log (refused when its corpus
 # sha256 differs), e.g. benchmarks/results/causal_gpt_h200_20261130_stdlib_logs.tar.gz.
 # $OUT gets: env.txt, corpus.json (stdlib), gpt_dense.log, gpt_auto.log, dsv_stats_auto.jsonl,
-# causal_gpt.json.
+# jobs.tsv, causal_gpt.json.
+# SEED (default 1234): Megatron's --seed (see run_gpu_causal_gpt_seeds_x2.sh for what it changes).
+# JOBS="mode:seed[:tag] ...": instead of the dense+auto pair above, run these jobs in order (mode dense
+# or auto; tag e.g. aa for an A/A repeat), each into gpt_<mode>_s<seed>[_<tag>].log (auto:
+# dsv_stats_<mode>_s<seed>[_<tag>].jsonl), one line per job in jobs.tsv (name, mode, seed, tag, exit
+# code, seconds, timeout; exit code "skipped" when it did not fit), then benchmarks/causal_gpt_seeds_report.py
+# on $OUT (causal_gpt_seeds.{json,md}; SEEDS_REPORT=0 leaves that to the caller). DEADLINE=<epoch
+# seconds>: each job's timeout is cut to the time left, and a job starts only if its expected time
+# (EXPECT_DENSE_S 80, EXPECT_AUTO_S 105: the H200 stdlib runs took 72 s dense, 79-99 s auto, start-up
+# included) fits; "dense:S auto:S" next to each other start only if both fit (an unpaired run
+# answers nothing). MASTER_PORT (default 29531): one per concurrent lane.
 # CPU_SMOKE=1: the same command line at tiny size on this CPU machine; Megatron stops at its CUDA
 # check (initialize_megatron: "Megatron requires CUDA") after parsing and validating every flag, so
 # the smoke checks the staged clone, the imports, the corpus build and the flags, and that the report
@@ -44,6 +54,16 @@ case "$DATA" in
   stdlib|mock) ;;
   *) echo "error: DATA=$DATA is not one of stdlib, mock" >&2; exit 2 ;;
 esac
+SEED=${SEED:-1234}
+JOBS=${JOBS:-}
+read -ra JOB_LIST <<< "$JOBS"
+for job in "$SEED" "${JOB_LIST[@]}"; do
+  [[ "$job" =~ ^([0-9]+|(dense|auto):[0-9]+(:[a-z0-9]+)?)$ ]] && [[ ! "$job" =~ (^|:)0+(:|$) ]] || {
+    echo "error: '$job' is not a positive SEED or a JOBS entry mode:seed[:tag] (mode dense or auto, seed >= 1, tag [a-z0-9]+)" >&2; exit 2; }
+done
+if [ -n "$JOBS" ] && [ -n "${DENSE_FROM:-}" ]; then
+  echo "error: DENSE_FROM pairs with the default dense+auto pair; with JOBS list the dense runs as jobs instead" >&2; exit 2
+fi
 
 if ! python3 patches/apply.py check --megatron "$CLONE" > "$OUT/env.txt" 2>&1; then
   cat "$OUT/env.txt"
@@ -91,7 +111,7 @@ echo "$DATA_NOTE" | tee -a "$OUT/env.txt"
 # Megatron without Transformer Engine and apex: the local layers, no fusions that need apex.
 COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --global-batch-size 1
   --lr ${LR:-1e-3} --min-lr ${MIN_LR:-1e-4} --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0
-  --bf16 --seed 1234 --hidden-dropout 0 --attention-dropout 0
+  --bf16 --hidden-dropout 0 --attention-dropout 0
   --eval-interval 50 --eval-iters 4 --log-interval 10 --log-throughput
   "${DATA_ARGS[@]}" --no-create-attention-mask-in-dataloader
   --spec megatron_dsv.specs dsv_gpt_causal_layer_spec
@@ -99,21 +119,78 @@ COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --globa
   --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion)
 # shellcheck disable=SC2206
 DSV=("${SWITCH[@]}" --dsv-min-sparsity 0.5 --dsv-speed-table ${SPEED_TABLE:-assume}
-  --dsv-profile-interval-stage1 10 --dsv-profile-interval-stage2 25 --dsv-stats-log "$OUT/dsv_stats_auto.jsonl"
-  ${DSV_EXTRA:-})
-echo "flags: ${COMMON[*]} | auto: ${DSV[*]}" >> "$OUT/env.txt"
+  --dsv-profile-interval-stage1 10 --dsv-profile-interval-stage2 25 ${DSV_EXTRA:-})
+seed_note=$SEED
+[ -z "$JOBS" ] || seed_note="per job of JOBS=($JOBS)"
+echo "flags: ${COMMON[*]} --seed $seed_note | auto: ${DSV[*]}" >> "$OUT/env.txt"
 
-run() {  # mode timeout extra-flags...
-  local mode=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" "$CLONE/pretrain_gpt.py" "${COMMON[@]}" \
-    --dsv-mode "$mode" "$@" > "$OUT/gpt_$mode.log" 2>&1
+RAN_LOGS=()
+run() {  # name mode seed timeout: one pretrain_gpt.py run into gpt_<name>.log, a line in jobs.tsv
+  local name=$1 mode=$2 seed=$3 limit=$4
+  local start=$SECONDS extra=()
+  [ "$mode" = auto ] && extra=("${DSV[@]}" --dsv-stats-log "$OUT/dsv_stats_$name.jsonl")
+  # -k: a torchrun that ignores the TERM is killed 10 s later, so a lane keeps its deadline
+  timeout -k 10 "$limit" torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" "$CLONE/pretrain_gpt.py" "${COMMON[@]}" \
+    --seed "$seed" --dsv-mode "$mode" "${extra[@]}" > "$OUT/gpt_$name.log" 2>&1
   local rc=$?
-  echo "run_gpu_causal_gpt: exit code $rc" >> "$OUT/gpt_$mode.log"
-  echo "mode $mode rc=$rc ($((SECONDS - start)) s)"
+  echo "run_gpu_causal_gpt: exit code $rc" >> "$OUT/gpt_$name.log"
+  RAN_LOGS+=("$OUT/gpt_$name.log")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$mode" "$seed" "${5:-}" "$rc" "$((SECONDS - start))" "$limit" >> "$OUT/jobs.tsv"
+  echo "$name: mode $mode seed $seed rc=$rc ($((SECONDS - start)) s, limit $limit s)"
   grep -E "iteration +[0-9]+/|validation loss at|DSV (stage|layer|hooks|warning|refuses)|Error|requires CUDA" \
-    "$OUT/gpt_$mode.log" | grep -v -i warn | tail -6
+    "$OUT/gpt_$name.log" | grep -v -i warn | tail -6
 }
+left_s() {  # seconds to DEADLINE (no deadline: effectively unlimited)
+  if [ -n "${DEADLINE:-}" ]; then echo $((DEADLINE - $(date +%s))); else echo 1000000; fi
+}
+timeout_for() {  # mode: its own timeout, cut to the time left
+  local own=${DENSE_TIMEOUT:-200} left
+  [ "$1" = auto ] && own=${DSV_TIMEOUT:-290}
+  left=$(left_s)
+  echo $((left < own ? left : own))
+}
+expect_s() { if [ "$1" = auto ]; then echo "${EXPECT_AUTO_S:-105}"; else echo "${EXPECT_DENSE_S:-80}"; fi; }
+
+printf 'name\tmode\tseed\ttag\texit_code\tseconds\ttimeout_s\n' > "$OUT/jobs.tsv"
+if [ -n "$JOBS" ]; then
+  i=0
+  while [ "$i" -lt "${#JOB_LIST[@]}" ]; do
+    IFS=: read -r mode seed tag <<< "${JOB_LIST[i]}"
+    group=("${JOB_LIST[i]}")
+    # a dense run and the DSV run of its seed right after it: both or neither
+    [ "$mode" = dense ] && [ -z "$tag" ] && [ "${JOB_LIST[i+1]:-}" = "auto:$seed" ] && group+=("auto:$seed")
+    need=0
+    for g in "${group[@]}"; do need=$((need + $(expect_s "${g%%:*}"))); done
+    left=$(left_s)
+    if [ "$left" -lt "$need" ]; then
+      for g in "${group[@]}"; do
+        IFS=: read -r m s t <<< "$g"
+        printf '%s\t%s\t%s\t%s\tskipped\t0\t0\n' "${m}_s$s${t:+_$t}" "$m" "$s" "$t" >> "$OUT/jobs.tsv"
+      done
+      echo "skipped ${group[*]}: ${left} s left before the deadline, expected ${need} s"
+    else
+      for g in "${group[@]}"; do
+        IFS=: read -r m s t <<< "$g"
+        run "${m}_s$s${t:+_$t}" "$m" "$s" "$(timeout_for "$m")" "$t"
+      done
+    fi
+    i=$((i + ${#group[@]}))
+  done
+  rc=0
+  if [ "${SEEDS_REPORT:-1}" = 1 ]; then
+    python3 benchmarks/causal_gpt_seeds_report.py "$OUT" --json "$OUT/causal_gpt_seeds.json" --md "$OUT/causal_gpt_seeds.md" \
+      --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$OUT/env.txt"); $DATA_NOTE; $(grep -m1 "^flags: " "$OUT/env.txt")"
+    rc=$?
+  fi
+  if [ "${CPU_SMOKE:-0}" = 1 ]; then
+    n=0
+    [ "${#RAN_LOGS[@]}" = 0 ] || n=$(grep -l "Megatron requires CUDA" "${RAN_LOGS[@]}" | wc -l)
+    echo "CPU_SMOKE: $n of ${#RAN_LOGS[@]} jobs reached Megatron's CUDA check (flags accepted); report rc=$rc; OUT=$OUT"
+    [ "$n" = "${#RAN_LOGS[@]}" ] && [ "$n" -gt 0 ] && [ "$rc" = 0 ] || exit 1
+  fi
+  exit $rc
+fi
+
 if [ -n "${DENSE_FROM:-}" ]; then
   # the dense twin of an earlier call (same flags, seed and corpus: its sha256 must match this one's)
   tar xzf "$DENSE_FROM" -C "$OUT" gpt_dense.log || exit 2
@@ -125,9 +202,9 @@ if [ -n "${DENSE_FROM:-}" ]; then
   DATA_NOTE="$DATA_NOTE; dense run from $DENSE_FROM (another call)"
   echo "dense: from $DENSE_FROM"
 else
-  run dense "${DENSE_TIMEOUT:-200}"
+  run dense dense "$SEED" "${DENSE_TIMEOUT:-200}"
 fi
-run auto "${DSV_TIMEOUT:-290}" "${DSV[@]}"
+run auto auto "$SEED" "${DSV_TIMEOUT:-290}"
 python3 benchmarks/causal_gpt_report.py --dense "$OUT/gpt_dense.log" --dsv "$OUT/gpt_auto.log" \
   --out "$OUT/causal_gpt.json" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT; $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$OUT/env.txt"); $DATA_NOTE; $(grep -m1 "^flags: " "$OUT/env.txt")"
 rc=$?

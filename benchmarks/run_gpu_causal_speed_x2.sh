@@ -24,5 +24,5 @@ mkdir -p "$ROOT/causal"
 ) > "$LOGS/lane1.txt" 2>&1 &
 wait
 cat "$LOGS/lane1.txt" "$LOGS/causal_lane.txt"
-(cd "$ROOT/causal" && tar czf logs.tar.gz --remove-files *.log *.txt *.jsonl corpus.json 2>/dev/null)
+(cd "$ROOT/causal" && tar czf logs.tar.gz --remove-files *.log *.txt *.jsonl jobs.tsv corpus.json 2>/dev/null)
 ls -R "$ROOT"

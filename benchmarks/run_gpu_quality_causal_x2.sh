@@ -24,5 +24,5 @@ mkdir -p "$ROOT/quality" "$ROOT/causal"
 wait
 cat "$ROOT/quality_lane.txt" "$ROOT/causal_lane.txt"
 mv "$ROOT/quality_lane.txt" "$ROOT/causal_lane.txt" "$ROOT/causal/"
-(cd "$ROOT/causal" && tar czf logs.tar.gz --remove-files *.log *.txt 2>/dev/null)
+(cd "$ROOT/causal" && tar czf logs.tar.gz --remove-files *.log *.txt jobs.tsv 2>/dev/null)
 ls -R "$ROOT"
