@@ -344,3 +344,19 @@ def test_sbhd_output_layout(backend, poisoned):
         assert torch.equal(a, r), name
     with pytest.raises(ValueError, match="out_layout"):
         sparse_attention(q, k, v, index, backend=backend, out_layout="bshd")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_key_units_of_32_get_contiguous_32_key_tiles(d):
+    """bf16/fp16, kv_block 32 (or 96): the forward and dq read 32-key tiles, each one unit, on the
+    contiguous path (and its tma loads) instead of 64-key tiles gathered per token; kv_block 64 keeps
+    64-key tiles and kv_block 16 the gather."""
+    opts = KernelOptions()
+    for dtype in (torch.bfloat16, torch.float16):
+        for kvb, tile in [(32, 32), (96, 32), (64, 64), (16, 64)]:
+            fwd = sa_triton._fwd_config(64, d, dtype, kvb, opts)["BLOCK_N"]
+            dq = sa_triton._dq_config(64, d, dtype, kvb, opts)["BLOCK_N"]
+            assert fwd == tile or (kvb == 16 and fwd == 64), (dtype, kvb, fwd)
+            assert (sa_triton._contig(kvb, fwd, opts), sa_triton._contig(kvb, dq, opts)) == (kvb != 16, kvb % dq == 0)
+            if kvb in (32, 96):
+                assert dq == 32

@@ -620,7 +620,11 @@ def _tuned(kind: str, cfg: dict, options: KernelOptions) -> dict:
 def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int, options: KernelOptions):
     block_m = _pow2_tile(g, 128 if d <= 64 else 64)
     block_n = 64 if d <= 128 else 32
-    if dtype == torch.float32:
+    if dtype == torch.float32 or (kvb % block_n and kvb % 32 == 0):
+        # key units of 32 (or 96, ...): 32-key tiles, each one contiguous run, instead of 64-key
+        # tiles gathered per token. Predicted, not yet timed at kv_block 32: these are the loads
+        # of the H200 sweep's 32-key tiles on 64-key blocks (forward 9.34 vs 9.11 ms with 64-key
+        # tiles, 487e6f3), where the gathered 64-key tiles of kv_block 32 ran x4.32 against x6.33.
         block_n = 32
     num_warps = 4 if block_m <= 64 else 8
     # Contiguous key blocks: 4 stages 8.81 ms vs 3 stages 8.94 ms (H100, S=64k, D=128, 90%); the
@@ -633,8 +637,8 @@ def _dq_config(g: int, d: int, dtype: torch.dtype, kvb: int, options: KernelOpti
     # D=128: 32-key tiles for token gathers (57.5 ms bwd vs 81.0 with 64, S=64k, 90%), 64-key
     # tiles for contiguous key blocks (bwd 24.2 ms vs 24.7 with 32).
     block_n = 64 if d <= 64 or kvb % 64 == 0 else 32
-    if dtype == torch.float32:
-        block_n = 32
+    if dtype == torch.float32 or (kvb % block_n and kvb % 32 == 0):
+        block_n = 32  # contiguous 32-key tiles for key units of 32 (see _fwd_config)
     return _tuned("dq", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=block_n, num_warps=4, num_stages=2), options)
 
 
