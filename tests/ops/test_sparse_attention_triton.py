@@ -276,7 +276,7 @@ def test_fp16_matches_reference(variant, poisoned):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @VARIANTS
-@pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (1, 64, 64), (64, 32, 96), (16, 32, 64)])
+@pytest.mark.parametrize("kvb,g,d", [(1, 32, 128), (64, 64, 128), (1, 64, 64), (64, 32, 96), (16, 32, 64), (32, 64, 128), (32, 64, 64)])
 def test_sparse_attention_bf16_gpu(kvb, g, d, variant, poisoned):
     torch.manual_seed(3)
     b, h, hkv, s = 2, 4, 2, 2048
