@@ -213,7 +213,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss) * bits)
+        losses.append(float(loss.detach()) * bits)
     result = {
         "env": {"device": f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)",
                 "torch": torch.__version__, "python": platform.python_version()},
