@@ -24,7 +24,11 @@
 #     0..255, EOD = vocab_size - 1 = 256); its summary (tokens, sha256) goes to $OUT/corpus.json.
 #   mock: Megatron's MockGPTDataset (NullTokenizer, vocab 1000): arange runs, so predictable that every
 #     layer stayed near uniform and none went sparse (causal_gpt_h200_20261130_dsv_stats.jsonl).
-# DSV_EXTRA: more flags for the auto run (e.g. "--dsv-critical-mass 0.95"). DENSE_FROM=<logs.tar.gz of an
+# DSV_EXTRA: more flags for the auto run (e.g. "--dsv-critical-mass 0.95"). MEGATRON_EXTRA: more flags
+# for every run, e.g. "--deterministic-mode" (Megatron: torch.use_deterministic_algorithms, NCCL_ALGO
+# Ring, cuBLAS workspace): two runs at 3bdc13b identical up to the switch differed by 2.6% at
+# iteration 40 from GPU nondeterminism alone; whether every kernel of the run has a deterministic
+# implementation under that mode (SDPA's backward, our selection and profiler ops) is untested. DENSE_FROM=<logs.tar.gz of an
 # earlier call>: skip the dense run and pair with that call's gpt_dense.log (refused when its corpus
 # sha256 differs), e.g. benchmarks/results/causal_gpt_h200_20261130_stdlib_logs.tar.gz.
 # $OUT gets: env.txt, corpus.json (stdlib), gpt_dense.log, gpt_auto.log, dsv_stats_auto.jsonl,
@@ -109,6 +113,7 @@ esac
 echo "$DATA_NOTE" | tee -a "$OUT/env.txt"
 
 # Megatron without Transformer Engine and apex: the local layers, no fusions that need apex.
+# shellcheck disable=SC2206
 COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --global-batch-size 1
   --lr ${LR:-1e-3} --min-lr ${MIN_LR:-1e-4} --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0
   --bf16 --hidden-dropout 0 --attention-dropout 0
@@ -116,7 +121,7 @@ COMMON=("${SIZE[@]}" --position-embedding-type rope --micro-batch-size 1 --globa
   "${DATA_ARGS[@]}" --no-create-attention-mask-in-dataloader
   --spec megatron_dsv.specs dsv_gpt_causal_layer_spec
   --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
-  --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion)
+  --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion ${MEGATRON_EXTRA:-})
 # shellcheck disable=SC2206
 DSV=("${SWITCH[@]}" --dsv-min-sparsity 0.5 --dsv-speed-table ${SPEED_TABLE:-assume}
   --dsv-profile-interval-stage1 10 --dsv-profile-interval-stage2 25 ${DSV_EXTRA:-})
