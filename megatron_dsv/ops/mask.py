@@ -114,12 +114,11 @@ class CausalMask:
         """Forced units of every query group, int64 ``[S / G]``, from interval arithmetic (no
         ``[Gq, U]`` table): the own units ``[first // kvb, last // kvb]`` and the partial units
         ``[(limit(first) + 1) // kvb, limit(last) // kvb]``, clipped to the sequence."""
-        units = seq_len // kv_block
         first = torch.arange(0, seq_len, group_size, dtype=torch.int64)
         last = first + group_size - 1
         a0, a1 = first // kv_block, last // kv_block + 1
         b0 = (self.limit(first) + 1) // kv_block
-        b1 = torch.clamp(self.limit(last) // kv_block + 1, max=units)
+        b1 = self.allowed_count(seq_len, group_size, kv_block)
         len_b = (b1 - b0).clamp(min=0)
         overlap = (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0)
         return (a1 - a0) + len_b - overlap

@@ -789,37 +789,42 @@ def _tma_head_dim(d: int) -> bool:
     return triton.next_power_of_2(d) == d and d <= 256
 
 
-def _row_desc(x: torch.Tensor, block_rows: int, name: str) -> TensorDescriptor:
-    """Tensor descriptor over the rows of contiguous ``x [..., D]`` seen as ``[rows, D]``, with
-    ``[block_rows, D]`` blocks (``KernelOptions.tma``). Raises where a descriptor cannot address
-    ``x``: its coordinates are int32, and TMA needs a 16-byte aligned base and row stride."""
+def _desc_problem(x: torch.Tensor, name: str):
+    """Why a row descriptor cannot address contiguous ``x [..., D]`` seen as ``[rows, D]``, or None:
+    descriptor coordinates are int32, and TMA needs a 16-byte aligned base and row stride."""
     d = x.shape[-1]
     rows = x.numel() // d
     if rows >= 2**31:
-        raise ValueError(
-            f"KernelOptions(tma=True): {name} has {rows} rows of {d}, more than the 2^31 - 1 that int32 "
-            f"descriptor coordinates address; use tma=False."
-        )
+        return (f"{name} has {rows} rows of {d}, more than the 2^31 - 1 that int32 descriptor coordinates "
+                f"address; use tma=False.")
     if x.data_ptr() % 16 or (d * x.element_size()) % 16:
-        raise ValueError(
-            f"KernelOptions(tma=True): {name} must start at a 16-byte aligned address with rows of a "
-            f"multiple of 16 bytes (address % 16 = {x.data_ptr() % 16}, row {d * x.element_size()} bytes); "
-            f"pass a fresh tensor (.clone()) or use tma=False."
-        )
-    return TensorDescriptor(x, [rows, d], [d, 1], [block_rows, d])
+        return (f"{name} must start at a 16-byte aligned address with rows of a multiple of 16 bytes "
+                f"(address % 16 = {x.data_ptr() % 16}, row {d * x.element_size()} bytes); pass a fresh "
+                f"tensor (.clone()) or use tma=False.")
+    return None
+
+
+def _row_desc(x: torch.Tensor, block_rows: int, name: str) -> TensorDescriptor:
+    """Tensor descriptor over the rows of contiguous ``x [..., D]`` seen as ``[rows, D]``, with
+    ``[block_rows, D]`` blocks (``KernelOptions.tma``); raises where :func:`_desc_problem` says why
+    it cannot."""
+    why = _desc_problem(x, name)
+    if why is not None:
+        raise ValueError(f"KernelOptions(tma=True): {why}")
+    d = x.shape[-1]
+    return TensorDescriptor(x, [x.numel() // d, d], [d, 1], [block_rows, d])
 
 
 def _tma_wanted(options: KernelOptions, *xs: torch.Tensor) -> bool:
     """``KernelOptions.tma`` for these tensors: as given when set; ``None`` (auto): compiled
-    kernels on a GPU of compute capability >= 9.0 (TMA hardware) with every tensor's base and row
-    16-byte aligned and fewer than 2^31 rows, so auto never meets the refusals of :func:`_row_desc`."""
+    kernels on a GPU of compute capability >= 9.0 (TMA hardware) where every tensor passes
+    :func:`_desc_problem`, so auto never meets the refusal of :func:`_row_desc`."""
     if options.tma is not None:
         return options.tma
     x = xs[0]
     if _INTERPRET or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
-               and t.numel() // t.shape[-1] < 2**31 for t in xs)
+    return all(_desc_problem(t, "") is None for t in xs)
 
 
 def _tma_pair(a: torch.Tensor, b: torch.Tensor, names: str, block_rows: int, on: bool):
