@@ -148,6 +148,15 @@ def sweep_options(kind: str, variant: dict) -> KernelOptions:
     return KernelOptions(fused_dq_atomic=kind == "fused", tune={"dkdv" if kind == "fused" else kind: tiles}, **flags)
 
 
+def budget_spent(budget_s: float, t_start: float):
+    """Why no further kernel starts: ``--time-budget-s`` (> 0) spent since ``t_start``
+    (``time.perf_counter``), or None."""
+    elapsed = time.perf_counter() - t_start
+    if budget_s > 0 and elapsed > budget_s:
+        return f"time budget of {budget_s:.0f} s spent ({elapsed:.0f} s elapsed)"
+    return None
+
+
 def sweep():
     """Time each kernel's tile variants (others at their defaults) on the first sparsity."""
     info = env_info("cuda")
@@ -155,7 +164,7 @@ def sweep():
     out = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"attention_sweep_{time.strftime('%Y%m%d_%H%M%S')}.json")
     log = ResultLog("attention_sweep", info, ARGS, out)  # rewritten after every row: a cut call keeps them
-    t_end = time.monotonic() + ARGS.time_budget_s if ARGS.time_budget_s > 0 else float("inf")
+    t_start = time.perf_counter()
     b, h, r = ARGS.batch, ARGS.heads, ARGS.rank
     for s in ARGS.seqlens:
         for d in ARGS.head_dims:
@@ -195,10 +204,10 @@ def sweep():
                         log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="transpose_index", ms=t_tr))
 
                     for kind, cfg in sweep_order(kvb):
-                        if time.monotonic() > t_end:
-                            print(f"  {kind} {cfg}: skipped (--time-budget-s spent)", flush=True)
-                            log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg,
-                                            skipped="time budget"))
+                        why = budget_spent(ARGS.time_budget_s, t_start)
+                        if why:
+                            print(f"  {kind} {cfg}: skipped, {why}", flush=True)
+                            log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, skipped=why))
                             continue
                         opts = sweep_options(kind, cfg)
                         split = {}
@@ -394,11 +403,7 @@ class KernelBench:
 
     def budget_spent(self):
         """Why no further kernel starts (the time budget is spent), or None."""
-        budget = self.args.time_budget_s
-        elapsed = time.perf_counter() - self.t_start
-        if budget > 0 and elapsed > budget:
-            return f"time budget of {budget:.0f} s spent ({elapsed:.0f} s elapsed)"
-        return None
+        return budget_spent(self.args.time_budget_s, self.t_start)
 
     def skip(self, why, **keys):
         return self.add({**keys, "skipped": why}, f"  {keys}: skipped, {why}")
