@@ -290,8 +290,9 @@ class DSVConfig:
     lower targets are not measured."""
 
     dsv_min_sparsity: float = knob(0.5, Real(0.0, 1.0))
-    """A layer goes sparse only when the density K/units chosen for the target recall leaves at
-    least this fraction of key units out (1 - density >= this); above it the speed table decides
+    """A layer goes sparse only when the density chosen for the target recall (K/units; under a
+    causal mask the share of the allowed pairs K selects) leaves at least this fraction of the
+    work out (1 - density >= this); above it the speed table decides
     (``--dsv-speed-table``). 0.5: in the pretraining example (H200, 16k tokens, commit 9df742e)
     layers 1-2 went sparse at density 0.45-0.50, the speed probe timed them 3.43 / 3.55 ms sparse
     against 3.98 / 4.00 ms dense, recall held >= 0.900, and the run's own step got 2.3% faster
