@@ -71,6 +71,8 @@ def parse_args(argv=None):
                    help="per (D, kv_block), at the first S and sparsity, pick the fastest tile/backward variant")
     p.add_argument("--sweep", action="store_true",
                    help="time tile variants of each kernel at the first sparsity and exit")
+    p.add_argument("--sweep-kernels", type=lambda text: [x for x in text.split(",") if x], default=["fwd", "dq", "dkdv", "fused"],
+                   help="with --sweep: the kernels whose variants are timed (of fwd, dq, dkdv, fused)")
     p.add_argument("--profile-trace", action="store_true",
                    help="torch.profiler at the first shape: kernel time vs timed time of selection, fwd, bwd; exit")
     p.add_argument("--profile-once", action="store_true",
@@ -90,6 +92,9 @@ def parse_args(argv=None):
         p.error("--device cpu runs our Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device; use --device cpu with TRITON_INTERPRET=1 for the smoke path")
+    unknown = sorted(set(args.sweep_kernels) - set(SWEEP))
+    if unknown:
+        p.error(f"--sweep-kernels {unknown}: use some of {', '.join(SWEEP)}")
     bad = [b for b in args.flex_blocks if b < 16 or b & (b - 1)]
     if bad:
         p.error(f"--flex-blocks {bad}: FlexAttention blocks must be powers of two >= 16 (e.g. 128,64)")
@@ -130,6 +135,8 @@ SWEEP = {
            dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
            dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True)],
     "dkdv": [dict(), dict(tma=True),
+             # KernelOptions.dkdv_transposed (absent: the default, transposed below 64-key tiles)
+             dict(tma=True, trans=False), dict(tma=True, trans=True),
              dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=2, tma=True),
              dict(num_warps=4, num_stages=3), dict(num_warps=4, num_stages=3, tma=True),
              dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2),
@@ -138,7 +145,7 @@ SWEEP = {
     "fused": [dict(num_warps=4, num_stages=2)],
 }
 # SWEEP keys that pick a KernelOptions field rather than a tile: key -> (field, value when absent)
-SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False)}
+SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False), "trans": ("dkdv_transposed", None)}
 
 
 def sweep_options(kind: str, variant: dict) -> KernelOptions:
@@ -203,7 +210,7 @@ def sweep():
                         print(f"  transpose_index {t_tr:.2f} ms", flush=True)
                         log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="transpose_index", ms=t_tr))
 
-                    for kind, cfg in sweep_order(kvb):
+                    for kind, cfg in sweep_order(kvb, ARGS.sweep_kernels):
                         why = budget_spent(ARGS.time_budget_s, t_start)
                         if why:
                             print(f"  {kind} {cfg}: skipped, {why}", flush=True)
@@ -235,11 +242,12 @@ def sweep():
     print(f"wrote {out}")
 
 
-def sweep_order(kvb: int):
-    """``(kind, variant)`` of SWEEP, round-robin over the kernels (first variant of each, then the
-    second, ...), so a sweep cut by ``--time-budget-s`` still has each kernel's defaults and its
-    ``tma`` twin (the first two entries of every list); key-major kernels need kv_block % 16 == 0."""
-    lists = [(kind, variants) for kind, variants in SWEEP.items() if not (kind in ("dkdv", "fused") and kvb % 16)]
+def sweep_order(kvb: int, kernels=tuple(SWEEP)):
+    """``(kind, variant)`` of SWEEP for ``kernels``, round-robin over them (first variant of each,
+    then the second, ...), so a sweep cut by ``--time-budget-s`` still has each kernel's defaults and
+    its ``tma`` twin (the first two entries of every list); key-major kernels need kv_block % 16 == 0."""
+    lists = [(kind, variants) for kind, variants in SWEEP.items()
+             if kind in kernels and not (kind in ("dkdv", "fused") and kvb % 16)]
     for i in range(max(len(v) for _, v in lists)):
         for kind, variants in lists:
             if i < len(variants):

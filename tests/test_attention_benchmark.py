@@ -168,6 +168,7 @@ def test_sweep_order_puts_every_kernels_defaults_and_tma_first():
     """A sweep cut by its time budget still has, per kernel, the defaults and their tma twin: the
     order is round-robin over the kernels; key-major kernels are left out for token keys."""
     from benchmarks import attention
+    from megatron_dsv.ops.options import KernelOptions
 
     order = list(attention.sweep_order(64))
     assert len(order) == sum(len(v) for v in attention.SWEEP.values())
@@ -179,6 +180,13 @@ def test_sweep_order_puts_every_kernels_defaults_and_tma_first():
     token = list(attention.sweep_order(1))
     assert {kind for kind, _ in token} == {"fwd", "dq"}
     assert len(token) == len(attention.SWEEP["fwd"]) + len(attention.SWEEP["dq"])
+    # --sweep-kernels dkdv: its variants only, the dkdv_transposed pair among the first four
+    dkdv = list(attention.sweep_order(16, ("dkdv",)))
+    assert [kind for kind, _ in dkdv] == ["dkdv"] * len(attention.SWEEP["dkdv"])
+    assert {"tma": True, "trans": False} in [v for _, v in dkdv[:4]] and {"tma": True, "trans": True} in [v for _, v in dkdv[:4]]
+    assert attention.sweep_options("dkdv", dict(tma=True, trans=False)) == KernelOptions(
+        tma=True, dkdv_transposed=False, tune={"dkdv": {}})
+    assert attention.sweep_options("dkdv", dict()).dkdv_transposed is None  # absent: the library default
 
 def _smoke(tmp_path, *extra):
     # a stand-in `cudnn` package that fails to import, whether or not the real one is installed

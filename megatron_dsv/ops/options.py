@@ -81,6 +81,11 @@ class KernelOptions:
             specialisation (``tl.range(..., warp_specialize=True)``) was tried on the same three
             loops and dropped: its compiler pass failed on every kernel at the 4-warp tiles, and
             the one variant that compiled (forward, 8 warps, tma) took 12.8 ms against 8.4.
+        dkdv_transposed: the key-major dk/dv kernel computes the scores as ``[queries, keys]``
+            and accumulates dK^T and dV^T ``[D, keys]``, so no matmul has the key tile as its
+            row count (Hopper's warp-group MMA needs 64 rows per 4 warps; narrower tiles fall
+            back to mma.sync). ``None`` (the default): on where the key tile is narrower than 64
+            keys (key units of 16 or 32), off elsewhere; ``True``/``False`` force it.
     """
 
     force_atomic_dkdv: bool = False
@@ -92,6 +97,7 @@ class KernelOptions:
     select_fused_max_units: int = 4096
     poison_outputs: bool = False
     tma: Optional[bool] = None
+    dkdv_transposed: Optional[bool] = None
 
     def __post_init__(self):
         object.__setattr__(self, "tune", _normalize_tune(self.tune))
@@ -106,8 +112,10 @@ class KernelOptions:
         for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelOptions.{name} must be a bool, got {getattr(self, name)!r}.")
-        if self.tma is not None and not isinstance(self.tma, bool):
-            raise TypeError(f"KernelOptions.tma must be None (auto), True or False, got {self.tma!r}.")
+        for name in ("tma", "dkdv_transposed"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"KernelOptions.{name} must be None (auto), True or False, got {value!r}.")
 
     def tiles(self, kind: str) -> Dict[str, int]:
         """Tile overrides of kernel ``kind`` (``"fwd"``, ``"dq"`` or ``"dkdv"``) as a new dict."""

@@ -118,6 +118,39 @@ def test_atomic_fused_and_key_major_backward_agree(kvb, kh, variant, poisoned):
 
 
 @CPU_OK
+@pytest.mark.parametrize("transposed", [False, True], ids=["keys-as-rows", "transposed"])
+@pytest.mark.parametrize("kvb,fused", [(16, False), (32, False), (64, False), (16, True)], ids=["block16", "block32", "block64", "block16-fused-dq"])
+def test_dkdv_orientations_match_reference(kvb, fused, transposed, poisoned):
+    """KernelOptions.dkdv_transposed: the key-major dk/dv kernel in both orientations (and the fused
+    dq atomics), GQA and per-head K with padding, against the reference."""
+    torch.manual_seed(5)
+    b, h, hkv, s, d, g = 1, 4, 2, 128, 64, 32
+    q = torch.randn(b, h, s, d, device=DEVICE)
+    k, v = (torch.randn(b, hkv, s, d, device=DEVICE) for _ in range(2))
+    units = s // kvb
+    index = _index(b, h, s, g, kvb, [1, units // 2, units, 2], DEVICE)
+    do, dlse = torch.randn(b, h, s, d, device=DEVICE), torch.randn(b, h, s, device=DEVICE)
+    opts = dataclasses.replace(poisoned, dkdv_transposed=transposed, fused_dq_atomic=fused)
+    assert sa_triton._dkdv_config(g, kvb, opts)["TRANS"] is transposed
+    got = _run(q, k, v, index, "triton", do, dlse, opts)
+    ref = _run(q, k, v, index, "reference", do, dlse)
+    tol = 2e-5 if INTERPRET else 5e-3
+    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
+        assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) or non-finite elements"
+        assert _rel(a, r) < tol, f"{name}: rel err {_rel(a, r):.2e} >= {tol}"
+
+
+def test_dkdv_transposed_default_follows_the_key_tile():
+    """None (the default) transposes where the dk/dv key tile is narrower than 64 keys."""
+    for kvb, want in [(16, True), (32, True), (48, True), (64, False), (128, False)]:
+        assert sa_triton._dkdv_config(64, kvb, KernelOptions())["TRANS"] is want, kvb
+    assert sa_triton._dkdv_config(64, 64, KernelOptions(tune={"dkdv": {"BLOCK_N": 32}}))["TRANS"] is True
+    assert sa_triton._dkdv_config(64, 16, KernelOptions(dkdv_transposed=False))["TRANS"] is False
+    with pytest.raises(TypeError, match="dkdv_transposed must be None"):
+        KernelOptions(dkdv_transposed=1)
+
+
+@CPU_OK
 @pytest.mark.parametrize("kvb,d,tma,want", [
     (32, 64, True, [("k", 32), ("v", 32), ("k", 32), ("v", 32), ("q", 16), ("do", 16)]),
     (16, 64, True, [("q", 16), ("do", 16)]),  # 16-key units under 32-key tiles: dk/dv only

@@ -449,13 +449,15 @@ def _bwd_dkdv_step(
     q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
     NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
     G: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+    MASK: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, TRANS: tl.constexpr,
 ):
     """Accumulate query tile ``it % (G / BLOCK_M)`` of list entry ``it // (G / BLOCK_M)`` into dk/dv.
 
     An entry is one (query head, query group) that selected this key tile (keys ``o_n``).
     MASKED: pairs with key ``j > limit(i)`` get ``P = 0`` (so ``dS = 0``). TMA (with EVEN_D):
     ``q``/``do`` are descriptors over the ``[B * H * S_q, D]`` rows with ``[BLOCK_M, D]`` blocks.
+    TRANS: ``b_dk``/``b_dv`` are ``[BLOCK_D, BLOCK_N]`` (dK^T, dV^T) and the scores ``[BLOCK_M,
+    BLOCK_N]``, so no matmul has the key tile as its row count (see :func:`_dkdv_config`).
     """
     n_mt: tl.constexpr = G // BLOCK_M
     rep = H // HKV
@@ -477,17 +479,30 @@ def _bwd_dkdv_step(
         b_do = tl.load(do + o_qd, mask=m_d[None, :], other=0.0)
     b_lse2 = tl.load(lse + i_bh * S_Q + o_m) * _LOG2E
     b_delta = tl.load(delta + i_bh * S_Q + o_m)
-    b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
-    b_pt = tl.exp2(b_st - b_lse2[None, :])
-    if MASKED:
-        b_pt = tl.where(o_n[:, None] <= _limit(o_m, MASK, CHUNK, QOFF)[None, :], b_pt, 0.0)
-    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-    b_dpt = tl.dot(b_v, tl.trans(b_do))
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
-    if DQ_ATOMIC:
-        b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k) * scale
-        tl.atomic_add(dq32 + o_qd, b_dq, mask=m_d[None, :], sem="relaxed")
+    if TRANS:
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_p = tl.exp2(b_s - b_lse2[:, None])
+        if MASKED:
+            b_p = tl.where(o_n[None, :] <= _limit(o_m, MASK, CHUNK, QOFF)[:, None], b_p, 0.0)
+        b_dv += tl.dot(tl.trans(b_do), b_p.to(b_do.dtype))
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype))
+        if DQ_ATOMIC:
+            b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
+            tl.atomic_add(dq32 + o_qd, b_dq, mask=m_d[None, :], sem="relaxed")
+    else:
+        b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
+        b_pt = tl.exp2(b_st - b_lse2[None, :])
+        if MASKED:
+            b_pt = tl.where(o_n[:, None] <= _limit(o_m, MASK, CHUNK, QOFF)[None, :], b_pt, 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+        b_dpt = tl.dot(b_v, tl.trans(b_do))
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+        if DQ_ATOMIC:
+            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k) * scale
+            tl.atomic_add(dq32 + o_qd, b_dq, mask=m_d[None, :], sem="relaxed")
     return b_dk, b_dv
 
 
@@ -497,6 +512,7 @@ def _bwd_dkdv_loop(
     NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+    TRANS: tl.constexpr,
 ):
     """Steps ``[lo, hi)`` of the flat (entry, query tile) loop.
 
@@ -510,6 +526,7 @@ def _bwd_dkdv_loop(
             b_dk, b_dv = _bwd_dkdv_step(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
                 NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED, TMA,
+                TRANS,
             )
             it += 1
     else:
@@ -517,6 +534,7 @@ def _bwd_dkdv_loop(
             b_dk, b_dv = _bwd_dkdv_step(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
                 NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED, TMA,
+                TRANS,
             )
     return b_dk, b_dv
 
@@ -527,14 +545,14 @@ def _bwd_dkdv_kernel(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, TRANS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _bwd_dkdv_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
         q, k, v, do, lse, delta, dq32, dk, dv, kt_off, kt_entry, scale, scale_log2,
         H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
-        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, TMA, BLOCK_M, BLOCK_N, BLOCK_D,
+        G, INTERPRET, KVB, DQ_ATOMIC, EVEN_D, MASK, TMA, TRANS, BLOCK_M, BLOCK_N, BLOCK_D,
     )
 
 
@@ -545,8 +563,8 @@ def _bwd_dkdv_program(
     scale, scale_log2,
     H, HKV, S_Q, S_KV, NUM_GROUPS, NUM_UNITS, N_ENTRY, D, CHUNK, QOFF,
     G: tl.constexpr, INTERPRET: tl.constexpr, KVB: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, TRANS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk/dv of key tile ``i_un`` (of KVB / BLOCK_N per unit) of ``(b, h_kv) = i_bhkv``; with TMA,
     ``q``/``do`` are the descriptors of :func:`_row_desc` (see :func:`_bwd_dkdv_step`)."""
@@ -569,8 +587,12 @@ def _bwd_dkdv_program(
     e_end = tl.load(p_off + 1).to(tl.int64)
     p_entry = kt_entry + i_bhkv * N_ENTRY
 
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if TRANS:
+        b_dk = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        b_dv = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    else:
+        b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if MASK:
         # Entries ascend by (query head, group), and within a head the groups' limits ascend:
         # per head, groups below g_read read none of this tile (filler units), groups from
@@ -586,22 +608,26 @@ def _bwd_dkdv_program(
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_read * n_mt, e_free * n_mt,
                 i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True, TMA,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, True, TMA, TRANS,
             )
             b_dk, b_dv = _bwd_dkdv_loop(
                 q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_free * n_mt, e_head * n_mt,
                 i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA,
+                G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA, TRANS,
             )
             i_rep += 1
     else:
         b_dk, b_dv = _bwd_dkdv_loop(
             q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, e_start * n_mt, e_end * n_mt,
             i_b, i_hkv, H, HKV, S_Q, NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF,
-            G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA,
+            G, INTERPRET, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, False, TMA, TRANS,
         )
-    tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
-    tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
+    if TRANS:
+        tl.store(dk + o_kv, tl.trans(b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
+        tl.store(dv + o_kv, tl.trans(b_dv).to(dv.dtype.element_ty), mask=m_d[None, :])
+    else:
+        tl.store(dk + o_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_d[None, :])
+        tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_d[None, :])
 
 
 def _pow2_tile(n: int, cap: int) -> int:
@@ -935,9 +961,17 @@ def _backward_kv_major(
 
 
 def _dkdv_config(g: int, kvb: int, options: KernelOptions) -> dict:
-    return _tuned(
+    cfg = _tuned(
         "dkdv", dict(BLOCK_M=_pow2_tile(g, 64), BLOCK_N=_pow2_tile(kvb, 64), num_warps=4, num_stages=2), options
     )
+    # Key tiles narrower than 64 (key units of 16 or 32): with the key tile as the row count of
+    # S^T, dP^T, dK and dV, Hopper's warp-group MMA (64 rows per warp group of 4 warps) does not
+    # apply and Triton lowers the four matmuls to mma.sync; transposed, their rows are the query
+    # tile and the head dim. H200 before the change (S=64k, D=128, G=64, 90%): the backward took
+    # 39.3 ms at kv_block 32 and 51.6 at 16 against 25.0 at 64 (attention_h200_20261130_granularity).
+    trans = options.dkdv_transposed
+    cfg["TRANS"] = cfg["BLOCK_N"] < 64 if trans is None else trans
+    return cfg
 
 
 class _SparseAttention(torch.autograd.Function):
