@@ -8,7 +8,7 @@
 #   3. benchmarks/profile_cost.py under the token-causal mask (issue 19: the masked predictor
 #      statistics batched over prefix segments since a1ebf72), then the chunk-causal one.
 # Alone: run(command="DSV_COMMIT=<sha> bash benchmarks/run_gpu_speed_checks.sh", kind="nvidia-h200",
-#   carry=[".whl"]); run_gpu_causal_speed_x2.sh runs it on the second GPU of an x2 call.
+#   carry=[".whl"]) (ran so at f46bdfb; an x2 call pairing it with the causal GPT run was refused).
 # Writes $OUT/learned_speed_<n>.json, profile_cost_{causal,chunk}.json, speed_checks_logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
