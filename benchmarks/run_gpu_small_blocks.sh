@@ -4,7 +4,8 @@
 # 1. the kernel tests on CUDA (tests/ops/test_sparse_attention_triton.py, test_causal_triton.py:
 #    bf16 GPU tests at kv_block 16/32/64, both dk/dv orientations, masked kv_block 32);
 # 2. benchmarks/attention.py at H=16, S=64k, D=128, 90% sparse, key blocks 64/32/16 x query groups
-#    64/32: selection + forward + backward against cuDNN dense, each checked against the fp32
+#    64/32, then token keys (kv_block 1, issue 15 item 4): selection + forward + backward against
+#    cuDNN dense, each checked against the fp32
 #    reference first (the table of issue 15 item 5, with this commit's kernels);
 # 3. benchmarks/attention.py --sweep --sweep-kernels dkdv at key blocks 32 and 16 (G=64): the dk/dv
 #    kernel's variants, KernelOptions.dkdv_transposed off and on next to each other, until the
@@ -26,7 +27,7 @@ timeout --kill-after=10 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider
 echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
 budget=$(( CALL_LIMIT - (SECONDS - START) - 200 ))
 timeout --kill-after=10 $(( budget + 60 )) python3 benchmarks/attention.py --seqlens 65536 --head-dims 128 \
-  --sparsities 0.9 --kv-blocks 64,32,16 --group-sizes 64,32 --no-cudnn-block-sparse --flex-blocks '' \
+  --sparsities 0.9 --kv-blocks 64,32,16,1 --group-sizes 64,32 --no-cudnn-block-sparse --flex-blocks '' \
   --time-budget-s "$budget" --out "$OUT/attention_$tag.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $((SECONDS - START)) s"
 grep -v -i warn "$OUT/bench.log" | tail -30
