@@ -65,8 +65,9 @@ for lane in 0 1; do echo "=== lane $lane (exit code ${rcs[lane]})"; cat "$ROOT/l
 DSV_COMMIT=${DSV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 benchmarks/causal_gpt_seeds_report.py "$ROOT/lane0" "$ROOT/lane1" --json "$ROOT/causal_gpt_seeds.json" \
   --md "$ROOT/causal_gpt_seeds.md" --note "pretrain_gpt.py on Megatron-LM f8837c04 + patches, megatron_dsv $DSV_COMMIT, \
-two lanes of one $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$ROOT/lane0/env.txt" 2>/dev/null) host; \
-$(grep -m1 "^data: " "$ROOT/lane0/env.txt" 2>/dev/null | sed 's/ {.*//'); $(grep -m1 "^flags: " "$ROOT/lane0/env.txt" 2>/dev/null)"
+two lanes, one GPU each (GPU 0 and 1 of one host: $(grep -m1 -E "^NVIDIA |CPU_SMOKE" "$ROOT/lane0/env.txt" 2>/dev/null)); \
+$(grep -m1 "^data: " "$ROOT/lane0/env.txt" 2>/dev/null | sed 's/ {.*//'); \
+$(grep -m1 "^flags: " "$ROOT/lane0/env.txt" 2>/dev/null | sed 's/ per job of JOBS=([^)]*)/ per job/'); jobs: lane 0 ($LANE0), lane 1 ($LANE1)"
 rc=$?
 echo "call: $(($(date +%s) - START)) s, lanes exit ${rcs[*]}, report exit $rc"
 (cd "$ROOT" && tar czf logs.tar.gz --remove-files lane0 lane1 $(ls make.txt 2>/dev/null))
