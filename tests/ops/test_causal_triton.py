@@ -87,10 +87,11 @@ CASES = [
     pytest.param(1, 2, 1, 128, 32, 32, 32, CAUSAL, ["need", 3], {"tma": True}, id="block32-contig-causal-tma"),
     pytest.param(1, 2, 2, 128, 32, 32, 32, chunk(64), ["need", "all"], {"tma": True}, id="block32-chunk64-tma"),
     pytest.param(1, 2, 2, 256, 32, 64, 64, CAUSAL, ["need", 3], {"tma": True}, id="block64-g64-causal-tma"),
-    # KernelOptions.dkdv_transposed: on by default for the 16- and 32-key tiles above; here the other
-    # orientation of each
+    # KernelOptions.dkdv_transposed: off by default for the 32-row query tiles above (G=32), on for
+    # 16- and 32-key tiles with 64-row query tiles (the last case); the other orientation of each
     pytest.param(1, 4, 2, 128, 32, 32, 16, CAUSAL, ["need", 3, 5, "all"], {"tune": KEY_TILES16, "dkdv_transposed": False}, id="block16-causal-untransposed"),
     pytest.param(1, 2, 2, 256, 32, 64, 64, chunk(96), ["need", 3], {"dkdv_transposed": True}, id="block64-chunk96-transposed"),
+    pytest.param(1, 4, 2, 256, 32, 64, 32, CAUSAL, ["need", 3, 6, "all"], {}, id="block32-g64-causal-transposed-default"),
 ]
 
 

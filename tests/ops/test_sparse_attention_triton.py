@@ -141,9 +141,14 @@ def test_dkdv_orientations_match_reference(kvb, fused, transposed, poisoned):
 
 
 def test_dkdv_transposed_default_follows_the_key_tile():
-    """None (the default) transposes where the dk/dv key tile is narrower than 64 keys."""
+    """None (the default) transposes where the dk/dv key tile is narrower than 64 keys and the
+    query tile has 64 rows; num_stages 1 with it is refused (an illegal memory access on an H200)."""
     for kvb, want in [(16, True), (32, True), (48, True), (64, False), (128, False)]:
         assert sa_triton._dkdv_config(64, kvb, KernelOptions())["TRANS"] is want, kvb
+        assert sa_triton._dkdv_config(32, kvb, KernelOptions())["TRANS"] is False, kvb
+    with pytest.raises(ValueError, match="num_stages 1 hit an illegal memory access .*dkdv_transposed=False"):
+        sa_triton._dkdv_config(64, 32, KernelOptions(tune={"dkdv": {"num_stages": 1}}))
+    assert sa_triton._dkdv_config(64, 64, KernelOptions(tune={"dkdv": {"num_stages": 1}}))["TRANS"] is False
     assert sa_triton._dkdv_config(64, 64, KernelOptions(tune={"dkdv": {"BLOCK_N": 32}}))["TRANS"] is True
     assert sa_triton._dkdv_config(64, 16, KernelOptions(dkdv_transposed=False))["TRANS"] is False
     with pytest.raises(TypeError, match="dkdv_transposed must be None"):
@@ -393,3 +398,6 @@ def test_key_units_of_32_get_contiguous_32_key_tiles(d):
             assert (sa_triton._contig(kvb, fwd, opts), sa_triton._contig(kvb, dq, opts)) == (kvb != 16, kvb % dq == 0)
             if kvb in (32, 96):
                 assert dq == 32
+        # 32-row query tiles (G=32): the gathered 64-key tiles, unless the index is masked
+        assert sa_triton._fwd_config(32, d, dtype, 32, opts)["BLOCK_N"] == 64
+        assert sa_triton._fwd_config(32, d, dtype, 32, opts, masked=True)["BLOCK_N"] == 32

@@ -643,14 +643,16 @@ def _tuned(kind: str, cfg: dict, options: KernelOptions) -> dict:
     return cfg
 
 
-def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int, options: KernelOptions):
+def _fwd_config(g: int, d: int, dtype: torch.dtype, kvb: int, options: KernelOptions, masked: bool = False):
     block_m = _pow2_tile(g, 128 if d <= 64 else 64)
     block_n = 64 if d <= 128 else 32
-    if dtype == torch.float32 or (kvb % block_n and kvb % 32 == 0):
-        # key units of 32 (or 96, ...): 32-key tiles, each one contiguous run, instead of 64-key
-        # tiles gathered per token. Predicted, not yet timed at kv_block 32: these are the loads
-        # of the H200 sweep's 32-key tiles on 64-key blocks (forward 9.34 vs 9.11 ms with 64-key
-        # tiles, 487e6f3), where the gathered 64-key tiles of kv_block 32 ran x4.32 against x6.33.
+    if dtype == torch.float32 or (kvb % block_n and kvb % 32 == 0 and (block_m >= 64 or masked)):
+        # Key units of 32 (or 96, ...): 32-key tiles, each one contiguous run, instead of 64-key
+        # tiles gathered per token, where the query tile has 64 rows. H200, S=64k, D=128, 90%,
+        # kv_block 32: forward 8.55 ms at G=64 (c21a846, tma on) against 10.04 gathered (f8d3904),
+        # but 24.08 against 20.90 at G=32, whose 32x32 score tiles are too small: G=32 keeps the
+        # gathered tiles unless the index is masked (gathered tiles over partial units are refused,
+        # masked_tile_problem).
         block_n = 32
     num_warps = 4 if block_m <= 64 else 8
     # Contiguous key blocks: 4 stages 8.81 ms vs 3 stages 8.94 ms (H100, S=64k, D=128, 90%); the
@@ -681,7 +683,7 @@ def masked_tile_problem(index: SparseIndex, head_dim: int, dtype: torch.dtype, o
     """
     if index.mask is None or index.kv_block == 1:
         return None
-    tiles = {"forward": _fwd_config(index.group_size, head_dim, dtype, index.kv_block, options)["BLOCK_N"],
+    tiles = {"forward": _fwd_config(index.group_size, head_dim, dtype, index.kv_block, options, masked=True)["BLOCK_N"],
              "dq": _dq_config(index.group_size, head_dim, dtype, index.kv_block, options)["BLOCK_N"]}
     small = {kernel: n for kernel, n in tiles.items() if index.kv_block < n}
     if not small:
@@ -868,7 +870,7 @@ def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbh
     g, kvb = index.group_size, index.kv_block
     gq, kmax = kv_idx.shape[2], kv_idx.shape[3]
     mask, chunk, q_off = _mask_args(index)
-    cfg = _fwd_config(g, d, q.dtype, kvb, options)
+    cfg = _fwd_config(g, d, q.dtype, kvb, options, masked=index.mask is not None)
     contig = _contig(kvb, cfg["BLOCK_N"], options)
     tma = contig and _tma_head_dim(d) and _tma_wanted(options, k, v)
     k_in, v_in = _tma_pair(k, v, "k/v", cfg["BLOCK_N"], tma)
@@ -967,10 +969,19 @@ def _dkdv_config(g: int, kvb: int, options: KernelOptions) -> dict:
     # Key tiles narrower than 64 (key units of 16 or 32): with the key tile as the row count of
     # S^T, dP^T, dK and dV, Hopper's warp-group MMA (64 rows per warp group of 4 warps) does not
     # apply and Triton lowers the four matmuls to mma.sync; transposed, their rows are the query
-    # tile and the head dim. H200 before the change (S=64k, D=128, G=64, 90%): the backward took
-    # 39.3 ms at kv_block 32 and 51.6 at 16 against 25.0 at 64 (attention_h200_20261130_granularity).
+    # tile and the head dim, which pays where the query tile has 64 rows. H200, S=64k, D=128, 90%
+    # (c21a846): dk/dv 22.7 ms transposed vs 29.7 at kv_block 32, G=64; the backward 41.1 vs 51.6
+    # ms at kv_block 16, G=64; but at G=32 (32-row query tiles) 73.4 vs 59.8 (kv_block 32) and 89.9
+    # vs 72.0 ms (kv_block 16), so those keep the keys as rows.
     trans = options.dkdv_transposed
-    cfg["TRANS"] = cfg["BLOCK_N"] < 64 if trans is None else trans
+    cfg["TRANS"] = (cfg["BLOCK_N"] < 64 <= cfg["BLOCK_M"]) if trans is None else trans
+    if cfg["TRANS"] and cfg["num_stages"] < 2:
+        raise ValueError(
+            f"KernelOptions: the transposed dk/dv kernel (dkdv_transposed, on for key tiles of "
+            f"{cfg['BLOCK_N']} with query tiles of {cfg['BLOCK_M']}) at num_stages "
+            f"{cfg['num_stages']} hit an illegal memory access on an H200 (kv_block 32, G=64, "
+            f"D=128, c21a846); tune dkdv num_stages >= 2 or set dkdv_transposed=False."
+        )
     return cfg
 
 
