@@ -10,6 +10,8 @@
 # 3. benchmarks/attention.py --sweep --sweep-kernels dkdv at key blocks 32 and 16 (G=64): the dk/dv
 #    kernel's variants, KernelOptions.dkdv_transposed off and on next to each other, until the
 #    time budget (CALL_LIMIT - elapsed - 30 s) is spent.
+# Knobs: TESTS_S (0 skips step 1), BENCH_KVB / BENCH_G (step 2's key blocks and query groups),
+# SWEEP_KVB / SWEEP_KERNELS (step 3's key blocks and kernels).
 # Sizing (estimate): tests <= 150 s (cut there); step 2: 6 rows x (Triton compiles 10-20 s, fp32
 # check 2 s, timing 3 s) + dense 4 s, about 150 s; step 3 the rest, about 200 s.
 # $OUT: gpu.txt, tests.log, attention_h200_<date>_<commit>_small_blocks.json, bench.log,
@@ -22,19 +24,21 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSV_COMMIT=${DSV_COMMIT:-unknown} DSV_
 tag="h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}_small_blocks"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout --kill-after=10 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider \
-  tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py > "$OUT/tests.log" 2>&1
-echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
+if [ "${TESTS_S:-150}" != 0 ]; then
+  timeout --kill-after=10 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider \
+    tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py > "$OUT/tests.log" 2>&1
+  echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
+fi
 budget=$(( CALL_LIMIT - (SECONDS - START) - 200 ))
 timeout --kill-after=10 $(( budget + 60 )) python3 benchmarks/attention.py --seqlens 65536 --head-dims 128 \
-  --sparsities 0.9 --kv-blocks 64,32,16,1 --group-sizes 64,32 --no-cudnn-block-sparse --flex-blocks '' \
+  --sparsities 0.9 --kv-blocks ${BENCH_KVB:-64,32,16,1} --group-sizes ${BENCH_G:-64,32} --no-cudnn-block-sparse --flex-blocks '' \
   --time-budget-s "$budget" --out "$OUT/attention_$tag.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $((SECONDS - START)) s"
 grep -v -i warn "$OUT/bench.log" | tail -30
 budget=$(( CALL_LIMIT - (SECONDS - START) - 30 ))
 echo "sweep: time budget ${budget} s"
-timeout --kill-after=10 $(( budget + 20 )) python3 benchmarks/attention.py --sweep --sweep-kernels dkdv \
-  --seqlens 65536 --head-dims 128 --sparsities 0.9 --kv-blocks 32,16 --group-sizes 64 --no-check \
+timeout --kill-after=10 $(( budget + 20 )) python3 benchmarks/attention.py --sweep --sweep-kernels ${SWEEP_KERNELS:-dkdv} \
+  --seqlens 65536 --head-dims 128 --sparsities 0.9 --kv-blocks ${SWEEP_KVB:-32,16} --group-sizes 64 --no-check \
   --time-budget-s "$budget" --out "$OUT/attention_sweep_$tag.json" > "$OUT/sweep.log" 2>&1
 echo "sweep rc=$? after $((SECONDS - START)) s"
 grep -v -i warn "$OUT/sweep.log" | tail -40
