@@ -18,7 +18,9 @@ Backward:
 - dk/dv, block granularity (``kv_block`` a multiple of 16): key-major. The index is transposed
   once per backward into per-key-unit lists of (query head, query group) entries (a stable sort
   of the ``[B, H_kv, H/H_kv * Gq * Kmax]`` unit ids), and one program per (b, h_kv, key tile)
-  accumulates dk/dv in registers over its list: no atomics, deterministic.
+  accumulates dk/dv in registers over its list: no atomics, deterministic. Key tiles narrower than
+  64 keys with 64-row query tiles accumulate dK^T and dV^T instead (``TRANS``, see
+  :func:`_dkdv_config`), so the key tile is never the row count of a matmul.
 - dk/dv, token granularity (and small blocks): a key tile holds keys of unrelated groups, so no
   common query set exists to make a dense key-major tile; the dq program instead scatters its
   ``P^T dO`` and ``dS^T Q`` partial tiles with fp32 atomics into fp32 buffers (cast at the end).
