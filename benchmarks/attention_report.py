@@ -161,7 +161,7 @@ def targets(rows: Sequence[Dict]) -> List[Dict]:
         res.append({"target": name, "met": None, "detail": "no row with a timed peer"})
     else:
         res.append({"target": name, "met": not slower, "rows_compared": compared, "rows_slower": slower,
-                    "detail": (f"{compared - len(slower)} of {compared} rows; slower on: " + "; ".join(slower))
+                    "detail": (f"slower on {len(slower)} of {compared} rows: " + "; ".join(slower))
                     if slower else f"all {compared} rows"})
     return res
 

@@ -311,9 +311,19 @@ class FlexPeer:
         return self._compiled
 
     def _limits(self):
-        import torch._dynamo
+        """Compile settings for a call: the recompile limit above, and no donated buffers. AOT
+        autograd compiles the backward at the first forward and by default lets it free ("donate")
+        saved activations, which then refuses ``backward(retain_graph=True)``, the way the timing
+        repeats one backward (every Flex row failed so on an H200 at f17f4b1)."""
+        import contextlib
 
-        return torch._dynamo.config.patch(recompile_limit=self.recompile_limit, fail_on_recompile_limit_hit=True)
+        import torch._dynamo
+        import torch._functorch.config
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=self.recompile_limit, fail_on_recompile_limit_hit=True))
+        stack.enter_context(torch._functorch.config.patch(donated_buffer=False))
+        return stack
 
     def attention(self, index: SparseIndex) -> SparseFn:
         """``fn(q, k, v) -> (out, lse)`` over ``index`` (natural-log LSE, as FlexAttention returns)."""

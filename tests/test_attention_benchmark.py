@@ -64,7 +64,7 @@ def test_targets_met_and_missed_with_numbers():
     # D=128 90%: cuDNN x7.5 (flex x9.0 failed its check) < ours x8.5; D=128 95%: cuDNN x14.5 > x14.0;
     # D=64 90%: flex-128 x8.0 > x7.9; D=64 95%: no timed peer, not compared
     assert peer["met"] is False and peer["rows_compared"] == 3
-    assert len(peer["rows_slower"]) == 2
+    assert len(peer["rows_slower"]) == 2 and peer["detail"].startswith("slower on 2 of 3 rows: ")
     assert "D=128 0.95: ours x14.00 vs cuDNN block-sparse 64x64 x14.50" in peer["rows_slower"][0] + peer["rows_slower"][1]
 
 
@@ -235,3 +235,18 @@ def test_cpu_smoke_time_budget_skips_are_rows(tmp_path):
     assert [(r["kind"], r["S"], r["D"]) for r in data["rows"]] == [("shape", 128, 32)]
     assert data["rows"][0]["skipped"].startswith("time budget")
     assert "skipped (time budget)" in stdout
+
+
+def test_flex_calls_compile_without_donated_buffers():
+    """The timing repeats one backward (retain_graph=True), which a compiled backward with donated
+    buffers refuses: every Flex row failed so on an H200 (f17f4b1). A Flex call compiles without."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    from benchmarks.sparse_peers import FlexPeer
+
+    before = (torch._functorch.config.donated_buffer, torch._dynamo.config.recompile_limit)
+    with FlexPeer(recompile_limit=64)._limits():
+        assert torch._functorch.config.donated_buffer is False
+        assert torch._dynamo.config.recompile_limit == 64 and torch._dynamo.config.fail_on_recompile_limit_hit
+    assert (torch._functorch.config.donated_buffer, torch._dynamo.config.recompile_limit) == before
