@@ -305,25 +305,22 @@ class FlexPeer:
 
     def _fn(self):
         if self._compiled is None:
+            import torch._functorch.config
             from torch.nn.attention.flex_attention import flex_attention
 
+            # Process-wide, on purpose: AOT autograd lets a compiled backward free ("donate") saved
+            # activations, and then refuses ``backward(retain_graph=True)``, the way the timing
+            # repeats one backward. The refusal is checked when the backward runs, against the
+            # global setting (a graph compiled under a patch still fails: every Flex row of
+            # 283790d did), so the benchmark process turns donation off before the first compile.
+            torch._functorch.config.donated_buffer = False
             self._compiled = torch.compile(flex_attention, dynamic=False)
         return self._compiled
 
     def _limits(self):
-        """Compile settings for a call: the recompile limit above, and no donated buffers. AOT
-        autograd compiles the backward at the first forward and by default lets it free ("donate")
-        saved activations, which then refuses ``backward(retain_graph=True)``, the way the timing
-        repeats one backward (every Flex row failed so on an H200 at f17f4b1)."""
-        import contextlib
-
         import torch._dynamo
-        import torch._functorch.config
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch._dynamo.config.patch(recompile_limit=self.recompile_limit, fail_on_recompile_limit_hit=True))
-        stack.enter_context(torch._functorch.config.patch(donated_buffer=False))
-        return stack
+        return torch._dynamo.config.patch(recompile_limit=self.recompile_limit, fail_on_recompile_limit_hit=True)
 
     def attention(self, index: SparseIndex) -> SparseFn:
         """``fn(q, k, v) -> (out, lse)`` over ``index`` (natural-log LSE, as FlexAttention returns)."""
