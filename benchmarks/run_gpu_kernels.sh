@@ -14,6 +14,8 @@
 #       four small wheels), both added to .git/info/exclude; prints each call's size.
 #   call 1: run(command="PHASE=stage1 bash benchmarks/run_gpu_kernels.sh", carry=[".whl_k1"], timeout_s=120)
 #   call 2: run(command="PHASE=run DSV_COMMIT=<sha> bash benchmarks/run_gpu_kernels.sh", carry=[".whl_k2"], timeout_s=540)
+#   or, for the cuDNN backend's tests with the frontend installed (about 60 s):
+#   call 2: run(command="PHASE=tests CALL_LIMIT=150 bash benchmarks/run_gpu_kernels.sh", carry=[".whl_k2"], timeout_s=160)
 # Call 2 reassembles the wheel in /tmp, checks its md5, installs all six with pip --target (their
 # .pth is not read then, so dsl_packages goes on PYTHONPATH by hand) and runs the benchmark. If
 # call 1's files are gone (the machine went back between the calls), call 2 exits 2 before any
@@ -36,7 +38,7 @@
 # 'skipped' row (64k first, so the target rows come first), and a hard timeout 20 s before the
 # end so the report is still written (the JSON is rewritten atomically after every row).
 set -uo pipefail
-PHASE=${PHASE:?set PHASE=prep (here), stage1 or run (device)}
+PHASE=${PHASE:?set PHASE=prep (here), stage1, run or tests (device)}
 STAGE=/tmp/dsv_kernels_stage
 SITE=/tmp/dsv_kernels_site
 CU13=nvidia_cutlass_dsl_libs_cu13
@@ -93,7 +95,7 @@ stage1)
     ls -l "$STAGE"
     echo "staged; issue PHASE=run with carry [.whl_k2] now"
     ;;
-run)
+run|tests)
     START=$SECONDS
     CALL_LIMIT=${CALL_LIMIT:-540}
     if ! compgen -G "$STAGE/*.part1" > /dev/null; then
@@ -112,6 +114,15 @@ run)
     python3 -c "import cudnn, torch; from megatron_dsv.ops.sparse_attention.cudnn import cudnn_import_error as e; \
 print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version(), 'torch', torch.__version__, 'import error', e())" \
         2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
+    if [ "$PHASE" = tests ]; then
+        # the cuDNN backend's tests with the frontend installed: GPU (bf16) and the CPU-marked ones,
+        # which run on CUDA when it is there
+        timeout --kill-after=10 $(( CALL_LIMIT - (SECONDS - START) - 15 )) python3 -m pytest -q -p no:cacheprovider \
+            tests/gpu/test_cudnn_backend.py tests/ops/test_cudnn_backend_cpu.py > "$OUT/cudnn_tests.log" 2>&1
+        rc=$?
+        echo "cudnn tests rc=$rc after $((SECONDS - START)) s"; tail -15 "$OUT/cudnn_tests.log"
+        exit $rc
+    fi
     json="$OUT/attention_h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}.json"
     budget=$(( CALL_LIMIT - (SECONDS - START) - ${MARGIN_S:-100} ))
     hard=$(( CALL_LIMIT - (SECONDS - START) - 20 ))
@@ -129,7 +140,7 @@ print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version(), '
     fi
     ;;
 *)
-    echo "PHASE must be prep, stage1 or run, got $PHASE" >&2
+    echo "PHASE must be prep, stage1, run or tests, got $PHASE" >&2
     exit 1
     ;;
 esac
