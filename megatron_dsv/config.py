@@ -270,8 +270,10 @@ class DSVConfig:
     """Key granularity in tokens: n selects contiguous blocks of n keys (in cube-major order a block
     of 64 is a 4x4x4 cube), 1 selects single keys. 64: at equal recall it is the fastest on the
     H200 (a trained 16k DiT needs density 0.153 for recall 0.9 at 64-key blocks, 0.079 per token;
-    the kernels at S=64k, D=128, density 0.1 run x6.45 over cuDNN dense with 64-key blocks and
-    64-token groups, x1.38 per token on an H100), README "Granularity by measurement"."""
+    the kernels at S=64k, D=128, density 0.1 run x7.04 over cuDNN dense with 64-key blocks and
+    64-token groups, x1.36 with single keys), README "Granularity by measurement". Megatron's
+    arguments refuse 1 outside dense mode (``validate_dsv_args``); this config keeps it for
+    CPU-sized models and tests."""
 
     dsv_causal_chunk: int = knob(0, Int(0))
     """Chunk-causal attention for autoregressive video: tokens attend fully inside a chunk of this

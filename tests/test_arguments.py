@@ -156,8 +156,8 @@ def test_speed_table_checked_before_the_model(tmp_path):
     table = tmp_path / "speed.json"
     rows = [{"kind": "dsv_kvb64", "kv_block": 64, "S": 16384, "D": 128, "sparsity": 0.9, "speedup_fwd_bwd": 4.0}]
     table.write_text(json.dumps({"rows": rows}))
-    with pytest.raises(ValueError, match="no DSV rows .* for kv_block=1; write one with benchmarks/attention.py"):
-        validate_dsv_args(namespace(["--dsv-speed-table", str(table), "--dsv-kv-block", "1"]))
+    with pytest.raises(ValueError, match="no DSV rows .* for kv_block=32; write one with benchmarks/attention.py"):
+        validate_dsv_args(namespace(["--dsv-speed-table", str(table), "--dsv-kv-block", "32"]))
     assert validate_dsv_args(namespace(["--dsv-speed-table", str(table)])).dsv_kv_block == 64
     # the two rules are no files: measure (the default) and assume
     assert validate_dsv_args(namespace([])).dsv_speed_table == "measure"
@@ -206,3 +206,13 @@ def test_cp_calibration_file_is_checked_before_the_model_is_built(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="is not a calibration file.*calibrate_cp"):
         validate_dsv_args(namespace(["--dsv-cp-calibration", str(bad)], context_parallel_size=2))
+
+
+def test_single_keys_are_not_a_training_option():
+    """Issue 15 item 4: --dsv-kv-block 1 is refused outside dense mode, with the measurement and the
+    resume path for a checkpoint trained with single keys; dense mode and key blocks pass."""
+    with pytest.raises(ValueError, match=r"--dsv-kv-block 1 \(single keys\) is not offered for training.*x1.36"
+                                         r".*--dsv-kv-block 64 --dsv-on-resume reset"):
+        validate_dsv_args(namespace(["--dsv-kv-block", "1"]))
+    assert validate_dsv_args(namespace(["--dsv-kv-block", "1", "--dsv-mode", "dense"])).dsv_kv_block == 1
+    assert validate_dsv_args(namespace(["--dsv-kv-block", "16"])).dsv_kv_block == 16

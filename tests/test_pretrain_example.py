@@ -82,7 +82,7 @@ import pretrain_video_dit as p
 argv = ["--dit-config", "tiny", "--latent-shape", "4x6x8x8", "--micro-batch-size", "2",
         "--train-iters", "5", "--lr", "1e-3", "--dsv-query-group", "2x2x4", "--use-cpu-initialization",
         "--dit-num-classes", "3", "--dsv-predictor-rank", "8", "--num-workers", "0", "--dsv-causal-chunk", "2",
-        "--eval-iters", "2", "--val-t-quantiles", "2", "--dsv-kv-block", "1"]  # 96 tokens: no whole 64-key blocks
+        "--eval-iters", "2", "--val-t-quantiles", "2", "--dsv-kv-block", "16"]  # 96 tokens: 6 blocks of 16
 defaults, extra = p._pre_parse(argv)
 sys.argv = ["pretrain_video_dit.py"] + argv + extra
 from megatron.training.arguments import parse_and_validate_args
@@ -194,7 +194,7 @@ def _example_cp_rank(rank, world, root, causal=False):
             "--dit-num-classes", "3", "--dsv-predictor-rank", "8", "--context-parallel-size", str(world),
             "--dsv-cp-split", "auto", "--num-workers", "0",
             "--dsv-predictor-fit", "gradient"]  # the predictor's auxiliary-loss gradient under CP
-    argv += ["--dsv-causal-chunk", "2", "--dsv-kv-block", "1"] if causal else []  # 96 tokens: no whole 64-key blocks
+    argv += ["--dsv-causal-chunk", "2", "--dsv-kv-block", "16"] if causal else []  # 96 tokens: 3 blocks of 16 per rank
     defaults, extra = p._pre_parse(argv)
     sys.argv = ["pretrain_video_dit.py"] + argv + extra
     args = parse_and_validate_args(extra_args_provider=p.add_video_args, args_defaults=defaults)

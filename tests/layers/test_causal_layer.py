@@ -230,7 +230,7 @@ def test_masked_layer_refuses_triton_for_blocks_below_the_key_tile(megatron_stat
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     block = build(causal=True, dsv_mode="sparse", dsv_backend="triton", dsv_query_group=(2, 2, 4), dsv_kv_block=16, num_layers=1)
     set_k(block, S // 16)
-    with pytest.raises(ValueError, match=r"kv_block 16 < its forward key tile 32 .*Use kv_block 1 or a multiple of 32"):
+    with pytest.raises(ValueError, match=r"kv_block 16 < its forward key tile 32 .*Use a multiple of 32 .*kv_block 1 \(Python API\)"):
         run(block, torch.randn(S, B, HID))
 
 

@@ -694,8 +694,8 @@ def masked_tile_problem(index: SparseIndex, head_dim: int, dtype: torch.dtype, o
     return (
         f"the Triton sparse attention does not run a {index.mask.kind} mask with kv_block "
         f"{index.kv_block} < its {kernel} key tile {block_n} (head dim {head_dim}, {dtype}): that case "
-        f"gave wrong outputs on a GPU. Use kv_block 1 or a multiple of {block_n} "
-        f"(--dsv-kv-block), or backend='reference'"
+        f"gave wrong outputs on a GPU. Use a multiple of {block_n} (--dsv-kv-block), "
+        f"kv_block 1 (Python API), or backend='reference'"
     )
 
 
