@@ -1122,7 +1122,6 @@ def reduced_rank_fit_exact(
         sum_t s_t^2``, the fraction of the weighted energy the optimum misses.
     """
     _check_fit_args(c_q, c_k, rank, eps)
-    d = c_q.shape[-1]
     c_q, c_k = c_q.double(), c_k.double()
     for name, c in (("c_q", c_q), ("c_k", c_k)):
         if not bool((c.diagonal(dim1=-2, dim2=-1).sum(-1) > 0).all()):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from megatron_dsv.layers.predictor import (
-    FIT_ITERATIONS,
     LowRankPredictor,
     ScoreMoments,
     predictor_loss,

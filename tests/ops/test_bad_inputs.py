@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets TRITON_INTERPRET first)
+from tests.ops.triton_env import CPU_OK, DEVICE  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from megatron_dsv.ops import choose_backend  # noqa: E402
 from megatron_dsv.ops.options import KernelOptions  # noqa: E402

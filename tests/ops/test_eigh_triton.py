@@ -8,7 +8,7 @@ repeated eigenvalue: eigenvalues, ``V diag(w) V^T = A`` and ``V^T V = I``. Outpu
 import pytest
 import torch
 
-from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets TRITON_INTERPRET first)
+from tests.ops.triton_env import CPU_OK, DEVICE  # noqa: F401  (sets TRITON_INTERPRET first)
 
 triton = pytest.importorskip("triton")
 

@@ -8,7 +8,7 @@ The kernel fills its output with -1 before writing, so an unwritten slot below K
 import pytest
 import torch
 
-from tests.ops.triton_env import CPU_OK, DEVICE, INTERPRET  # noqa: F401  (sets TRITON_INTERPRET first)
+from tests.ops.triton_env import CPU_OK, DEVICE  # noqa: F401  (sets TRITON_INTERPRET first)
 
 triton = pytest.importorskip("triton")
 

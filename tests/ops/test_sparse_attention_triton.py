@@ -18,7 +18,7 @@ from megatron_dsv.ops.selection import select_topk  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention import triton as sa_triton  # noqa: E402
 from megatron_dsv.ops.sparse_attention.naive import masked_dense_attention  # noqa: E402
-from megatron_dsv.ops.sparse_index import PAD, SparseIndex  # noqa: E402
+from megatron_dsv.ops.sparse_index import PAD  # noqa: E402
 
 
 def _index(b, h, s, g, kvb, k_per_head, device, seed=0):
