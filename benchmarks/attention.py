@@ -144,6 +144,13 @@ SWEEP = {
     # key-major dk/dv with dq by fp32 atomics in the same kernel (no separate dq kernel)
     "fused": [dict(num_warps=4, num_stages=2)],
 }
+# Selection kernels the sweep times at each sparsity: the one-program kernels, and the resident one
+# allowed 16 x 4096 scores (key blocks of 16 at 64k stream otherwise; KernelOptions).
+SELECTION_VARIANTS = {
+    "resident": KernelOptions(),
+    "stream": KernelOptions(select_fused_kind="stream"),
+    "resident_wide": KernelOptions(select_resident_max_scores=16 * 4096),
+}
 # SWEEP keys that pick a KernelOptions field rather than a tile: key -> (field, value when absent)
 SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False), "trans": ("dkdv_transposed", None)}
 
@@ -183,8 +190,7 @@ def sweep():
                     kh = int(k_from_sparsity(torch.tensor(sp), s // kvb))
                     for sp_sel in ARGS.sparsities:
                         kh_sel = int(k_from_sparsity(torch.tensor(sp_sel), s // kvb))
-                        for kind in ("resident", "stream"):
-                            sel_opts = KernelOptions(select_fused_kind=kind)
+                        for kind, sel_opts in SELECTION_VARIANTS.items():
                             t_sel = bench(lambda: select_topk(
                                 q_lr, k_lr, g, kh_sel, kv_block=kvb, backend="triton", options=sel_opts))
                             print(f"S={s} D={d} kvb={kvb} G={g} sp={sp_sel}: selection {kind} {t_sel:.2f} ms", flush=True)

@@ -62,6 +62,13 @@ class KernelOptions:
             S=64k, G=64: fused 1.6 ms at N=1024 (blocks of 64) vs 8.7 ms for the split path,
             whose ~10 passes each cost launches, PyTorch glue and a host sync. ``0`` forces the
             split path.
+        select_resident_max_scores: largest ``BLOCK_G x next_pow2(N)`` scores (``BLOCK_G`` >= 16)
+            one ``resident`` program holds in registers (16 warps: 64 fp32 registers per thread
+            at 16 x 2048); above it the ``stream`` kernel recomputes the scores every pass. At S=64k
+            that is up to key blocks of 32 (N=2048: 1.28 ms resident vs 2.79 stream, H200,
+            c21a846); key blocks of 16 (N=4096) stream, 6.0 ms, 13x the 0.45 ms of blocks of 64.
+            ``16 * 4096`` lets N=4096 stay resident (128 registers per thread for the scores):
+            not yet timed on a GPU.
         poison_outputs: fill freshly allocated outputs with NaN before the kernels write them.
         tma: load the tiles a key loop streams through tensor descriptors (host-side
             ``TensorDescriptor``, i.e. TMA on Hopper): K/V tiles in the forward and dq kernels
@@ -99,6 +106,7 @@ class KernelOptions:
     transpose_mark_max_bytes: int = 1 << 28
     select_fused_kind: str = "resident"
     select_fused_max_units: int = 4096
+    select_resident_max_scores: int = 16 * 2048
     poison_outputs: bool = False
     tma: Optional[bool] = None
     dkdv_transposed: Optional[bool] = None
@@ -109,7 +117,7 @@ class KernelOptions:
             raise ValueError(
                 f"KernelOptions.select_fused_kind must be one of {_FUSED_KINDS}, got {self.select_fused_kind!r}."
             )
-        for name in ("transpose_mark_max_bytes", "select_fused_max_units"):
+        for name in ("transpose_mark_max_bytes", "select_fused_max_units", "select_resident_max_scores"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"KernelOptions.{name} must be an int >= 0, got {value!r}.")

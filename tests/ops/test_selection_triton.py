@@ -95,3 +95,33 @@ def test_selection_gpu_large(kvb):
     proxy, units = group_proxies(q, g), pool_keys(k, kvb)
     a, r = _captured(got, proxy, units), _captured(ref, proxy, units)
     assert abs(a - r) <= 1e-5 * abs(r) + 1e-3
+
+
+@CPU_OK
+@pytest.mark.parametrize("max_scores,want", [(16 * 256, "resident"), (16 * 128, "stream"), (16 * 4096, "resident")])
+def test_resident_score_limit_picks_the_kernel(max_scores, want, monkeypatch):
+    """KernelOptions.select_resident_max_scores: N=256 units (next pow2 256) stay in registers up to
+    16 x 256 scores and stream below that; either way the index equals the reference."""
+    ran = []
+    for name in ("_resident_select_kernel", "_fused_select_kernel"):
+        kernel = getattr(sel_triton, name)
+
+        class Spy:
+            def __init__(self, name, kernel):
+                self.name, self.kernel = name, kernel
+
+            def __getitem__(self, grid):
+                ran.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(sel_triton, name, Spy(name, kernel))
+    torch.manual_seed(4)
+    q = torch.randn(1, 2, 1024, 16, device=DEVICE)
+    k = torch.randn(1, 2, 1024, 16, device=DEVICE)
+    opts = KernelOptions(select_resident_max_scores=max_scores)
+    got = select_topk(q, k, 64, [30, 200], kv_block=4, backend="triton", options=opts).validate()
+    ref = select_topk(q, k, 64, [30, 200], kv_block=4, backend="reference")
+    assert ran == ["_resident_select_kernel" if want == "resident" else "_fused_select_kernel"]
+    assert torch.equal(got.kv_idx, ref.kv_idx)
+    with pytest.raises(ValueError, match="select_resident_max_scores must be an int >= 0"):
+        KernelOptions(select_resident_max_scores=-1)

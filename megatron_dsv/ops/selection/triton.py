@@ -463,12 +463,6 @@ def _pool(x: torch.Tensor, p: int) -> torch.Tensor:
     return out
 
 
-# Largest ``BLOCK_G * next_pow2(N)`` scores one program keeps in registers (16 warps: 64 fp32
-# registers per thread at 16 x 2048); above it the streaming kernel recomputes scores per pass.
-# Which one-program kernel runs, and up to how many units, is KernelOptions.select_fused_*.
-_RESIDENT_MAX_SCORES = 16 * 2048
-
-
 def _config(num_units: int):
     """Group tile, unit tile, chunk of units per program, thresholds per pass, warps."""
     if _INTERPRET:
@@ -530,9 +524,11 @@ def select_topk_triton(
         chunk_t = 1 if mask.kind == "causal" else mask.chunk_tokens
         masked = dict(GROUP=group_size, KV_BLOCK=kv_block, Q_OFFSET=q_offset, CHUNK_T=chunk_t, MASK=True)
     fused = n <= options.select_fused_max_units
-    if fused and options.select_fused_kind == "resident" and 16 * n_pow2 <= _RESIDENT_MAX_SCORES:
+    # Which one-program kernel runs, and up to how many units and scores: KernelOptions.select_*.
+    max_scores = options.select_resident_max_scores
+    if fused and options.select_fused_kind == "resident" and 16 * n_pow2 <= max_scores:
         kv_idx = torch.full((b, h, gq, k_max), -1, device=dev, dtype=torch.int32)
-        block_g = max(16, min(64, _RESIDENT_MAX_SCORES // 2 // n_pow2, triton.next_power_of_2(gq)))
+        block_g = max(16, min(64, max_scores // 2 // n_pow2, triton.next_power_of_2(gq)))
         _resident_select_kernel[(triton.cdiv(gq, block_g), bh)](
             proxy, units, kv_count, kv_idx, gq, n, r, k_max, max_passes, **masked,
             T=3, BLOCK_G=block_g, N_POW2=n_pow2, BLOCK_R=max(16, triton.next_power_of_2(r)),
