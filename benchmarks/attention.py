@@ -241,11 +241,31 @@ def sweep():
                         print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms {split or ''}", flush=True)
                         log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t,
                                         kernels_ms=split))
+                        lost = cuda_context_lost()
+                        if lost:
+                            # an illegal memory access poisons the process's CUDA context: every later
+                            # variant would fail too (the transposed dk/dv at num_stages 1, c21a846)
+                            print(f"  sweep ended: {lost}", flush=True)
+                            log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="aborted",
+                                         reason=f"CUDA context lost after {kind} {cfg}: {lost}"))
+                            print(f"wrote {out}")
+                            return
                     del index
                     torch.cuda.empty_cache()
             del q, k, v, do
             torch.cuda.empty_cache()
     print(f"wrote {out}")
+
+
+def cuda_context_lost():
+    """Why the CUDA context no longer runs work (the first line of the error a synchronize raises),
+    or None."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+    except Exception as err:  # torch.AcceleratorError and kin: any error here means no more GPU work
+        return first_line(err)
+    return None
 
 
 def sweep_order(kvb: int, kernels=tuple(SWEEP)):

@@ -250,3 +250,19 @@ def test_flex_turns_off_donated_buffers_before_compiling(monkeypatch):
     assert torch._functorch.config.donated_buffer is True  # nothing changes before a Flex row
     peer._fn()
     assert torch._functorch.config.donated_buffer is False
+
+
+def test_cuda_context_lost_names_the_error(monkeypatch):
+    """The sweep ends with an 'aborted' row instead of a traceback once a variant has poisoned the
+    CUDA context (an illegal memory access ended the c21a846 sweep at torch.cuda.empty_cache)."""
+    from benchmarks import attention
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore text")
+
+    monkeypatch.setattr(attention.torch.cuda, "synchronize", broken)
+    assert attention.cuda_context_lost() == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    monkeypatch.setattr(attention.torch.cuda, "synchronize", lambda: None)
+    zeros = torch.zeros
+    monkeypatch.setattr(attention.torch, "zeros", lambda *a, **k: zeros(1))  # a CPU stand-in for the probe
+    assert attention.cuda_context_lost() is None
