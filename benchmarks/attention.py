@@ -135,7 +135,8 @@ SWEEP = {
            dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
            dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True)],
     "dkdv": [dict(), dict(tma=True),
-             # KernelOptions.dkdv_transposed (absent: the default, transposed below 64-key tiles)
+             # KernelOptions.dkdv_transposed (absent: the default, transposed for key tiles under 64
+             # with 64-row query tiles)
              dict(tma=True, trans=False), dict(tma=True, trans=True),
              dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=2, tma=True),
              dict(num_warps=4, num_stages=3), dict(num_warps=4, num_stages=3, tma=True),
@@ -274,7 +275,7 @@ def sweep_order(kvb: int, kernels=tuple(SWEEP)):
     its ``tma`` twin (the first two entries of every list); key-major kernels need kv_block % 16 == 0."""
     lists = [(kind, variants) for kind, variants in SWEEP.items()
              if kind in kernels and not (kind in ("dkdv", "fused") and kvb % 16)]
-    for i in range(max(len(v) for _, v in lists)):
+    for i in range(max((len(v) for _, v in lists), default=0)):
         for kind, variants in lists:
             if i < len(variants):
                 yield kind, variants[i]

@@ -187,6 +187,7 @@ def test_sweep_order_puts_every_kernels_defaults_and_tma_first():
     assert attention.sweep_options("dkdv", dict(tma=True, trans=False)) == KernelOptions(
         tma=True, dkdv_transposed=False, tune={"dkdv": {}})
     assert attention.sweep_options("dkdv", dict()).dkdv_transposed is None  # absent: the library default
+    assert list(attention.sweep_order(1, ("dkdv",))) == []  # token keys: no key-major kernel to sweep
 
 def _smoke(tmp_path, *extra):
     # a stand-in `cudnn` package that fails to import, whether or not the real one is installed
