@@ -1020,13 +1020,19 @@ def _segment_moments(q: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, to
     b, h = g.shape[:2]
     tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # [B, H]
     energy = ((q @ g) * q).sum(-1)  # [B, H, n] centred score energy of each row (up to scale^2)
-    # A row whose scores do not vary (q = 0, constant keys, or one readable key) carries no error
-    # to fit: weight 0.
-    valid = energy > 1e-12 * tr.unsqueeze(-1) * (q * q).sum(-1)
-    w = torch.where(valid, tr.unsqueeze(-1) / energy.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
-    c_q = torch.einsum("bhn,bhnd,bhne->hde", w, q, q)
+    c_q = _weighted_query_moment(q, energy, tr.unsqueeze(-1))
     safe_tr = tr.clamp(min=torch.finfo(torch.float64).tiny)
     return c_q, (g / safe_tr.view(b, h, 1, 1)).sum(0), tr
+
+
+def _weighted_query_moment(q: torch.Tensor, energy: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+    """``C_q`` ``[H, D, D]``: the sum over rows of ``(tr G / e) q q^T`` for rows ``q [B, H, n, D]``
+    with centred score energy ``e = q^T G q`` (``energy [B, H, n]``) against keys whose Gram has
+    trace ``tr`` (broadcast to ``[B, H, n]``). A row whose scores do not vary (q = 0, constant
+    keys, or one readable key) carries no error to fit: weight 0."""
+    valid = energy > 1e-12 * tr * (q * q).sum(-1)
+    w = torch.where(valid, tr / energy.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return torch.einsum("bhn,bhnd,bhne->hde", w, q, q)
 
 
 def _row_moments(part: SegmentRows, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1039,9 +1045,7 @@ def _row_moments(part: SegmentRows, q: torch.Tensor) -> Tuple[torch.Tensor, torc
     tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # [B, H_kv, m]
     tr_q = tr.repeat_interleave(h // g.shape[1], dim=1).index_select(2, part.segment)  # [B, H, n]
     energy = (part.times_gram(g, q) * q).sum(-1)  # [B, H, n]
-    valid = energy > 1e-12 * tr_q * (q * q).sum(-1)
-    w = torch.where(valid, tr_q / energy.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
-    c_q = torch.einsum("bhn,bhnd,bhne->hde", w, q, q)
+    c_q = _weighted_query_moment(q, energy, tr_q)
     count = torch.zeros(g.shape[2], dtype=g.dtype, device=g.device).index_add_(
         0, part.segment, torch.ones(n, dtype=g.dtype, device=g.device))
     safe_tr = tr.clamp(min=torch.finfo(torch.float64).tiny)
