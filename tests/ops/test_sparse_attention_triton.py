@@ -146,9 +146,15 @@ def test_dkdv_transposed_default_follows_the_key_tile():
     for kvb, want in [(16, True), (32, True), (48, True), (64, False), (128, False)]:
         assert sa_triton._dkdv_config(64, kvb, KernelOptions())["TRANS"] is want, kvb
         assert sa_triton._dkdv_config(32, kvb, KernelOptions())["TRANS"] is False, kvb
+    one_stage = KernelOptions(tune={"dkdv": {"num_stages": 1}})
+    q = torch.randn(1, 2, 128, 32, device=DEVICE)
     with pytest.raises(ValueError, match="num_stages 1 hit an illegal memory access .*dkdv_transposed=False"):
-        sa_triton._dkdv_config(64, 32, KernelOptions(tune={"dkdv": {"num_stages": 1}}))
-    assert sa_triton._dkdv_config(64, 64, KernelOptions(tune={"dkdv": {"num_stages": 1}}))["TRANS"] is False
+        sparse_attention(q, q, q, _index(1, 2, 128, 64, 32, [1, 2], DEVICE), backend="triton", options=one_stage)
+    assert sa_triton._dkdv_config(64, 64, one_stage)["TRANS"] is False
+    for kvb, opts in [(64, one_stage), (1, one_stage), (32, dataclasses.replace(one_stage, force_atomic_dkdv=True))]:
+        # no transposed dk/dv kernel runs there (64-key tiles; single keys and forced atomics take
+        # the dq kernel's atomics): nothing to refuse
+        sa_triton._check_dkdv_tiles(_index(1, 2, 128, 64, kvb, [1, 2], DEVICE), opts)
     assert sa_triton._dkdv_config(64, 64, KernelOptions(tune={"dkdv": {"BLOCK_N": 32}}))["TRANS"] is True
     assert sa_triton._dkdv_config(64, 16, KernelOptions(dkdv_transposed=False))["TRANS"] is False
     with pytest.raises(TypeError, match="dkdv_transposed must be None"):

@@ -907,8 +907,9 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
         cfg["num_stages"] = 3
     # descriptors before any kernel runs, so an input they refuse fails first
     k_in, v_in = _tma_pair(k, v, "k/v", cfg["BLOCK_N"], dq_tma)
-    q_in, do_in = _tma_pair(q, do, "q/do", _dkdv_config(g, kvb, options)["BLOCK_M"],
-                            kv_major and _tma_head_dim(d) and _tma_wanted(options, q, do))
+    dkdv_cfg = _dkdv_config(g, kvb, options) if kv_major else None
+    q_in, do_in = (_tma_pair(q, do, "q/do", dkdv_cfg["BLOCK_M"], _tma_head_dim(d) and _tma_wanted(options, q, do))
+                   if kv_major else (q, do))
     # d lse_i / d s_ij = p_ij, so an LSE gradient (context-parallel merges) only shifts delta.
     n_rows = out.numel() // out.shape[-1]
     delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
@@ -920,7 +921,7 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
     if fused:
         dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         dq32, dk, dv = _backward_kv_major(
-            q, k, v, do, lse, delta, dq32, index, scale, options, True, q_in, do_in,
+            q, k, v, do, lse, delta, dq32, index, scale, options, True, q_in, do_in, dkdv_cfg,
         )
         return dq32.to(q.dtype), dk, dv
     kv_idx, kv_count = index.kv_idx.contiguous(), index.kv_count.contiguous()
@@ -941,21 +942,22 @@ def _backward(q, k, v, out, lse, do, dlse, index: SparseIndex, scale, options: K
     )
     if not kv_major:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
-    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale, options, False, q_in, do_in)
+    return _backward_kv_major(q, k, v, do, lse, delta, dq, index, scale, options, False, q_in, do_in, dkdv_cfg)
 
 
 def _backward_kv_major(
     q, k, v, do, lse, delta, dq, index: SparseIndex, scale, options: KernelOptions, dq_atomic: bool, q_in, do_in,
+    cfg: dict,
 ):
     """dk/dv key-major; with ``dq_atomic`` also adds dq into the fp32 ``dq`` with atomics.
-    ``q_in``/``do_in``: q and do, or their row descriptors (``KernelOptions.tma``)."""
+    ``q_in``/``do_in``: q and do, or their row descriptors (``KernelOptions.tma``); ``cfg``: the
+    launch configuration of :func:`_dkdv_config`."""
     b, h, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
     g, kvb, gq = index.group_size, index.kv_block, index.num_groups
     offsets, entries = transpose_index(index, hkv, options)
     dk = _new(k.shape, k, options)
     dv = _new(v.shape, v, options)
-    cfg = _dkdv_config(g, kvb, options)
     n_units = index.num_kv_units
     grid = (n_units * (kvb // cfg["BLOCK_N"]), b * hkv)
     mask, chunk, q_off = _mask_args(index)
@@ -982,6 +984,15 @@ def _dkdv_config(g: int, kvb: int, options: KernelOptions) -> dict:
     # vs 72.0 ms (kv_block 16), so those keep the keys as rows.
     trans = options.dkdv_transposed
     cfg["TRANS"] = (cfg["BLOCK_N"] < 64 <= cfg["BLOCK_M"]) if trans is None else trans
+    return cfg
+
+
+def _check_dkdv_tiles(index: SparseIndex, options: KernelOptions) -> None:
+    """Refuse, before any kernel runs, a dk/dv tuning that crashed: where the key-major dk/dv kernel
+    runs (:func:`_kv_major_ok`) transposed at one pipeline stage."""
+    if not _kv_major_ok(index, options):
+        return
+    cfg = _dkdv_config(index.group_size, index.kv_block, options)
     if cfg["TRANS"] and cfg["num_stages"] < 2:
         raise ValueError(
             f"KernelOptions: the transposed dk/dv kernel (dkdv_transposed, on for key tiles of "
@@ -989,7 +1000,6 @@ def _dkdv_config(g: int, kvb: int, options: KernelOptions) -> dict:
             f"{cfg['num_stages']} hit an illegal memory access on an H200 (kv_block 32, G=64, "
             f"D=128, c21a846); tune dkdv num_stages >= 2 or set dkdv_transposed=False."
         )
-    return cfg
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -1028,6 +1038,7 @@ def sparse_attention_triton(
     """
     _check_group(index)
     _check_masked_tiles(index, q, options)
+    _check_dkdv_tiles(index, options)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _SparseAttention.apply(q, k, v, index, float(scale), bool(out_sbhd), options)
@@ -1055,6 +1066,7 @@ def sparse_attention_triton_bwd(q, k, v, out, lse, do, index: SparseIndex, scale
     """dq (fp32), dk, dv (k's dtype) of the pairs in ``index`` given the final ``out``/``lse``."""
     _check_group(index)
     _check_masked_tiles(index, q, options)
+    _check_dkdv_tiles(index, options)
     q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
     dq, dk, dv = _backward(q, k, v, out, lse.contiguous(), do, None, index, float(scale), options)
     return dq.float(), dk, dv
