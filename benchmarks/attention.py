@@ -77,6 +77,8 @@ def parse_args(argv=None):
                    help="torch.profiler at the first shape: kernel time vs timed time of selection, fwd, bwd; exit")
     p.add_argument("--profile-once", action="store_true",
                    help="run selection + fwd + bwd once at the first shape (for ncu) and exit")
+    p.add_argument("--profile-dense", action="store_true",
+                   help="with --profile-once: also one cuDNN dense fwd + bwd on the same inputs")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
@@ -331,7 +333,10 @@ def tuned_options(choice) -> KernelOptions:
 
 
 def profile_once():
-    """One selection + forward + backward at the first (S, D, sparsity, kv_block, G), for ncu."""
+    """One selection + forward + backward at the first (S, D, sparsity, kv_block, G), for ncu, then
+    (--profile-dense) one cuDNN dense forward + backward on the same q, k, v: the denominator's
+    kernels under the same counters. With --out, each of our compiled kernels' registers, spills and
+    shared memory as ptxas reported them (what the H100 profile named for dk/dv: 255 registers)."""
     b, h, r, s, d = ARGS.batch, ARGS.heads, ARGS.rank, ARGS.seqlens[0], ARGS.head_dims[0]
     kvb, g, sp = ARGS.kv_blocks[0], ARGS.group_sizes[0], ARGS.sparsities[0]
     q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -341,8 +346,36 @@ def profile_once():
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out = sparse_attention(qg, kg, vg, index, backend="triton")[0]
     torch.autograd.grad(out, (qg, kg, vg), do)
+    if ARGS.profile_dense:
+        out = dense_sdpa(qg, kg, vg)
+        torch.autograd.grad(out, (qg, kg, vg), do)
     torch.cuda.synchronize()
-    print(f"profiled S={s} D={d} kvb={kvb} G={g} sp={sp} pairs={index.computed_pairs()}")
+    print(f"profiled S={s} D={d} kvb={kvb} G={g} sp={sp} pairs={index.computed_pairs()}"
+          + (" + cuDNN dense" if ARGS.profile_dense else ""))
+    if ARGS.out:
+        rows = compiled_kernel_resources((sel_triton, sa_triton))
+        for row in rows:
+            print(f"  {row['kernel']}: {row['n_regs']} registers, {row['n_spills']} spilled, "
+                  f"{row['shared']} B shared, {row['num_warps']} warps, {row['num_stages']} stages")
+        log = ResultLog("kernel_resources", env_info("cuda"), ARGS, ARGS.out)
+        for row in rows:
+            log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, **row))
+
+
+def compiled_kernel_resources(modules) -> list:
+    """Registers, spills and shared memory of every kernel of ``modules`` compiled in this process
+    (Triton's per-device caches: one row per specialisation)."""
+    rows = []
+    for module in modules:
+        for name in sorted(vars(module)):
+            fn = getattr(module, name)
+            for kernel_cache, *_ in getattr(fn, "device_caches", {}).values():
+                for compiled in kernel_cache.values():
+                    compiled._init_handles()  # loads the binary, which is what reads ptxas's counts
+                    meta = compiled.metadata
+                    rows.append(dict(kernel=name, n_regs=compiled.n_regs, n_spills=compiled.n_spills,
+                                     shared=meta.shared, num_warps=meta.num_warps, num_stages=meta.num_stages))
+    return rows
 
 
 def _kernel_table(fn, iters=5):
