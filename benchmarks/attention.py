@@ -80,6 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--profile-dense", action="store_true",
                    help="with --profile-once: also one cuDNN dense fwd + bwd on the same inputs")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument("--sweep-pick", type=parse_sweep_pick, default={},
+                   help="with --sweep: only these SWEEP entries, by index, e.g. 'fwd=0,15;dq=0,13' "
+                        "(a kernel not named keeps all of its entries)")
+    p.add_argument("--check-variants", action="store_true",
+                   help="with --sweep: check every variant against the fp32 reference before timing it "
+                        "(a variant that fails is recorded, not timed)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--time-budget-s", type=float, default=0.0,
@@ -129,13 +135,23 @@ SWEEP = {
             dict(BLOCK_N=64, num_warps=4, num_stages=4, tma=True),
             dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
             dict(BLOCK_N=32, num_warps=4, num_stages=3),
-            dict(BLOCK_N=128, num_warps=8, num_stages=3)],
+            dict(BLOCK_N=128, num_warps=8, num_stages=3),
+            # Triton 3.6 gives the descriptor loads 2 buffers at num_stages 2-4 and issues the next
+            # tile's load after the tile's last dot, so its L2 latency is exposed every iteration
+            # (the H200 ncu profile at 733493e: SM 47%, 2 warps per scheduler, 0.49 eligible);
+            # 5 stages give 3 buffers (next-but-one tile in flight), 7 stages 4 (ttgir compiled
+            # for sm_90 on the CPU): 64-key tiles 115 KB of shared memory, 2 programs per SM;
+            # 32-key tiles 66 / 82 KB.
+            dict(BLOCK_N=64, num_warps=4, num_stages=5, tma=True), dict(BLOCK_N=32, num_warps=4, num_stages=5, tma=True),
+            dict(BLOCK_N=32, num_warps=4, num_stages=7, tma=True)],
     "dq": [dict(), dict(tma=True),
            dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=2, contig=False),
            dict(BLOCK_N=64, num_warps=4, num_stages=2),
            dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
            dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
-           dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True)],
+           dict(BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
+           # 3 descriptor buffers (see "fwd"): 32-key tiles 82 KB, 2 programs per SM; 64-key 131 KB, one
+           dict(BLOCK_N=32, num_warps=4, num_stages=5, tma=True), dict(BLOCK_N=64, num_warps=4, num_stages=5, tma=True)],
     "dkdv": [dict(), dict(tma=True),
              # KernelOptions.dkdv_transposed (absent: the default, transposed for key tiles under 64
              # with 64-row query tiles)
@@ -143,7 +159,9 @@ SWEEP = {
              dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=2, tma=True),
              dict(num_warps=4, num_stages=3), dict(num_warps=4, num_stages=3, tma=True),
              dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=4, num_stages=2),
-             dict(BLOCK_M=32, num_warps=4, num_stages=3), dict(BLOCK_M=32, num_warps=4, num_stages=3, tma=True)],
+             dict(BLOCK_M=32, num_warps=4, num_stages=3), dict(BLOCK_M=32, num_warps=4, num_stages=3, tma=True),
+             # 3 descriptor buffers of Q/dO (see "fwd"): 32-row query tiles 82 KB; 64-row 131 KB, one program per SM
+             dict(BLOCK_M=32, num_warps=4, num_stages=5, tma=True), dict(num_warps=4, num_stages=5, tma=True)],
     # key-major dk/dv with dq by fp32 atomics in the same kernel (no separate dq kernel)
     "fused": [dict(num_warps=4, num_stages=2)],
 }
@@ -156,6 +174,20 @@ SELECTION_VARIANTS = {
 }
 # SWEEP keys that pick a KernelOptions field rather than a tile: key -> (field, value when absent)
 SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False), "trans": ("dkdv_transposed", None)}
+
+
+def parse_sweep_pick(text: str) -> dict:
+    """``'fwd=0,15;dq=0,13'`` -> ``{'fwd': [0, 15], 'dq': [0, 13]}``, each index checked against SWEEP."""
+    pick = {}
+    for part in filter(None, text.split(";")):
+        kind, _, ids = part.partition("=")
+        if kind not in SWEEP:
+            raise argparse.ArgumentTypeError(f"--sweep-pick: unknown kernel {kind!r}; use some of {', '.join(SWEEP)}")
+        pick[kind] = [int(i) for i in ids.split(",") if i]
+        bad = [i for i in pick[kind] if not 0 <= i < len(SWEEP[kind])]
+        if bad:
+            raise argparse.ArgumentTypeError(f"--sweep-pick {kind}: no entries {bad}; it has 0..{len(SWEEP[kind]) - 1}")
+    return pick
 
 
 def sweep_options(kind: str, variant: dict) -> KernelOptions:
@@ -219,14 +251,23 @@ def sweep():
                         print(f"  transpose_index {t_tr:.2f} ms", flush=True)
                         log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="transpose_index", ms=t_tr))
 
-                    for kind, cfg in sweep_order(kvb, ARGS.sweep_kernels):
+                    for kind, cfg in sweep_order(kvb, ARGS.sweep_kernels, ARGS.sweep_pick):
                         why = budget_spent(ARGS.time_budget_s, t_start)
                         if why:
                             print(f"  {kind} {cfg}: skipped, {why}", flush=True)
                             log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, skipped=why))
                             continue
                         opts = sweep_options(kind, cfg)
-                        split = {}
+                        split, chk = {}, None
+                        if ARGS.check_variants:
+                            try:
+                                chk = check_correctness(q, k, v, do, index, options=opts)
+                            except Exception as err:  # a variant that does not compile must not end the sweep
+                                chk = {"ok": False, "error": first_line(err)}
+                            print(f"  {kind} {cfg}: check {chk}", flush=True)
+                            if not chk["ok"]:
+                                log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, check=chk))
+                                continue
                         try:
                             fwd, setup_bwd, bwd, _ = fwd_bwd_fns(_attn(index, opts), q, k, v, do)
                             if kind == "fwd":
@@ -243,7 +284,7 @@ def sweep():
                             print(f"    {kind} {cfg}: failed {type(err).__name__}: {str(err)[:200]}", flush=True)
                         print(f"  {kind} {cfg}: {'fwd' if kind == 'fwd' else 'bwd'} {t:.2f} ms {split or ''}", flush=True)
                         log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, ms=t,
-                                        kernels_ms=split))
+                                     kernels_ms=split, **({"check": chk} if chk else {})))
                         lost = cuda_context_lost()
                         if lost:
                             # an illegal memory access poisons the process's CUDA context: every later
@@ -271,11 +312,14 @@ def cuda_context_lost():
     return None
 
 
-def sweep_order(kvb: int, kernels=tuple(SWEEP)):
+def sweep_order(kvb: int, kernels=tuple(SWEEP), pick=None):
     """``(kind, variant)`` of SWEEP for ``kernels``, round-robin over them (first variant of each,
     then the second, ...), so a sweep cut by ``--time-budget-s`` still has each kernel's defaults and
-    its ``tma`` twin (the first two entries of every list); key-major kernels need kv_block % 16 == 0."""
-    lists = [(kind, variants) for kind, variants in SWEEP.items()
+    its ``tma`` twin (the first two entries of every list); key-major kernels need kv_block % 16 == 0.
+    ``pick``: kernel -> the indices of its SWEEP entries to keep (``--sweep-pick``; others: all)."""
+    pick = pick or {}
+    lists = [(kind, [variants[i] for i in pick[kind]] if kind in pick else variants)
+             for kind, variants in SWEEP.items()
              if kind in kernels and not (kind in ("dkdv", "fused") and kvb % 16)]
     for i in range(max((len(v) for _, v in lists), default=0)):
         for kind, variants in lists:

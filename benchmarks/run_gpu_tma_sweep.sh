@@ -8,6 +8,12 @@
 #    D=128 then D=64: every SWEEP variant (round-robin over fwd / dq / dk/dv, so each kernel's
 #    default and its tma twin come first), after an fp32-reference check of the default and of tma.
 #    It stops starting variants when its time budget is spent (CALL_LIMIT - elapsed - 40 s).
+# Knobs: TESTS_S (150; 0 skips step 1), HEAD_DIMS (128,64), SWEEP_KERNELS (fwd,dq,dkdv,fused),
+# SWEEP_PICK (attention.py --sweep-pick: entries by index, e.g. 'fwd=1,12;dq=1,11'), CHECK_VARIANTS=1
+# (check every variant against the fp32 reference before timing it).
+# Pipeline depth (issue 15, after the 733493e profile):
+#   TESTS_S=0 HEAD_DIMS=128,64 CHECK_VARIANTS=1 SWEEP_KERNELS=fwd,dq,dkdv \
+#     SWEEP_PICK='fwd=1,12,13,14;dq=1,6,11,12;dkdv=1,14,15' bash benchmarks/run_gpu_tma_sweep.sh
 # $OUT: gpu.txt, tests.log, attention_sweep_h200_<date>_<commit>.json, sweep.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,13 +22,17 @@ START=$SECONDS CALL_LIMIT=${CALL_LIMIT:-560}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSV_COMMIT=${DSV_COMMIT:-unknown} DSV_GIT_COMMIT=${DSV_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout --kill-after=10 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider \
-  tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py > "$OUT/tests.log" 2>&1
-echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
+if [ "${TESTS_S:-150}" != 0 ]; then
+  timeout --kill-after=10 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider \
+    tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py > "$OUT/tests.log" 2>&1
+  echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
+fi
 budget=$(( CALL_LIMIT - (SECONDS - START) - 40 ))
 json="$OUT/attention_sweep_h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}.json"
 echo "sweep: time budget ${budget} s"
-timeout --kill-after=10 $(( budget + 25 )) python3 benchmarks/attention.py --sweep --seqlens 65536 --head-dims 128,64 \
-  --sparsities 0.9 --kv-blocks 64 --group-sizes 64 --time-budget-s "$budget" --out "$json" > "$OUT/sweep.log" 2>&1
+extra=(--sweep-kernels "${SWEEP_KERNELS:-fwd,dq,dkdv,fused}" --sweep-pick "${SWEEP_PICK:-}")
+[ "${CHECK_VARIANTS:-0}" = 1 ] && extra+=(--check-variants)
+timeout --kill-after=10 $(( budget + 25 )) python3 benchmarks/attention.py --sweep --seqlens 65536 --head-dims "${HEAD_DIMS:-128,64}" \
+  --sparsities 0.9 --kv-blocks 64 --group-sizes 64 "${extra[@]}" --time-budget-s "$budget" --out "$json" > "$OUT/sweep.log" 2>&1
 echo "sweep rc=$? after $((SECONDS - START)) s"
 grep -v -i warn "$OUT/sweep.log" | tail -70

@@ -267,3 +267,22 @@ def test_cuda_context_lost_names_the_error(monkeypatch):
     zeros = torch.zeros
     monkeypatch.setattr(attention.torch, "zeros", lambda *a, **k: zeros(1))  # a CPU stand-in for the probe
     assert attention.cuda_context_lost() is None
+
+
+def test_sweep_pick_keeps_the_named_entries_in_round_robin_order():
+    """--sweep-pick times only the named SWEEP entries of the kernels it names (the pipeline-depth
+    call of issue 15 picks 10 of 44), and refuses an index the list does not have, before any run."""
+    import argparse
+
+    from benchmarks import attention
+
+    pick = attention.parse_sweep_pick("fwd=1,12;dq=11")
+    assert pick == {"fwd": [1, 12], "dq": [11]}
+    order = list(attention.sweep_order(64, ("fwd", "dq"), pick))
+    assert order == [("fwd", attention.SWEEP["fwd"][1]), ("dq", attention.SWEEP["dq"][11]),
+                     ("fwd", attention.SWEEP["fwd"][12])]
+    assert len(list(attention.sweep_order(64, ("dkdv",), pick))) == len(attention.SWEEP["dkdv"])
+    with pytest.raises(argparse.ArgumentTypeError, match="no entries"):
+        attention.parse_sweep_pick(f"dq={len(attention.SWEEP['dq'])}")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown kernel"):
+        attention.parse_sweep_pick("bwd=0")
