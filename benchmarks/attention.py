@@ -165,12 +165,12 @@ SWEEP = {
     # key-major dk/dv with dq by fp32 atomics in the same kernel (no separate dq kernel)
     "fused": [dict(num_warps=4, num_stages=2)],
 }
-# Selection kernels the sweep times at each sparsity: the one-program kernels, and the resident one
-# allowed 16 x 4096 scores (key blocks of 16 at 64k stream otherwise; KernelOptions).
+# Selection kernels the sweep times at each sparsity: the two one-program kernels (the resident one
+# falls back to streaming above KernelOptions.select_resident_max_scores; 16 x 4096 scores, key
+# blocks of 16 at 64k, ran out of shared memory on the H200 at 733493e).
 SELECTION_VARIANTS = {
     "resident": KernelOptions(),
     "stream": KernelOptions(select_fused_kind="stream"),
-    "resident_wide": KernelOptions(select_resident_max_scores=16 * 4096),
 }
 # SWEEP keys that pick a KernelOptions field rather than a tile: key -> (field, value when absent)
 SWEEP_FLAGS = {"contig": ("contig_loads", True), "tma": ("tma", False), "trans": ("dkdv_transposed", None)}

@@ -2,7 +2,8 @@
 # One call on nvidia-h200 for issue 15 item 2 ("if a target is out of reach, the profile that shows what
 # limits it"): Nsight Compute on our kernels at the row the D=128 targets miss (H=16, S=64k, D=128, 90%
 # sparse, 64-query groups x 64-key blocks), next to cuDNN dense on the same inputs, then the selection
-# variants at key blocks of 16 (issue 15 item 5: KernelOptions.select_resident_max_scores, not timed yet).
+# variants at key blocks of 16 (issue 15 item 5; at 733493e the resident one at 16 x 4096 scores ran out of
+# shared memory, 263168 of 232448 bytes, and KernelOptions now refuses that setting).
 #   run(command="DSV_COMMIT=<sha> bash benchmarks/run_gpu_ncu.sh", kind="nvidia-h200", timeout_s=600)
 # 1. benchmarks/attention.py --profile-once --profile-dense under ncu (--clock-control none, as the
 #    device method says; --set full: every section, each kernel replayed ~40 times); the report is

@@ -16,6 +16,9 @@ from typing import Any, Dict, Optional, Tuple
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _TUNE_KINDS = ("fwd", "dq", "dkdv")
 _FUSED_KINDS = ("resident", "stream")
+# The most scores one resident selection program may hold: 4 bytes of shared memory each, and Hopper
+# allows 227 KB per program (16 x 4096 needed 263168 bytes on an H200, 733493e).
+RESIDENT_MAX_SCORES = 16 * 2048
 
 TileOverrides = Tuple[Tuple[str, Tuple[Tuple[str, int], ...]], ...]
 
@@ -63,12 +66,12 @@ class KernelOptions:
             whose ~10 passes each cost launches, PyTorch glue and a host sync. ``0`` forces the
             split path.
         select_resident_max_scores: largest ``BLOCK_G x next_pow2(N)`` scores (``BLOCK_G`` >= 16)
-            one ``resident`` program holds in registers (16 warps: 64 fp32 registers per thread
-            at 16 x 2048); above it the ``stream`` kernel recomputes the scores every pass. At S=64k
-            that is up to key blocks of 32 (N=2048: 1.28 ms resident vs 2.79 stream, H200,
-            c21a846); key blocks of 16 (N=4096) stream, 6.0 ms, 13x the 0.45 ms of blocks of 64.
-            ``16 * 4096`` lets N=4096 stay resident (128 registers per thread for the scores):
-            not yet timed on a GPU.
+            one ``resident`` program holds (16 warps: 64 fp32 registers per thread at 16 x 2048,
+            and 4 bytes of shared memory per score); above it the ``stream`` kernel recomputes the
+            scores every pass. At S=64k that is up to key blocks of 32 (N=2048: 1.28 ms resident vs
+            2.79 stream, H200, c21a846); key blocks of 16 (N=4096) stream. At most ``16 * 2048``:
+            ``16 * 4096`` needed 263168 bytes of shared memory on an H200 (limit 232448, 733493e),
+            so no larger value can run on Hopper.
         poison_outputs: fill freshly allocated outputs with NaN before the kernels write them.
         tma: load the tiles a key loop streams through tensor descriptors (host-side
             ``TensorDescriptor``, i.e. TMA on Hopper): K/V tiles in the forward and dq kernels
@@ -106,7 +109,7 @@ class KernelOptions:
     transpose_mark_max_bytes: int = 1 << 28
     select_fused_kind: str = "resident"
     select_fused_max_units: int = 4096
-    select_resident_max_scores: int = 16 * 2048
+    select_resident_max_scores: int = RESIDENT_MAX_SCORES
     poison_outputs: bool = False
     tma: Optional[bool] = None
     dkdv_transposed: Optional[bool] = None
@@ -124,6 +127,14 @@ class KernelOptions:
         for name in ("force_atomic_dkdv", "fused_dq_atomic", "contig_loads", "poison_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelOptions.{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.select_resident_max_scores > RESIDENT_MAX_SCORES:
+            raise ValueError(
+                f"KernelOptions.select_resident_max_scores={self.select_resident_max_scores} is above "
+                f"{RESIDENT_MAX_SCORES} (16 x 2048): the resident selection program keeps 4 bytes of shared "
+                f"memory per score, and 16 x 4096 scores needed 263168 bytes on an H200, whose limit is "
+                f"232448 (733493e). Use a value <= {RESIDENT_MAX_SCORES}; larger key-unit counts take the "
+                f"streaming kernel."
+            )
         for name in ("tma", "dkdv_transposed"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):

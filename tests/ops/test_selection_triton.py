@@ -98,7 +98,7 @@ def test_selection_gpu_large(kvb):
 
 
 @CPU_OK
-@pytest.mark.parametrize("max_scores,want", [(16 * 256, "resident"), (16 * 128, "stream"), (16 * 4096, "resident")])
+@pytest.mark.parametrize("max_scores,want", [(16 * 256, "resident"), (16 * 128, "stream"), (16 * 2048, "resident")])
 def test_resident_score_limit_picks_the_kernel(max_scores, want, monkeypatch):
     """KernelOptions.select_resident_max_scores: N=256 units (next pow2 256) stay in registers up to
     16 x 256 scores and stream below that; either way the index equals the reference."""
@@ -125,3 +125,7 @@ def test_resident_score_limit_picks_the_kernel(max_scores, want, monkeypatch):
     assert torch.equal(got.kv_idx, ref.kv_idx)
     with pytest.raises(ValueError, match="select_resident_max_scores must be an int >= 0"):
         KernelOptions(select_resident_max_scores=-1)
+    # 16 x 4096 scores needed 263168 bytes of shared memory on an H200 (limit 232448): refused at
+    # construction, before any selection runs
+    with pytest.raises(ValueError, match=r"above 32768 \(16 x 2048\).*263168 bytes"):
+        KernelOptions(select_resident_max_scores=16 * 4096)
