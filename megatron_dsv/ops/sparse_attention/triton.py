@@ -235,6 +235,16 @@ def _fwd_loop(
                 KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
             )
             start += BLOCK_N
+    elif MASKED:
+        # The token-masked tiles (a query tile's diagonal under causal, none inside a frame chunk)
+        # are one or two per tile: not pipelined, so they add no buffers of their own. Pipelined,
+        # the masked kernel held 147 KB of shared memory at 4 stages (one program per SM) against
+        # 82 KB unmasked (ttgir for sm_90, D=128); now 82 KB too.
+        for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            b_m, b_l, b_acc = _fwd_tile(
+                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
+                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
+            )
     else:
         for start in range(lo, hi, BLOCK_N):
             b_m, b_l, b_acc = _fwd_tile(
@@ -366,6 +376,12 @@ def _bwd_dq_loop(
                 o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
             )
             start += BLOCK_N
+    elif MASKED:  # not pipelined: see _fwd_loop
+        for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            b_dq = _bwd_dq_tile(
+                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
+                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
+            )
     else:
         for start in range(lo, hi, BLOCK_N):
             b_dq = _bwd_dq_tile(
@@ -531,6 +547,13 @@ def _bwd_dkdv_loop(
                 TRANS,
             )
             it += 1
+    elif MASKED:  # not pipelined: see _fwd_loop
+        for it in tl.range(lo, hi, num_stages=1):
+            b_dk, b_dv = _bwd_dkdv_step(
+                q, do, lse, delta, dq32, b_k, b_v, b_dk, b_dv, p_entry, it, i_b, i_hkv, H, HKV, S_Q,
+                NUM_GROUPS, o_d, m_d, D, scale, scale_log2, o_n, CHUNK, QOFF, G, DQ_ATOMIC, EVEN_D, BLOCK_M, MASK, MASKED, TMA,
+                TRANS,
+            )
     else:
         for it in range(lo, hi):
             b_dk, b_dv = _bwd_dkdv_step(
