@@ -524,3 +524,45 @@ def test_causal_gpt_is_refused_only_with_cudnn(megatron_state):
     model = _tiny_gpt(dsv_gpt_causal_layer_spec, dsv_mode="sparse", dsv_backend="cudnn")
     with pytest.raises(ValueError, match="no token-wise mask. Use --dsv-backend auto or triton"):
         hooks.install_dsv_hooks([model], None, None, log=lambda msg: None)
+
+
+def test_a_dsv_run_checkpoint_loads_with_megatrons_default_torch_load(megatron_state, tmp_path):
+    """Megatron pickles ``args`` (with ``args.dsv_runtime``) into every checkpoint and reads it with
+    torch.load's default weights_only=True (``--ckpt-format torch``: checkpointing.py's
+    _load_base_checkpoint; it exits with code 0 on a failed load). The runtime pickles as None
+    through a registered safe global, and the layers' DSV state (stage, statistics) comes back."""
+    import argparse
+
+    from megatron_dsv.specs import dsv_gpt_causal_layer_spec
+
+    model = _tiny_gpt(dsv_gpt_causal_layer_spec, dsv_mode="auto", dsv_profile_interval_stage1=1,
+                      dsv_switch_min_iters=100, dsv_switch_max_iters=100)
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, seq_length=64, consumed_train_samples=2)
+    runtime = hooks.install_dsv_hooks([model], None, args, stats_group=None, tb_writer=None, wandb_writer=None,
+                                      log=lambda msg: None)
+    tokens = torch.randint(0, 64, (1, 64))
+    pos = torch.arange(64).unsqueeze(0)
+    for it in range(2):
+        runtime.fire(hooks.ITERATION_START, it)
+        model(tokens, pos, attention_mask=None).float().sum().backward()
+        runtime.fire(hooks.ITERATION_END, it)
+    assert args.dsv_runtime is runtime
+    torch.save({"args": args, "iteration": 2, "model": model.state_dict_for_save_checkpoint()}, tmp_path / "ckpt.pt")
+    args.dsv_runtime = None
+
+    state = torch.load(tmp_path / "ckpt.pt", map_location="cpu")  # what Megatron calls: no weights_only
+    assert state["args"].dsv_runtime is None and state["args"].consumed_train_samples == 2
+    fresh = _tiny_gpt(dsv_gpt_causal_layer_spec, dsv_mode="auto", dsv_profile_interval_stage1=1,
+                      dsv_switch_min_iters=100, dsv_switch_max_iters=100)
+    fresh.load_state_dict(state["model"], strict=True)
+    saved, loaded = runtime.controller.layers, hooks.install_dsv_hooks(
+        [fresh], None, argparse.Namespace(), stats_group=None, tb_writer=None, wandb_writer=None,
+        log=lambda msg: None).controller.layers
+    assert len(loaded) == len(saved) == 2
+    for a, b in zip(saved, loaded):
+        assert a.state.stats_ema and set(a.state.stats_ema) == set(b.state.stats_ema)
+        for name, value in a.state.stats_ema.items():
+            torch.testing.assert_close(b.state.stats_ema[name], value.float().cpu(), rtol=0, atol=0)
+        assert b.state.schedule == a.state.schedule and b.state.schedule.get("stage") == 1
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)

@@ -25,6 +25,8 @@ import functools
 import logging
 from typing import Callable, Dict, List, Optional
 
+import torch
+
 from megatron_dsv import flops as _flops
 from megatron_dsv.layers.attention import dsv_attention_layers
 from megatron_dsv.runtime import lr as _lr
@@ -114,6 +116,14 @@ class DSVRuntime:
 
 def _no_runtime():
     return None
+
+
+# Megatron reads its checkpoints with torch.load's default weights_only=True (torch >= 2.6), which
+# refuses any global it was not told is safe: without this, the ``args`` of every checkpoint of a
+# DSV run failed to load, and Megatron's --ckpt-format torch path then prints "could not load the
+# checkpoint" and exits with code 0. Registered at import: the patched training.py imports
+# megatron_dsv.hooks (and so this module) before any checkpoint is read.
+torch.serialization.add_safe_globals([_no_runtime])
 
 
 def layer_attention_work(layer, default_seq_len: Optional[int]) -> Optional[_flops.AttentionWork]:
