@@ -48,6 +48,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -59,6 +60,7 @@ from benchmarks.sparse_peers import (  # noqa: E402
     CHECK_TOL, DTYPES, ReferenceCheck, Timer, env_info, first_line, float_list, rel, time_attention,
 )
 from megatron_dsv.ops.mask import CausalMask  # noqa: E402
+from megatron_dsv.ops.options import KernelOptions  # noqa: E402
 from megatron_dsv.ops.selection import select_topk  # noqa: E402
 from megatron_dsv.ops.sparse_attention import sparse_attention  # noqa: E402
 from megatron_dsv.ops.sparse_attention.naive import sparse_attention_reference  # noqa: E402
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--check-seqlen", type=int, default=8192, help="length of the whole-problem check")
     p.add_argument("--check-groups", type=int, default=8, help="query groups checked at the full length")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument("--fwd-stages", type=int, default=None,
+                   help="our forward's pipeline stages (KernelOptions.tune; default: the library's choice)")
     p.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
                    help="time FlexAttention's chunk-causal block mask (default: on CUDA)")
     p.add_argument("--sdpa-mask", action=argparse.BooleanOptionalAction, default=True,
@@ -147,14 +151,14 @@ def listed_allowed(index: SparseIndex, allowed: torch.Tensor) -> int:
     return int(((idx >= 0) & (idx < allowed.to(idx.device).view(1, 1, -1, 1))).sum())
 
 
-def ours(index: SparseIndex):
-    """Our Triton kernel over ``index``: ``fn(q, k, v) -> (out, lse)``."""
-    return lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton")
+def ours(index: SparseIndex, options: Optional[KernelOptions] = None):
+    """Our Triton kernel over ``index`` (variant ``options``): ``fn(q, k, v) -> (out, lse)``."""
+    return lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=options)
 
 
-def ours_out(index: SparseIndex):
+def ours_out(index: SparseIndex, options: Optional[KernelOptions] = None):
     """The same, ``-> out`` (what ``time_attention`` times)."""
-    return lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton")[0]
+    return lambda q_, k_, v_: sparse_attention(q_, k_, v_, index, backend="triton", options=options)[0]
 
 
 def check_rows(q, k, v, do, index: SparseIndex, groups: int, heads: int = 2, fn=None) -> dict:
@@ -230,6 +234,7 @@ class CausalBench:
         self.dtype = DTYPES[args.dtype]
         self.timer = Timer(args.device, args.warmup, args.rep)
         self.info = env_info(args.device)
+        self.options = KernelOptions(tune={"fwd": {"num_stages": args.fwd_stages}}) if args.fwd_stages else None
         self.log = ResultLog("causal_attention", self.info, args, args.out)
         self.rows, self.out, self.failed = self.log.rows, self.log.path, False
 
@@ -280,7 +285,7 @@ class CausalBench:
         q, k, v, do = self.inputs(s, seed=1)
         ok = {}
         for name, density, kk, index, _, _ in self.indexes(s, chunk, q, k):
-            res = ReferenceCheck(q, k, v, do, index, heads=min(2, a.heads)).check(ours(index), q, k, v)
+            res = ReferenceCheck(q, k, v, do, index, heads=min(2, a.heads)).check(ours(index, self.options), q, k, v)
             self.add({"kind": "check_whole", "of": name, "S": s, "chunk_tokens": chunk, "density_target": density,
                       "K": kk, "check": res})
             ok[density] = res["ok"]
@@ -297,7 +302,7 @@ class CausalBench:
         causal_pairs = b * h * s * (s + 1) // 2
         chunk_pairs = b * h * chunk * chunk * n * (n + 1) // 2
         base = {"S": s, "H": h, "D": a.head_dim, "B": b, "chunk_tokens": chunk, "G": a.group_size,
-                "kv_block": a.kv_block, "dtype": a.dtype}
+                "kv_block": a.kv_block, "dtype": a.dtype, "fwd_stages": a.fwd_stages}
         dense = {}
         row = self.timed({"kind": "cudnn_causal_dense" if a.device == "cuda" else "sdpa_math_causal_dense", **base},
                          sdpa_fn(sdpa_order()[0 if a.device == "cuda" else -1], is_causal=True), q, k, v, do, causal_pairs)
@@ -334,13 +339,14 @@ class CausalBench:
             row["first_selection_s"] = select_s
             if not a.no_check:
                 row["check_whole"] = bool(whole_ok.get(density))
-                row["check_rows"] = check_rows(q, k, v, do, index, a.check_groups, heads=min(2, h))
+                row["check_rows"] = check_rows(q, k, v, do, index, a.check_groups, heads=min(2, h),
+                                               fn=ours(index, self.options))
                 if not (row["check_whole"] and row["check_rows"]["ok"]):
                     row["skipped"] = "correctness check failed: not timed"
                     self.failed = True
                     self.add(row)
                     continue
-            self.timed(row, ours_out(index), q, k, v, do, blocks * a.group_size * a.kv_block)
+            self.timed(row, ours_out(index, self.options), q, k, v, do, blocks * a.group_size * a.kv_block)
             if "fwd_bwd_ms" in row:
                 for key, ref in (("cudnn_causal", dense.get("cudnn_causal")), ("sdpa_chunk_causal", dense.get("sdpa_chunk_causal")),
                                  ("flex", dense.get("flex")), ("ours_block_causal_dense", timed[0] if timed else None)):

@@ -12,7 +12,12 @@
 # 3. benchmarks/attention.py at S=64k, D=128 and 64, sparsity 0.8/0.9/0.95/0.98: ours (selection
 #    included) against cuDNN dense in the same run, each index checked first; the peers are not
 #    installed here (the block-sparse ones ran at c31cd02: compare ratios to the dense baseline).
+# Knobs: TESTS (the test files, default both above), TESTS_S (200; 0 skips step 1), CAUSAL_S (170),
+# CAUSAL_ARGS (more causal_attention.py flags), FWD_STAGES_TOO=N (step 2 again with
+# --fwd-stages N, no Flex: the masked forward at N stages next to the default, each against its
+# run's cuDNN causal dense), BENCH=0 (skip step 3).
 # $OUT: gpu.txt, tests.log, causal_attention_h200_<date>_<commit>.json, causal.log,
+# [causal_attention_h200_<date>_<commit>_fwd<N>.json, causal_fwd<N>.log,]
 # attention_h200_<date>_<commit>_defaults.json, bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +28,23 @@ tag="h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS_S:-200}" != 0 ]; then
+  # shellcheck disable=SC2086
   timeout --kill-after=10 ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider \
-    tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py > "$OUT/tests.log" 2>&1
+    ${TESTS:-tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
 fi
+# shellcheck disable=SC2086
 timeout --kill-after=10 ${CAUSAL_S:-170} python3 benchmarks/causal_attention.py --seqlen 65536 --chunk-tokens 8192 \
-  --densities 0.9,0.1 --no-sdpa-mask --flex --out "$OUT/causal_attention_$tag.json" > "$OUT/causal.log" 2>&1
-echo "causal rc=$? after $((SECONDS - START)) s"; grep -v -i warn "$OUT/causal.log" | tail -8
+  --densities 0.9,0.1 --no-sdpa-mask --flex ${CAUSAL_ARGS:-} --out "$OUT/causal_attention_$tag.json" > "$OUT/causal.log" 2>&1
+echo "causal rc=$? after $((SECONDS - START)) s"; grep -v -i warn "$OUT/causal.log" | tail -6
+if [ -n "${FWD_STAGES_TOO:-}" ]; then
+  # shellcheck disable=SC2086
+  timeout --kill-after=10 ${CAUSAL_S:-170} python3 benchmarks/causal_attention.py --seqlen 65536 --chunk-tokens 8192 \
+    --densities 0.9,0.1 --no-sdpa-mask --no-flex --fwd-stages "$FWD_STAGES_TOO" ${CAUSAL_ARGS:-} \
+    --out "$OUT/causal_attention_${tag}_fwd$FWD_STAGES_TOO.json" > "$OUT/causal_fwd$FWD_STAGES_TOO.log" 2>&1
+  echo "causal --fwd-stages $FWD_STAGES_TOO rc=$? after $((SECONDS - START)) s"; grep -v -i warn "$OUT/causal_fwd$FWD_STAGES_TOO.log" | tail -5
+fi
+[ "${BENCH:-1}" = 0 ] && exit 0
 budget=$(( CALL_LIMIT - (SECONDS - START) - 30 ))
 timeout --kill-after=10 $(( budget + 20 )) python3 benchmarks/attention.py --seqlens 65536 --head-dims 128,64 \
   --sparsities 0.8,0.9,0.95,0.98 --kv-blocks 64 --group-sizes 64 --no-cudnn-block-sparse --flex-blocks '' \

@@ -73,7 +73,7 @@ def test_cpu_smoke_writes_checked_rows(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "benchmarks/causal_attention.py", "--device", "cpu", "--dtype", "fp32", "--seqlen", "512",
            "--heads", "2", "--head-dim", "32", "--chunk-tokens", "128", "--group-size", "32", "--kv-block", "32",
-           "--check-seqlen", "256", "--check-groups", "2", "--out", str(out)]
+           "--check-seqlen", "256", "--check-groups", "2", "--fwd-stages", "2", "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -86,6 +86,7 @@ def test_cpu_smoke_writes_checked_rows(tmp_path):
         r = rows[("ours_block_causal_dense" if dens == 1.0 else "ours_sparse", dens)]
         assert r["K"] == k and r["density_allowed_blocks"] == pytest.approx(dens)
         assert r["check_whole"] and r["check_rows"]["ok"] and r["fwd_bwd_ms"] > 0
+        assert r["fwd_stages"] == 2  # --fwd-stages reaches every row of ours (checks and timing)
         assert r["pairs"] == round(dens * 160) * 32 * 32 * 2  # computed blocks x block pairs x heads
         # the Triton masked selection (timed) gives the reference's index; the interpreter is exact
         assert r["selection_same_as_reference"] == 1.0 and r["selection_reference_ms"] > 0
