@@ -896,14 +896,15 @@ def _forward(q, k, v, index: SparseIndex, scale, options: KernelOptions, out_sbh
     cfg = _fwd_config(g, d, q.dtype, kvb, options, masked=index.mask is not None)
     contig = _contig(kvb, cfg["BLOCK_N"], options)
     tma = contig and _tma_head_dim(d) and _tma_wanted(options, k, v)
-    if tma and d == 128 and cfg["BLOCK_N"] == 64 and index.mask is None and "num_stages" not in options.tiles("fwd"):
+    if tma and d == 128 and cfg["BLOCK_N"] == 64 and "num_stages" not in options.tiles("fwd"):
         # Triton 3.6 gives the descriptor loads two buffers at 2-4 stages and issues a tile's load
         # after the previous tile's last dot, so the L2 latency shows every iteration (ncu, H200,
         # 733493e: SM 47%, 0.49 eligible warps per scheduler); 5 stages give three buffers, the
         # next-but-one tile in flight, 115 KB of shared memory, still two programs per SM.
-        # S=64k, 90%, 64x64 blocks (abcb795): 7.37 ms vs 8.44 at D=128; at D=64 (4.48 vs 4.45) four
-        # programs per SM already hide it. The masked kernel's two loops hold 147 KB at 4 stages
-        # (one program per SM) and 180 KB at 5: not measured, left as it was.
+        # S=64k, 64x64 blocks, H200: 7.37 ms vs 8.44 at 90% (abcb795); chunk-causal (chunks of
+        # 8192) 37.4 vs 42.0 ms at 90% of the allowed blocks, 4.51 vs 4.97 at 10% (1bf8843; the
+        # masked loop is not pipelined, see _fwd_loop). At D=64 (4.48 vs 4.45 ms) four programs
+        # per SM already hide the latency.
         cfg["num_stages"] = 5
     k_in, v_in = _tma_pair(k, v, "k/v", cfg["BLOCK_N"], tma)
     # out_sbhd: write [S, B, H, D] memory (returned as its [B, H, S, D] view) so Megatron's
