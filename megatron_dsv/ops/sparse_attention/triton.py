@@ -9,8 +9,10 @@ granularity; for ``kv_block >= BLOCK_N`` every tile is one contiguous run of key
 Forward: one program per (b, h, query tile of a group), FlashAttention-style online softmax in
 base 2 over tiles of BLOCK_N keys: gathered per token, or, when ``kv_block % BLOCK_N == 0``, one
 contiguous mask-free run per tile (8.94 ms vs 9.34 gathered, H100, S=64k, D=128, 90%). With G=64
-every 64x64 pair block reloads 32 KB of K/V, 64 FLOP per byte: the forward is bound by L2
-bandwidth (ncu: L2 throughput 72%, hit rate 91%, SM 41%), not by the tensor cores.
+every 64x64 pair block reloads 32 KB of K/V, 64 FLOP per byte. The H100 profile read the forward
+as bound by L2 bandwidth (ncu: L2 throughput 72%, hit rate 91%, SM 41%); the H200 one (733493e: L2
+69%, SM 47%, two programs of 4 warps per SM, 0.49 eligible warps per scheduler) shows L2 latency
+left uncovered by too few tile buffers, which the forward's 5 stages at D=128 address (_forward).
 
 Backward:
 - ``delta = rowsum(dO * O) - dLSE`` (a small kernel, one pass over O and dO).
