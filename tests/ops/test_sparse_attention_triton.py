@@ -188,6 +188,24 @@ def test_tma_serves_contiguous_tiles_only(kvb, d, tma, want, monkeypatch):
     assert made == want
 
 
+def _spy_stages(monkeypatch, name, run=True):
+    """Replace kernel ``name`` of the Triton module with a spy that records each launch's
+    ``num_stages`` (the returned list) and, with ``run``, launches the kernel."""
+    stages = []
+    kernel = getattr(sa_triton, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                stages.append(kwargs["num_stages"])
+                if run:
+                    kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sa_triton, name, Spy())
+    return stages
+
+
 @CPU_OK
 @pytest.mark.parametrize("d,tma,tune,mask,want", [
     (128, True, {}, None, 5), (128, False, {}, None, 4), (64, True, {}, None, 4),
@@ -198,18 +216,7 @@ def test_forward_prefetches_five_stages_under_tma_at_head_dim_128(d, tma, tune, 
     and 64-key tiles, masked or not (H200: 7.37 vs 8.44 ms; chunk-causal 37.4 vs 42.0 ms), 4
     elsewhere (D=64: no gain), and a tuned num_stages wins. The interpreter cannot compute in bf16,
     so on the CPU the spy records the launch without running it; on a GPU the output is checked."""
-    stages = []
-    kernel = sa_triton._fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                stages.append(kwargs["num_stages"])
-                if not INTERPRET:
-                    kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(sa_triton, "_fwd_kernel", Spy())
+    stages = _spy_stages(monkeypatch, "_fwd_kernel", run=not INTERPRET)
     b, h, s = 1, 1, 128
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(b, h, s, d, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(3))
@@ -229,17 +236,7 @@ def test_forward_prefetches_five_stages_under_tma_at_head_dim_128(d, tma, tune, 
 def test_dq_prefetches_three_stages_under_tma(tma, tune, want, monkeypatch):
     """The dq kernel runs 3 pipeline stages with descriptor loads (H200: 8.64 vs 9.21 ms), 2 with
     pointer loads, and a tuned num_stages wins over both."""
-    stages = []
-    kernel = sa_triton._bwd_dq_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                stages.append(kwargs["num_stages"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(sa_triton, "_bwd_dq_kernel", Spy())
+    stages = _spy_stages(monkeypatch, "_bwd_dq_kernel")
     b, h, s, d = 1, 2, 64, 32
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(3))
     index = _index(b, h, s, 16, 32, [1, 2], DEVICE)
