@@ -41,6 +41,7 @@ Call :meth:`DSVController.on_iteration_start` before an iteration's first forwar
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Dict, List, Optional
 
@@ -451,20 +452,22 @@ class DSVController:
         choose = None
         if cfg.dsv_cp_autotune == "on":
             self.cp_autotuner = self._cp_autotuner(layers[0])
-
-            def choose(i, comparison):
-                layer = layers[i]
-                kv = layer.kv_count(layer.last_seq_len) if layer.sparse else None
-                result = self.cp_autotuner.choose(layer.cp_groups, shapes[i], kv, comparison,
-                                                  what=f"layer {layer.layer_number}")
-                self._cp_autotuned[layer.layer_number] = result
-                return result.best
-
+            choose = functools.partial(self._cp_autotune_choice, layers, shapes)
         return ReplanPolicy(
             cost, shapes, cp_size=cp_size, gpus_per_node=cfg.dsv_cp_gpus_per_node,
             granule=cfg.group_size, threshold=cfg.dsv_cp_replan_threshold,
             min_interval=cfg.dsv_cp_replan_interval, choose=choose,
         )
+
+    def _cp_autotune_choice(self, layers: List[DSVCoreAttention], shapes, i: int, comparison):
+        """``--dsv-cp-autotune on``: the autotuner's pick for layer ``i`` among the planner's
+        ``comparison`` (recorded per layer for the log)."""
+        layer = layers[i]
+        kv = layer.kv_count(layer.last_seq_len) if layer.sparse else None
+        result = self.cp_autotuner.choose(layer.cp_groups, shapes[i], kv, comparison,
+                                          what=f"layer {layer.layer_number}")
+        self._cp_autotuned[layer.layer_number] = result
+        return result.best
 
     def _cp_autotuner(self, layer: DSVCoreAttention):
         """``--dsv-cp-autotune on``: times the planner's candidates on the layers' own dtype,
