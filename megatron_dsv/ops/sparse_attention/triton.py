@@ -237,7 +237,7 @@ def _fwd_loop(
                 KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
             )
             start += BLOCK_N
-    elif MASKED:
+    else:
         # The token-masked tiles (a query tile's diagonal under causal, none inside a frame chunk)
         # are one or two per tile: not pipelined, so they add no buffers of their own. Pipelined,
         # the masked kernel held 147 KB of shared memory at 4 stages (one program per SM) against
@@ -247,13 +247,7 @@ def _fwd_loop(
         # masked loop likewise (131 -> 98 KB); the dk/dv kernel's stays pipelined (99 KB at its 2
         # stages either way; unpipelined at key blocks of 32, where it accumulates dK^T/dV^T, a
         # masked GPU test hit an illegal memory access at 455320b, as that kernel did at 1 stage).
-        for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
-            b_m, b_l, b_acc = _fwd_tile(
-                k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
-                KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
-            )
-    else:
-        for start in range(lo, hi, BLOCK_N):
+        for start in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
             b_m, b_l, b_acc = _fwd_tile(
                 k, v, b_q, b_m, b_l, b_acc, p_idx_row, start, n_tok, kv_base, o_d, m_d, D, scale_log2, b_lim,
                 KVB, BLOCK_N, CONTIG, EVEN_D, MASKED, TMA,
@@ -383,14 +377,8 @@ def _bwd_dq_loop(
                 o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
             )
             start += BLOCK_N
-    elif MASKED:  # not pipelined: see _fwd_loop
-        for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
-            b_dq = _bwd_dq_tile(
-                k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
-                o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
-            )
-    else:
-        for start in range(lo, hi, BLOCK_N):
+    else:  # the masked loop is not pipelined: see _fwd_loop
+        for start in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
             b_dq = _bwd_dq_tile(
                 k, v, dk32, dv32, b_q, b_do, b_lse2, b_delta, b_dq, p_idx_row, start, n_tok, kv_base,
                 o_d, m_d, D, scale, scale_log2, b_lim, KVB, ATOMIC_KV, CONTIG, EVEN_D, BLOCK_N, MASKED, TMA,
