@@ -122,6 +122,15 @@ def check_correctness(q, k, v, do, index: SparseIndex, heads=2, options=None):
     return res
 
 
+def check_variant(q, k, v, do, index: SparseIndex, options: KernelOptions) -> dict:
+    """:func:`check_correctness` of a sweep variant; a variant that does not compile or run is a
+    failed check (``ok`` False, the error's first line), so it cannot end the sweep."""
+    try:
+        return check_correctness(q, k, v, do, index, options=options)
+    except Exception as err:
+        return {"ok": False, "error": first_line(err)}
+
+
 SWEEP = {
     # Tile overrides (KernelOptions.tune; {} = the defaults) plus variant flags: "contig": False
     # forces the per-token gather (KernelOptions.contig_loads) to measure what the contiguous
@@ -239,10 +248,7 @@ def sweep():
                         print(f"  check: {chk}", flush=True)
                         log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check", **chk))
                         # the descriptor-load variant has no GPU test run behind it yet: check it too
-                        try:
-                            chk = check_correctness(q, k, v, do, index, options=KernelOptions(tma=True))
-                        except Exception as err:  # a variant that does not compile must not end the sweep
-                            chk = {"ok": False, "error": first_line(err)}
+                        chk = check_variant(q, k, v, do, index, KernelOptions(tma=True))
                         print(f"  check tma: {chk}", flush=True)
                         log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel="check_tma", **chk))
                         del ref_ix
@@ -260,10 +266,7 @@ def sweep():
                         opts = sweep_options(kind, cfg)
                         split, chk = {}, None
                         if ARGS.check_variants:
-                            try:
-                                chk = check_correctness(q, k, v, do, index, options=opts)
-                            except Exception as err:  # a variant that does not compile must not end the sweep
-                                chk = {"ok": False, "error": first_line(err)}
+                            chk = check_variant(q, k, v, do, index, opts)
                             print(f"  {kind} {cfg}: check {chk}", flush=True)
                             if not chk["ok"]:
                                 log.add(dict(S=s, D=d, kv_block=kvb, G=g, sparsity=sp, kernel=kind, cfg=cfg, check=chk))
