@@ -25,14 +25,11 @@ OUT=${OUT:-$(mktemp -d /tmp/kernel_defaults.XXXX)}
 START=$SECONDS CALL_LIMIT=${CALL_LIMIT:-570}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSV_COMMIT=${DSV_COMMIT:-unknown} DSV_GIT_COMMIT=${DSV_COMMIT:-unknown}
 tag="h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "${TESTS_S:-200}" != 0 ]; then
-  # shellcheck disable=SC2086
-  timeout --kill-after=10 ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider \
-    ${TESTS:-tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py} > "$OUT/tests.log" 2>&1
-  echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
-fi
+# shellcheck source=benchmarks/kernel_call.sh
+source benchmarks/kernel_call.sh
+gpu_versions
+# shellcheck disable=SC2086
+kernel_tests "${TESTS_S:-200}" ${TESTS:-}
 # shellcheck disable=SC2086
 timeout --kill-after=10 ${CAUSAL_S:-170} python3 benchmarks/causal_attention.py --seqlen 65536 --chunk-tokens 8192 \
   --densities 0.9,0.1 --no-sdpa-mask --flex ${CAUSAL_ARGS:-} --out "$OUT/causal_attention_$tag.json" > "$OUT/causal.log" 2>&1

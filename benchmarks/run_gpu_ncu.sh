@@ -23,8 +23,9 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSV_COMMIT=${DSV_COMMIT:-unknown} DSV_
 tag="h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}"
 SHAPE=${SHAPE:---seqlens 65536 --head-dims 128 --sparsities 0.9 --kv-blocks 64 --group-sizes 64}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# shellcheck source=benchmarks/kernel_call.sh
+source benchmarks/kernel_call.sh
+gpu_versions
 echo "ncu: ${NCU:-none} $($NCU --version 2>/dev/null | tail -1)" | tee -a "$OUT/gpu.txt"
 # shellcheck disable=SC2086
 timeout --kill-after=10 300 "$NCU" --clock-control none --set "${NCU_SET:-full}" --target-processes all \

@@ -23,13 +23,10 @@ OUT=${OUT:-$(mktemp -d /tmp/small_blocks.XXXX)}
 START=$SECONDS CALL_LIMIT=${CALL_LIMIT:-570}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSV_COMMIT=${DSV_COMMIT:-unknown} DSV_GIT_COMMIT=${DSV_COMMIT:-unknown}
 tag="h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}_small_blocks"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "${TESTS_S:-200}" != 0 ]; then
-  timeout --kill-after=10 ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider \
-    tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py > "$OUT/tests.log" 2>&1
-  echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
-fi
+# shellcheck source=benchmarks/kernel_call.sh
+source benchmarks/kernel_call.sh
+gpu_versions
+kernel_tests "${TESTS_S:-200}"
 budget=$(( CALL_LIMIT - (SECONDS - START) - 200 ))
 timeout --kill-after=10 $(( budget + 60 )) python3 benchmarks/attention.py --seqlens 65536 --head-dims 128 \
   --sparsities 0.9 --kv-blocks ${BENCH_KVB:-64,32,16,1} --group-sizes ${BENCH_G:-64,32} --no-cudnn-block-sparse --flex-blocks '' \

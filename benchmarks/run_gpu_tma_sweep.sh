@@ -20,13 +20,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d /tmp/tma_sweep.XXXX)}
 START=$SECONDS CALL_LIMIT=${CALL_LIMIT:-560}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSV_COMMIT=${DSV_COMMIT:-unknown} DSV_GIT_COMMIT=${DSV_COMMIT:-unknown}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "${TESTS_S:-150}" != 0 ]; then
-  timeout --kill-after=10 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider \
-    tests/ops/test_sparse_attention_triton.py tests/ops/test_causal_triton.py > "$OUT/tests.log" 2>&1
-  echo "tests rc=$? after $((SECONDS - START)) s"; tail -15 "$OUT/tests.log"
-fi
+# shellcheck source=benchmarks/kernel_call.sh
+source benchmarks/kernel_call.sh
+gpu_versions
+kernel_tests "${TESTS_S:-150}"
 budget=$(( CALL_LIMIT - (SECONDS - START) - 40 ))
 json="$OUT/attention_sweep_h200_$(date -u +%Y%m%d)_${DSV_COMMIT:0:7}.json"
 echo "sweep: time budget ${budget} s"
